@@ -1,0 +1,133 @@
+"""One config object describes a generator completely. It flows from the CLI to the model, into
+every checkpoint's metadata and into every export sidecar; the channel schedule lives only here."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .errors import CRNError
+
+NUM_CITYSCAPES_CLASSES = 19  # train ids 0..18; the generator adds a void channel
+
+
+@dataclass(frozen=True)
+class CRNConfig:
+    """Shape of a Cascaded Refinement Network.
+
+    widths: output channels of each refinement module, coarsest first. Module i works at
+        ``base_size * 2**i`` for the preset's nominal resolution (and is named by that height in
+        the authors' checkpoints: ``g_{height}_conv1``).
+    num_classes: layout channels, void included (19 Cityscapes classes + void = 20).
+    k: number of images the head emits (3k channels, image-major).
+    base_size: (height, width) of the first module at the nominal resolution.
+    """
+
+    widths: tuple[int, ...]
+    num_classes: int = NUM_CITYSCAPES_CLASSES + 1
+    k: int = 1
+    base_size: tuple[int, int] = (4, 8)
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "base_size", tuple(int(s) for s in self.base_size))
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise CRNError(f"widths must be a non-empty list of positive channel counts, got {list(self.widths)}")
+        if self.num_classes < 1 or self.k < 1:
+            raise CRNError(f"num_classes and k must be >= 1, got num_classes={self.num_classes}, k={self.k}")
+        if len(self.base_size) != 2 or min(self.base_size) < 1:
+            raise CRNError(f"base_size must be (height, width) >= 1, got {self.base_size}")
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.widths)
+
+    @property
+    def stride(self) -> int:
+        """Input height and width must be multiples of this (the top/bottom module ratio)."""
+        return 2 ** (self.num_modules - 1)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """The nominal (height, width) the preset was trained at."""
+        return self.base_size[0] * self.stride, self.base_size[1] * self.stride
+
+    @property
+    def heights(self) -> tuple[int, ...]:
+        """Nominal height of each module: the number in the authors' variable names."""
+        return tuple(self.base_size[0] * 2 ** i for i in range(self.num_modules))
+
+    def in_channels(self, i: int) -> int:
+        return self.num_classes + (self.widths[i - 1] if i else 0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"], d["base_size"] = list(self.widths), list(self.base_size)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CRNConfig":
+        known = {"widths", "num_classes", "k", "base_size", "name"}
+        unknown = set(d) - known
+        if unknown or "widths" not in d:
+            raise CRNError(f"not a CRN config: unknown keys {sorted(unknown)}" if unknown
+                           else "not a CRN config: 'widths' is missing")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+    def replace(self, **kw) -> "CRNConfig":
+        d = self.to_dict()
+        d.update(kw)
+        return CRNConfig.from_dict(d)
+
+    def validate_input_size(self, height: int, width: int) -> None:
+        s = self.stride
+        if height % s or width % s or height < s or width < s:
+            h, w = self.resolution
+            raise CRNError(
+                f"input size {height}x{width} cannot run on this {self.num_modules}-module CRN: height and width "
+                f"must be positive multiples of 2^{self.num_modules - 1} = {s} (e.g. {h}x{w}, "
+                f"{h // 2}x{w // 2} or {s}x{2 * s}).")
+
+
+def _authors(widths: list[int], k: int, name: str) -> CRNConfig:
+    return CRNConfig(widths=tuple(widths), k=k, name=name)
+
+
+# The authors' released architectures, exactly as their checkpoint indexes store them.
+_SMALL = [1024] * 5 + [512, 512]  # heights 4..64 at 1024, 128 and 256 at 512
+PRESETS: dict[str, CRNConfig] = {
+    "256p": _authors(_SMALL, 9, "256p"),
+    "GTA": _authors(_SMALL, 9, "GTA"),
+    "512p": _authors(_SMALL + [128], 1, "512p"),
+    "1024p": _authors(_SMALL + [128, 32], 1, "1024p"),
+    # Narrow enough for CPU tests and the training demo: 5 modules, 64x128.
+    "tiny": CRNConfig(widths=(32, 32, 32, 24, 16), k=1, name="tiny"),
+}
+
+
+def get_preset(name: str) -> CRNConfig:
+    if name not in PRESETS:
+        raise CRNError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_for_resolution(height: int, width: int) -> CRNConfig:
+    """The authors' preset whose top module matches the resolution (tiny for small inputs)."""
+    for cfg in PRESETS.values():
+        if cfg.resolution == (height, width):
+            return cfg
+    return PRESETS["1024p"] if height >= 1024 else PRESETS["512p"] if height >= 512 else \
+        PRESETS["256p"] if height >= 256 else PRESETS["tiny"]
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h < 1 or w < 1:
+            raise ValueError
+        return h, w
+    except ValueError:
+        raise CRNError(f"resolution {text!r} is not HEIGHTxWIDTH with positive integers, e.g. 256x512") from None

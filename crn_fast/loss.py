@@ -1,0 +1,135 @@
+"""The CRN training objectives (Chen & Koltun 2017, Sec. 3.3 and 4).
+
+Eq. 1  perceptual_loss  sum_l lambda_l * mean |Phi_l(I) - Phi_l(g(L))|, l = 0 the pixels
+Eq. 2  hindsight_loss   min_u over the k outputs of the total loss
+Eq. 3  diversity_loss   sum_p min_u sum_l lambda_l * mean(M_l^p * mean_c |Phi_l(I) - Phi_l(g_u(L))|),
+                        trained as 0.999 * sum_p min_u + 0.001 * sum_p mean_u (the authors' code)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import CRNError
+from .model import layout_pyramid
+from .vgg import FEATURE_STRIDES, VGG19Features
+
+# The authors' hand-picked lambdas: pixels, conv1_2, conv2_2, conv3_2, conv4_2, conv5_2.
+LAMBDA_PRESETS = {
+    "1024p": (1.0, 1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5),
+    "256p": (1.0, 1 / 1.6, 1 / 2.3, 1 / 1.8, 1 / 2.8, 10 / 0.8),
+}
+TERM_NAMES = ("pixel", "conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2")
+LOSS_KINDS = ("perceptual", "hindsight", "diversity")
+
+
+def layer_errors(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
+    """mean |Phi_l(I) - Phi_l(g)| per sample and layer: (N, L). ``real`` broadcasts over fake's batch
+    when fake has k times more samples (grouped as sample-major, k outputs each)."""
+    cols = []
+    for f, r in zip(fake, real):
+        k = f.shape[0] // r.shape[0]
+        d = (f.view(r.shape[0], k, *f.shape[1:]) - r.unsqueeze(1)).abs()
+        cols.append(d.flatten(2).mean(-1).flatten())
+    return torch.stack(cols, 1)
+
+
+def perceptual_loss(errors: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: sum_l lambda_l * mean |Phi_l(I) - Phi_l(g(L))| for each sample. errors: (..., L)."""
+    return (errors * lambdas.to(errors)).sum(-1)
+
+
+def hindsight_loss(per_output: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: min over the k outputs (last dim) of each sample's loss, averaged over the batch."""
+    return per_output.min(dim=-1).values.mean()
+
+
+def class_layer_errors(fake: list[torch.Tensor], real: list[torch.Tensor], layout: torch.Tensor) -> torch.Tensor:
+    """Per-class errors for Eq. 3: (N, k, P, L) with entry mean_hw(M_l^p * mean_c |Phi_l(I) - Phi_l(g_u)|),
+    where M_l^p is layout channel p area-downsampled to layer l's size."""
+    n = layout.shape[0]
+    levels = layout_pyramid(layout, max(FEATURE_STRIDES).bit_length())[::-1]  # finest first
+    cols = []
+    for f, r in zip(fake, real):
+        k = f.shape[0] // n
+        d = (f.view(n, k, *f.shape[1:]) - r.unsqueeze(1)).abs().mean(2)  # (N, k, h, w)
+        mask = next(m for m in levels if m.shape[-2:] == f.shape[-2:])
+        cols.append(torch.einsum("nkhw,nphw->nkp", d, mask.to(d)) / (d.shape[-1] * d.shape[-2]))
+    return torch.stack(cols, -1)
+
+
+def diversity_loss(per_class: torch.Tensor, min_weight: float = 0.999, mean_weight: float = 0.001) -> torch.Tensor:
+    """Eq. 3 as the authors trained it: per_class (N, k, P) ->
+    min_weight * sum_p min_u + mean_weight * sum_p mean_u, averaged over the batch."""
+    best = per_class.min(dim=1).values.sum(-1)
+    avg = per_class.mean(dim=1).sum(-1)
+    return (min_weight * best + mean_weight * avg).mean()
+
+
+class CRNLoss(nn.Module):
+    """Eq. 1, 2 or 3 on generator output (N, 3k, H, W) and target (N, 3, H, W), both 0..255.
+
+    lambdas: a preset name ("1024p", "256p"), six numbers, or "auto": each term is divided by a
+    running mean of its own magnitude (momentum 0.99), which is how the authors chose theirs by hand.
+    Returns (loss, {term: value}) with the terms detached for logging.
+    """
+
+    def __init__(self, vgg: VGG19Features, kind: str = "perceptual", lambdas="1024p", momentum: float = 0.99):
+        super().__init__()
+        if kind not in LOSS_KINDS:
+            raise CRNError(f"unknown loss {kind!r}; valid: {', '.join(LOSS_KINDS)}")
+        self.vgg = vgg.eval().requires_grad_(False)
+        self.kind, self.auto, self.momentum = kind, lambdas == "auto", momentum
+        if self.auto:
+            values = (1.0,) * len(TERM_NAMES)
+        elif isinstance(lambdas, str):
+            if lambdas not in LAMBDA_PRESETS:
+                raise CRNError(f"unknown lambda preset {lambdas!r}; valid: {', '.join(LAMBDA_PRESETS)}, auto")
+            values = LAMBDA_PRESETS[lambdas]
+        else:
+            values = tuple(float(v) for v in lambdas)
+            if len(values) != len(TERM_NAMES):
+                raise CRNError(f"lambdas needs {len(TERM_NAMES)} values ({', '.join(TERM_NAMES)}), got {len(values)}")
+        self.register_buffer("lambdas", torch.tensor(values))
+        self.register_buffer("running", torch.zeros(len(TERM_NAMES)))  # auto mode: EMA of term magnitudes
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vgg.eval()  # frozen, always
+        return self
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [images] + self.vgg(images)
+
+    def current_lambdas(self, errors: torch.Tensor) -> torch.Tensor:
+        if not self.auto:
+            return self.lambdas
+        if self.training:
+            mag = errors.detach().reshape(-1, errors.shape[-1]).mean(0).float()
+            if bool((self.running == 0).all()):
+                self.running.copy_(mag)
+            else:
+                self.running.mul_(self.momentum).add_(mag, alpha=1 - self.momentum)
+        return 1.0 / self.running.clamp_min(1e-8)
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor, layout: torch.Tensor | None = None):
+        n, ch, h, w = output.shape
+        k = ch // 3
+        fake = self._features(output.reshape(n * k, 3, h, w))
+        with torch.no_grad():
+            real = self._features(target.to(output.dtype))
+        if self.kind == "diversity":
+            if layout is None:
+                raise CRNError("the diversity loss needs the layout (per-class masks)")
+            errs = class_layer_errors(fake, real, layout)  # (N, k, P, L)
+            lam = self.current_lambdas(errs.sum(2))
+            loss = diversity_loss(perceptual_loss(errs, lam))
+            term_src = errs.sum(2)
+        else:
+            errs = layer_errors(fake, real).view(n, k, -1)  # (N, k, L)
+            lam = self.current_lambdas(errs)
+            per_output = perceptual_loss(errs, lam)  # (N, k)
+            loss = hindsight_loss(per_output) if self.kind == "hindsight" else per_output.mean()
+            term_src = errs
+        terms = {name: float(v) for name, v in zip(TERM_NAMES, (term_src.detach() * lam).mean((0, 1)))}
+        return loss, terms

@@ -1,0 +1,137 @@
+"""The Cascaded Refinement Network (Chen & Koltun, ICCV 2017), faithful to the authors' TF code.
+
+    M_0 works on the layout at base size; each next module M_i
+      1. upsamples M_{i-1}'s features bilinearly (align_corners=True) to its size,
+      2. concatenates [features, layout at its size] (layout area-downsampled),
+      3. applies twice: 3x3 conv (no bias) -> layer norm over (C,H,W) -> leaky ReLU 0.2.
+    A 1x1 conv (with bias) maps the top features to 3k channels, then (x + 1) / 2 * 255.
+
+The two non-conv steps go through ``crn_fast.kernels``; ``backend`` picks torch ("eager") or the
+fused Triton kernels ("triton"). Both use the same parameters and state dict.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import CRNConfig, get_preset
+from .errors import CRNError
+
+LN_EPS = 1e-12  # TF slim.layer_norm's default
+LEAKY_SLOPE = 0.2
+BACKENDS = ("eager", "triton")
+
+
+def layout_pyramid(layout: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """The layout at every module's size, coarsest first: each level is the 2x2 area average of
+    the level above (TF ``resize_area`` at exactly half size, applied recursively)."""
+    pyramid = [layout]
+    for _ in range(levels - 1):
+        pyramid.append(F.avg_pool2d(pyramid[-1], 2))
+    return pyramid[::-1]
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend that will actually run. 'triton' without a usable Triton (no GPU and no
+    TRITON_INTERPRET=1) falls back to eager with one warning."""
+    if backend not in BACKENDS:
+        raise CRNError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "triton":
+        from crn_fast import kernels
+        reason = kernels.triton_unavailable_reason()
+        if reason:
+            warnings.warn(f"backend='triton' requested but {reason}; using the eager torch reference ops",
+                          RuntimeWarning, stacklevel=3)
+            return "eager"
+    return backend
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel scale and shift of a layer norm (TF slim.layer_norm's gamma and beta)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+
+class RefinementModule(nn.Module):
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.norm1 = ChannelAffine(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.norm2 = ChannelAffine(width)
+
+    def forward(self, features: torch.Tensor | None, layout: torch.Tensor, ops) -> torch.Tensor:
+        x = layout if features is None else ops.upsample_concat(features, layout)
+        x = ops.layer_norm_lrelu(self.conv1(x), self.norm1.weight, self.norm1.bias, LN_EPS, LEAKY_SLOPE)
+        return ops.layer_norm_lrelu(self.conv2(x), self.norm2.weight, self.norm2.bias, LN_EPS, LEAKY_SLOPE)
+
+
+class CRN(nn.Module):
+    """Cascaded Refinement Network generator.
+
+    forward(layout): (N, num_classes, H, W) float -> (N, 3k, H, W) on the authors' 0..255 scale,
+    unclipped and image-major (image i is channels 3i..3i+2, RGB). H and W must be multiples of
+    ``config.stride``.
+    """
+
+    def __init__(self, config: CRNConfig | None = None, *, widths=None, num_classes: int = 20, k: int = 1,
+                 base_size=(4, 8), backend: str = "eager", checkpointing: bool = False):
+        super().__init__()
+        if config is None:
+            if widths is None:
+                raise CRNError("CRN needs a config or widths (e.g. CRN.from_preset('tiny'))")
+            config = CRNConfig(widths=tuple(widths), num_classes=num_classes, k=k, base_size=tuple(base_size))
+        self.config = config
+        self.refine = nn.ModuleList(RefinementModule(config.in_channels(i), w) for i, w in enumerate(config.widths))
+        self.head = nn.Conv2d(config.widths[-1], 3 * config.k, 1, bias=True)
+        self.checkpointing = checkpointing
+        self.set_backend(backend)
+
+    @classmethod
+    def from_preset(cls, name: str, **kw) -> "CRN":
+        return cls(get_preset(name), **kw)
+
+    def set_backend(self, backend: str) -> "CRN":
+        from crn_fast import kernels
+        self.requested_backend = backend
+        self.backend = resolve_backend(backend)
+        self._ops = kernels.ops_for(self.backend)
+        return self
+
+    def check_input(self, layout: torch.Tensor) -> None:
+        c = self.config
+        if not isinstance(layout, torch.Tensor) or layout.dim() != 4:
+            shape = tuple(layout.shape) if isinstance(layout, torch.Tensor) else type(layout).__name__
+            raise CRNError(f"layout must be a 4-D (N, {c.num_classes}, H, W) tensor, got {shape}")
+        if layout.shape[1] != c.num_classes:
+            raise CRNError(f"layout has {layout.shape[1]} channels but this CRN takes {c.num_classes} "
+                           f"(one-hot classes plus void)")
+        if not layout.is_floating_point():
+            raise CRNError(f"layout must be a float tensor (one-hot), got {layout.dtype}")
+        c.validate_input_size(layout.shape[2], layout.shape[3])
+
+    def forward(self, layout: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.check_input(layout)
+        x = None
+        for module, level in zip(self.refine, layout_pyramid(layout, len(self.refine))):
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(module, x, level, self._ops, use_reentrant=False)
+            else:
+                x = module(x, level, self._ops)
+        return (self.head(x) + 1.0) / 2.0 * 255.0
+
+    def images(self, layout: torch.Tensor) -> torch.Tensor:
+        """forward() reshaped to (N, k, 3, H, W)."""
+        out = self(layout)
+        return out.view(out.shape[0], self.config.k, 3, *out.shape[2:])
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, backend={self.backend!r}"

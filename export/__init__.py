@@ -1,0 +1,1 @@
+"""crn_fast.export: torch.compile, AOTInductor, ONNX and TensorRT artefacts, each verified against eager."""

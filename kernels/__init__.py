@@ -1,0 +1,25 @@
+"""Triton kernels for the CRN's memory-bound steps, each in one file beside its torch reference.
+
+The kernels know nothing about CRN; the model picks an implementation with ``ops_for(backend)``.
+Set TRITON_INTERPRET=1 before importing to run them on CPU tensors (how the tests run them).
+"""
+from types import SimpleNamespace
+
+from ._runtime import HAS_TRITON, can_run, interpreter_enabled, triton_unavailable_reason
+from .layer_norm_lrelu import layer_norm_lrelu, layer_norm_lrelu_reference, layer_norm_stats
+from .upsample_concat import (norm_lrelu_upsample_concat, norm_lrelu_upsample_concat_reference, upsample_concat,
+                              upsample_concat_reference)
+
+REFERENCE_OPS = SimpleNamespace(name="eager", layer_norm_lrelu=layer_norm_lrelu_reference,
+                                upsample_concat=upsample_concat_reference)
+TRITON_OPS = SimpleNamespace(name="triton", layer_norm_lrelu=layer_norm_lrelu, upsample_concat=upsample_concat)
+
+
+def ops_for(backend: str) -> SimpleNamespace:
+    return TRITON_OPS if backend == "triton" else REFERENCE_OPS
+
+
+__all__ = ["HAS_TRITON", "can_run", "interpreter_enabled", "triton_unavailable_reason", "layer_norm_lrelu",
+           "layer_norm_lrelu_reference", "layer_norm_stats", "upsample_concat", "upsample_concat_reference",
+           "norm_lrelu_upsample_concat", "norm_lrelu_upsample_concat_reference", "ops_for", "REFERENCE_OPS",
+           "TRITON_OPS"]

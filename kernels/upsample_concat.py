@@ -1,0 +1,210 @@
+"""Fused bilinear upsample (align_corners=True) + channel concat, forward and backward, and its
+inference-only variant that also applies the previous layer's norm + leaky ReLU on the fly.
+
+    out = cat([interpolate(features, size=label.shape[-2:], mode="bilinear", align_corners=True), label], 1)
+
+Memory plan:
+    _fwd_kernel  reads 4 taps of features per output pixel (cached; features are 4x smaller) and the
+                 label once -> writes out once, in NCHW or channels_last. The upsampled tensor and the
+                 cat copy never exist.
+    _bwd_kernel  one program lane per *source* pixel gathers every output pixel whose taps touch it,
+                 re-deriving the forward's taps with the same float arithmetic: the transpose of the
+                 interpolation without atomics, hence deterministic.
+    norm_lrelu_upsample_concat: the taps are the previous module's raw conv output; each is
+                 normalised with (mean, rstd, weight, bias) and passed through leaky ReLU before
+                 interpolation, so the normalised features are never stored (forward only).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._runtime import HAS_TRITON, can_run, triton, tl
+from .layer_norm_lrelu import layer_norm_lrelu_reference
+
+
+def upsample_concat_reference(features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    up = F.interpolate(features, size=label.shape[-2:], mode="bilinear", align_corners=True)
+    return torch.cat([up, label.to(up.dtype)], 1)
+
+
+def norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope=0.2):
+    """Reference of the fused variant; mean/rstd are per sample (N,) over (C,H,W) of x."""
+    xhat = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
+    y = F.leaky_relu(xhat * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), negative_slope).to(x.dtype)
+    return upsample_concat_reference(y, label)
+
+
+def _scale(src: int, dst: int) -> float:
+    return (src - 1) / (dst - 1) if dst > 1 else 0.0
+
+
+def _out_channels_last(features: torch.Tensor, label: torch.Tensor) -> bool:
+    cl = torch.channels_last
+    return features.is_contiguous(memory_format=cl) and not features.is_contiguous() or \
+        label.is_contiguous(memory_format=cl) and not label.is_contiguous()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _taps(pos, scale, size_in):
+        """Source index, clamped next index and weight of output coordinate pos (torch's formula)."""
+        src = pos.to(tl.float32) * scale
+        i0 = tl.minimum(src.to(tl.int32), size_in - 1)
+        i1 = tl.minimum(i0 + 1, size_in - 1)
+        return i0, i1, src - i0.to(tl.float32)
+
+    @triton.jit
+    def _fwd_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, total, C, CL, H, W, h, w,
+                    fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3, scale_h, scale_w, slope,
+                    OUT_CL: tl.constexpr, APPLY_NORM: tl.constexpr, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < total
+        ct = C + CL
+        if OUT_CL:
+            c = idx % ct
+            r = idx // ct
+            x = r % W
+            r = r // W
+            y = r % H
+            n = r // H
+        else:
+            x = idx % W
+            r = idx // W
+            y = r % H
+            r = r // H
+            c = r % ct
+            n = r // ct
+        is_f = c < C
+        mf = mask & is_f
+        y0, y1, ly = _taps(y, scale_h, h)
+        x0, x1, lx = _taps(x, scale_w, w)
+        fb = Fe + n * fs0 + c * fs1
+        v00 = tl.load(fb + y0 * fs2 + x0 * fs3, mask=mf, other=0.0).to(tl.float32)
+        v01 = tl.load(fb + y0 * fs2 + x1 * fs3, mask=mf, other=0.0).to(tl.float32)
+        v10 = tl.load(fb + y1 * fs2 + x0 * fs3, mask=mf, other=0.0).to(tl.float32)
+        v11 = tl.load(fb + y1 * fs2 + x1 * fs3, mask=mf, other=0.0).to(tl.float32)
+        if APPLY_NORM:
+            mu = tl.load(Mean + n, mask=mf, other=0.0)
+            rs = tl.load(Rstd + n, mask=mf, other=0.0)
+            g = tl.load(Wn + c, mask=mf, other=0.0).to(tl.float32) * rs
+            bb = tl.load(Bn + c, mask=mf, other=0.0).to(tl.float32)
+            v00 = (v00 - mu) * g + bb
+            v01 = (v01 - mu) * g + bb
+            v10 = (v10 - mu) * g + bb
+            v11 = (v11 - mu) * g + bb
+            v00 = tl.where(v00 > 0, v00, v00 * slope).to(O.dtype.element_ty).to(tl.float32)
+            v01 = tl.where(v01 > 0, v01, v01 * slope).to(O.dtype.element_ty).to(tl.float32)
+            v10 = tl.where(v10 > 0, v10, v10 * slope).to(O.dtype.element_ty).to(tl.float32)
+            v11 = tl.where(v11 > 0, v11, v11 * slope).to(O.dtype.element_ty).to(tl.float32)
+        up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        lv = tl.load(L + n * ls0 + (c - C) * ls1 + y * ls2 + x * ls3, mask=mask & (c >= C), other=0.0)
+        out = tl.where(is_f, up, lv.to(tl.float32))
+        tl.store(O + idx, out.to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd_kernel(G, DF, total, C, H, W, h, w, gs0, gs1, gs2, gs3, scale_h, scale_w, inv_h, inv_w,
+                    taps_h, taps_w, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < total
+        sx = (idx % w).to(tl.int32)
+        r = idx // w
+        sy = (r % h).to(tl.int32)
+        r = r // h
+        c = r % C
+        n = r // C
+        gb = G + n * gs0 + c * gs1
+        # first output row/col whose taps can reach sy/sx (one row of slack for rounding)
+        ylo = tl.maximum(tl.floor((sy - 1).to(tl.float32) * inv_h).to(tl.int32) - 1, 0)
+        xlo = tl.maximum(tl.floor((sx - 1).to(tl.float32) * inv_w).to(tl.int32) - 1, 0)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for ty in range(taps_h):
+            yy = ylo + ty
+            y0, y1, ly = _taps(yy, scale_h, h)
+            wy = tl.where(y0 == sy, 1.0 - ly, 0.0) + tl.where(y1 == sy, ly, 0.0)
+            wy = tl.where(yy < H, wy, 0.0)
+            for tx in range(taps_w):
+                xx = xlo + tx
+                x0, x1, lx = _taps(xx, scale_w, w)
+                wx = tl.where(x0 == sx, 1.0 - lx, 0.0) + tl.where(x1 == sx, lx, 0.0)
+                wgt = tl.where(xx < W, wx, 0.0) * wy
+                g = tl.load(gb + yy * gs2 + xx * gs3, mask=mask & (wgt != 0.0), other=0.0)
+                acc += wgt * g.to(tl.float32)
+        tl.store(DF + idx, acc.to(DF.dtype.element_ty), mask=mask)
+
+
+def _launch_fwd(features, label, norm=None, slope=0.2):
+    if features.dim() != 4 or label.dim() != 4 or features.shape[0] != label.shape[0]:
+        raise ValueError(f"upsample_concat expects 4-D features and label with the same batch, got "
+                         f"{tuple(features.shape)} and {tuple(label.shape)}")
+    n, c, h, w = features.shape
+    cl, H, W = label.shape[1:]
+    fmt = torch.channels_last if _out_channels_last(features, label) else torch.contiguous_format
+    out = torch.empty((n, c + cl, H, W), device=features.device, dtype=features.dtype, memory_format=fmt)
+    total = out.numel()
+    block = 1024
+    mean, rstd, wn, bn = norm if norm is not None else (features,) * 4
+    _fwd_kernel[(triton.cdiv(total, block),)](
+        features, label, out, mean, rstd, wn, bn, total, c, cl, H, W, h, w, *features.stride(), *label.stride(),
+        _scale(h, H), _scale(w, W), slope, OUT_CL=fmt == torch.channels_last, APPLY_NORM=norm is not None,
+        BLOCK=block)
+    return out
+
+
+def _n_taps(src: int, dst: int) -> tuple[float, int]:
+    """(dst/src coordinate ratio, output rows that can touch one source row) for the gather."""
+    if src <= 1 or dst <= 1:
+        return 0.0, dst
+    inv = (dst - 1) / (src - 1)
+    return inv, min(dst, math.ceil(2 * inv) + 3)
+
+
+def _launch_bwd(grad, c, h, w):
+    n, _, H, W = grad.shape
+    df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
+    total = df.numel()
+    inv_h, taps_h = _n_taps(h, H)
+    inv_w, taps_w = _n_taps(w, W)
+    block = 256
+    _bwd_kernel[(triton.cdiv(total, block),)](
+        grad, df, total, c, H, W, h, w, *grad.stride(), _scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w,
+        BLOCK=block)
+    return df
+
+
+class UpsampleConcat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, label):
+        ctx.shape = features.shape
+        ctx.label_dtype = label.dtype
+        return _launch_fwd(features, label)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, c, h, w = ctx.shape
+        df = _launch_bwd(grad, c, h, w) if ctx.needs_input_grad[0] else None
+        dl = grad[:, c:].to(ctx.label_dtype) if ctx.needs_input_grad[1] else None
+        return df, dl
+
+
+def upsample_concat(features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Triton version of :func:`upsample_concat_reference`; the output has features' dtype and is
+    channels_last when either input is."""
+    if not can_run(features):
+        return upsample_concat_reference(features, label)
+    return UpsampleConcat.apply(features, label)
+
+
+def norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, negative_slope: float = 0.2):
+    """Inference-only fusion of module i's last norm + leaky ReLU with module i+1's upsample +
+    concat: reads x (the raw conv output) at low resolution and writes the next module's input."""
+    if not can_run(x) or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)
+    return _launch_fwd(x, label, (mean.float(), rstd.float(), weight, bias), negative_slope)
+
+
+__all__ = ["upsample_concat", "upsample_concat_reference", "norm_lrelu_upsample_concat",
+           "norm_lrelu_upsample_concat_reference", "layer_norm_lrelu_reference"]
