@@ -117,7 +117,7 @@ class CRNLoss(nn.Module):
         k = ch // 3
         fake = self._features(output.reshape(n * k, 3, h, w))
         with torch.no_grad():
-            real = self._features(target.to(output.dtype))
+            real = self._features(target.detach().to(output.dtype))
         if self.kind == "diversity":
             if layout is None:
                 raise CRNError("the diversity loss needs the layout (per-class masks)")

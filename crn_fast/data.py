@@ -1,0 +1,252 @@
+"""Datasets: synthetic streets, Cityscapes, the authors' folder format and generic label/image pairs.
+
+Every dataset yields ``(ids, image)``: ids an int64 (H, W) tensor of train ids (void = 19) and image
+a float32 (3, H, W) tensor on the 0..255 scale. The layout one-hot is built on the device
+(``labels.one_hot``). Labels resize with nearest neighbour, images with area averaging.
+
+``--data`` forms: ``synthetic``, ``cityscapes:ROOT``, ``crn:ROOT``, ``pairs:LABEL_DIR,IMAGE_DIR``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import CRNError
+from .labels import colors_to_train_ids, label_ids_to_train_ids
+from .synthetic import render_scene
+
+DATA_FORMS = "synthetic | cityscapes:ROOT | crn:ROOT | pairs:LABEL_DIR,IMAGE_DIR"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class DataError(CRNError):
+    """Bad training data; the message names the file."""
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") -> np.ndarray:
+    """A label PNG -> train ids (H, W) uint8, void = 19.
+
+    kind: "train_ids" (values are train ids, 255 void), "label_ids" (Cityscapes labelIds),
+    "color" (palette colours) or "auto": greyscale -> train ids, RGB or palette-mode -> colours.
+    """
+    im = _open(path)
+    if kind == "auto":
+        kind = "train_ids" if im.mode in ("L", "I", "I;16") else "color"
+    if kind == "color":
+        ids, bad = colors_to_train_ids(np.asarray(im.convert("RGB")), unknown_colors)
+        if bad:
+            raise DataError(f"{path}: colours {bad} are not Cityscapes label colours (use --unknown-colors void "
+                            f"to treat them as void, as the authors did, or --skip-bad)")
+        return ids
+    arr = np.asarray(im).astype(np.int64)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a single-channel id image, got mode {im.mode}")
+    if kind == "label_ids":
+        return label_ids_to_train_ids(np.clip(arr, 0, 255).astype(np.uint8))
+    return np.where(arr < 19, arr, 19).astype(np.uint8)
+
+
+def resize_pair(ids: np.ndarray, image: np.ndarray | None, size: tuple[int, int] | None):
+    if size is None:
+        return ids, image
+    h, w = size
+    if ids.shape != (h, w):
+        ids = np.asarray(Image.fromarray(ids).resize((w, h), Image.NEAREST))
+    if image is not None and image.shape[:2] != (h, w):
+        im = Image.fromarray(image)
+        down = image.shape[0] >= h and image.shape[1] >= w
+        image = np.asarray(im.resize((w, h), Image.BOX if down else Image.BILINEAR))
+    return ids, image
+
+
+def _to_tensors(ids: np.ndarray, image: np.ndarray):
+    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+
+
+class SyntheticStreets(torch.utils.data.Dataset):
+    def __init__(self, resolution=(64, 128), seed: int = 0, length: int = 2000):
+        self.resolution, self.seed, self.length = tuple(resolution), seed, length
+        self.skipped: list[str] = []
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return _to_tensors(*render_scene(*self.resolution, self.seed, i))
+
+    def describe(self) -> str:
+        return f"synthetic streets ({self.length} scenes, seed {self.seed})"
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(label file, image file or None, label kind) triples, checked up front."""
+
+    def __init__(self, pairs, resolution=None, skip_bad: bool = False, unknown_colors: str = "error",
+                 name: str = "pairs", check_colors: bool | None = None):
+        self.resolution, self.unknown_colors, self.name = resolution, unknown_colors, name
+        self.skipped: list[str] = []
+        good = []
+        for label, image, kind in pairs:
+            try:
+                self._check(label, image)
+                if skip_bad and (check_colors is None or check_colors):
+                    decode_label(label, kind, unknown_colors)  # full decode: find bad colours now
+                good.append((label, image, kind))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                self.skipped.append(str(e))
+        if not good:
+            raise DataError(f"{name}: no usable label/image pairs" + (f" ({len(self.skipped)} skipped)"
+                                                                       if self.skipped else ""))
+        self.pairs = good
+
+    @staticmethod
+    def _check(label: Path, image: Path | None):
+        lab = _open_header(label)
+        if image is not None:
+            img = _open_header(image)
+            if lab != img:
+                raise DataError(f"{label} is {lab[0]}x{lab[1]} but its image {image} is {img[0]}x{img[1]}")
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        label, image, kind = self.pairs[i]
+        ids = decode_label(label, kind, self.unknown_colors)
+        img = np.asarray(_open(image).convert("RGB")) if image is not None else None
+        ids, img = resize_pair(ids, img, self.resolution)
+        return _to_tensors(ids, img)
+
+    def describe(self) -> str:
+        s = f"{self.name} ({len(self.pairs)} pairs"
+        return s + (f", {len(self.skipped)} skipped)" if self.skipped else ")")
+
+
+def _open_header(path: Path) -> tuple[int, int]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with Image.open(path) as im:
+            return im.size[::-1]
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def _need_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} {path} does not exist or is not a folder")
+    return path
+
+
+def cityscapes_pairs(root: Path, split: str = "train", skip_bad: bool = False):
+    """Official layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/{split}/{city}/*_gtFine_*.png."""
+    img_root = _need_dir(root / "leftImg8bit" / split, "Cityscapes images folder")
+    gt_root = _need_dir(root / "gtFine" / split, "Cityscapes gtFine folder")
+    images = sorted(img_root.glob("*/*_leftImg8bit.png"))
+    if not images:
+        raise DataError(f"{img_root}: no */*_leftImg8bit.png files")
+    pairs, missing = [], []
+    for img in images:
+        stem = img.name[: -len("_leftImg8bit.png")]
+        base = gt_root / img.parent.name / stem
+        train_ids, label_ids = Path(f"{base}_gtFine_labelTrainIds.png"), Path(f"{base}_gtFine_labelIds.png")
+        if train_ids.is_file():
+            pairs.append((train_ids, img, "train_ids"))
+        elif label_ids.is_file():
+            pairs.append((label_ids, img, "label_ids"))
+        else:
+            missing.append(f"{img}: no label {label_ids.name} (or *_labelTrainIds.png) in {label_ids.parent}")
+    return pairs, missing
+
+
+def crn_pairs(root: Path, resolution=None):
+    """The authors' format: Label{256,512,1024}Full/%08d.png colour labels + RGB{...}Full/%08d.png."""
+    _need_dir(root, "data root")
+    sizes = sorted(int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"Label(\d+)Full", p.name)))
+    if not sizes:
+        raise DataError(f"{root}: no Label{{256,512,1024}}Full folder")
+    want = resolution[0] if resolution else sizes[-1]
+    size = next((s for s in sizes if s >= want), sizes[-1])
+    labels = sorted((root / f"Label{size}Full").glob("*.png"))
+    if not labels:
+        raise DataError(f"{root / f'Label{size}Full'}: empty folder")
+    img_dir = root / f"RGB{size}Full"
+    pairs, missing = [], []
+    for lab in labels:
+        img = next((img_dir / (lab.stem + e) for e in IMAGE_EXTS if (img_dir / (lab.stem + e)).is_file()), None)
+        if img is None:
+            missing.append(f"{lab}: no image {lab.stem}.png in {img_dir}")
+        else:
+            pairs.append((lab, img, "color"))
+    return pairs, missing
+
+
+def folder_pairs(label_dir: Path, image_dir: Path | None):
+    """Generic pairs matched by file stem; image_dir None gives labels only (synthesis)."""
+    _need_dir(label_dir, "label folder")
+    labels = sorted(p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not labels:
+        raise DataError(f"{label_dir}: no label images ({', '.join(IMAGE_EXTS)})")
+    if image_dir is None:
+        return [(lab, None, "auto") for lab in labels], []
+    _need_dir(image_dir, "image folder")
+    by_stem = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    pairs, missing = [], []
+    for lab in labels:
+        if lab.stem in by_stem:
+            pairs.append((lab, by_stem[lab.stem], "auto"))
+        else:
+            missing.append(f"{lab}: no image named {lab.stem}.* in {image_dir}")
+    return pairs, missing
+
+
+def make_dataset(spec: str, resolution=(64, 128), seed: int = 0, split: str = "train", skip_bad: bool = False,
+                 unknown_colors: str = "error"):
+    """Build the dataset named by a ``--data`` spec (see DATA_FORMS)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "synthetic" and not arg:
+        return SyntheticStreets(resolution, seed)
+    if kind not in ("cityscapes", "crn", "pairs") or not arg:
+        raise DataError(f"unknown --data {spec!r}; valid forms: {DATA_FORMS}")
+    if kind == "cityscapes":
+        pairs, missing = cityscapes_pairs(Path(arg), split)
+    elif kind == "crn":
+        pairs, missing = crn_pairs(Path(arg), resolution)
+    else:
+        if "," not in arg:
+            raise DataError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r}")
+        lab, img = arg.split(",", 1)
+        pairs, missing = folder_pairs(Path(lab), Path(img))
+    if missing and not skip_bad:
+        raise DataError(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
+                        "; pass --skip-bad to train on the rest")
+    ds = PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}")
+    ds.skipped = missing + ds.skipped
+    return ds
+
+
+def label_files(path: Path) -> list[Path]:
+    """Label images to synthesize from: one file or every image in a folder."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if files:
+            return files
+        raise DataError(f"{path}: no label images ({', '.join(IMAGE_EXTS)})")
+    raise DataError(f"{path}: no such file or folder")

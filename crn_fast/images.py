@@ -1,0 +1,40 @@
+"""Turning tensors into pictures: clipping to 0..255, k-image grids and sample sheets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import atomic_path
+from .labels import train_ids_to_colors
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) on 0..255 (unclipped) -> (..., H, W, 3) uint8."""
+    return images.detach().float().clamp(0, 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
+def output_row(output: torch.Tensor) -> np.ndarray:
+    """One sample's generator output (3k, H, W) -> its k images side by side (H, k*W, 3)."""
+    k = output.shape[0] // 3
+    return np.concatenate(list(to_uint8(output.view(k, 3, *output.shape[1:]))), axis=1)
+
+
+def sample_sheet(ids: torch.Tensor, targets: torch.Tensor | None, outputs: torch.Tensor) -> np.ndarray:
+    """Rows of layout | target | output(s)."""
+    rows = []
+    for i in range(outputs.shape[0]):
+        parts = [train_ids_to_colors(ids[i].cpu().numpy().astype(np.uint8))]
+        if targets is not None:
+            parts.append(to_uint8(targets[i]))
+        parts.append(output_row(outputs[i]))
+        rows.append(np.concatenate(parts, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return Path(path)

@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Triton kernels run on CPU tensors through the interpreter; it must be on before triton is imported.
+try:
+    import torch
+    _cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "crn_reference"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shared():
+    if not SHARED.is_dir():
+        pytest.skip(f"the authors' reference files are not at {SHARED}")
+    return SHARED
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+    has_cuda = _cuda
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "tensorrt" in item.keywords and not (has_trt and has_cuda):
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA device (pip install tensorrt)"))

@@ -1,0 +1,150 @@
+"""The reference generator: architecture, semantics, input validation, FLOPs, checkpoint files."""
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crn_fast import CRN, CheckpointError, CRNConfig, CRNError, PRESETS, layout_pyramid, load_generator, \
+    save_generator
+from crn_fast.flops import crn_flops
+from crn_fast.labels import one_hot
+
+
+def random_layout(n, h, w, classes=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return one_hot(torch.randint(0, classes, (n, h, w), generator=g), classes)
+
+
+def slow_crn(model, layout):
+    """The CRN written out directly from the paper/authors' code, one op at a time."""
+    n_mod = len(model.refine)
+    levels = [layout]
+    for _ in range(n_mod - 1):  # TF resize_area at half size: mean of each 2x2 block
+        l = levels[-1]
+        levels.append(l.unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)))
+    levels = levels[::-1]
+    x = None
+    for i, m in enumerate(model.refine):
+        lab = levels[i]
+        if x is not None:
+            x = torch.cat([F.interpolate(x, size=lab.shape[-2:], mode="bilinear", align_corners=True), lab], 1)
+        else:
+            x = lab
+        for conv, norm in ((m.conv1, m.norm1), (m.conv2, m.norm2)):
+            y = F.conv2d(x, conv.weight, padding=1)
+            mu = y.mean((1, 2, 3), keepdim=True)
+            var = ((y - mu) ** 2).mean((1, 2, 3), keepdim=True)
+            y = (y - mu) / torch.sqrt(var + 1e-12) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+            x = torch.maximum(0.2 * y, y)
+    return (F.conv2d(x, model.head.weight, model.head.bias) + 1) / 2 * 255
+
+
+def test_forward_matches_direct_implementation():
+    torch.manual_seed(0)
+    model = CRN(CRNConfig(widths=(8, 6, 5), k=2))
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    layout = random_layout(2, 16, 24)
+    out = model(layout)
+    assert out.shape == (2, 6, 16, 24)
+    torch.testing.assert_close(out, slow_crn(model, layout), atol=1e-3, rtol=1e-5)
+
+
+def test_no_conv_bias_and_head_bias():
+    model = CRN.from_preset("tiny")
+    assert all(m.conv1.bias is None and m.conv2.bias is None for m in model.refine)
+    assert model.head.bias is not None and model.head.kernel_size == (1, 1)
+
+
+def test_layout_pyramid_is_recursive_2x2_average():
+    x = torch.rand(1, 3, 8, 16)
+    pyr = layout_pyramid(x, 4)
+    assert [p.shape[-1] for p in pyr] == [2, 4, 8, 16]
+    assert torch.equal(pyr[-1], x)
+    torch.testing.assert_close(pyr[0], x.view(1, 3, 1, 8, 2, 8).mean((3, 5)))
+
+
+@pytest.mark.parametrize("name,params", [("1024p", 98.67e6), ("512p", 98.62e6), ("256p", 97.88e6)])
+def test_preset_parameter_counts(name, params):
+    n = sum(p.numel() for p in CRN.from_preset(name).parameters())
+    assert abs(n - params) / params < 1e-3
+
+
+def test_flop_counts_match_the_stated_numbers():
+    assert round(crn_flops(PRESETS["1024p"], 1024, 2048) / 1e12, 3) == 3.161
+    assert round(crn_flops(PRESETS["256p"], 256, 512) / 1e12, 2) == 2.15
+    # doubling the batch doubles it; halving H and W quarters the conv part
+    c = PRESETS["tiny"]
+    assert crn_flops(c, 64, 128, batch=2) == 2 * crn_flops(c, 64, 128)
+
+
+def test_flop_count_matches_conv_shapes_by_hooks():
+    model = CRN.from_preset("tiny")
+    flops = []
+
+    def hook(mod, inp, out):
+        flops.append(2 * out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(hook)
+    model(random_layout(1, 32, 64))
+    assert sum(flops) == crn_flops(model.config, 32, 64)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (torch.zeros(20, 64, 128), "4-D"),
+    (torch.zeros(1, 19, 64, 128), "19 channels"),
+    (torch.zeros(1, 20, 60, 128), r"multiples of 2\^4 = 16"),
+    (torch.zeros(1, 20, 8, 8), "multiples"),
+    (torch.zeros(1, 20, 64, 128, dtype=torch.long), "float"),
+])
+def test_bad_input_raises_one_clear_error(bad, msg):
+    with pytest.raises(CRNError, match=msg):
+        CRN.from_preset("tiny")(bad)
+
+
+def test_any_multiple_of_the_stride_runs():
+    model = CRN.from_preset("tiny")
+    assert model(random_layout(1, 16, 16)).shape == (1, 3, 16, 16)
+    assert model(random_layout(1, 48, 80)).shape == (1, 3, 48, 80)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = CRN(CRNConfig(widths=(8, 4), k=3, name="mine"))
+    for p in model.parameters():
+        p.data.normal_()
+    path = save_generator(model, tmp_path / "m.ckpt")
+    loaded = load_generator(path)
+    assert loaded.config == model.config
+    x = random_layout(1, 8, 16)
+    assert torch.equal(loaded(x), model(x))
+    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+
+
+def test_checkpoint_file_holds_no_pickle(tmp_path):
+    path = save_generator(CRN.from_preset("tiny"), tmp_path / "m.ckpt")
+    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert b'"config"' in path.read_bytes()[8:8 + header_len]  # safetensors JSON header with our config
+
+
+def test_corrupt_truncated_and_foreign_checkpoints(tmp_path):
+    path = save_generator(CRN.from_preset("tiny"), tmp_path / "m.ckpt")
+    data = path.read_bytes()
+    (tmp_path / "trunc.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.ckpt").write_bytes(b"\x00\x01garbage" * 10)
+    torch.save({"a": torch.zeros(2)}, tmp_path / "torch.pt")
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    for name, msg in [("trunc.ckpt", "not a readable"), ("garbage.ckpt", "not a readable"),
+                      ("torch.pt", "not a readable"), ("other.safetensors", "not a crn_fast generator"),
+                      ("missing.ckpt", "does not exist")]:
+        with pytest.raises(CheckpointError, match=msg):
+            load_generator(tmp_path / name)
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CRNError, match="cannot write"):
+        save_generator(CRN.from_preset("tiny"), blocker / "sub" / "m.ckpt")

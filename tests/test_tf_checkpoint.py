@@ -1,0 +1,146 @@
+"""The TF checkpoint reader, the converter and the authors' real checkpoint indexes."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from crn_fast import PRESETS, CheckpointError, CRN, load_generator
+from crn_fast.convert_tf import head_permutation, infer_config, main as convert_main
+from crn_fast.labels import one_hot
+from crn_fast.tf_checkpoint import TFCheckpoint, crc32c, read_index, write_checkpoint
+
+from conftest import FIXTURES
+
+TF_FIXTURE = FIXTURES / "tf_crn"
+
+
+@pytest.mark.parametrize("name", ["256p", "512p", "1024p", "GTA"])
+def test_presets_equal_the_real_checkpoint_indexes(shared, name):
+    _, entries = read_index(shared / "checkpoint_index" / f"{name}.model.ckpt.index")
+    shapes = {k: e.shape for k, e in entries.items()}
+    config = infer_config(shapes)
+    assert config == PRESETS[name]
+    # every generator variable maps to a preset parameter of the same (transposed) shape
+    params = dict(CRN(PRESETS[name]).named_parameters())
+    for i, h in enumerate(config.heights):
+        for j in (1, 2):
+            kh, kw, cin, cout = shapes[f"g_{h}_conv{j}/weights"]
+            assert params[f"refine.{i}.conv{j}.weight"].shape == (cout, cin, kh, kw)
+            assert params[f"refine.{i}.norm{j}.weight"].shape == shapes[f"g_{h}_conv{j}/LayerNorm/gamma"]
+            assert params[f"refine.{i}.norm{j}.bias"].shape == shapes[f"g_{h}_conv{j}/LayerNorm/beta"]
+    top = config.heights[-1]
+    assert params["head.weight"].shape[:2] == shapes[f"g_{top}_conv100/weights"][::-1][:2]
+    assert all(e.dtype == 1 and e.shard_id == 0 for e in entries.values())  # float32, one shard
+
+
+def test_crc32c_known_value():
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def test_writer_reader_roundtrip(tmp_path):
+    tensors = {"a/b": np.arange(12, dtype=np.float32).reshape(3, 4), "z": np.array([1, 2], np.int64),
+               "": None}
+    tensors.pop("")
+    write_checkpoint(tmp_path / "m.ckpt", tensors)
+    ck = TFCheckpoint(tmp_path / "m.ckpt")
+    assert ck.shapes() == {"a/b": (3, 4), "z": (2,)}
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(ck.read(k), v)
+
+
+def test_head_permutation_colour_major_to_image_major():
+    # authors: channel c*k+i is colour c of image i
+    perm = head_permutation(3)
+    assert perm == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+
+
+def test_tf_written_checkpoint_converts_and_matches_tf_output(tmp_path, shared):
+    """A random-weight checkpoint written by TensorFlow (tests/fixtures/make_tf_fixture.py) with the
+    authors' names, an arbitrary width schedule and k=3, against the TF graph's own output."""
+    exp = np.load(TF_FIXTURE / "expected.npz")
+    assert convert_main([str(TF_FIXTURE / "model.ckpt"), str(tmp_path / "m.ckpt")]) == 0
+    model = load_generator(tmp_path / "m.ckpt")
+    assert list(model.config.widths) == exp["widths"].tolist() and model.config.k == int(exp["k"])
+    # the layout is decoded by crn_fast from the same real label map
+    from crn_fast.data import decode_label
+    ids = decode_label(shared / "labels" / "cityscapes_256" / "00100027.png")
+    np.testing.assert_array_equal(ids, exp["layout_ids"])
+    with torch.no_grad():
+        out = model.images(one_hot(torch.from_numpy(ids).long()[None]))[0]  # (k, 3, H, W)
+    ours = out.permute(0, 2, 3, 1)[:, ::2, ::2].numpy()
+    err = np.abs(ours - exp["output_stride2"]).max()
+    assert err < 0.05, f"max abs error {err} on the 0..255 scale"
+
+
+def _copy_fixture(tmp_path):
+    for f in TF_FIXTURE.glob("model.ckpt.*"):
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path / "model.ckpt"
+
+
+def test_missing_shard_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    src = _copy_fixture(tmp_path)
+    (tmp_path / "model.ckpt.data-00000-of-00001").unlink()
+    assert convert_main([str(src), str(tmp_path / "out.ckpt")]) == 1
+    assert "missing data shard" in capsys.readouterr().err
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_truncated_shard_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    src = _copy_fixture(tmp_path)
+    data = tmp_path / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:1000])
+    assert convert_main([str(src), str(tmp_path / "out.ckpt")]) == 1
+    assert "truncated" in capsys.readouterr().err
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_corrupt_shard_fails_its_checksum(tmp_path):
+    src = _copy_fixture(tmp_path)
+    data = tmp_path / "model.ckpt.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    ck = TFCheckpoint(src)
+    name = next(n for n, e in ck.entries.items() if e.offset <= 100 < e.offset + e.size)
+    with pytest.raises(CheckpointError, match="checksum"):
+        ck.read(name)
+
+
+def test_unknown_variable_is_rejected(tmp_path, capsys):
+    write_checkpoint(tmp_path / "m.ckpt", {"g_4_conv1/weights": np.zeros((3, 3, 20, 4), np.float32),
+                                           "discriminator/w": np.zeros(3, np.float32)})
+    assert convert_main([str(tmp_path / "m.ckpt"), str(tmp_path / "out.ckpt")]) == 1
+    assert "unknown variables" in capsys.readouterr().err
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_not_an_index_file(tmp_path):
+    (tmp_path / "x.ckpt.index").write_bytes(b"hello world" * 10)
+    with pytest.raises(CheckpointError, match="not a TensorFlow checkpoint index"):
+        TFCheckpoint(tmp_path / "x.ckpt")
+
+
+def test_converts_a_written_authors_layout_checkpoint(tmp_path):
+    """crn_fast -> TF format (authors' names, colour-major head, Adam slots) -> crn_fast is exact."""
+    model = CRN(PRESETS["tiny"].replace(k=2))
+    for p in model.parameters():
+        p.data.normal_()
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    tf = {"beta1_power": np.float32(0.9) * np.ones((), np.float32)}
+    inv = np.argsort(head_permutation(2))
+    for i, h in enumerate(model.config.heights):
+        for j in (1, 2):
+            tf[f"g_{h}_conv{j}/weights"] = sd[f"refine.{i}.conv{j}.weight"].transpose(2, 3, 1, 0)
+            tf[f"g_{h}_conv{j}/weights/Adam"] = tf[f"g_{h}_conv{j}/weights"] * 0
+            tf[f"g_{h}_conv{j}/LayerNorm/gamma"] = sd[f"refine.{i}.norm{j}.weight"]
+            tf[f"g_{h}_conv{j}/LayerNorm/beta"] = sd[f"refine.{i}.norm{j}.bias"]
+    top = model.config.heights[-1]
+    tf[f"g_{top}_conv100/weights"] = sd["head.weight"][inv].transpose(2, 3, 1, 0)
+    tf[f"g_{top}_conv100/biases"] = sd["head.bias"][inv]
+    write_checkpoint(tmp_path / "model.ckpt", tf)
+    assert convert_main([str(tmp_path / "model.ckpt"), str(tmp_path / "c.ckpt")]) == 0
+    back = load_generator(tmp_path / "c.ckpt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
