@@ -73,7 +73,7 @@ def resize_pair(ids: np.ndarray, image: np.ndarray | None, size: tuple[int, int]
 
 
 def _to_tensors(ids: np.ndarray, image: np.ndarray):
-    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
 
 
 class SyntheticStreets(torch.utils.data.Dataset):
@@ -215,12 +215,12 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
     return pairs, missing
 
 
-def make_dataset(spec: str, resolution=(64, 128), seed: int = 0, split: str = "train", skip_bad: bool = False,
+def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train", skip_bad: bool = False,
                  unknown_colors: str = "error"):
     """Build the dataset named by a ``--data`` spec (see DATA_FORMS)."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
-        return SyntheticStreets(resolution, seed)
+        return SyntheticStreets(resolution or (64, 128), seed)
     if kind not in ("cityscapes", "crn", "pairs") or not arg:
         raise DataError(f"unknown --data {spec!r}; valid forms: {DATA_FORMS}")
     if kind == "cityscapes":

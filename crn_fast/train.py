@@ -327,8 +327,21 @@ def train(args) -> Path:
             samples(step)
         log(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
     if dist.is_initialized():
+        spread = ranks_spread(model)
+        if rank == 0:
+            log(f"ranks in sync: max |weight difference| between ranks = {spread:g}")
+            (out / "ddp.json").write_text(json.dumps({"world_size": world, "max_weight_spread": spread}))
         dist.barrier()
     return out
+
+
+def ranks_spread(model) -> float:
+    """Largest difference of any weight between ranks (0 when DDP kept them identical)."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,132 @@
+"""Datasets and bad-data reporting."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crn_fast.data import DataError, SyntheticStreets, decode_label, make_dataset
+from crn_fast.labels import PALETTE, TRAIN_ID, VOID, one_hot
+from crn_fast.synthetic import render_scene
+
+
+def test_synthetic_is_deterministic_and_any_resolution():
+    a, b = render_scene(32, 64, 5, 7), render_scene(32, 64, 5, 7)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(render_scene(32, 64, 5, 8)[1], a[1])
+    ids, img = render_scene(48, 80, 0, 0)
+    assert ids.shape == (48, 80) and img.shape == (48, 80, 3)
+    # several classes, each with its own look
+    classes = set(np.unique(render_scene(128, 256, 0, 1)[0]).tolist())
+    assert {TRAIN_ID["sky"], TRAIN_ID["road"], TRAIN_ID["building"], TRAIN_ID["car"]} <= classes
+    ds = SyntheticStreets((32, 64), seed=1)
+    ids, img = ds[3]
+    assert ids.dtype == torch.int64 and img.shape == (3, 32, 64) and 0 <= img.min() and img.max() <= 255
+
+
+def test_one_hot_void_channel():
+    ids = torch.tensor([[[0, 18, 19, 255]]])
+    lay = one_hot(ids)
+    assert lay.shape == (1, 20, 1, 4)
+    assert lay[0, :, 0].argmax(0).tolist() == [0, 18, 19, 19]
+    torch.testing.assert_close(lay[:, 19], 1 - lay[:, :19].sum(1))
+
+
+def write_cityscapes(root, n=3, size=(32, 64), split="train", train_ids=False):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        city = "aachen" if i % 2 else "bremen"
+        img_dir = root / "leftImg8bit" / split / city
+        gt_dir = root / "gtFine" / split / city
+        img_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{city}_{i:06d}_000019"
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(img_dir / f"{stem}_leftImg8bit.png")
+        ids = rng.choice([7, 8, 11, 21, 23, 26, 0], size=size).astype(np.uint8)  # official label ids
+        Image.fromarray(ids).save(gt_dir / f"{stem}_gtFine_labelIds.png")
+        if train_ids:
+            Image.fromarray(np.full(size, 3, np.uint8)).save(gt_dir / f"{stem}_gtFine_labelTrainIds.png")
+    return root
+
+
+def test_cityscapes_official_layout(tmp_path):
+    root = write_cityscapes(tmp_path / "cs")
+    ds = make_dataset(f"cityscapes:{root}", resolution=(16, 32))
+    assert len(ds) == 3
+    ids, img = ds[0]
+    assert ids.shape == (16, 32) and img.shape == (3, 16, 32)
+    # labelIds map through the official table: 7 road->0, 8 sidewalk->1, 11 building->2, 0 unlabeled->void
+    assert set(ids.unique().tolist()) <= {0, 1, 2, 8, 10, 13, VOID}
+    root2 = write_cityscapes(tmp_path / "cs2", train_ids=True)
+    assert make_dataset(f"cityscapes:{root2}")[0][0].unique().tolist() == [3]  # labelTrainIds preferred
+
+
+def write_pairs(root, n=3, size=(16, 32)):
+    (root / "labels").mkdir(parents=True)
+    (root / "images").mkdir()
+    for i in range(n):
+        ids = np.random.default_rng(i).integers(0, 19, size)
+        Image.fromarray(PALETTE[ids]).save(root / "labels" / f"{i:08d}.png")
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(root / "images" / f"{i:08d}.jpg")
+    return root
+
+
+def test_pairs_and_authors_folder_format(tmp_path):
+    root = write_pairs(tmp_path / "p")
+    ds = make_dataset(f"pairs:{root / 'labels'},{root / 'images'}")
+    ids, _ = ds[1]
+    assert torch.equal(ids, torch.from_numpy(np.random.default_rng(1).integers(0, 19, (16, 32))))
+    crn = tmp_path / "crn"
+    (crn / "Label256Full").mkdir(parents=True)
+    (crn / "RGB256Full").mkdir()
+    for f in (root / "labels").iterdir():
+        f.rename(crn / "Label256Full" / f.name)
+    for f in (root / "images").iterdir():
+        Image.open(f).save(crn / "RGB256Full" / (f.stem + ".png"))
+    assert len(make_dataset(f"crn:{crn}", resolution=(16, 32))) == 3
+
+
+def test_real_authors_labels_decode(shared):
+    ids = decode_label(shared / "labels" / "cityscapes_512" / "00100027.png")
+    assert ids.shape == (512, 1024) and ids.max() <= VOID
+    gta = decode_label(shared / "labels" / "gta_256" / "00100370.png")  # palette-mode PNG
+    assert gta.shape == (256, 512) and (gta == TRAIN_ID["road"]).any()
+
+
+@pytest.mark.parametrize("problem,msg", [
+    ("missing", "no image named"), ("size", "is 16x32 but its image"), ("color", "not Cityscapes label colours"),
+    ("unreadable", "unreadable image"),
+])
+def test_bad_data_names_the_file_and_skip_bad_counts_it(tmp_path, problem, msg):
+    root = write_pairs(tmp_path / "p", n=3)
+    bad = root / "labels" / "00000001.png"
+    if problem == "missing":
+        (root / "images" / "00000001.jpg").unlink()
+    elif problem == "size":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "00000001.jpg")
+    elif problem == "color":
+        Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(bad)
+    else:
+        bad.write_bytes(b"not a png")
+    spec = f"pairs:{root / 'labels'},{root / 'images'}"
+    with pytest.raises(DataError, match=msg) as e:
+        ds = make_dataset(spec)
+        [ds[i] for i in range(len(ds))]
+    assert "00000001" in str(e.value)
+    ds = make_dataset(spec, skip_bad=True)
+    assert len(ds) == 2 and len(ds.skipped) == 1 and "00000001" in ds.skipped[0]
+
+
+def test_unknown_colors_void_follows_the_authors_rule(tmp_path):
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(tmp_path / "x.png")
+    assert (decode_label(tmp_path / "x.png", unknown_colors="void") == VOID).all()
+
+
+def test_empty_folder_and_unknown_form(tmp_path):
+    (tmp_path / "l").mkdir()
+    (tmp_path / "i").mkdir()
+    with pytest.raises(DataError, match="no label images"):
+        make_dataset(f"pairs:{tmp_path / 'l'},{tmp_path / 'i'}")
+    with pytest.raises(DataError, match="valid forms: synthetic"):
+        make_dataset("imagenet:/x")
+    with pytest.raises(DataError, match="does not exist"):
+        make_dataset(f"cityscapes:{tmp_path / 'nope'}")

@@ -1,0 +1,130 @@
+"""End to end: training, resume, DDP with torchrun (gloo), progressive init, synthesis."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crn_fast import CRN, CRNConfig, load_generator, save_generator
+from crn_fast.train import init_from, main as train_main, parse_train_modules
+from crn_fast.synthesize import main as synth_main
+
+from test_data import write_cityscapes
+
+SMALL = ["--resolution", "32x64", "--batch-size", "2", "--no-progress", "--log-every", "1"]
+
+
+def run(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    r = run(["-m", "crn_fast.train", "--out", str(out), "--steps", "40", "--no-progress", "--log-every", "5"])
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_demo_writes_checkpoint_metrics_and_samples(demo_run):
+    out, r = demo_run
+    assert "device cpu" in r.stdout and "VGG-19 weights: random" in r.stdout and "synthetic" in r.stdout
+    model = load_generator(out / "model.ckpt")
+    assert model.config.name == "tiny"
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for key in ("loss", "loss_pixel", "loss_conv5_2", "images_per_s", "peak_memory_mb"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
+    sheet = np.asarray(Image.open(out / "samples" / "latest.png"))
+    assert sheet.shape == (4 * 64, 3 * 128, 3)  # 4 rows of layout | target | output
+    assert (out / "train_state.pt").is_file()
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 40
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_main(["--out", str(a), "--steps", "6", *SMALL]) == 0
+    assert train_main(["--out", str(b), "--steps", "3", *SMALL]) == 0
+    assert train_main(["--out", str(b), "--steps", "6", "--resume", *SMALL]) == 0
+    sa, sb = load_generator(a / "model.ckpt").state_dict(), load_generator(b / "model.ckpt").state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    steps = [json.loads(l)["step"] for l in (b / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
+    common = ["--steps", "3", "--resolution", "32x64", "--batch-size", "4", "--no-progress"]
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crn_fast.train",
+             "--out", str(tmp_path / "ddp"), *common])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 ranks (DDP)" in r.stdout
+    assert json.loads((tmp_path / "ddp" / "ddp.json").read_text())["max_weight_spread"] == 0.0
+    assert train_main(["--out", str(tmp_path / "one"), *common]) == 0
+    s2 = load_generator(tmp_path / "ddp" / "model.ckpt").state_dict()
+    s1 = load_generator(tmp_path / "one" / "model.ckpt").state_dict()
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=2e-5, rtol=1e-4)
+
+
+def test_fake_cityscapes_trains(tmp_path):
+    root = write_cityscapes(tmp_path / "cs", n=4, size=(64, 128))
+    assert train_main(["--data", f"cityscapes:{root}", "--out", str(tmp_path / "o"), "--steps", "2", *SMALL]) == 0
+    assert (tmp_path / "o" / "model.ckpt").is_file()
+
+
+def test_bad_data_option_exits_with_one_line(tmp_path):
+    r = run(["-m", "crn_fast.train", "--data", "imagenet:/x", "--out", str(tmp_path)])
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "valid forms" in r.stderr and "Traceback" not in r.stderr
+    r = run(["-m", "crn_fast.train", "--data", f"cityscapes:{tmp_path / 'none'}", "--out", str(tmp_path)])
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_init_from_copies_lower_resolution_modules(tmp_path):
+    torch.manual_seed(0)
+    low = CRN(CRNConfig(widths=(8, 6), k=1))
+    save_generator(low, tmp_path / "low.ckpt")
+    high = CRN(CRNConfig(widths=(8, 6, 4), k=2))
+    head_before = high.head.weight.clone()
+    assert init_from(high, str(tmp_path / "low.ckpt")) == ["refine.0", "refine.1"]
+    for i in range(2):
+        for k, v in low.refine[i].state_dict().items():
+            assert torch.equal(high.refine[i].state_dict()[k], v)
+    assert torch.equal(high.head.weight, head_before)  # new head starts fresh
+
+
+def test_train_modules_freezes_the_rest(tmp_path):
+    assert parse_train_modules("3-4,head", 5) == {"refine.3", "refine.4", "head"}
+    assert train_main(["--out", str(tmp_path), "--steps", "2", "--train-modules", "4,head", *SMALL]) == 0
+    torch.manual_seed(0)
+    fresh, trained = CRN.from_preset("tiny").state_dict(), load_generator(tmp_path / "model.ckpt").state_dict()
+    assert all(torch.equal(fresh[k], trained[k]) for k in fresh if k.startswith("refine.0."))
+    assert not torch.equal(fresh["refine.4.conv1.weight"], trained["refine.4.conv1.weight"])
+
+
+def test_synthesize_real_labels(demo_run, shared, tmp_path):
+    out, _ = demo_run
+    labels = shared / "labels" / "cityscapes_256"
+    assert synth_main(["--ckpt", str(out / "model.ckpt"), "--labels", str(labels), "--out", str(tmp_path),
+                       "--batch-size", "4"]) == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 6 and Image.open(pngs[0]).size == (512, 256)
+
+
+def test_synthesize_k_images_side_by_side_and_bad_sizes(tmp_path, shared, capsys):
+    save_generator(CRN(CRNConfig(widths=(4, 4, 4), k=3)), tmp_path / "k3.ckpt")
+    label = shared / "labels" / "gta_256" / "00100370.png"
+    assert synth_main(["--ckpt", str(tmp_path / "k3.ckpt"), "--labels", str(label), "--out", str(tmp_path / "o"),
+                       "--resolution", "32x64"]) == 0
+    assert Image.open(tmp_path / "o" / "00100370.png").size == (3 * 64, 32)
+    assert synth_main(["--ckpt", str(tmp_path / "k3.ckpt"), "--labels", str(label), "--out", str(tmp_path / "o"),
+                       "--resolution", "30x64"]) == 2
+    assert "multiples of 2^2 = 4" in capsys.readouterr().err
