@@ -82,7 +82,8 @@ class CRN(nn.Module):
     """
 
     def __init__(self, config: CRNConfig | None = None, *, widths=None, num_classes: int = 20, k: int = 1,
-                 base_size=(4, 8), backend: str = "eager", checkpointing: bool = False):
+                 base_size=(4, 8), backend: str = "eager", checkpointing: bool = False,
+                 fuse_inference: bool = True):
         super().__init__()
         if config is None:
             if widths is None:
@@ -92,6 +93,8 @@ class CRN(nn.Module):
         self.refine = nn.ModuleList(RefinementModule(config.in_channels(i), w) for i, w in enumerate(config.widths))
         self.head = nn.Conv2d(config.widths[-1], 3 * config.k, 1, bias=True)
         self.checkpointing = checkpointing
+        # triton backend, no grad: fuse each module's last norm + lrelu into the next module's upsample
+        self.fuse_inference = fuse_inference
         self.set_backend(backend)
 
     @classmethod
@@ -120,13 +123,31 @@ class CRN(nn.Module):
     def forward(self, layout: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.check_input(layout)
-        x = None
-        for module, level in zip(self.refine, layout_pyramid(layout, len(self.refine))):
-            if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(module, x, level, self._ops, use_reentrant=False)
-            else:
-                x = module(x, level, self._ops)
+        levels = layout_pyramid(layout, len(self.refine))
+        if self.backend == "triton" and self.fuse_inference and not torch.is_grad_enabled():
+            x = self._features_fused(levels)
+        else:
+            x = None
+            for module, level in zip(self.refine, levels):
+                if self.checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(module, x, level, self._ops, use_reentrant=False)
+                else:
+                    x = module(x, level, self._ops)
         return (self.head(x) + 1.0) / 2.0 * 255.0
+
+    def _features_fused(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Inference path of the triton backend: module i's second layer norm is reduced to its
+        statistics, and its apply + leaky ReLU happen inside module i+1's upsample-concat kernel,
+        so the normalised features are never written at full precision."""
+        from crn_fast.kernels import layer_norm_stats, norm_lrelu_upsample_concat
+        ops, pending, last = self._ops, None, len(self.refine) - 1
+        for i, (m, level) in enumerate(zip(self.refine, levels)):
+            x = level if pending is None else norm_lrelu_upsample_concat(*pending, level, LEAKY_SLOPE)
+            x = ops.layer_norm_lrelu(m.conv1(x), m.norm1.weight, m.norm1.bias, LN_EPS, LEAKY_SLOPE)
+            h = m.conv2(x)
+            if i == last:
+                return ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)
+            pending = (h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias)
 
     def images(self, layout: torch.Tensor) -> torch.Tensor:
         """forward() reshaped to (N, k, 3, H, W)."""

@@ -1,0 +1,221 @@
+"""Triton kernels against their torch references. On CPU they run through Triton's interpreter
+(conftest sets TRITON_INTERPRET=1); the `gpu` tests run the same checks compiled on CUDA.
+
+Tolerances: fp32 1e-5 absolute (outputs are O(1)); fp16 and bf16 are compared with the fp32
+reference evaluated on the same (rounded) inputs, within 2 ulps of the output dtype.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from crn_fast import kernels as K  # noqa: E402
+from crn_fast import CRN, CRNConfig  # noqa: E402
+from crn_fast.labels import one_hot  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=2e-2), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2),
+            torch.bfloat16: dict(atol=1e-1, rtol=5e-2), torch.float64: dict(atol=1e-9, rtol=1e-9)}
+pytestmark = pytest.mark.skipif(not K.can_run(torch.empty(0, device=DEV)), reason="Triton cannot run here")
+
+SHAPES = [(1, 3, 5, 7), (2, 16, 8, 8), (3, 33, 9, 13), (1, 64, 4, 8), (2, 5, 1, 1)]
+
+
+def ln_inputs(shape, dtype, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEV, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.randn(shape[1], generator=g) * 0.5 + 1).to(DEV, dtype)
+    b = (torch.randn(shape[1], generator=g) * 0.3).to(DEV, dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_norm_lrelu_forward_backward(shape, dtype, channels_last):
+    x, w, b = ln_inputs(shape, dtype, channels_last)
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
+    y = K.layer_norm_lrelu(xs, ws, bs, num_programs=3)  # force the split reduction across programs
+    yr = K.layer_norm_lrelu_reference(xr, wr, br, 1e-12, 0.2)
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), yr, **TOL[dtype])
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+    gs = torch.autograd.grad(y, (xs, ws, bs), dy)
+    gr = torch.autograd.grad(yr, (xr, wr, br), dy.float())
+    for a, r in zip(gs, gr):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), r, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("num_programs", [1, 2, 7, None])
+def test_layer_norm_any_program_count(num_programs):
+    x, w, b = ln_inputs((2, 12, 11, 6), torch.float32, seed=3)
+    torch.testing.assert_close(K.layer_norm_lrelu(x, w, b, num_programs=num_programs),
+                               K.layer_norm_lrelu_reference(x, w, b), **TOL[torch.float32])
+
+
+def test_large_mean_tiny_spread_stays_accurate():
+    """mean 1e3, std 0.1 in fp32: E[x^2]-E[x]^2 would cancel catastrophically (even go negative)."""
+    g = torch.Generator().manual_seed(0)
+    x = (1e3 + 0.1 * torch.randn(2, 8, 16, 16, generator=g)).to(DEV)
+    w, b = torch.ones(8, device=DEV), torch.zeros(8, device=DEV)
+    exact = K.layer_norm_lrelu_reference(x.double(), w.double(), b.double())
+    ours = (K.layer_norm_lrelu(x, w, b, num_programs=4).double() - exact).abs().max().item()
+    torchs = (K.layer_norm_lrelu_reference(x, w, b).double() - exact).abs().max().item()
+    naive_var = (x * x).mean((1, 2, 3)) - x.mean((1, 2, 3)) ** 2  # what a one-pass E[x^2] would give
+    assert ours <= 2 * torchs + 1e-5, (ours, torchs)
+    assert ours < 1e-3 and (naive_var - 0.01).abs().max() > 0.005  # naive: off by > 50% (or negative)
+
+
+def test_constant_input_gives_exactly_the_bias():
+    x = torch.full((2, 4, 3, 5), 0.1, device=DEV)
+    bias = torch.tensor([0.0, 1.0, 2.0, 3.0], device=DEV)
+    y = K.layer_norm_lrelu(x, torch.ones(4, device=DEV), bias, num_programs=2)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, bias.view(1, 4, 1, 1).expand_as(y))
+
+
+def test_layer_norm_gradcheck_float64():
+    x, w, b = (t.double().requires_grad_() for t in ln_inputs((2, 3, 4, 5), torch.float32, seed=5))
+    assert torch.autograd.gradcheck(lambda a, c, d: K.layer_norm_lrelu(a, c, d, 1e-5, 0.2, 2), (x, w, b),
+                                     eps=1e-6, atol=1e-6)
+
+
+def test_layer_norm_backward_is_deterministic():
+    x, w, b = (t.requires_grad_() for t in ln_inputs((2, 24, 7, 9), torch.float32, seed=4))
+    dy = torch.randn_like(x)
+    g1 = torch.autograd.grad(K.layer_norm_lrelu(x, w, b, num_programs=3), (x, w, b), dy)
+    g2 = torch.autograd.grad(K.layer_norm_lrelu(x, w, b, num_programs=3), (x, w, b), dy)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+UP_CASES = [(1, 3, 4, 8, 8, 16), (2, 5, 3, 5, 6, 10), (1, 4, 5, 7, 9, 13), (2, 2, 1, 2, 2, 4), (1, 6, 7, 3, 14, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", UP_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_concat_forward_backward(case, dtype, channels_last):
+    n, c, h, w, H, W = case
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(n, c, h, w, generator=g).to(DEV, dtype)
+    lab = torch.rand(n, 3, H, W, generator=g).to(DEV, dtype)
+    if channels_last:
+        f = f.to(memory_format=torch.channels_last)
+    fs, fr = f.detach().clone().requires_grad_(), f.detach().float().requires_grad_()
+    out = K.upsample_concat(fs, lab)
+    ref = K.upsample_concat_reference(fr, lab.float())
+    assert out.shape == (n, c + 3, H, W) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    dy = torch.randn(out.shape, generator=g).to(DEV, dtype)
+    (gf,) = torch.autograd.grad(out, fs, dy)
+    (gr,) = torch.autograd.grad(ref, fr, dy.float())
+    torch.testing.assert_close(gf.float(), gr, **GRAD_TOL[dtype])
+
+
+def test_upsample_concat_label_grad_only_when_required():
+    f = torch.randn(1, 2, 3, 4, device=DEV, requires_grad=True)
+    lab = torch.rand(1, 3, 6, 8, device=DEV)
+    K.upsample_concat(f, lab).sum().backward()
+    assert lab.grad is None and f.grad is not None
+    lab.requires_grad_()
+    dy = torch.randn(1, 5, 6, 8, device=DEV)
+    K.upsample_concat(f, lab).backward(dy)
+    torch.testing.assert_close(lab.grad, dy[:, 2:])
+
+
+def test_upsample_backward_is_the_adjoint_in_float64():
+    g = torch.Generator().manual_seed(9)
+    f = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64, device=DEV).requires_grad_()
+    lab = torch.zeros(1, 1, 9, 11, dtype=torch.float64, device=DEV)
+    dy = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64, device=DEV)
+    (gf,) = torch.autograd.grad(K.upsample_concat(f, lab), f, dy)
+    (gr,) = torch.autograd.grad(K.upsample_concat_reference(f, lab), f, dy)
+    torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)  # interpolation weights are fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_lrelu_upsample_concat(dtype):
+    x, w, b = ln_inputs((2, 6, 4, 8), dtype, seed=2)
+    lab = torch.rand(2, 3, 8, 16, device=DEV).to(dtype)
+    mean, rstd = K.layer_norm_stats(x)
+    with torch.no_grad():
+        out = K.norm_lrelu_upsample_concat(x, mean, rstd, w, b, lab)
+    ref = K.upsample_concat_reference(K.layer_norm_lrelu_reference(x.float(), w.float(), b.float()), lab.float())
+    torch.testing.assert_close(out.float(), ref, **GRAD_TOL[dtype])
+
+
+def tiny_pair(k=2, seed=0):
+    torch.manual_seed(seed)
+    eager = CRN(CRNConfig(widths=(12, 10, 8, 6), k=k))
+    for p in eager.parameters():
+        p.data.normal_(0, 0.3)
+    fast = CRN(eager.config, backend="triton")
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast
+
+
+def test_generator_triton_equals_eager():
+    eager, fast = tiny_pair()
+    assert fast.backend == "triton"
+    layout = one_hot(torch.randint(0, 20, (2, 16, 32), generator=torch.Generator().manual_seed(0))).to(DEV)
+    eager, fast = eager.to(DEV), fast.to(DEV)
+    with torch.no_grad():
+        ref = eager(layout)
+        torch.testing.assert_close(fast(layout), ref, atol=2e-3, rtol=1e-5)  # fused inference path (0..255)
+        fast.fuse_inference = False
+        torch.testing.assert_close(fast(layout), ref, atol=2e-3, rtol=1e-5)
+
+
+def test_generator_triton_gradients_match_eager():
+    eager, fast = tiny_pair(k=1, seed=1)
+    eager, fast = eager.to(DEV), fast.to(DEV)
+    layout = one_hot(torch.randint(0, 20, (2, 16, 32), generator=torch.Generator().manual_seed(1))).to(DEV)
+    target = torch.rand(2, 3, 16, 32, device=DEV) * 255
+    for m in (eager, fast):
+        ((m(layout) - target).abs().mean()).backward()
+    pe, pf = dict(eager.named_parameters()), dict(fast.named_parameters())
+    for k in pe:
+        torch.testing.assert_close(pf[k].grad, pe[k].grad, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_training_with_triton_backend(tmp_path):
+    from crn_fast.train import main
+    assert main(["--out", str(tmp_path), "--steps", "2", "--backend", "triton", "--resolution", "32x64",
+                 "--batch-size", "2", "--no-progress"]) == 0
+
+
+def test_fallback_warns_once_when_triton_cannot_run():
+    code = ("import warnings, crn_fast\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    m = crn_fast.CRN.from_preset('tiny', backend='triton')\n"
+            "print(m.backend, len(w), str(w[0].message))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("eager 1 ") and "using the eager torch reference ops" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_module_shapes(dtype):
+    """A 1024p-like module shape, compiled on CUDA (batch 1: one row of C*H*W elements)."""
+    x, w, b = ln_inputs((1, 128, 512, 1024), dtype)
+    torch.testing.assert_close(K.layer_norm_lrelu(x, w, b).float(),
+                               K.layer_norm_lrelu_reference(x.float(), w.float(), b.float()), **GRAD_TOL[dtype])
+    f = torch.randn(1, 128, 256, 512, device="cuda", dtype=dtype)
+    lab = torch.rand(1, 20, 512, 1024, device="cuda", dtype=dtype)
+    torch.testing.assert_close(K.upsample_concat(f, lab).float(),
+                               K.upsample_concat_reference(f.float(), lab.float()), **GRAD_TOL[dtype])
