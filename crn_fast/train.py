@@ -248,7 +248,8 @@ def train(args) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**vars(args), "model": config.to_dict()}, indent=2))
+        (out / "config.json").write_text(json.dumps({**vars(args), "backend_used": model.backend,
+                                                        "model": config.to_dict()}, indent=2))
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tb"))
