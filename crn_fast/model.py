@@ -108,6 +108,11 @@ class CRN(nn.Module):
         self._ops = kernels.ops_for(self.backend)
         return self
 
+    def use_ops(self, ops) -> "CRN":
+        """Swap in another implementation of the two module ops (exporters use a graph-friendly one)."""
+        self._ops = ops
+        return self
+
     def check_input(self, layout: torch.Tensor) -> None:
         c = self.config
         if not isinstance(layout, torch.Tensor) or layout.dim() != 4:
