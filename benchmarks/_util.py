@@ -1,0 +1,140 @@
+"""Shared by the benchmark scripts: timing, memory, machine facts and the measured compute peak."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, warmup: int, iters: int, max_seconds: float | None = None) -> list[float]:
+    """Per-call latencies in ms: CUDA events on GPU, wall clock on CPU. Stops early at max_seconds."""
+    cuda = torch.device(device).type == "cuda"
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+        if max_seconds and time.perf_counter() - start > max_seconds:
+            break
+    sync(device)
+    out = []
+    for _ in range(max(1, iters)):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+        if max_seconds and time.perf_counter() - start > max_seconds:
+            break
+    return out
+
+
+def summarize(ms: list[float]) -> dict:
+    s = sorted(ms)
+    p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+    return {"min_ms": s[0], "median_ms": statistics.median(s), "p90_ms": p90, "iters": len(s)}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """Peak memory during a block: torch.cuda.max_memory_allocated on GPU, sampled RSS on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak = torch.device(device), 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._stop = threading.Event()
+            self.peak = _rss_bytes()
+
+            def poll():
+                while not self._stop.wait(0.005):
+                    self.peak = max(self.peak, _rss_bytes())
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2 ** 20
+
+
+def machine_info(device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": _cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device)}
+    if torch.device(device).type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2 ** 30, 1), sms=p.multi_processor_count,
+                    cuda=torch.version.cuda)
+    for mod in ("triton", "onnx", "onnxruntime", "tensorrt", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_label(device) -> str:
+    """Short name for result files: e.g. 'h100', 'cpu-2core'."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key in ("h200", "h100", "a100", "l40s", "l4", "a10", "4090", "3090"):
+            if key in name:
+                return key
+        return name.replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def matmul_peak_tflops(device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
+    """Best-of-``repeats`` TFLOP/s of an n^3 matmul: the machine's measured compute peak."""
+    cuda = torch.device(device).type == "cuda"
+    n = n or (8192 if cuda else 4096)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    (a @ b)
+    ms = time_fn(lambda: a @ b, device, warmup=1 if cuda else 0, iters=repeats * (5 if cuda else 1))
+    return 2 * n ** 3 / (min(ms) / 1e3) / 1e12

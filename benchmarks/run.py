@@ -1,0 +1,395 @@
+"""crn_fast's scoreboard: every backend side by side, speed and correctness, against the hardware limit.
+
+    python benchmarks/run.py --res 1024x2048               # all available backends
+    python benchmarks/run.py --preset tiny --res 64x128 --iters 1    # smoke (runs in the test suite)
+    python benchmarks/run.py --train --preset tiny --res 64x128      # one training step per variant
+
+One row per backend x dtype: latency (min / median / p90; CUDA events on GPU, wall clock on CPU),
+images/s, peak memory (torch.cuda.max_memory_allocated on GPU, sampled RSS on CPU), build time,
+max abs error and PSNR against eager fp32 on the same layout (0..255 scale), achieved TFLOP/s from
+the exact FLOP count of the config (crn_fast.flops), and % of the machine's peak, measured in the
+same run as a large matmul in the same dtype. Unavailable backends get a row with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import PeakMemory, device_label, machine_info, matmul_peak_tflops, summarize, sync, time_fn  # noqa: E402
+
+from crn_fast import CRN  # noqa: E402
+from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
+from crn_fast.export.verify import compare  # noqa: E402
+from crn_fast.flops import crn_flops  # noqa: E402
+from crn_fast.labels import one_hot  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ALL_BACKENDS = ("eager", "eager-cudagraph", "triton", "compile", "compile-max-autotune", "aoti", "onnxruntime",
+                "onnxruntime-cuda", "tensorrt")
+
+
+class Skip(Exception):
+    """This backend x dtype cannot run here; the message says why."""
+
+
+def load_layout(args, config, size, device) -> torch.Tensor:
+    from crn_fast.data import decode_label, resize_pair
+    from crn_fast.synthetic import render_scene
+    if args.layout:
+        ids, source = decode_label(Path(args.layout), unknown_colors="void"), args.layout
+    else:
+        candidates = sorted(SHARED_LABELS.glob("cityscapes_1024/*.png")) if SHARED_LABELS.is_dir() else []
+        if candidates:
+            ids, source = decode_label(candidates[0], unknown_colors="void"), str(candidates[0])
+        else:
+            ids, source = render_scene(*size, seed=0, index=0)[0], "synthetic"
+    ids, _ = resize_pair(ids, None, size)
+    ids = torch.from_numpy(np.repeat(ids[None], args.batch, 0).astype(np.int64))
+    return one_hot(ids, config.num_classes).to(device), source
+
+
+# ----------------------------------------------------------------------------- backends
+# Each returns (callable taking the fp32 layout, build seconds). Raise Skip(reason) when unavailable.
+def b_eager(model, dtype, device, ctx):
+    if dtype != torch.float32 and ctx["device"].type != "cuda":
+        raise Skip("reduced-precision eager rows are for GPUs (CPU bf16 convs are not a deployment path)")
+    m = copy.deepcopy(model).to(device, dtype).eval()
+    return (lambda x: m(x.to(dtype))), 0.0
+
+
+def b_eager_cudagraph(model, dtype, device, ctx):
+    if ctx["device"].type != "cuda":
+        raise Skip("CUDA graphs need a GPU")
+    m = copy.deepcopy(model).to(device, dtype).eval()
+    t0 = time.perf_counter()
+    static_in = ctx["layout"].to(dtype).clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            m(static_in)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = m(static_in)
+
+    def run(x):
+        static_in.copy_(x.to(dtype))
+        g.replay()
+        return static_out
+    return run, time.perf_counter() - t0
+
+
+def b_triton(model, dtype, device, ctx):
+    from crn_fast.kernels import triton_unavailable_reason
+    if ctx["device"].type != "cuda":
+        raise Skip("the Triton kernels are timed compiled on a GPU (on CPU only the interpreter runs, for tests)")
+    reason = triton_unavailable_reason()
+    if reason:
+        raise Skip(reason)
+    m = copy.deepcopy(model).to(device, dtype).eval().set_backend("triton")
+    return (lambda x: m(x.to(dtype))), 0.0
+
+
+def _compiled(mode):
+    def build(model, dtype, device, ctx):
+        from crn_fast.export import compile_generator
+        if mode == "max-autotune" and ctx["device"].type != "cuda":
+            raise Skip("max-autotune tunes GPU kernels; on CPU it is the default mode")
+        if dtype != torch.float32 and ctx["device"].type != "cuda":
+            raise Skip("reduced precision is benchmarked on GPUs")
+        m = compile_generator(copy.deepcopy(model).to(device, dtype), mode=mode)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            m(ctx["layout"].to(dtype))  # compile now: build time, not latency
+        sync(device)
+        return (lambda x: m(x.to(dtype))), time.perf_counter() - t0
+    return build
+
+
+def b_aoti(model, dtype, device, ctx):
+    from crn_fast.export import export_aoti, load_aoti
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if dtype != torch.float32 and ctx["device"].type != "cuda":
+        raise Skip("reduced precision is benchmarked on GPUs")
+    t0 = time.perf_counter()
+    path = export_aoti(model, Path(ctx["tmp"]) / f"gen_{name}.pt2", tuple(ctx["size"]), ctx["batch"], name,
+                       str(device))
+    runner = load_aoti(path)
+    return runner, time.perf_counter() - t0
+
+
+def _onnx(provider_device):
+    def build(model, dtype, device, ctx):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise Skip("onnxruntime is not installed (pip install 'crn_fast[export]')") from None
+        from crn_fast.export.onnx import ONNXGenerator, export_onnx, onnxruntime_providers
+        if dtype != torch.float32:
+            raise Skip("the ONNX model is fp32; reduced precision is chosen at TensorRT build time")
+        try:
+            onnxruntime_providers(provider_device)
+        except RuntimeError as e:
+            raise Skip(str(e)) from None
+        t0 = time.perf_counter()
+        path = Path(ctx["tmp"]) / "gen.onnx"
+        if not path.exists():
+            export_onnx(model, path, tuple(ctx["size"]), max_size=tuple(ctx["size"]))
+        run = ONNXGenerator(path, device=provider_device)
+        return run, time.perf_counter() - t0
+    return build
+
+
+def b_tensorrt(model, dtype, device, ctx):
+    from crn_fast.export.tensorrt import TensorRTGenerator, build_engine, make_profile, tensorrt_missing_reason
+    reason = tensorrt_missing_reason()
+    if reason:
+        raise Skip(reason)
+    from crn_fast.export.onnx import export_onnx
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    t0 = time.perf_counter()
+    onnx_path = Path(ctx["tmp"]) / "gen.onnx"
+    if not onnx_path.exists():
+        export_onnx(model, onnx_path, tuple(ctx["size"]), max_size=tuple(ctx["size"]))
+    cfg = model.config
+    profile = make_profile(cfg.num_classes, cfg.stride, tuple(ctx["size"]), batch=ctx["batch"])
+    engine = Path(ctx["tmp"]) / f"gen_{name}.engine"
+    build_engine(onnx_path, engine, profile, name, timing_cache=Path(ctx["tmp"]) / "timing.cache", log=lambda *a: None)
+    run = TensorRTGenerator(engine, cuda_graph=True)
+    return run, time.perf_counter() - t0
+
+
+BUILDERS = {"eager": b_eager, "eager-cudagraph": b_eager_cudagraph, "triton": b_triton,
+            "compile": _compiled("default"), "compile-max-autotune": _compiled("max-autotune"), "aoti": b_aoti,
+            "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
+
+
+def psnr_of(err):
+    return err["psnr_db"]
+
+
+def run_inference(args, model, device, layout, size, peak):
+    flops = crn_flops(model.config, *size, batch=args.batch)
+    ref = None
+    with torch.no_grad():
+        ref = model.to(device).float().eval()(layout).float().cpu()
+    rows = []
+    start = time.perf_counter()
+    ctx = {"device": torch.device(device), "layout": layout, "size": size, "batch": args.batch,
+           "tmp": tempfile.mkdtemp(prefix="crn-bench-")}
+    combos = [(b, d) for b in args.backends for d in args.dtypes]
+    for i, (backend, dname) in enumerate(combos):
+        row = {"backend": backend, "dtype": dname}
+        left = args.max_seconds - (time.perf_counter() - start)
+        print(f"[{i + 1}/{len(combos)}] {backend} {dname} ...", end=" ", flush=True, file=sys.stderr)
+        if left <= 0:
+            row["skipped"] = f"--max-seconds {args.max_seconds:g} budget used up"
+            rows.append(row)
+            print("skipped (time budget)", file=sys.stderr)
+            continue
+        try:
+            dtype = DTYPES[dname]
+            with torch.no_grad():
+                run, build_s = BUILDERS[backend](model, dtype, device, ctx)
+                with PeakMemory(device) as mem:
+                    out = run(layout)
+                    sync(device)
+                ms = time_fn(lambda: run(layout), device, args.warmup, args.iters, max_seconds=max(left, 1e-3))
+            err = compare(out.float().cpu(), ref)
+            stats = summarize(ms)
+            tflops = flops / (stats["median_ms"] / 1e3) / 1e12
+            row.update(stats, images_per_s=args.batch / (stats["median_ms"] / 1e3), peak_memory_mib=mem.mib,
+                       build_s=build_s, max_abs_err=err["max_abs"], psnr_db=err["psnr_db"], tflops=tflops,
+                       pct_of_peak=100 * tflops / peak[dname] if peak.get(dname) else None)
+            print(f"{stats['median_ms']:.2f} ms", file=sys.stderr)
+        except Skip as e:
+            row["skipped"] = str(e)
+            print(f"skipped: {e}", file=sys.stderr)
+        except Exception as e:  # a backend that breaks gets a row with the reason, never a crash
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"error: {row['error']}", file=sys.stderr)
+        finally:
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows, flops
+
+
+# ----------------------------------------------------------------------------- training
+def run_training(args, config, device, layout, size):
+    from crn_fast.loss import CRNLoss
+    from crn_fast.vgg import load_vgg19
+    rows = []
+    target = torch.rand(args.batch, 3, *size, device=device) * 255
+    for backend in ("eager", "triton"):
+        for ckpt in (False, True):
+            for dname in args.dtypes:
+                row = {"backend": backend, "checkpointing": ckpt, "dtype": dname}
+                try:
+                    if backend == "triton" and torch.device(device).type != "cuda":
+                        raise Skip("the Triton kernels are timed compiled on a GPU")
+                    if dname == "fp16":
+                        raise Skip("fp16 training needs loss scaling; the benchmark uses bf16")
+                    model = CRN(config, backend=backend, checkpointing=ckpt).to(device).train()
+                    crit = CRNLoss(load_vgg19("random"), "perceptual").to(device)
+                    opt = torch.optim.Adam(model.parameters(), 1e-4)
+                    amp = DTYPES[dname] if dname != "fp32" else None
+
+                    def step():
+                        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
+                            loss, _ = crit(model(layout).float(), target)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                    with PeakMemory(device) as mem:
+                        step()
+                    ms = time_fn(step, device, args.warmup, args.iters, args.max_seconds)
+                    row.update(summarize(ms), peak_memory_mib=mem.mib)
+                except Skip as e:
+                    row["skipped"] = str(e)
+                except torch.cuda.OutOfMemoryError as e:
+                    row["error"] = f"out of memory: {str(e).splitlines()[0][:200]}"
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                finally:
+                    model = crit = opt = None
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.empty_cache()
+                print(json.dumps(row), file=sys.stderr)
+                rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+def fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def markdown_table(rows, training=False) -> str:
+    if training:
+        head = "| backend | checkpointing | dtype | median ms | peak memory MiB | note |\n|---|---|---|---:|---:|---|\n"
+        return head + "".join(
+            f"| {r['backend']} | {r['checkpointing']} | {r['dtype']} | {fmt(r.get('median_ms'), '.1f')} | "
+            f"{fmt(r.get('peak_memory_mib'), '.0f')} | {r.get('skipped') or r.get('error') or ''} |\n" for r in rows)
+    head = ("| backend | dtype | min ms | median ms | p90 ms | img/s | peak MiB | build s | max abs err | PSNR dB "
+            "| TFLOP/s | % peak | note |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    return head + "".join(
+        f"| {r['backend']} | {r['dtype']} | {fmt(r.get('min_ms'), '.2f')} | {fmt(r.get('median_ms'), '.2f')} | "
+        f"{fmt(r.get('p90_ms'), '.2f')} | {fmt(r.get('images_per_s'), '.3g')} | {fmt(r.get('peak_memory_mib'), '.0f')} | "
+        f"{fmt(r.get('build_s'), '.1f')} | {fmt(r.get('max_abs_err'), '.3g')} | {fmt(r.get('psnr_db'), '.1f')} | "
+        f"{fmt(r.get('tflops'), '.3g')} | {fmt(r.get('pct_of_peak'), '.0f')} | "
+        f"{r.get('skipped') or r.get('error') or ''} |\n" for r in rows)
+
+
+def plot(rows, path, floor_ms, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    done = [r for r in rows if "median_ms" in r]
+    if not done:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(done) + 1.5))
+    labels = [f"{r['backend']} {r['dtype']}" for r in done]
+    ax.barh(labels, [r["median_ms"] for r in done], color="#4a7ab5")
+    for y, r in enumerate(done):
+        ax.text(r["median_ms"], y, f" {r['median_ms']:.3g} ms", va="center", fontsize=8)
+    for dname, ms in floor_ms.items():
+        ax.axvline(ms, color="#c0392b", ls="--", lw=1)
+        ax.text(ms, len(done) - 0.5, f" {dname} compute floor {ms:.3g} ms", color="#c0392b", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median latency (ms), lower is better")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--res", default="1024x2048", help="HxW (default 1024x2048)")
+    ap.add_argument("--preset", default=None, help="default: the preset whose top module matches --res")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--backends", default=None, help=f"comma list of {', '.join(ALL_BACKENDS)} (default: all)")
+    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="default: 3 on GPU (10 if fast), 0 on CPU at 2 MP")
+    ap.add_argument("--iters", type=int, default=None, help="default: 20 on GPU; on CPU 3 (1 at >= 512x1024)")
+    ap.add_argument("--max-seconds", type=float, default=3600, help="bound on the whole run (default 3600)")
+    ap.add_argument("--device", default=None, help="default: cuda if available")
+    ap.add_argument("--layout", default=None, help="a real label map PNG (default: a shared Cityscapes one)")
+    ap.add_argument("--train", action="store_true", help="benchmark one training step per variant instead")
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/<device>_<res>[_train].json")
+    ap.add_argument("--markdown", default=None, help="default: beside the JSON, .md")
+    ap.add_argument("--plot", default=None, help="default: beside the JSON, .png")
+    ap.add_argument("--no-save", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = parse_resolution(args.res)
+    config = get_preset(args.preset) if args.preset else preset_for_resolution(*size)
+    config.validate_input_size(*size)
+    cuda = device.type == "cuda"
+    big = size[0] * size[1] >= 512 * 1024
+    args.backends = args.backends.split(",") if args.backends else list(ALL_BACKENDS)
+    unknown = set(args.backends) - set(ALL_BACKENDS)
+    if unknown:
+        ap.error(f"unknown backends {sorted(unknown)}; valid: {', '.join(ALL_BACKENDS)}")
+    args.dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16", "fp16"] if cuda else ["fp32"])
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else (0 if big else 1))
+    args.iters = args.iters if args.iters is not None else (20 if cuda else (1 if big else 3))
+    torch.manual_seed(0)
+    model = CRN(config).eval()
+    with torch.no_grad():  # trained-like norm parameters, so errors are measured on non-trivial outputs
+        for m in model.refine:
+            for n in (m.norm1, m.norm2):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.normal_(0, 0.3)
+    layout, source = load_layout(args, config, size, device)
+    info = machine_info(device)
+    label = device_label(device)
+    print(f"crn_fast benchmark: {config.name} {list(config.widths)} at {size[0]}x{size[1]}, batch {args.batch}, "
+          f"on {info.get('gpu') or info['cpu']} ({info['cpu_cores']} cores); layout: {source}", file=sys.stderr)
+    result = {"machine": info, "preset": config.name, "config": config.to_dict(), "resolution": list(size),
+              "batch": args.batch, "layout": source, "warmup": args.warmup, "iters": args.iters}
+    if args.train:
+        rows = run_training(args, config, device, layout, size)
+        result["training"] = rows
+        md = markdown_table(rows, training=True)
+    else:
+        peak = {}
+        for d in args.dtypes:
+            if cuda or d == "fp32":
+                peak[d] = matmul_peak_tflops(device, DTYPES[d])
+                print(f"measured {d} matmul peak: {peak[d]:.3g} TFLOP/s", file=sys.stderr)
+        rows, flops = run_inference(args, model, device, layout, size, peak)
+        result.update(flops=flops, matmul_peak_tflops=peak, rows=rows,
+                      compute_floor_ms={d: flops / (p * 1e12) * 1e3 for d, p in peak.items()})
+        md = markdown_table(rows)
+    title = (f"{config.name} at {size[0]}x{size[1]}, batch {args.batch} on {info.get('gpu') or info['cpu']}"
+             + (f"; {result['flops'] / 1e12:.4g} TFLOP per pass" if "flops" in result else ""))
+    print(f"\n{title}\n\n{md}")
+    if not args.no_save:
+        stem = ROOT / "benchmarks" / "results" / f"{label}_{size[0]}x{size[1]}{'_train' if args.train else ''}"
+        jpath = Path(args.json or f"{stem}.json")
+        jpath.parent.mkdir(parents=True, exist_ok=True)
+        jpath.write_text(json.dumps(result, indent=2, default=float))
+        Path(args.markdown or jpath.with_suffix(".md")).write_text(f"### {title}\n\n{md}")
+        if not args.train:
+            plot(result["rows"], args.plot or jpath.with_suffix(".png"), result["compute_floor_ms"], title)
+        print(f"wrote {jpath} (+ .md{'' if args.train else ', .png'})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
