@@ -1,0 +1,137 @@
+"""Kernel benchmark: the fused Triton ops against eager torch and torch.compile, at every module
+shape of a preset (default: 1024p at 1024x2048, batch 1).
+
+    python benchmarks/kernels.py                        # GPU: triton.testing.do_bench
+    python benchmarks/kernels.py --preset tiny --res 64x128   # CPU: eager vs compile only
+
+Bytes moved (the roofline denominator):
+    layer_norm_lrelu         2 reads + 1 write of x (stats pass, apply pass)
+    upsample_concat          read features + read label + write the concatenated output
+    norm_lrelu_upsample_cat  read the raw conv output twice (stats, gather) + label + write output
+Achieved GB/s is compared with the measured device-to-device copy bandwidth (read + write).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import device_label, machine_info, time_fn  # noqa: E402
+
+from crn_fast import kernels as K  # noqa: E402
+from crn_fast.config import get_preset, parse_resolution  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(fn, device, iters):
+    if torch.device(device).type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    return min(time_fn(fn, device, warmup=1, iters=iters))
+
+
+def copy_bandwidth(device, iters) -> float:
+    n = (1 << 28) if torch.device(device).type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    a = torch.empty(n, device=device)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), device, iters)
+    return 2 * a.numel() * 4 / (ms / 1e3) / 1e9
+
+
+def module_shapes(config, size):
+    n = config.num_modules
+    for i, c in enumerate(config.widths):
+        h, w = size[0] >> (n - 1 - i), size[1] >> (n - 1 - i)
+        prev = (config.widths[i - 1], h // 2, w // 2) if i else None
+        yield i, c, h, w, prev
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1024p")
+    ap.add_argument("--res", default=None, help="HxW (default: the preset's)")
+    ap.add_argument("--dtypes", default=None, help="default: bf16,fp32 on GPU, fp32 on CPU")
+    ap.add_argument("--iters", type=int, default=5, help="CPU timing repeats (GPU uses do_bench)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device == "cuda"
+    config = get_preset(args.preset)
+    size = parse_resolution(args.res) if args.res else config.resolution
+    dtypes = (args.dtypes or ("bf16,fp32" if cuda else "fp32")).split(",")
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    bw = copy_bandwidth(device, args.iters)
+    print(f"copy bandwidth: {bw:.0f} GB/s on {torch.cuda.get_device_name() if cuda else 'CPU'}", file=sys.stderr)
+    ln_ref = K.layer_norm_lrelu_reference
+    up_ref = K.upsample_concat_reference
+    ln_c = None if args.no_compile else torch.compile(ln_ref)
+    up_c = None if args.no_compile else torch.compile(up_ref)
+    rows = []
+    for dname in dtypes:
+        dt = tdt[dname]
+        for i, c, h, w, prev in module_shapes(config, size):
+            x = torch.randn(1, c, h, w, device=device, dtype=dt)
+            wt, bs = torch.ones(c, device=device, dtype=dt), torch.zeros(c, device=device, dtype=dt)
+            impls = {"eager": lambda: ln_ref(x, wt, bs, 1e-12, 0.2)}
+            if ln_c:
+                impls["compile"] = lambda: ln_c(x, wt, bs, 1e-12, 0.2)
+            if cuda:
+                impls["triton"] = lambda: K.layer_norm_lrelu(x, wt, bs)
+            nbytes = 3 * x.numel() * x.element_size()
+            rows += _measure("layer_norm_lrelu", i, (1, c, h, w), dname, impls, nbytes, bw, device, args.iters)
+            if prev is None:
+                continue
+            f = torch.randn(1, *prev, device=device, dtype=dt)
+            lab = torch.rand(1, config.num_classes, h, w, device=device, dtype=dt)
+            impls = {"eager": lambda: up_ref(f, lab)}
+            if up_c:
+                impls["compile"] = lambda: up_c(f, lab)
+            if cuda:
+                impls["triton"] = lambda: K.upsample_concat(f, lab)
+            nbytes = (f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
+            rows += _measure("upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw, device, args.iters)
+            if cuda:  # inference fusion: module i-1's norm + lrelu inside module i's upsample + concat
+                mean, rstd = K.layer_norm_stats(f)
+                wp, bp = torch.ones(prev[0], device=device, dtype=dt), torch.zeros(prev[0], device=device, dtype=dt)
+                impls = {"unfused (triton ln + upsample)": lambda: K.upsample_concat(K.layer_norm_lrelu(f, wp, bp), lab),
+                         "triton fused": lambda: K.norm_lrelu_upsample_concat(f, *K.layer_norm_stats(f), wp, bp, lab)}
+                nbytes = (2 * f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
+                rows += _measure("norm_lrelu_upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw,
+                                 device, args.iters)
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"kernels_{device_label(device)}_{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine_info(device), "copy_bandwidth_gbs": bw, "preset": args.preset,
+                               "resolution": list(size), "rows": rows}, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters):
+    res = {}
+    with torch.no_grad():
+        for name, fn in impls.items():
+            try:
+                res[name] = bench(fn, device, iters)
+            except Exception as e:  # e.g. compile failing on a shape: report, keep going
+                print(f"{op} {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+    rows = []
+    base = res.get("eager") or res.get("unfused (triton ln + upsample)")
+    for name, ms in res.items():
+        gbs = nbytes / (ms / 1e3) / 1e9
+        row = {"op": op, "module": module, "shape": list(shape), "dtype": dname, "impl": name, "ms": ms,
+               "gb_per_s": gbs, "pct_of_copy_bw": 100 * gbs / bw, "speedup_vs_baseline": base / ms}
+        if "compile" in res:
+            row["speedup_vs_compile"] = res["compile"] / ms
+        rows.append(row)
+        print(f"{op:28s} m{module} {str(shape):26s} {dname:5s} {name:32s} {ms:9.4f} ms {gbs:8.1f} GB/s "
+              f"{row['pct_of_copy_bw']:5.1f}% copy  x{row['speedup_vs_baseline']:.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
