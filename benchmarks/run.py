@@ -304,10 +304,11 @@ def plot(rows, path, floor_ms, title):
     labels = [f"{r['backend']} {r['dtype']}" for r in done]
     ax.barh(labels, [r["median_ms"] for r in done], color="#4a7ab5")
     for y, r in enumerate(done):
-        ax.text(r["median_ms"], y, f" {r['median_ms']:.3g} ms", va="center", fontsize=8)
+        v = r["median_ms"]
+        ax.text(v, y, f" {v:.3g} ms" if v < 1000 else f" {v:,.0f} ms", va="center", fontsize=8)
     for dname, ms in floor_ms.items():
         ax.axvline(ms, color="#c0392b", ls="--", lw=1)
-        ax.text(ms, len(done) - 0.5, f" {dname} compute floor {ms:.3g} ms", color="#c0392b", fontsize=8)
+        ax.text(ms, len(done) - 0.5, f" {dname} compute floor {ms:.4g} ms", color="#c0392b", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("median latency (ms), lower is better")
     ax.set_title(title, fontsize=9)

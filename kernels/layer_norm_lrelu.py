@@ -144,6 +144,18 @@ if HAS_TRITON:
             tl.store(Y + base_off + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, ACC: tl.constexpr):
+        """Backward's view of one tile: xhat (0 outside the mask), dz = dL/d(affine out), dxhat."""
+        x = tl.load(X + base_off + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + base_off + offs, mask=mask, other=0.0).to(ACC)
+        w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
+        b = tl.load(B + c, mask=c < C, other=0.0).to(ACC)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        z = xhat * w[:, None] + b[:, None]
+        dz = tl.where(z > 0, dy, dy * slope)
+        return xhat, dz, dz * w[:, None]
+
+    @triton.jit
     def _bwd_reduce_kernel(X, DY, W, B, MeanIn, RstdIn, S1, S2, DWp, DBp, C, HW, sN, sC, sHW, T, n_hwt, TPP,
                            P, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
         p = tl.program_id(0)
@@ -156,14 +168,7 @@ if HAS_TRITON:
         t_end = tl.minimum(p * TPP + TPP, T)
         for t in range(p * TPP, t_end):
             c, offs, mask, ht = _tile(X, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
-            x = tl.load(X + base_off + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + base_off + offs, mask=mask, other=0.0).to(ACC)
-            w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
-            b = tl.load(B + c, mask=c < C, other=0.0).to(ACC)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-            z = xhat * w[:, None] + b[:, None]
-            dz = tl.where(z > 0, dy, dy * slope)
-            dxh = dz * w[:, None]
+            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, ACC)
             s1 += tl.sum(tl.sum(dxh, axis=1), axis=0)
             s2 += tl.sum(tl.sum(dxh * xhat, axis=1), axis=0)
             row = (n * n_hwt + ht).to(tl.int64) * C
@@ -187,13 +192,7 @@ if HAS_TRITON:
         t_end = tl.minimum(p * TPP + TPP, T)
         for t in range(p * TPP, t_end):
             c, offs, mask, ht = _tile(X, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
-            x = tl.load(X + base_off + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + base_off + offs, mask=mask, other=0.0).to(ACC)
-            w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
-            b = tl.load(B + c, mask=c < C, other=0.0).to(ACC)
-            xhat = (x - mean) * rstd
-            z = xhat * w[:, None] + b[:, None]
-            dxh = tl.where(z > 0, dy, dy * slope) * w[:, None]
+            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, ACC)
             dx = rstd * (dxh - c1 - xhat * c2)
             tl.store(DX + base_off + offs, dx.to(DX.dtype.element_ty), mask=mask)
 

@@ -221,3 +221,19 @@ def test_gpu_module_shapes(dtype):
     lab = torch.rand(1, 20, 512, 1024, device="cuda", dtype=dtype)
     torch.testing.assert_close(K.upsample_concat(f, lab).float(),
                                K.upsample_concat_reference(f.float(), lab.float()), **GRAD_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements():
+    """64-bit offsets: one sample of 34 x 8192 x 8192 bf16 elements (> 2^31)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs a GPU with 40 GB")
+    x = torch.randn(1, 34, 8192, 8192, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2 ** 31
+    w, b = torch.ones(34, device="cuda", dtype=torch.bfloat16), torch.zeros(34, device="cuda", dtype=torch.bfloat16)
+    y = K.layer_norm_lrelu(x, w, b)
+    xf = x.float()
+    var, mean = torch.var_mean(xf, correction=0)
+    for idx in ((0, 0, 0), (33, 8191, 8191), (20, 4000, 123)):
+        ref = torch.nn.functional.leaky_relu((xf[(0, *idx)] - mean) / torch.sqrt(var + 1e-12), 0.2)
+        torch.testing.assert_close(y[(0, *idx)].float(), ref, atol=2e-2, rtol=2e-2)
