@@ -5,6 +5,7 @@
 Memory plan (forward, per sample n of M = C*H*W elements):
     _stats_kernel   reads x once          -> writes P partial (count, mean, M2) per sample
     _apply_kernel   reads x once, partials -> writes y; program 0 also writes mean, rstd
+    (_finalize_kernel replaces the apply pass when only mean/rstd are wanted: layer_norm_stats)
 Backward:
     _bwd_reduce_kernel reads x, dy -> P partial sums of dxhat and dxhat*xhat per sample, and one
                                       partial dweight/dbias row per (sample, hw-tile): no atomics
@@ -119,6 +120,18 @@ if HAS_TRITON:
         tl.store(M2 + n * P + p, m2)
 
     @triton.jit
+    def _finalize_kernel(Cnt, Mean, M2, MeanOut, RstdOut, P, eps, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+        """Statistics only (no apply pass): per-sample mean and rstd from the P partials."""
+        n = tl.program_id(0)
+        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P, ACC)
+        if ACC == tl.float64:
+            rstd = 1.0 / tl.sqrt(m2 / total + eps)
+        else:
+            rstd = 1.0 / tl.sqrt_rn(m2 / total + eps)
+        tl.store(MeanOut + n, mean)
+        tl.store(RstdOut + n, rstd)
+
+    @triton.jit
     def _apply_kernel(X, Y, W, B, Cnt, Mean, M2, MeanOut, RstdOut, C, HW, sN, sC, sHW, T, n_hwt, TPP, P,
                       eps, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr,
                       ACC: tl.constexpr):
@@ -209,19 +222,23 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _forward(x, weight, bias, eps, slope, num_programs=None):
+def _forward(x, weight, bias, eps, slope, num_programs=None, stats_only=False):
     n, c, h, w = x.shape
     plan = _plan(x, num_programs)
     acc_tl, acc_torch = _acc(x)
     part = torch.empty((3, n, plan["p"]), device=x.device, dtype=acc_torch)
     mean = torch.empty(n, device=x.device, dtype=acc_torch)
     rstd = torch.empty(n, device=x.device, dtype=acc_torch)
-    y = torch.empty_like(x)
     sN, sC, sHW = plan["strides"]
     grid = (plan["p"], n)
     common = (c, h * w, sN, sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], plan["p"])
     _stats_kernel[grid](x, part[0], part[1], part[2], *common,
                         BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], ACC=acc_tl)
+    if stats_only:
+        _finalize_kernel[(n,)](part[0], part[1], part[2], mean, rstd, plan["p"], eps, BLOCK_P=plan["block_p"],
+                               ACC=acc_tl)
+        return None, mean, rstd
+    y = torch.empty_like(x)
     _apply_kernel[grid](x, y, weight, bias, part[0], part[1], part[2], mean, rstd, *common, eps, slope,
                         BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], ACC=acc_tl)
     return y, mean, rstd
@@ -279,8 +296,5 @@ def layer_norm_stats(x, eps: float = 1e-12, num_programs=None):
     if not can_run(x):
         var, mean = torch.var_mean(x.float(), dim=(1, 2, 3), correction=0)
         return mean, torch.rsqrt(var + eps)
-    x = _prepare(x)
-    n = x.shape[0]
-    ones = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
-    _, mean, rstd = _forward(x, ones, torch.zeros_like(ones), eps, 1.0, num_programs)
+    _, mean, rstd = _forward(_prepare(x), None, None, eps, 1.0, num_programs, stats_only=True)
     return mean, rstd

@@ -237,3 +237,11 @@ def test_gpu_more_than_2_31_elements():
     for idx in ((0, 0, 0), (33, 8191, 8191), (20, 4000, 123)):
         ref = torch.nn.functional.leaky_relu((xf[(0, *idx)] - mean) / torch.sqrt(var + 1e-12), 0.2)
         torch.testing.assert_close(y[(0, *idx)].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_layer_norm_stats_match_torch():
+    x, _, _ = ln_inputs((3, 7, 5, 9), torch.float32, seed=8)
+    mean, rstd = K.layer_norm_stats(x, 1e-12, num_programs=3)
+    var, ref_mean = torch.var_mean(x.double(), dim=(1, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-12), atol=1e-6, rtol=1e-5)
