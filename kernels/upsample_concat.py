@@ -4,12 +4,15 @@ inference-only variant that also applies the previous layer's norm + leaky ReLU 
     out = cat([interpolate(features, size=label.shape[-2:], mode="bilinear", align_corners=True), label], 1)
 
 Memory plan:
-    _fwd_kernel  reads 4 taps of features per output pixel (cached; features are 4x smaller) and the
-                 label once -> writes out once, in NCHW or channels_last. The upsampled tensor and the
-                 cat copy never exist.
-    _bwd_kernel  one program lane per *source* pixel gathers every output pixel whose taps touch it,
-                 re-deriving the forward's taps with the same float arithmetic: the transpose of the
-                 interpolation without atomics, hence deterministic.
+    _fwd_kernel  one program per (sample*channel, row block, column block): a feature channel
+                 reads 4 taps per pixel from two source rows (cached; features are 4x smaller), a
+                 label channel copies its row -> out written once, NCHW or channels_last (by
+                 strides; the row-wise writes are coalesced for NCHW). The upsampled tensor and the
+                 cat copy never exist. Channel/row indices are per-program scalars: no per-element
+                 64-bit division.
+    _bwd_kernel  one program per (sample*channel, source row block, column block) gathers every output
+                 pixel whose taps touch its pixels, re-deriving the forward's taps with the same float
+                 arithmetic: the transpose of the interpolation without atomics, hence deterministic.
     norm_lrelu_upsample_concat: the taps are the previous module's raw conv output; each is
                  normalised with (mean, rstd, weight, bias) and passed through leaky ReLU before
                  interpolation, so the normalised features are never stored (forward only).
@@ -42,6 +45,7 @@ def _scale(src: int, dst: int) -> float:
 
 
 def _out_channels_last(features: torch.Tensor, label: torch.Tensor) -> bool:
+    """Keep channels_last when an input is in it (then output rows are strided writes)."""
     cl = torch.channels_last
     return features.is_contiguous(memory_format=cl) and not features.is_contiguous() or \
         label.is_contiguous(memory_format=cl) and not label.is_contiguous()
@@ -58,82 +62,87 @@ if HAS_TRITON:
         return i0, i1, src - i0.to(tl.float32)
 
     @triton.jit
-    def _fwd_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, total, C, CL, H, W, h, w,
-                    fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3, scale_h, scale_w, slope,
-                    OUT_CL: tl.constexpr, APPLY_NORM: tl.constexpr, BLOCK: tl.constexpr):
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < total
-        ct = C + CL
-        if OUT_CL:
-            c = idx % ct
-            r = idx // ct
-            x = r % W
-            r = r // W
-            y = r % H
-            n = r // H
+    def _fwd_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
+                    os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Program (n*(C+CL) + c, row block, column block) writes a [BLOCK_H, BLOCK_W] tile of channel c."""
+        nc = tl.program_id(0)
+        n = nc // (C + CL)
+        c = nc % (C + CL)
+        y = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+        x = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
+        mask = (y < H) & (x < W)
+        optr = O + n.to(tl.int64) * os0 + c.to(tl.int64) * os1 + y.to(tl.int64) * os2 + x.to(tl.int64) * os3
+        if c < C:
+            y0, y1, ly = _taps(y, scale_h, h)
+            x0, x1, lx = _taps(x, scale_w, w)
+            fb = Fe + n.to(tl.int64) * fs0 + c.to(tl.int64) * fs1
+            r0 = fb + y0.to(tl.int64) * fs2
+            r1 = fb + y1.to(tl.int64) * fs2
+            c0 = x0.to(tl.int64) * fs3
+            c1 = x1.to(tl.int64) * fs3
+            v00 = tl.load(r0 + c0, mask=mask, other=0.0).to(tl.float32)
+            v01 = tl.load(r0 + c1, mask=mask, other=0.0).to(tl.float32)
+            v10 = tl.load(r1 + c0, mask=mask, other=0.0).to(tl.float32)
+            v11 = tl.load(r1 + c1, mask=mask, other=0.0).to(tl.float32)
+            if APPLY_NORM:  # previous module's layer norm + leaky ReLU, applied to each tap
+                mu = tl.load(Mean + n)
+                g = tl.load(Wn + c).to(tl.float32) * tl.load(Rstd + n)
+                bb = tl.load(Bn + c).to(tl.float32)
+                v00 = _norm_lrelu(v00, mu, g, bb, slope, O.dtype.element_ty)
+                v01 = _norm_lrelu(v01, mu, g, bb, slope, O.dtype.element_ty)
+                v10 = _norm_lrelu(v10, mu, g, bb, slope, O.dtype.element_ty)
+                v11 = _norm_lrelu(v11, mu, g, bb, slope, O.dtype.element_ty)
+            up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+            tl.store(optr, up.to(O.dtype.element_ty), mask=mask)
         else:
-            x = idx % W
-            r = idx // W
-            y = r % H
-            r = r // H
-            c = r % ct
-            n = r // ct
-        is_f = c < C
-        mf = mask & is_f
-        y0, y1, ly = _taps(y, scale_h, h)
-        x0, x1, lx = _taps(x, scale_w, w)
-        fb = Fe + n * fs0 + c * fs1
-        v00 = tl.load(fb + y0 * fs2 + x0 * fs3, mask=mf, other=0.0).to(tl.float32)
-        v01 = tl.load(fb + y0 * fs2 + x1 * fs3, mask=mf, other=0.0).to(tl.float32)
-        v10 = tl.load(fb + y1 * fs2 + x0 * fs3, mask=mf, other=0.0).to(tl.float32)
-        v11 = tl.load(fb + y1 * fs2 + x1 * fs3, mask=mf, other=0.0).to(tl.float32)
-        if APPLY_NORM:
-            mu = tl.load(Mean + n, mask=mf, other=0.0)
-            rs = tl.load(Rstd + n, mask=mf, other=0.0)
-            g = tl.load(Wn + c, mask=mf, other=0.0).to(tl.float32) * rs
-            bb = tl.load(Bn + c, mask=mf, other=0.0).to(tl.float32)
-            v00 = (v00 - mu) * g + bb
-            v01 = (v01 - mu) * g + bb
-            v10 = (v10 - mu) * g + bb
-            v11 = (v11 - mu) * g + bb
-            v00 = tl.where(v00 > 0, v00, v00 * slope).to(O.dtype.element_ty).to(tl.float32)
-            v01 = tl.where(v01 > 0, v01, v01 * slope).to(O.dtype.element_ty).to(tl.float32)
-            v10 = tl.where(v10 > 0, v10, v10 * slope).to(O.dtype.element_ty).to(tl.float32)
-            v11 = tl.where(v11 > 0, v11, v11 * slope).to(O.dtype.element_ty).to(tl.float32)
-        up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-        lv = tl.load(L + n * ls0 + (c - C) * ls1 + y * ls2 + x * ls3, mask=mask & (c >= C), other=0.0)
-        out = tl.where(is_f, up, lv.to(tl.float32))
-        tl.store(O + idx, out.to(O.dtype.element_ty), mask=mask)
+            lptr = L + n.to(tl.int64) * ls0 + (c - C).to(tl.int64) * ls1 + y.to(tl.int64) * ls2
+            lv = tl.load(lptr + x.to(tl.int64) * ls3, mask=mask, other=0.0)  # a row copy
+            tl.store(optr, lv.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd_kernel(G, DF, total, C, H, W, h, w, gs0, gs1, gs2, gs3, scale_h, scale_w, inv_h, inv_w,
-                    taps_h, taps_w, BLOCK: tl.constexpr):
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < total
-        sx = (idx % w).to(tl.int32)
-        r = idx // w
-        sy = (r % h).to(tl.int32)
-        r = r // h
-        c = r % C
-        n = r // C
-        gb = G + n * gs0 + c * gs1
-        # first output row/col whose taps can reach sy/sx (one row of slack for rounding)
+    def _norm_lrelu(v, mu, g, b, slope, out_ty: tl.constexpr):
+        z = (v - mu) * g + b
+        return tl.where(z > 0, z, z * slope).to(out_ty).to(tl.float32)  # rounded as if stored
+
+    @triton.jit
+    def _bwd_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Program (n*C + c, row block, column block) gathers dL/dfeatures for a tile of source pixels."""
+        nc = tl.program_id(0)
+        n = nc // C
+        c = nc % C
+        sy = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+        sx = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
+        mask = (sy < h) & (sx < w)
+        gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64) * gs1
+        # first output row/col whose taps can reach sy/sx (one of slack for rounding)
         ylo = tl.maximum(tl.floor((sy - 1).to(tl.float32) * inv_h).to(tl.int32) - 1, 0)
         xlo = tl.maximum(tl.floor((sx - 1).to(tl.float32) * inv_w).to(tl.int32) - 1, 0)
-        acc = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
         for ty in range(taps_h):
             yy = ylo + ty
             y0, y1, ly = _taps(yy, scale_h, h)
             wy = tl.where(y0 == sy, 1.0 - ly, 0.0) + tl.where(y1 == sy, ly, 0.0)
             wy = tl.where(yy < H, wy, 0.0)
+            row = gb + yy.to(tl.int64) * gs2
             for tx in range(taps_w):
                 xx = xlo + tx
                 x0, x1, lx = _taps(xx, scale_w, w)
                 wx = tl.where(x0 == sx, 1.0 - lx, 0.0) + tl.where(x1 == sx, lx, 0.0)
                 wgt = tl.where(xx < W, wx, 0.0) * wy
-                g = tl.load(gb + yy * gs2 + xx * gs3, mask=mask & (wgt != 0.0), other=0.0)
+                g = tl.load(row + xx.to(tl.int64) * gs3, mask=mask & (wgt != 0.0), other=0.0)
                 acc += wgt * g.to(tl.float32)
-        tl.store(DF + idx, acc.to(DF.dtype.element_ty), mask=mask)
+        dptr = DF + nc.to(tl.int64) * h * w + sy.to(tl.int64) * w + sx
+        tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
+
+
+def _tile_shape(rows: int, cols: int, device) -> tuple[int, int]:
+    """[BLOCK_H, BLOCK_W]: whole rows where possible; bigger tiles under the interpreter (per-program
+    Python overhead), ~1024 elements per program on GPUs."""
+    budget = 1024 if device.type == "cuda" else 8192
+    bw = min(triton.next_power_of_2(cols), budget)
+    return max(1, min(triton.next_power_of_2(rows), budget // bw)), bw
 
 
 def _launch_fwd(features, label, norm=None, slope=0.2):
@@ -144,13 +153,11 @@ def _launch_fwd(features, label, norm=None, slope=0.2):
     cl, H, W = label.shape[1:]
     fmt = torch.channels_last if _out_channels_last(features, label) else torch.contiguous_format
     out = torch.empty((n, c + cl, H, W), device=features.device, dtype=features.dtype, memory_format=fmt)
-    total = out.numel()
-    block = 1024
+    bh, bw = _tile_shape(H, W, features.device)
     mean, rstd, wn, bn = norm if norm is not None else (features,) * 4
-    _fwd_kernel[(triton.cdiv(total, block),)](
-        features, label, out, mean, rstd, wn, bn, total, c, cl, H, W, h, w, *features.stride(), *label.stride(),
-        _scale(h, H), _scale(w, W), slope, OUT_CL=fmt == torch.channels_last, APPLY_NORM=norm is not None,
-        BLOCK=block)
+    _fwd_kernel[(n * (c + cl), triton.cdiv(H, bh), triton.cdiv(W, bw))](
+        features, label, out, mean, rstd, wn, bn, c, cl, H, W, h, w, *features.stride(), *label.stride(),
+        *out.stride(), _scale(h, H), _scale(w, W), slope, APPLY_NORM=norm is not None, BLOCK_H=bh, BLOCK_W=bw)
     return out
 
 
@@ -165,13 +172,12 @@ def _n_taps(src: int, dst: int) -> tuple[float, int]:
 def _launch_bwd(grad, c, h, w):
     n, _, H, W = grad.shape
     df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
-    total = df.numel()
     inv_h, taps_h = _n_taps(h, H)
     inv_w, taps_w = _n_taps(w, W)
-    block = 256
-    _bwd_kernel[(triton.cdiv(total, block),)](
-        grad, df, total, c, H, W, h, w, *grad.stride(), _scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w,
-        BLOCK=block)
+    bh, bw = _tile_shape(h, w, grad.device)
+    _bwd_kernel[(n * c, triton.cdiv(h, bh), triton.cdiv(w, bw))](
+        grad, df, c, H, W, h, w, *grad.stride(), _scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w,
+        BLOCK_H=bh, BLOCK_W=bw)
     return df
 
 
