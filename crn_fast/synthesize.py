@@ -32,7 +32,11 @@ def load_generator_for(args, device):
         if not args.engine:
             raise CRNError("--backend tensorrt needs --engine PATH (build one with crn-export --trt)")
         from crn_fast.export.tensorrt import TensorRTGenerator
-        return TensorRTGenerator(args.engine)
+        gen = TensorRTGenerator(args.engine)
+        if gen.config is None:
+            raise CRNError(f"{args.engine}.json (the sidecar crn-export writes beside the engine) is missing or "
+                           f"unreadable: it holds the model config synthesis needs")
+        return gen
     if not args.ckpt:
         raise CRNError("--ckpt is required (a crn_fast generator file; convert TF checkpoints with crn-convert-tf)")
     from .checkpoint import load_generator

@@ -103,9 +103,11 @@ if HAS_TRITON:
         for t in range(p * TPP, t_end):
             c, offs, mask, ht = _tile(base, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
             x = tl.load(base + offs, mask=mask, other=0.0).to(ACC)
-            shift = tl.load(base + tl.min(tl.min(offs, axis=1), axis=0)).to(ACC)  # tile's first element
+            c0 = (t // n_hwt) * BLOCK_C
+            hw0 = ht * BLOCK_HW
+            shift = tl.load(base + c0.to(tl.int64) * sC + hw0.to(tl.int64) * sHW).to(ACC)  # tile's first element
             d = tl.where(mask, x - shift, 0.0)
-            n_t = tl.sum(tl.sum(mask.to(ACC), axis=1), axis=0)
+            n_t = (tl.minimum(C - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(ACC)
             dm = tl.sum(tl.sum(d, axis=1), axis=0) / n_t
             e = tl.where(mask, d - dm, 0.0)
             m2_t = tl.sum(tl.sum(e * e, axis=1), axis=0)
