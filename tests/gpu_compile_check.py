@@ -1,0 +1,52 @@
+"""Compile every Triton kernel ahead of time for a Hopper GPU (sm_90) with Triton's bundled ptxas,
+without a GPU. Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET (the
+interpreter replaces @triton.jit functions). Catches what the interpreter cannot: type errors,
+unsupported ops and lowering failures in the compiled path.
+"""
+import importlib
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+L = importlib.import_module("crn_fast.kernels.layer_norm_lrelu")
+U = importlib.import_module("crn_fast.kernels.upsample_concat")
+
+
+def compile_kernel(fn, ptrs, floats, constexprs, arch):
+    sig = {n: "constexpr" if n in constexprs else "*" + ptrs[n] if n in ptrs else "fp32" if n in floats else "i32"
+           for n in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+
+
+def main(arch: int = 90) -> int:
+    n = 0
+    for dt in ("fp32", "bf16", "fp16"):
+        a = "fp32"
+        ln = dict(BLOCK_C=4, BLOCK_HW=1024, ACC=tl.float32)
+        kernels = [
+            (L._stats_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a}, [], ln),
+            (L._finalize_kernel, {"Cnt": a, "Mean": a, "M2": a, "MeanOut": a, "RstdOut": a}, ["eps"],
+             dict(BLOCK_P=1024, ACC=tl.float32)),
+            (L._apply_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a,
+                               "RstdOut": a}, ["eps", "slope"], dict(ln, BLOCK_P=1024)),
+            (L._bwd_reduce_kernel, {"X": dt, "DY": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a, "S2": a,
+                                    "DWp": a, "DBp": a}, ["slope"], ln),
+            (L._bwd_dx_kernel, {"X": dt, "DY": dt, "DX": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a,
+                                "S2": a}, ["slope"], dict(ln, BLOCK_P=1024)),
+            (U._bwd_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
+             dict(BLOCK_H=2, BLOCK_W=512)),
+        ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
+              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_H=1, BLOCK_W=1024)) for norm in (False, True)]
+        for fn, ptrs, floats, const in kernels:
+            k = compile_kernel(fn, ptrs, floats, const, arch)
+            assert k.asm.get("cubin"), fn.__name__
+            n += 1
+    print(f"compiled {n} kernels for sm_{arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
