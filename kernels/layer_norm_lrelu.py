@@ -31,6 +31,12 @@ def layer_norm_lrelu_reference(x, weight, bias, eps: float = 1e-12, negative_slo
     return F.leaky_relu(F.group_norm(x, 1, weight, bias, eps), negative_slope)
 
 
+# 4096-element tiles over 8 warps: 16 elements per thread. Static sm_90 register use (bf16, from
+# tests/gpu_compile_check.py + cuobjdump): stats 60, apply 80, bwd_reduce 97, bwd_dx 102, no spills
+# (with 4 warps: 92 / 142 / 115 / 158).
+NUM_WARPS = 8
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -235,14 +241,15 @@ def _forward(x, weight, bias, eps, slope, num_programs=None, stats_only=False):
     grid = (plan["p"], n)
     common = (c, h * w, sN, sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], plan["p"])
     _stats_kernel[grid](x, part[0], part[1], part[2], *common,
-                        BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], ACC=acc_tl)
+                        BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], ACC=acc_tl, num_warps=NUM_WARPS)
     if stats_only:
         _finalize_kernel[(n,)](part[0], part[1], part[2], mean, rstd, plan["p"], eps, BLOCK_P=plan["block_p"],
                                ACC=acc_tl)
         return None, mean, rstd
     y = torch.empty_like(x)
     _apply_kernel[grid](x, y, weight, bias, part[0], part[1], part[2], mean, rstd, *common, eps, slope,
-                        BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], ACC=acc_tl)
+                        BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], ACC=acc_tl,
+                        num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
@@ -259,9 +266,10 @@ def _backward(dy, x, weight, bias, mean, rstd, slope, num_programs=None):
     grid = (plan["p"], n)
     common = (c, h * w, sN, sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], plan["p"])
     _bwd_reduce_kernel[grid](x, dy, weight, bias, mean, rstd, s[0], s[1], dwb[0], dwb[1], *common, slope,
-                             BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], ACC=acc_tl)
+                             BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], ACC=acc_tl, num_warps=NUM_WARPS)
     _bwd_dx_kernel[grid](x, dy, dx, weight, bias, mean, rstd, s[0], s[1], *common, slope,
-                         BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], ACC=acc_tl)
+                         BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], ACC=acc_tl,
+                         num_warps=NUM_WARPS)
     dwb = dwb.sum(dim=(1, 2))  # fixed-order reduction: deterministic
     return dx, dwb[0].to(weight.dtype), dwb[1].to(bias.dtype)
 

@@ -15,10 +15,11 @@ L = importlib.import_module("crn_fast.kernels.layer_norm_lrelu")
 U = importlib.import_module("crn_fast.kernels.upsample_concat")
 
 
-def compile_kernel(fn, ptrs, floats, constexprs, arch):
+def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4):
     sig = {n: "constexpr" if n in constexprs else "*" + ptrs[n] if n in ptrs else "fp32" if n in floats else "i32"
            for n in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
 
 
 def main(arch: int = 90) -> int:
@@ -41,7 +42,8 @@ def main(arch: int = 90) -> int:
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_H=1, BLOCK_W=1024)) for norm in (False, True)]
         for fn, ptrs, floats, const in kernels:
-            k = compile_kernel(fn, ptrs, floats, const, arch)
+            warps = L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
+            k = compile_kernel(fn, ptrs, floats, const, arch, warps)
             assert k.asm.get("cubin"), fn.__name__
             n += 1
     print(f"compiled {n} kernels for sm_{arch}")
