@@ -133,7 +133,7 @@ def b_aoti(model, dtype, device, ctx):
 def _onnx(provider_device):
     def build(model, dtype, device, ctx):
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401  (only checking it is there)
         except ImportError:
             raise Skip("onnxruntime is not installed (pip install 'crn_fast[export]')") from None
         from crn_fast.export.onnx import ONNXGenerator, export_onnx, onnxruntime_providers
@@ -176,13 +176,8 @@ BUILDERS = {"eager": b_eager, "eager-cudagraph": b_eager_cudagraph, "triton": b_
             "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
 
 
-def psnr_of(err):
-    return err["psnr_db"]
-
-
 def run_inference(args, model, device, layout, size, peak):
     flops = crn_flops(model.config, *size, batch=args.batch)
-    ref = None
     with torch.no_grad():
         ref = model.to(device).float().eval()(layout).float().cpu()
     rows = []

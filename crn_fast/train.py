@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_path, load_generator, load_train_state, save_generator, save_train_state
+from .checkpoint import load_generator, load_train_state, save_generator, save_train_state
 from .config import get_preset, parse_resolution
 from .data import DATA_FORMS, make_dataset
 from .errors import CRNError

@@ -70,7 +70,7 @@ def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: i
 def _broadcast_unit_scales(proto):
     """Give every LayerNormalization a [1]-shaped scale of 1 and bias of 0 (the affine is applied
     per channel after it), then drop the nodes that only fed the old full-size scale."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     import numpy as np
     g = proto.graph
     g.initializer.extend([numpy_helper.from_array(np.ones(1, np.float32), "crn_unit_scale"),
