@@ -5,8 +5,8 @@
         --vgg-weights imagenet-vgg-verydeep-19.mat --amp bf16
     torchrun --nproc_per_node 8 -m crn_fast.train ...   # DDP: NCCL on GPUs, gloo on CPU
 
-Outputs in --out: model.ckpt (crn_fast generator), train_state.pt (optimizer, step, RNG;
-loaded with weights_only=True), metrics.jsonl, samples/*.png, and TensorBoard events when
+Outputs in --out: model.ckpt (crn_fast generator), train_state.pt (weights, optimizer, step, RNG:
+the resume point; loaded with weights_only=True), metrics.jsonl, samples/*.png, and TensorBoard events when
 tensorboard is installed. All files are written atomically; --resume continues exactly.
 """
 from __future__ import annotations
@@ -195,14 +195,18 @@ def train(args) -> Path:
     criterion = CRNLoss(vgg, kind, lambdas)
     start = 0
     if args.resume:
-        model_path, state_path = out / "model.ckpt", out / "train_state.pt"
-        if not model_path.is_file() or not state_path.is_file():
-            raise CRNError(f"--resume: {out} has no model.ckpt and train_state.pt to resume from")
-        resumed = load_generator(model_path)
-        if resumed.config != config:
-            raise CRNError(f"--resume: {model_path} is {resumed.config}, but the options describe {config}")
-        model.load_state_dict(resumed.state_dict())
+        # train_state.pt alone is the resume point (weights included): one atomic file, so a kill
+        # between writing it and model.ckpt cannot pair weights and optimizer state of different steps
+        state_path = out / "train_state.pt"
+        if not state_path.is_file():
+            raise CRNError(f"--resume: {out} has no train_state.pt to resume from")
         state = load_train_state(state_path)
+        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items() if k != "name"}
+        wanted = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.to_dict().items() if k != "name"}
+        if saved != wanted:
+            raise CRNError(f"--resume: {state_path} is a {state['config']} model, but the options describe "
+                           f"{config.to_dict()}")
+        model.load_state_dict(state["model"])
         start = int(state["step"])
     elif args.init_from:
         copied = init_from(model, args.init_from)
@@ -262,8 +266,10 @@ def train(args) -> Path:
     def checkpoint(step):
         save_generator(model, out / "model.ckpt", extra={"step": step})
         save_train_state(out / "train_state.pt", {
-            "step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else
-            None, "loss": criterion.state_dict(), "rng": rng_state(device)})
+            "step": step, "config": config.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "loss": criterion.state_dict(), "rng": rng_state(device)})
 
     def samples(step):
         model.eval()
