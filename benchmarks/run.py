@@ -35,7 +35,7 @@ from crn_fast.labels import one_hot  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ALL_BACKENDS = ("eager", "eager-cudagraph", "triton", "compile", "compile-max-autotune", "aoti", "onnxruntime",
+ALL_BACKENDS = ("eager", "eager-cudagraph", "triton", "triton-unfused", "compile", "compile-max-autotune", "aoti", "onnxruntime",
                 "onnxruntime-cuda", "tensorrt")
 
 
@@ -91,15 +91,19 @@ def b_eager_cudagraph(model, dtype, device, ctx):
     return run, time.perf_counter() - t0
 
 
-def b_triton(model, dtype, device, ctx):
-    from crn_fast.kernels import triton_unavailable_reason
-    if ctx["device"].type != "cuda":
-        raise Skip("the Triton kernels are timed compiled on a GPU (on CPU only the interpreter runs, for tests)")
-    reason = triton_unavailable_reason()
-    if reason:
-        raise Skip(reason)
-    m = copy.deepcopy(model).to(device, dtype).eval().set_backend("triton")
-    return (lambda x: m(x.to(dtype))), 0.0
+def _triton(fuse: bool):
+    """fuse: module i's last norm + lrelu inside module i+1's upsample-concat (the triton default)."""
+    def build(model, dtype, device, ctx):
+        from crn_fast.kernels import triton_unavailable_reason
+        if ctx["device"].type != "cuda":
+            raise Skip("the Triton kernels are timed compiled on a GPU (on CPU only the interpreter runs, for tests)")
+        reason = triton_unavailable_reason()
+        if reason:
+            raise Skip(reason)
+        m = copy.deepcopy(model).to(device, dtype).eval().set_backend("triton")
+        m.fuse_inference = fuse
+        return (lambda x: m(x.to(dtype))), 0.0
+    return build
 
 
 def _compiled(mode):
@@ -171,7 +175,8 @@ def b_tensorrt(model, dtype, device, ctx):
     return run, time.perf_counter() - t0
 
 
-BUILDERS = {"eager": b_eager, "eager-cudagraph": b_eager_cudagraph, "triton": b_triton,
+BUILDERS = {"eager": b_eager, "eager-cudagraph": b_eager_cudagraph, "triton": _triton(True),
+            "triton-unfused": _triton(False),
             "compile": _compiled("default"), "compile-max-autotune": _compiled("max-autotune"), "aoti": b_aoti,
             "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
 
