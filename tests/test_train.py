@@ -157,3 +157,10 @@ def test_killed_run_resumes_bitwise(tmp_path):
     assert train_main(["--out", str(tmp_path / "ref"), "--steps", str(total), "--sample-every", "1000", *SMALL]) == 0
     a, b = load_generator(out / "model.ckpt").state_dict(), load_generator(tmp_path / "ref" / "model.ckpt").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
+    assert train_main(["--out", str(tmp_path), "--steps", "1", *SMALL]) == 0
+    assert train_main(["--out", str(tmp_path), "--steps", "2", "--resume", "--k", "2", *SMALL]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train_main(["--out", str(tmp_path / "empty"), "--steps", "2", "--resume", *SMALL]) == 2
