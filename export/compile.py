@@ -46,15 +46,18 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
     if dtype != "fp32":
         m = CastingGenerator(m, DTYPES[dtype]).eval()
     cfg = model.config
+    dynamic_batch = bool(max_batch and max_batch > batch)
     # A realistic layout: with an all-void example and the casting wrapper, Inductor (torch 2.13,
-    # CPU) produced a package that was wrong on other inputs (max error 94 on 0..255).
-    example = verification_layouts(tuple(size), cfg.num_classes, count=batch).to(device)
+    # CPU) produced a package that was wrong on other inputs (max error 94 on 0..255). A dynamic
+    # batch needs an example batch of 2 or more (torch.export specialises sizes 0 and 1).
+    example = verification_layouts(tuple(size), cfg.num_classes, count=max(batch, 2 if dynamic_batch else 1))
+    example = example.to(device)
     dynamic = None
-    if min_size or max_size or (max_batch and max_batch > batch):
+    if min_size or max_size or dynamic_batch:
         s = cfg.stride
         lo, hi = min_size or size, max_size or size
         dims = {}
-        if max_batch and max_batch > batch:
+        if dynamic_batch:
             dims[0] = Dim("batch", min=1, max=max_batch)
         if lo != hi:
             dims[2] = s * Dim("h", min=lo[0] // s, max=hi[0] // s)

@@ -70,10 +70,11 @@ def test_onnx_layer_norm_pattern_is_safe_for_onnxruntime_and_tensorrt(onnx_expor
 
 def test_aoti_package_runs_in_a_fresh_process_without_crn_fast(ckpt, tmp_path):
     out = tmp_path / "aoti"
-    assert export_main([str(ckpt), "--compile", "--res", "32x64", "--out", str(out)]) == 0
+    assert export_main([str(ckpt), "--compile", "--res", "32x64", "--max-res", "64x128", "--max-batch", "2",
+                        "--out", str(out)]) == 0
     side = json.loads((out / "generator.pt2.json").read_text())
-    assert side["verification"]["passed"]
-    x = layout(1, 32, 64, seed=3)
+    assert side["verification"]["passed"] and len(side["verification"]["results"]) == 2
+    x = layout(2, 48, 96, seed=3)  # another batch and size inside the exported range
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch\n"
             f"runner = torch._inductor.aoti_load_package({str(out / 'generator.pt2')!r})\n"
