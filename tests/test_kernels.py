@@ -137,9 +137,9 @@ def test_upsample_concat_label_grad_only_when_required():
 
 def test_upsample_backward_is_the_adjoint_in_float64():
     g = torch.Generator().manual_seed(9)
-    f = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64, device=DEV).requires_grad_()
+    f = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
     lab = torch.zeros(1, 1, 9, 11, dtype=torch.float64, device=DEV)
-    dy = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64, device=DEV)
+    dy = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64).to(DEV)
     (gf,) = torch.autograd.grad(K.upsample_concat(f, lab), f, dy)
     (gr,) = torch.autograd.grad(K.upsample_concat_reference(f, lab), f, dy)
     torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)  # interpolation weights are fp32
