@@ -58,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default=None, help="default: bf16,fp32 on GPU, fp32 on CPU")
     ap.add_argument("--iters", type=int, default=5, help="CPU timing repeats (GPU uses do_bench)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--formats", default="nchw,channels_last", help="memory formats (default: both)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,10 +74,13 @@ def main(argv=None):
     ln_c = None if args.no_compile else torch.compile(ln_ref)
     up_c = None if args.no_compile else torch.compile(up_ref)
     rows = []
-    for dname in dtypes:
-        dt = tdt[dname]
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    for fname, dname in ((f, d) for f in args.formats.split(",") for d in dtypes):
+        if fname not in formats:
+            ap.error(f"--formats: {fname!r} is not one of {', '.join(formats)}")
+        fmt, dt = formats[fname], tdt[dname]
         for i, c, h, w, prev in module_shapes(config, size):
-            x = torch.randn(1, c, h, w, device=device, dtype=dt)
+            x = torch.randn(1, c, h, w, device=device, dtype=dt).contiguous(memory_format=fmt)
             wt, bs = torch.ones(c, device=device, dtype=dt), torch.zeros(c, device=device, dtype=dt)
             impls = {"eager": lambda: ln_ref(x, wt, bs, 1e-12, 0.2)}
             if ln_c:
@@ -84,18 +88,19 @@ def main(argv=None):
             if cuda:
                 impls["triton"] = lambda: K.layer_norm_lrelu(x, wt, bs)
             nbytes = 3 * x.numel() * x.element_size()
-            rows += _measure("layer_norm_lrelu", i, (1, c, h, w), dname, impls, nbytes, bw, device, args.iters)
+            rows += _measure("layer_norm_lrelu", i, (1, c, h, w), dname, impls, nbytes, bw, device, args.iters, fname)
             if prev is None:
                 continue
-            f = torch.randn(1, *prev, device=device, dtype=dt)
-            lab = torch.rand(1, config.num_classes, h, w, device=device, dtype=dt)
+            f = torch.randn(1, *prev, device=device, dtype=dt).contiguous(memory_format=fmt)
+            lab = torch.rand(1, config.num_classes, h, w, device=device, dtype=dt).contiguous(memory_format=fmt)
             impls = {"eager": lambda: up_ref(f, lab)}
             if up_c:
                 impls["compile"] = lambda: up_c(f, lab)
             if cuda:
                 impls["triton"] = lambda: K.upsample_concat(f, lab)
             nbytes = (f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
-            rows += _measure("upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw, device, args.iters)
+            rows += _measure("upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw, device, args.iters,
+                             fname)
             if cuda:  # inference fusion: module i-1's norm + lrelu inside module i's upsample + concat
                 mean, rstd = K.layer_norm_stats(f)
                 wp, bp = torch.ones(prev[0], device=device, dtype=dt), torch.zeros(prev[0], device=device, dtype=dt)
@@ -103,7 +108,7 @@ def main(argv=None):
                          "triton fused": lambda: K.norm_lrelu_upsample_concat(f, *K.layer_norm_stats(f), wp, bp, lab)}
                 nbytes = (2 * f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
                 rows += _measure("norm_lrelu_upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw,
-                                 device, args.iters)
+                                 device, args.iters, fname)
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"kernels_{device_label(device)}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_info(device), "copy_bandwidth_gbs": bw, "preset": args.preset,
@@ -111,7 +116,7 @@ def main(argv=None):
     print(f"wrote {out}", file=sys.stderr)
 
 
-def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters):
+def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nchw"):
     res = {}
     with torch.no_grad():
         for name, fn in impls.items():
@@ -123,12 +128,12 @@ def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters):
     base = res.get("eager") or res.get("unfused (triton ln + upsample)")
     for name, ms in res.items():
         gbs = nbytes / (ms / 1e3) / 1e9
-        row = {"op": op, "module": module, "shape": list(shape), "dtype": dname, "impl": name, "ms": ms,
+        row = {"op": op, "module": module, "shape": list(shape), "dtype": dname, "format": fmt, "impl": name, "ms": ms,
                "gb_per_s": gbs, "pct_of_copy_bw": 100 * gbs / bw, "speedup_vs_baseline": base / ms}
         if "compile" in res:
             row["speedup_vs_compile"] = res["compile"] / ms
         rows.append(row)
-        print(f"{op:28s} m{module} {str(shape):26s} {dname:5s} {name:32s} {ms:9.4f} ms {gbs:8.1f} GB/s "
+        print(f"{op:28s} m{module} {str(shape):26s} {dname:5s} {fmt:13s} {name:32s} {ms:9.4f} ms {gbs:8.1f} GB/s "
               f"{row['pct_of_copy_bw']:5.1f}% copy  x{row['speedup_vs_baseline']:.2f}")
     return rows
 

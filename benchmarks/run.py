@@ -4,7 +4,8 @@
     python benchmarks/run.py --preset tiny --res 64x128 --iters 1    # smoke (runs in the test suite)
     python benchmarks/run.py --train --preset tiny --res 64x128      # one training step per variant
 
-One row per backend x dtype: latency (min / median / p90; CUDA events on GPU, wall clock on CPU),
+One row per backend x dtype x memory format (the model is moved to the format and fed a layout in
+that format; format-agnostic backends run once, as nchw): latency (min / median / p90; CUDA events on GPU, wall clock on CPU),
 images/s, peak memory (torch.cuda.max_memory_allocated on GPU, sampled RSS on CPU), build time,
 max abs error and PSNR against eager fp32 on the same layout (0..255 scale), achieved TFLOP/s from
 the exact FLOP count of the config (crn_fast.flops), and % of the machine's peak, measured in the
@@ -28,15 +29,21 @@ from _util import PeakMemory, device_label, machine_info, matmul_peak_tflops, su
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
+from crn_fast.constants import DTYPES  # noqa: E402
+from crn_fast.errors import CRNError  # noqa: E402
 from crn_fast.export.verify import compare  # noqa: E402
 from crn_fast.flops import crn_flops  # noqa: E402
 from crn_fast.labels import one_hot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ALL_BACKENDS = ("eager", "eager-cudagraph", "triton", "triton-unfused", "compile", "compile-max-autotune", "aoti", "onnxruntime",
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfused", "triton-cudagraph",
+                "triton-compile-reduce-overhead",
+                *(f"compile-{m}" if m != "default" else "compile" for m in COMPILE_MODES), "aoti", "onnxruntime",
                 "onnxruntime-cuda", "tensorrt")
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+FORMAT_AGNOSTIC = ("aoti", "onnxruntime", "onnxruntime-cuda", "tensorrt")  # take any input; run once
 
 
 class Skip(Exception):
@@ -56,64 +63,91 @@ def load_layout(args, config, size, device) -> torch.Tensor:
             ids, source = render_scene(*size, seed=0, index=0)[0], "synthetic"
     ids, _ = resize_pair(ids, None, size)
     ids = torch.from_numpy(np.repeat(ids[None], args.batch, 0).astype(np.int64))
-    return one_hot(ids, config.num_classes).to(device), source
+    return one_hot(ids, config.num_classes).to(device).contiguous(), source
 
 
 # ----------------------------------------------------------------------------- backends
 # Each returns (callable taking the fp32 layout, build seconds). Raise Skip(reason) when unavailable.
+def _model(model, dtype, device, ctx, backend="eager"):
+    """A copy of the model in the row's dtype and memory format."""
+    m = copy.deepcopy(model).to(device, dtype).eval().to(memory_format=ctx["format"])
+    return m.set_backend(backend)
+
+
 def b_eager(model, dtype, device, ctx):
     if dtype != torch.float32 and ctx["device"].type != "cuda":
         raise Skip("reduced-precision eager rows are for GPUs (CPU bf16 convs are not a deployment path)")
-    m = copy.deepcopy(model).to(device, dtype).eval()
+    m = _model(model, dtype, device, ctx)
     return (lambda x: m(x.to(dtype))), 0.0
 
 
-def b_eager_cudagraph(model, dtype, device, ctx):
+def _need_triton(ctx):
+    from crn_fast.kernels import triton_unavailable_reason
     if ctx["device"].type != "cuda":
-        raise Skip("CUDA graphs need a GPU")
-    m = copy.deepcopy(model).to(device, dtype).eval()
-    t0 = time.perf_counter()
-    static_in = ctx["layout"].to(dtype).clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            m(static_in)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = m(static_in)
+        raise Skip("the Triton kernels are timed compiled on a GPU (on CPU only the interpreter runs, for tests)")
+    reason = triton_unavailable_reason()
+    if reason:
+        raise Skip(reason)
 
-    def run(x):
-        static_in.copy_(x.to(dtype))
-        g.replay()
-        return static_out
-    return run, time.perf_counter() - t0
+
+def _cudagraph(backend):
+    """The whole generator in one CUDA graph (crn_fast.export.cuda_graph keeps the model alive)."""
+    def build(model, dtype, device, ctx):
+        from crn_fast.export import cuda_graph
+        if ctx["device"].type != "cuda":
+            raise Skip("CUDA graphs need a GPU")
+        if backend == "triton":
+            _need_triton(ctx)
+        t0 = time.perf_counter()
+        run = cuda_graph(_model(model, dtype, device, ctx, backend), ctx["layout"].to(dtype))
+        return (lambda x: run(x.to(dtype))), time.perf_counter() - t0
+    return build
 
 
 def _triton(fuse: bool):
     """fuse: module i's last norm + lrelu inside module i+1's upsample-concat (the triton default)."""
     def build(model, dtype, device, ctx):
-        from crn_fast.kernels import triton_unavailable_reason
-        if ctx["device"].type != "cuda":
-            raise Skip("the Triton kernels are timed compiled on a GPU (on CPU only the interpreter runs, for tests)")
-        reason = triton_unavailable_reason()
-        if reason:
-            raise Skip(reason)
-        m = copy.deepcopy(model).to(device, dtype).eval().set_backend("triton")
+        _need_triton(ctx)
+        m = _model(model, dtype, device, ctx, "triton")
         m.fuse_inference = fuse
         return (lambda x: m(x.to(dtype))), 0.0
     return build
 
 
-def _compiled(mode):
+def b_convs_only(model, dtype, device, ctx):
+    """Only the 19 convolutions of one forward, on inputs prepared in advance: the floor today's
+    conv library (cuDNN / oneDNN) sets for any backend that keeps them as library calls."""
+    m = _model(model, dtype, device, ctx)
+    n, (h, w), cfg = ctx["batch"], ctx["size"], model.config
+    fmt, calls = ctx["format"], []
+    for i, mod in enumerate(m.refine):
+        s = 2 ** (cfg.num_modules - 1 - i)
+        for conv, cin in ((mod.conv1, cfg.in_channels(i)), (mod.conv2, cfg.widths[i])):
+            x = torch.randn(n, cin, h // s, w // s, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            calls.append((conv, x))
+    calls.append((m.head, torch.randn(n, cfg.widths[-1], h, w, device=device, dtype=dtype)
+                  .contiguous(memory_format=fmt)))
+
+    def run(_):
+        for conv, x in calls:
+            conv(x)
+        return None
+    return run, 0.0
+
+
+def _compiled(mode, backend="eager"):
+    """torch.compile of the generator in the row's memory format, with Inductor's freezing (weights
+    folded as constants: inference only). backend 'eager' is stock torch.compile; 'triton' keeps
+    crn_fast's kernels as operators inside the compiled graph."""
     def build(model, dtype, device, ctx):
         from crn_fast.export import compile_generator
-        if mode == "max-autotune" and ctx["device"].type != "cuda":
-            raise Skip("max-autotune tunes GPU kernels; on CPU it is the default mode")
+        if backend == "triton":
+            _need_triton(ctx)
+        if mode != "default" and ctx["device"].type != "cuda":
+            raise Skip(f"{mode} tunes GPU kernels or captures CUDA graphs; on CPU it is the default mode")
         if dtype != torch.float32 and ctx["device"].type != "cuda":
             raise Skip("reduced precision is benchmarked on GPUs")
-        m = compile_generator(copy.deepcopy(model).to(device, dtype), mode=mode)
+        m = compile_generator(_model(model, dtype, device, ctx, backend), mode=mode, freezing=True)
         t0 = time.perf_counter()
         with torch.no_grad():
             m(ctx["layout"].to(dtype))  # compile now: build time, not latency
@@ -175,10 +209,11 @@ def b_tensorrt(model, dtype, device, ctx):
     return run, time.perf_counter() - t0
 
 
-BUILDERS = {"eager": b_eager, "eager-cudagraph": b_eager_cudagraph, "triton": _triton(True),
-            "triton-unfused": _triton(False),
-            "compile": _compiled("default"), "compile-max-autotune": _compiled("max-autotune"), "aoti": b_aoti,
-            "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
+BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cudagraph("eager"),
+            "triton": _triton(True), "triton-unfused": _triton(False), "triton-cudagraph": _cudagraph("triton"),
+            "triton-compile-reduce-overhead": _compiled("reduce-overhead", "triton"),
+            **{(f"compile-{m}" if m != "default" else "compile"): _compiled(m) for m in COMPILE_MODES},
+            "aoti": b_aoti, "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
 
 
 def run_inference(args, model, device, layout, size, peak):
@@ -187,13 +222,16 @@ def run_inference(args, model, device, layout, size, peak):
         ref = model.to(device).float().eval()(layout).float().cpu()
     rows = []
     start = time.perf_counter()
-    ctx = {"device": torch.device(device), "layout": layout, "size": size, "batch": args.batch,
-           "tmp": tempfile.mkdtemp(prefix="crn-bench-")}
-    combos = [(b, d) for b in args.backends for d in args.dtypes]
-    for i, (backend, dname) in enumerate(combos):
-        row = {"backend": backend, "dtype": dname}
+    tmp = tempfile.mkdtemp(prefix="crn-bench-")
+    combos = [(b, d, f) for f in args.formats for b in args.backends for d in args.dtypes
+              if not (b in FORMAT_AGNOSTIC and f != args.formats[0])]
+    for i, (backend, dname, fname) in enumerate(combos):
+        fmt = FORMATS[fname]
+        ctx = {"device": torch.device(device), "layout": layout.contiguous(memory_format=fmt), "size": size,
+               "batch": args.batch, "tmp": tmp, "format": fmt}
+        row = {"backend": backend, "dtype": dname, "format": "any" if backend in FORMAT_AGNOSTIC else fname}
         left = args.max_seconds - (time.perf_counter() - start)
-        print(f"[{i + 1}/{len(combos)}] {backend} {dname} ...", end=" ", flush=True, file=sys.stderr)
+        print(f"[{i + 1}/{len(combos)}] {backend} {dname} {row['format']} ...", end=" ", flush=True, file=sys.stderr)
         if left <= 0:
             row["skipped"] = f"--max-seconds {args.max_seconds:g} budget used up"
             rows.append(row)
@@ -201,13 +239,14 @@ def run_inference(args, model, device, layout, size, peak):
             continue
         try:
             dtype = DTYPES[dname]
+            x = ctx["layout"]
             with torch.no_grad():
-                run, build_s = BUILDERS[backend](model, dtype, device, ctx)
-                with PeakMemory(device) as mem:
-                    out = run(layout)
+                with PeakMemory(device) as mem:  # build inside: a captured graph's pool counts
+                    run, build_s = BUILDERS[backend](model, dtype, device, ctx)
+                    out = run(x)
                     sync(device)
-                ms = time_fn(lambda: run(layout), device, args.warmup, args.iters, max_seconds=max(left, 1e-3))
-            err = compare(out.float().cpu(), ref)
+                ms = time_fn(lambda: run(x), device, args.warmup, args.iters, max_seconds=max(left, 1e-3))
+            err = compare(out.float().cpu(), ref) if out is not None else {"max_abs": None, "psnr_db": None}
             stats = summarize(ms)
             tflops = flops / (stats["median_ms"] / 1e3) / 1e12
             row.update(stats, images_per_s=args.batch / (stats["median_ms"] / 1e3), peak_memory_mib=mem.mib,
@@ -221,6 +260,7 @@ def run_inference(args, model, device, layout, size, peak):
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"error: {row['error']}", file=sys.stderr)
         finally:
+            run = out = None  # frees the row's model (and any graph) before the next row
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
@@ -233,23 +273,31 @@ def run_training(args, config, device, layout, size):
     from crn_fast.vgg import load_vgg19
     rows = []
     target = torch.rand(args.batch, 3, *size, device=device) * 255
-    for backend in ("eager", "triton"):
+    for backend in ("eager", "triton", "compile", "triton-compile"):
         for ckpt in (False, True):
             for dname in args.dtypes:
                 row = {"backend": backend, "checkpointing": ckpt, "dtype": dname}
                 try:
-                    if backend == "triton" and torch.device(device).type != "cuda":
+                    cuda = torch.device(device).type == "cuda"
+                    if "triton" in backend and not cuda:
                         raise Skip("the Triton kernels are timed compiled on a GPU")
+                    if backend == "compile" and not cuda and ckpt:
+                        raise Skip("CPU: one compiled training row (without checkpointing) is enough")
                     if dname == "fp16":
                         raise Skip("fp16 training needs loss scaling; the benchmark uses bf16")
-                    model = CRN(config, backend=backend, checkpointing=ckpt).to(device).train()
+                    ops = "triton" if "triton" in backend else "eager"
+                    model = CRN(config, backend=ops, checkpointing=ckpt).to(device).train()
+                    forward = model
+                    if "compile" in backend:
+                        torch._dynamo.reset()
+                        forward = torch.compile(model)
                     crit = CRNLoss(load_vgg19("random"), "perceptual").to(device)
                     opt = torch.optim.Adam(model.parameters(), 1e-4)
                     amp = DTYPES[dname] if dname != "fp32" else None
 
                     def step():
                         with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
-                            loss, _ = crit(model(layout).float(), target)
+                            loss, _ = crit(forward(layout).float(), target)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
@@ -264,7 +312,7 @@ def run_training(args, config, device, layout, size):
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 finally:
-                    model = crit = opt = None
+                    model = forward = crit = opt = None
                     if torch.device(device).type == "cuda":
                         torch.cuda.empty_cache()
                 print(json.dumps(row), file=sys.stderr)
@@ -283,47 +331,58 @@ def markdown_table(rows, training=False) -> str:
         return head + "".join(
             f"| {r['backend']} | {r['checkpointing']} | {r['dtype']} | {fmt(r.get('median_ms'), '.1f')} | "
             f"{fmt(r.get('peak_memory_mib'), '.0f')} | {r.get('skipped') or r.get('error') or ''} |\n" for r in rows)
-    head = ("| backend | dtype | min ms | median ms | p90 ms | img/s | peak MiB | build s | max abs err | PSNR dB "
-            "| TFLOP/s | % peak | note |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    head = ("| backend | dtype | format | min ms | median ms | p90 ms | img/s | peak MiB | build s | max abs err "
+            "| PSNR dB | TFLOP/s | % peak | note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     return head + "".join(
-        f"| {r['backend']} | {r['dtype']} | {fmt(r.get('min_ms'), '.2f')} | {fmt(r.get('median_ms'), '.2f')} | "
-        f"{fmt(r.get('p90_ms'), '.2f')} | {fmt(r.get('images_per_s'), '.3g')} | {fmt(r.get('peak_memory_mib'), '.0f')} | "
-        f"{fmt(r.get('build_s'), '.1f')} | {fmt(r.get('max_abs_err'), '.3g')} | {fmt(r.get('psnr_db'), '.1f')} | "
+        f"| {r['backend']} | {r['dtype']} | {r.get('format', 'nchw')} | {fmt(r.get('min_ms'), '.2f')} | "
+        f"{fmt(r.get('median_ms'), '.2f')} | {fmt(r.get('p90_ms'), '.2f')} | {fmt(r.get('images_per_s'), '.3g')} | "
+        f"{fmt(r.get('peak_memory_mib'), '.0f')} | {fmt(r.get('build_s'), '.1f')} | "
+        f"{fmt(r.get('max_abs_err'), '.3g')} | {fmt(r.get('psnr_db'), '.1f')} | "
         f"{fmt(r.get('tflops'), '.3g')} | {fmt(r.get('pct_of_peak'), '.0f')} | "
         f"{r.get('skipped') or r.get('error') or ''} |\n" for r in rows)
 
 
 def plot(rows, path, floor_ms, title):
+    """Horizontal bars on a log axis (CPU-provider rows would dwarf GPU ones on a linear scale),
+    fastest first, with each compute floor as a labelled line in the legend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    done = [r for r in rows if "median_ms" in r]
+    done = sorted((r for r in rows if r.get("median_ms")), key=lambda r: r["median_ms"])
     if not done:
         return
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(done) + 1.5))
-    labels = [f"{r['backend']} {r['dtype']}" for r in done]
-    ax.barh(labels, [r["median_ms"] for r in done], color="#4a7ab5")
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(done) + 1.8))
+    labels = [f"{r['backend']} {r['dtype']} {r.get('format', '')}".strip() for r in done]
+    colors = ["#7f7f7f" if r["backend"] == "convs-only" else "#c97a2b" if r["backend"].startswith("compile")
+              else "#4a7ab5" for r in done]
+    ax.barh(labels, [r["median_ms"] for r in done], color=colors)
+    ax.set_xscale("log")
     for y, r in enumerate(done):
         v = r["median_ms"]
-        ax.text(v, y, f" {v:.3g} ms" if v < 1000 else f" {v:,.0f} ms", va="center", fontsize=8)
+        ax.text(v * 1.03, y, f"{v:.3g} ms" if v < 1000 else f"{v:,.0f} ms", va="center", fontsize=7)
+    styles = iter(["--", ":", "-."])
     for dname, ms in floor_ms.items():
-        ax.axvline(ms, color="#c0392b", ls="--", lw=1)
-        ax.text(ms, len(done) - 0.5, f" {dname} compute floor {ms:.4g} ms", color="#c0392b", fontsize=8)
+        ax.axvline(ms, color="#c0392b", ls=next(styles, "--"), lw=1, label=f"{dname} compute floor {ms:.3g} ms")
+    if floor_ms:
+        ax.legend(loc="lower right", fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("median latency (ms), lower is better")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("median latency (ms, log scale), lower is better; grey: convolutions only, orange: torch.compile")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--res", default="1024x2048", help="HxW (default 1024x2048)")
     ap.add_argument("--preset", default=None, help="default: the preset whose top module matches --res")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--backends", default=None, help=f"comma list of {', '.join(ALL_BACKENDS)} (default: all)")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
+    ap.add_argument("--formats", default=None, help="comma list of nchw,channels_last (default: both on GPU, "
+                                                    "channels_last on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="default: 3 on GPU (10 if fast), 0 on CPU at 2 MP")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on GPU; on CPU 3 (1 at >= 512x1024)")
     ap.add_argument("--max-seconds", type=float, default=3600, help="bound on the whole run (default 3600)")
@@ -336,19 +395,57 @@ def main(argv=None):
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = parse_resolution(args.res)
-    config = get_preset(args.preset) if args.preset else preset_for_resolution(*size)
-    config.validate_input_size(*size)
-    cuda = device.type == "cuda"
-    big = size[0] * size[1] >= 512 * 1024
-    args.backends = args.backends.split(",") if args.backends else list(ALL_BACKENDS)
-    unknown = set(args.backends) - set(ALL_BACKENDS)
-    if unknown:
-        ap.error(f"unknown backends {sorted(unknown)}; valid: {', '.join(ALL_BACKENDS)}")
-    args.dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16", "fp16"] if cuda else ["fp32"])
+    def choices(value, valid, what, default):
+        items = value.split(",") if value else default
+        bad = [v for v in items if v not in valid]
+        if bad:
+            ap.error(f"{what}: {', '.join(map(repr, bad))} not valid; choose from {', '.join(valid)}")
+        return items
+
+    try:
+        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1)")
+    if args.device.type not in ("cpu", "cuda") or args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: valid here: cpu" + (", cuda" if torch.cuda.is_available() else ""))
+    cuda = args.device.type == "cuda"
+    try:
+        args.size = parse_resolution(args.res)
+        args.config = get_preset(args.preset) if args.preset else preset_for_resolution(*args.size)
+        args.config.validate_input_size(*args.size)
+    except CRNError as e:
+        ap.error(str(e))
+    if args.batch < 1:
+        ap.error(f"--batch {args.batch}: must be >= 1")
+    if args.layout and not Path(args.layout).is_file():
+        ap.error(f"--layout {args.layout}: no such file")
+    args.backends = choices(args.backends, ALL_BACKENDS, "--backends", list(ALL_BACKENDS))
+    args.dtypes = choices(args.dtypes, list(DTYPES), "--dtypes", ["fp32", "bf16", "fp16"] if cuda else ["fp32"])
+    args.formats = choices(args.formats, list(FORMATS), "--formats", list(FORMATS) if cuda else ["channels_last"])
+    big = args.size[0] * args.size[1] >= 512 * 1024
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else (0 if big else 1))
     args.iters = args.iters if args.iters is not None else (20 if cuda else (1 if big else 3))
+    if not args.no_save:  # find an unwritable output folder now, not after an hour of measuring
+        label = device_label(args.device)
+        stem = ROOT / "benchmarks" / "results" / f"{label}_{args.size[0]}x{args.size[1]}{'_train' if args.train else ''}"
+        args.json = Path(args.json or f"{stem}.json")
+        for target in (args.json, args.markdown, args.plot):
+            if target is None:
+                continue
+            folder = Path(target).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=folder):
+                    pass
+            except OSError as e:
+                ap.error(f"cannot write results to {folder}: {e.strerror or e}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, size, config = args.device, args.size, args.config
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = CRN(config).eval()
     with torch.no_grad():  # trained-like norm parameters, so errors are measured on non-trivial outputs
@@ -356,13 +453,17 @@ def main(argv=None):
             for n in (m.norm1, m.norm2):
                 n.weight.uniform_(0.5, 1.5)
                 n.bias.normal_(0, 0.3)
-    layout, source = load_layout(args, config, size, device)
+    try:
+        layout, source = load_layout(args, config, size, device)
+    except CRNError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
     info = machine_info(device)
-    label = device_label(device)
     print(f"crn_fast benchmark: {config.name} {list(config.widths)} at {size[0]}x{size[1]}, batch {args.batch}, "
           f"on {info.get('gpu') or info['cpu']} ({info['cpu_cores']} cores); layout: {source}", file=sys.stderr)
     result = {"machine": info, "preset": config.name, "config": config.to_dict(), "resolution": list(size),
-              "batch": args.batch, "layout": source, "warmup": args.warmup, "iters": args.iters}
+              "batch": args.batch, "layout": source, "warmup": args.warmup, "iters": args.iters,
+              "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
     if args.train:
         rows = run_training(args, config, device, layout, size)
         result["training"] = rows
@@ -381,9 +482,7 @@ def main(argv=None):
              + (f"; {result['flops'] / 1e12:.4g} TFLOP per pass" if "flops" in result else ""))
     print(f"\n{title}\n\n{md}")
     if not args.no_save:
-        stem = ROOT / "benchmarks" / "results" / f"{label}_{size[0]}x{size[1]}{'_train' if args.train else ''}"
-        jpath = Path(args.json or f"{stem}.json")
-        jpath.parent.mkdir(parents=True, exist_ok=True)
+        jpath = args.json
         jpath.write_text(json.dumps(result, indent=2, default=float))
         Path(args.markdown or jpath.with_suffix(".md")).write_text(f"### {title}\n\n{md}")
         if not args.train:

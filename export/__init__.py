@@ -3,6 +3,7 @@
 Heavy dependencies (onnx, onnxruntime, tensorrt) are imported only by the functions that need them.
 """
 from .compile import compile_generator, export_aoti, load_aoti
+from .cuda_graph import CUDAGraphGenerator, cuda_graph
 from .verify import DEFAULT_TOLERANCE, compare, verify
 
 
@@ -16,6 +17,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["compile_generator", "export_aoti", "load_aoti", "compare", "verify", "DEFAULT_TOLERANCE",
+__all__ = ["CUDAGraphGenerator", "cuda_graph", "compile_generator", "export_aoti", "load_aoti", "compare", "verify", "DEFAULT_TOLERANCE",
            "TensorRTGenerator", "build_engine", "make_profile", "tensorrt_missing_reason", "export_onnx",
            "ONNXGenerator"]

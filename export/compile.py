@@ -6,23 +6,52 @@ fresh process loads with ``torch._inductor.aoti_load_package`` alone, without cr
 
     import torch
     runner = torch._inductor.aoti_load_package("generator.pt2")
-    images = runner(layout)          # (N, num_classes, H, W) float32 -> (N, 3k, H, W) float32
+    images = runner(layout.contiguous())   # (N, num_classes, H, W) float32 -> (N, 3k, H, W) float32
+
+The package takes a contiguous NCHW layout (crn_fast.labels.one_hot returns channels_last strides:
+call .contiguous()); AOTInductor does not check input strides.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from crn_fast.constants import DTYPES
 
 
-def compile_generator(model, mode: str | None = "default", dynamic: bool | None = False, fullgraph: bool = True):
-    """torch.compile of the generator (eager ops; mode 'default', 'max-autotune', 'reduce-overhead')."""
+def compile_generator(model, mode: str | None = "default", dynamic: bool | None = False, fullgraph: bool = True,
+                      freezing: bool = False, backend: str | None = None):
+    """torch.compile of a copy of the generator for inference.
+
+    mode: 'default', 'max-autotune', 'max-autotune-no-cudagraphs' or 'reduce-overhead'.
+    backend: the generator's ops, 'eager' (stock torch ops: Inductor generates the norm kernels) or
+    'triton' (crn_fast's kernels, which Inductor keeps as torch.ops.crn_fast operators); default:
+    the model's own. freezing: Inductor folds the weights in as constants (inference only; the
+    compiled model must then run under torch.no_grad()).
+    """
     m = copy.deepcopy(model).eval()
-    m.set_backend("eager")
-    return torch.compile(m, mode=None if mode == "default" else mode, dynamic=dynamic, fullgraph=fullgraph)
+    if backend is not None:
+        m.set_backend(backend)
+    torch._dynamo.reset()  # a fresh cache: many compiled copies of CRN.forward would hit the recompile limit
+    compiled = torch.compile(m, mode=None if mode == "default" else mode, dynamic=dynamic, fullgraph=fullgraph)
+    if not freezing:
+        return compiled
+
+    def run(*args, **kwargs):
+        with _freezing():
+            return compiled(*args, **kwargs)
+    run.model = compiled  # keeps the compiled module (and its weights) alive with the callable
+    return run
+
+
+@contextlib.contextmanager
+def _freezing():
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(freezing=True):
+        yield
 
 
 class CastingGenerator(torch.nn.Module):
@@ -42,7 +71,8 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
     from torch.export import Dim
     from .verify import verification_layouts
     m = copy.deepcopy(model).eval().to(device)
-    m.set_backend("eager")
+    if not str(device).startswith("cuda"):
+        m.set_backend("eager")  # a CPU package cannot hold Triton kernels; on CUDA the crn_fast:: kernels go in
     if dtype != "fp32":
         m = CastingGenerator(m, DTYPES[dtype]).eval()
     cfg = model.config
@@ -51,7 +81,11 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
     # CPU) produced a package that was wrong on other inputs (max error 94 on 0..255). A dynamic
     # batch needs an example batch of 2 or more (torch.export specialises sizes 0 and 1).
     example = verification_layouts(tuple(size), cfg.num_classes, count=max(batch, 2 if dynamic_batch else 1))
-    example = example.to(device)
+    # AOTInductor bakes the example's strides into the package without a runtime check: an input with
+    # other strides is read wrongly (measured: max error 150 on 0..255 for a channels_last-strided
+    # one_hot layout fed to a package exported from a contiguous one). The package takes contiguous
+    # NCHW layouts, as the sidecar says; load_aoti's runner makes its input contiguous.
+    example = example.to(device).contiguous()
     dynamic = None
     if min_size or max_size or dynamic_batch:
         s = cfg.stride
@@ -69,5 +103,15 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
     return Path(out)
 
 
-def load_aoti(path: str | Path):
-    return torch._inductor.aoti_load_package(str(path))
+class AOTIGenerator:
+    """An AOTInductor package, called like the generator: any layout is made contiguous NCHW first."""
+
+    def __init__(self, path: str | Path):
+        self.package = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, layout: torch.Tensor) -> torch.Tensor:
+        return self.package(layout.contiguous())
+
+
+def load_aoti(path: str | Path) -> AOTIGenerator:
+    return AOTIGenerator(path)

@@ -1,5 +1,6 @@
-"""Whether Triton can run here: compiled on a CUDA device, or interpreted on CPU tensors when
-TRITON_INTERPRET=1 was set before Triton was imported."""
+"""Whether Triton can run here (compiled on a CUDA device, or interpreted on CPU tensors when
+TRITON_INTERPRET=1 was set before Triton was imported), and how kernels are launched from inside
+the ``crn_fast::`` operators."""
 from __future__ import annotations
 
 import os
@@ -32,3 +33,27 @@ def triton_unavailable_reason() -> str | None:
 def can_run(t) -> bool:
     """Can a Triton kernel run on tensor ``t`` (CUDA, or CPU under the interpreter)?"""
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpreter_enabled()))
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch a @triton.jit kernel from inside a ``torch.library.triton_op``.
+
+    ``wrap_triton`` makes the launch visible to torch.compile / torch.export (a higher-order op
+    with a no-op fake implementation). Under TRITON_INTERPRET=1 it hands back the interpreted
+    function itself, which would try to run on fake tensors while an operator's output metadata
+    is computed (opcheck's fake-tensor test, Dynamo tracing on CPU): there the launch is skipped.
+    AOTAutograd would bake such a skipped launch into its graph, so tracing the interpreter
+    there is an error instead of silently wrong outputs.
+    """
+    from torch.library import wrap_triton
+    if interpreter_enabled():
+        from torch._subclasses.fake_tensor import is_fake
+        from torch._subclasses.functional_tensor import FunctionalTensor
+        if any(isinstance(a, FunctionalTensor) for a in args):
+            raise RuntimeError(
+                "Triton's interpreter (TRITON_INTERPRET=1) cannot be traced by AOTAutograd: compile the "
+                "crn_fast operators on a CUDA device, or trace them on CPU without TRITON_INTERPRET "
+                "(they then run their torch implementation)")
+        if any(is_fake(a) for a in args if hasattr(a, "device")):
+            return
+    wrap_triton(kernel)[grid](*args, **kwargs)

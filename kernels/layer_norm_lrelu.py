@@ -14,27 +14,43 @@ Only x, mean and rstd are saved for backward; the normalised value is recomputed
 
 Each sample is cut into [BLOCK_C, BLOCK_HW] tiles; each of P programs per sample walks a
 contiguous run of tiles, so the grid is (P, N) with P sized to the device, not to N. Partial
-statistics are merged with Chan's parallel rule around a shift (the tile's first element), so a
+statistics are merged with Chan's parallel rule relative to a pivot (the sample's first element;
+x - pivot is exact for values near it, and the apply pass normalises (x - pivot) - mean), so a
 large mean with a tiny spread keeps its precision and a constant input gives exactly ``bias``.
 Accumulation is fp32 (fp64 for fp64 inputs, which is what gradcheck uses). Offsets are 64-bit.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch.library import triton_op
 
-from ._runtime import HAS_TRITON, can_run, triton, tl
+from crn_fast.constants import LEAKY_SLOPE, LN_EPS
+
+from ._runtime import HAS_TRITON, can_run, launch, triton, tl
 
 
-def layer_norm_lrelu_reference(x, weight, bias, eps: float = 1e-12, negative_slope: float = 0.2):
-    """The torch reference: TF slim.layer_norm over (C,H,W) (biased variance) + leaky ReLU."""
-    return F.leaky_relu(F.group_norm(x, 1, weight, bias, eps), negative_slope)
+def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_slope: float = LEAKY_SLOPE):
+    """The torch reference: TF slim.layer_norm over (C,H,W) (biased variance) + leaky ReLU.
+
+    Like TF, the mean comes first and the variance is taken around it: group_norm runs on the
+    centred input. Plain ``F.group_norm`` on CPU is off by 2 (0..1 scale) on a constant 1e4 input
+    and by ~2000 at mean 1e5, std 1e-3; centred, both are exact to fp32 rounding.
+    """
+    centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    return F.leaky_relu(F.group_norm(centred, 1, weight, bias, eps), negative_slope)
 
 
 # 4096-element tiles over 8 warps: 16 elements per thread. Static sm_90 register use (bf16, from
 # tests/gpu_compile_check.py + cuobjdump): stats 60, apply 80, bwd_reduce 97, bwd_dx 102, no spills
 # (with 4 warps: 92 / 142 / 115 / 158).
 NUM_WARPS = 8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _next_pow2(v: int) -> int:
@@ -52,7 +68,7 @@ def _plan(x: torch.Tensor, num_programs: int | None):
     else:
         block_hw = min(_next_pow2(hw), 1024)
         block_c = min(_next_pow2(c), max(1, 4096 // block_hw))
-    n_ct, n_hwt = triton.cdiv(c, block_c), triton.cdiv(hw, block_hw)
+    n_ct, n_hwt = _cdiv(c, block_c), _cdiv(hw, block_hw)
     tiles = n_ct * n_hwt
     if num_programs is None:
         if x.is_cuda:
@@ -61,8 +77,8 @@ def _plan(x: torch.Tensor, num_programs: int | None):
         else:
             num_programs = 4
     p = max(1, min(tiles, num_programs, 1024))
-    tpp = triton.cdiv(tiles, p)
-    p = triton.cdiv(tiles, tpp)
+    tpp = _cdiv(tiles, p)
+    p = _cdiv(tiles, tpp)
     strides = (x.stride(0), x.stride(1), 1 if channels_last is False and x.is_contiguous() else x.stride(3))
     return dict(block_c=block_c, block_hw=block_hw, n_hwt=n_hwt, tiles=tiles, tpp=tpp, p=p,
                 block_p=_next_pow2(p), strides=strides)
@@ -82,7 +98,7 @@ if HAS_TRITON:
         return c, offs, mask, ht
 
     @triton.jit
-    def _combine(Cnt, Mean, M2, n, P, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    def _combine(Cnt, Mean, M2, n, P, BLOCK_P: tl.constexpr):
         """Chan's rule over the P partials of sample n: (count, mean, M2)."""
         i = tl.arange(0, BLOCK_P)
         m = i < P
@@ -98,10 +114,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _stats_kernel(X, Cnt, Mean, M2, C, HW, sN, sC, sHW, T, n_hwt, TPP, P,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, FP64: tl.constexpr):
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         p = tl.program_id(0)
         n = tl.program_id(1)
         base = X + n.to(tl.int64) * sN
+        pivot = tl.load(base).to(ACC)  # the sample's first element: partial means are relative to it
         cnt = tl.zeros((), ACC)
         mean = tl.zeros((), ACC)
         m2 = tl.zeros((), ACC)
@@ -111,13 +129,12 @@ if HAS_TRITON:
             x = tl.load(base + offs, mask=mask, other=0.0).to(ACC)
             c0 = (t // n_hwt) * BLOCK_C
             hw0 = ht * BLOCK_HW
-            shift = tl.load(base + c0.to(tl.int64) * sC + hw0.to(tl.int64) * sHW).to(ACC)  # tile's first element
-            d = tl.where(mask, x - shift, 0.0)
+            d = tl.where(mask, x - pivot, 0.0)
             n_t = (tl.minimum(C - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(ACC)
             dm = tl.sum(tl.sum(d, axis=1), axis=0) / n_t
             e = tl.where(mask, d - dm, 0.0)
             m2_t = tl.sum(tl.sum(e * e, axis=1), axis=0)
-            mean_t = shift + dm
+            mean_t = dm  # relative to the pivot
             new_cnt = cnt + n_t
             delta = mean_t - mean
             mean = mean + delta * (n_t / new_cnt)
@@ -128,31 +145,34 @@ if HAS_TRITON:
         tl.store(M2 + n * P + p, m2)
 
     @triton.jit
-    def _finalize_kernel(Cnt, Mean, M2, MeanOut, RstdOut, P, eps, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    def _rstd(var, eps, FP64: tl.constexpr):
+        if FP64:
+            return 1.0 / tl.sqrt(var + eps)
+        return 1.0 / tl.sqrt_rn(var + eps)  # IEEE-rounded, like torch
+
+    @triton.jit
+    def _finalize_kernel(X, Cnt, Mean, M2, MeanOut, RstdOut, sN, P, eps, BLOCK_P: tl.constexpr,
+                         FP64: tl.constexpr):
         """Statistics only (no apply pass): per-sample mean and rstd from the P partials."""
         n = tl.program_id(0)
-        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P, ACC)
-        if ACC == tl.float64:
-            rstd = 1.0 / tl.sqrt(m2 / total + eps)
-        else:
-            rstd = 1.0 / tl.sqrt_rn(m2 / total + eps)
-        tl.store(MeanOut + n, mean)
+        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P)
+        rstd = _rstd(m2 / total, eps, FP64)
+        tl.store(MeanOut + n, tl.load(X + n.to(tl.int64) * sN).to(mean.dtype) + mean)
         tl.store(RstdOut + n, rstd)
 
     @triton.jit
     def _apply_kernel(X, Y, W, B, Cnt, Mean, M2, MeanOut, RstdOut, C, HW, sN, sC, sHW, T, n_hwt, TPP, P,
                       eps, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr,
-                      ACC: tl.constexpr):
+                      FP64: tl.constexpr):
         p = tl.program_id(0)
         n = tl.program_id(1)
-        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P, ACC)
-        if ACC == tl.float64:
-            rstd = 1.0 / tl.sqrt(m2 / total + eps)
-        else:
-            rstd = 1.0 / tl.sqrt_rn(m2 / total + eps)  # IEEE-rounded, like torch
+        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P)
+        rstd = _rstd(m2 / total, eps, FP64)  # IEEE-rounded, like torch
+        pivot = tl.load(X + n.to(tl.int64) * sN).to(mean.dtype)
         if p == 0:
-            tl.store(MeanOut + n, mean)
+            tl.store(MeanOut + n, pivot + mean)
             tl.store(RstdOut + n, rstd)
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         base_off = n.to(tl.int64) * sN
         t_end = tl.minimum(p * TPP + TPP, T)
         for t in range(p * TPP, t_end):
@@ -160,13 +180,14 @@ if HAS_TRITON:
             x = tl.load(X + base_off + offs, mask=mask, other=0.0).to(ACC)
             w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
             b = tl.load(B + c, mask=c < C, other=0.0).to(ACC)
-            z = (x - mean) * rstd * w[:, None] + b[:, None]
+            z = ((x - pivot) - mean) * rstd * w[:, None] + b[:, None]  # x - pivot is exact near the mean
             y = tl.where(z > 0, z, z * slope)
             tl.store(Y + base_off + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, ACC: tl.constexpr):
+    def _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, FP64: tl.constexpr):
         """Backward's view of one tile: xhat (0 outside the mask), dz = dL/d(affine out), dxhat."""
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         x = tl.load(X + base_off + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(DY + base_off + offs, mask=mask, other=0.0).to(ACC)
         w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
@@ -178,9 +199,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _bwd_reduce_kernel(X, DY, W, B, MeanIn, RstdIn, S1, S2, DWp, DBp, C, HW, sN, sC, sHW, T, n_hwt, TPP,
-                           P, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+                           P, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, FP64: tl.constexpr):
         p = tl.program_id(0)
         n = tl.program_id(1)
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         mean = tl.load(MeanIn + n)
         rstd = tl.load(RstdIn + n)
         base_off = n.to(tl.int64) * sN
@@ -189,7 +211,7 @@ if HAS_TRITON:
         t_end = tl.minimum(p * TPP + TPP, T)
         for t in range(p * TPP, t_end):
             c, offs, mask, ht = _tile(X, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
-            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, ACC)
+            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, FP64)
             s1 += tl.sum(tl.sum(dxh, axis=1), axis=0)
             s2 += tl.sum(tl.sum(dxh * xhat, axis=1), axis=0)
             row = (n * n_hwt + ht).to(tl.int64) * C
@@ -200,11 +222,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _bwd_dx_kernel(X, DY, DX, W, B, MeanIn, RstdIn, S1, S2, C, HW, sN, sC, sHW, T, n_hwt, TPP, P, slope,
-                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr, FP64: tl.constexpr):
         p = tl.program_id(0)
         n = tl.program_id(1)
         mean = tl.load(MeanIn + n)
         rstd = tl.load(RstdIn + n)
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         i = tl.arange(0, BLOCK_P)
         inv_m = 1.0 / (C * HW).to(ACC)
         c1 = tl.sum(tl.load(S1 + n * P + i, mask=i < P, other=0.0), axis=0) * inv_m
@@ -213,13 +236,9 @@ if HAS_TRITON:
         t_end = tl.minimum(p * TPP + TPP, T)
         for t in range(p * TPP, t_end):
             c, offs, mask, ht = _tile(X, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
-            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, ACC)
+            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, FP64)
             dx = rstd * (dxh - c1 - xhat * c2)
             tl.store(DX + base_off + offs, dx.to(DX.dtype.element_ty), mask=mask)
-
-
-def _acc(x):
-    return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
@@ -230,81 +249,147 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _forward(x, weight, bias, eps, slope, num_programs=None, stats_only=False):
+def _acc_dtype(x) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _stats_torch(x, eps):
+    """Where Triton cannot run: mean first, then the centred variance (TF slim.layer_norm's order)."""
+    xf = x.to(_acc_dtype(x))
+    mean = xf.mean(dim=(1, 2, 3))
+    var = (xf - mean.view(-1, 1, 1, 1)).square().mean(dim=(1, 2, 3))
+    return mean, torch.rsqrt(var + eps)
+
+
+def _launch_stats(x, eps, num_programs, plan):
+    n, c, h, w = x.shape
+    acc = _acc_dtype(x)
+    part = torch.empty((3, n, plan["p"]), device=x.device, dtype=acc)
+    sN, sC, sHW = plan["strides"]
+    launch(_stats_kernel, (plan["p"], n), x, part[0], part[1], part[2], c, h * w, sN, sC, sHW, plan["tiles"],
+           plan["n_hwt"], plan["tpp"], plan["p"], BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"],
+           FP64=acc == torch.float64, num_warps=NUM_WARPS)
+    return part
+
+
+# ----------------------------------------------------------------------------- operators
+# torch.library.triton_op: torch.compile, torch.export, AOTInductor and CUDA graphs see the kernel
+# launches instead of an opaque Python function. Each falls back to torch ops on tensors Triton
+# cannot run on.
+
+@triton_op("crn_fast::layer_norm_lrelu", mutates_args=())
+def _layer_norm_lrelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                         negative_slope: float, num_programs: Optional[int] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): y = leaky_relu(layer_norm(x) * weight + bias); mean/rstd per sample (fp32/fp64)."""
+    x = _prepare(x)
+    if not can_run(x):
+        mean, rstd = _stats_torch(x, eps)
+        z = (x.to(mean.dtype) - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
+        y = F.leaky_relu(z * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), negative_slope)
+        return y.to(x.dtype).contiguous(memory_format=_format_of(x)), mean, rstd
     n, c, h, w = x.shape
     plan = _plan(x, num_programs)
-    acc_tl, acc_torch = _acc(x)
-    part = torch.empty((3, n, plan["p"]), device=x.device, dtype=acc_torch)
-    mean = torch.empty(n, device=x.device, dtype=acc_torch)
-    rstd = torch.empty(n, device=x.device, dtype=acc_torch)
-    sN, sC, sHW = plan["strides"]
-    grid = (plan["p"], n)
-    common = (c, h * w, sN, sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], plan["p"])
-    _stats_kernel[grid](x, part[0], part[1], part[2], *common,
-                        BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], ACC=acc_tl, num_warps=NUM_WARPS)
-    if stats_only:
-        _finalize_kernel[(n,)](part[0], part[1], part[2], mean, rstd, plan["p"], eps, BLOCK_P=plan["block_p"],
-                               ACC=acc_tl)
-        return None, mean, rstd
+    part = _launch_stats(x, eps, num_programs, plan)
+    acc = part.dtype
+    mean = torch.empty(n, device=x.device, dtype=acc)
+    rstd = torch.empty(n, device=x.device, dtype=acc)
     y = torch.empty_like(x)
-    _apply_kernel[grid](x, y, weight, bias, part[0], part[1], part[2], mean, rstd, *common, eps, slope,
-                        BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], ACC=acc_tl,
-                        num_warps=NUM_WARPS)
+    sN, sC, sHW = plan["strides"]
+    launch(_apply_kernel, (plan["p"], n), x, y, weight, bias, part[0], part[1], part[2], mean, rstd, c, h * w, sN,
+           sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], plan["p"], eps, negative_slope,
+           BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"],
+           FP64=acc == torch.float64, num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
-def _backward(dy, x, weight, bias, mean, rstd, slope, num_programs=None):
+@triton_op("crn_fast::layer_norm_lrelu_backward", mutates_args=())
+def _layer_norm_lrelu_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  mean: torch.Tensor, rstd: torch.Tensor, negative_slope: float,
+                                  num_programs: Optional[int] = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); the normalised value is recomputed from x, mean and rstd."""
+    dy = dy.contiguous(memory_format=_format_of(x))
+    if not can_run(x):
+        acc = mean.dtype
+        xhat = (x.to(acc) - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
+        z = xhat * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
+        dz = torch.where(z > 0, dy.to(acc), dy.to(acc) * negative_slope)
+        dxh = dz * weight.to(acc).view(1, -1, 1, 1)
+        c1 = dxh.mean(dim=(1, 2, 3), keepdim=True)
+        c2 = (dxh * xhat).mean(dim=(1, 2, 3), keepdim=True)
+        dx = rstd.view(-1, 1, 1, 1) * (dxh - c1 - xhat * c2)
+        return (dx.to(x.dtype).contiguous(memory_format=_format_of(x)), (dz * xhat).sum((0, 2, 3)).to(weight.dtype),
+                dz.sum((0, 2, 3)).to(bias.dtype))
     n, c, h, w = x.shape
-    dy = dy.contiguous(memory_format=torch.channels_last) if x.stride(1) == 1 and not x.is_contiguous() \
-        else dy.contiguous()
     plan = _plan(x, num_programs)
-    acc_tl, acc_torch = _acc(x)
-    s = torch.empty((2, n, plan["p"]), device=x.device, dtype=acc_torch)
-    dwb = torch.empty((2, n, plan["n_hwt"], c), device=x.device, dtype=acc_torch)
+    acc = _acc_dtype(x)
+    fp64 = acc == torch.float64
+    s = torch.empty((2, n, plan["p"]), device=x.device, dtype=acc)
+    dwb = torch.empty((2, n, plan["n_hwt"], c), device=x.device, dtype=acc)
     dx = torch.empty_like(x)
     sN, sC, sHW = plan["strides"]
     grid = (plan["p"], n)
     common = (c, h * w, sN, sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], plan["p"])
-    _bwd_reduce_kernel[grid](x, dy, weight, bias, mean, rstd, s[0], s[1], dwb[0], dwb[1], *common, slope,
-                             BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], ACC=acc_tl, num_warps=NUM_WARPS)
-    _bwd_dx_kernel[grid](x, dy, dx, weight, bias, mean, rstd, s[0], s[1], *common, slope,
-                         BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], ACC=acc_tl,
-                         num_warps=NUM_WARPS)
-    dwb = dwb.sum(dim=(1, 2))  # fixed-order reduction: deterministic
-    return dx, dwb[0].to(weight.dtype), dwb[1].to(bias.dtype)
+    launch(_bwd_reduce_kernel, grid, x, dy, weight, bias, mean, rstd, s[0], s[1], dwb[0], dwb[1], *common,
+           negative_slope, BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], FP64=fp64, num_warps=NUM_WARPS)
+    launch(_bwd_dx_kernel, grid, x, dy, dx, weight, bias, mean, rstd, s[0], s[1], *common, negative_slope,
+           BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"], FP64=fp64,
+           num_warps=NUM_WARPS)
+    dw, db = dwb.sum(dim=(1, 2)).unbind(0)  # fixed-order reduction: deterministic
+    return dx, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True)  # outputs may not alias
 
 
-class LayerNormLReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, slope, num_programs):
-        x = _prepare(x)
-        y, mean, rstd = _forward(x, weight, bias, eps, slope, num_programs)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.slope, ctx.num_programs = slope, num_programs
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, x, weight, bias, mean, rstd, ctx.slope, ctx.num_programs)
-        return dx, dw, db, None, None, None
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, slope, num_programs = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(_prepare(x), weight, bias, mean, rstd)
+    ctx.slope, ctx.num_programs = slope, num_programs
 
 
-def layer_norm_lrelu(x, weight, bias, eps: float = 1e-12, negative_slope: float = 0.2, num_programs=None):
-    """Triton version of :func:`layer_norm_lrelu_reference` (same arguments and result).
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.crn_fast.layer_norm_lrelu_backward(dy, x, weight, bias, mean, rstd, ctx.slope,
+                                                               ctx.num_programs)
+    return dx, dw, db, None, None, None
+
+
+torch.library.register_autograd("crn_fast::layer_norm_lrelu", _backward, setup_context=_setup_context)
+
+
+@triton_op("crn_fast::layer_norm_stats", mutates_args=())
+def _layer_norm_stats_op(x: torch.Tensor, eps: float, num_programs: Optional[int] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (mean, rstd) over (C,H,W), from the same split reduction (inference only)."""
+    x = _prepare(x)
+    if not can_run(x):
+        return _stats_torch(x, eps)
+    n = x.shape[0]
+    plan = _plan(x, num_programs)
+    part = _launch_stats(x, eps, num_programs, plan)
+    mean = torch.empty(n, device=x.device, dtype=part.dtype)
+    rstd = torch.empty(n, device=x.device, dtype=part.dtype)
+    launch(_finalize_kernel, (n,), x, part[0], part[1], part[2], mean, rstd, x.stride(0), plan["p"], eps, BLOCK_P=plan["block_p"],
+           FP64=part.dtype == torch.float64)
+    return mean, rstd
+
+
+def _format_of(x):
+    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def layer_norm_lrelu(x, weight, bias, eps: float = LN_EPS, negative_slope: float = LEAKY_SLOPE, num_programs=None):
+    """Triton version of :func:`layer_norm_lrelu_reference` (same arguments and result), as the
+    ``torch.ops.crn_fast.layer_norm_lrelu`` operator.
 
     ``num_programs`` overrides the programs per sample (tests use it to force the split path).
-    Tensors Triton cannot run on (CPU without TRITON_INTERPRET=1) take the reference path.
+    Tensors Triton cannot run on (CPU without TRITON_INTERPRET=1) take torch ops.
     """
-    if not can_run(x):
-        return layer_norm_lrelu_reference(x, weight, bias, eps, negative_slope)
-    return LayerNormLReLU.apply(x, weight, bias, float(eps), float(negative_slope), num_programs)
+    return torch.ops.crn_fast.layer_norm_lrelu(x, weight, bias, float(eps), float(negative_slope), num_programs)[0]
 
 
-def layer_norm_stats(x, eps: float = 1e-12, num_programs=None):
-    """Per-sample (mean, rstd) of x over (C,H,W), from the same split reduction (fp32 or fp64)."""
-    if not can_run(x):
-        var, mean = torch.var_mean(x.float(), dim=(1, 2, 3), correction=0)
-        return mean, torch.rsqrt(var + eps)
-    _, mean, rstd = _forward(_prepare(x), None, None, eps, 1.0, num_programs, stats_only=True)
-    return mean, rstd
+def layer_norm_stats(x, eps: float = LN_EPS, num_programs=None):
+    """Per-sample (mean, rstd) of x over (C,H,W), fp32 (fp64 for fp64 x)."""
+    return torch.ops.crn_fast.layer_norm_stats(x, float(eps), num_programs)

@@ -3,8 +3,12 @@ inference-only variant that also applies the previous layer's norm + leaky ReLU 
 
     out = cat([interpolate(features, size=label.shape[-2:], mode="bilinear", align_corners=True), label], 1)
 
-Memory plan:
-    _fwd_kernel  one program per (sample*channel, row block, column block): a feature channel
+Memory plan (the output's memory format picks the forward kernel):
+    _fwd_cl_kernel  channels_last: one program per (sample*output row, column block, channel block)
+                 writes a [BLOCK_W pixels, BLOCK_C channels] tile: each of the 4 bilinear taps is a
+                 contiguous channel vector of the source pixel, and the tile is stored as contiguous
+                 channel rows; the last channel block copies the label's channels.
+    _fwd_kernel  NCHW: one program per (sample*channel, row block, column block): a feature channel
                  reads 4 taps per pixel from two source rows (cached; features are 4x smaller), a
                  label channel copies its row -> out written once, NCHW or channels_last (by
                  strides; the row-wise writes are coalesced for NCHW). The upsampled tensor and the
@@ -23,8 +27,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.library import triton_op
 
-from ._runtime import HAS_TRITON, can_run, triton, tl
+from crn_fast.constants import LEAKY_SLOPE
+
+from ._runtime import HAS_TRITON, can_run, launch, triton, tl
 from .layer_norm_lrelu import layer_norm_lrelu_reference
 
 
@@ -33,7 +40,7 @@ def upsample_concat_reference(features: torch.Tensor, label: torch.Tensor) -> to
     return torch.cat([up, label.to(up.dtype)], 1)
 
 
-def norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope=0.2):
+def norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope=LEAKY_SLOPE):
     """Reference of the fused variant; mean/rstd are per sample (N,) over (C,H,W) of x."""
     xhat = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
     y = F.leaky_relu(xhat * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), negative_slope).to(x.dtype)
@@ -101,6 +108,54 @@ if HAS_TRITON:
             tl.store(optr, lv.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
+                       os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr,
+                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CL: tl.constexpr):
+        """Program (n*H + y, column block, channel block): a [BLOCK_W, BLOCK_C] tile of output row y,
+        channels fastest. Channel blocks 0..cdiv(C, BLOCK_C)-1 interpolate features; the last copies
+        the label (BLOCK_CL channels)."""
+        ny = tl.program_id(0)
+        n = ny // H
+        y = ny % H
+        cb = tl.program_id(2)
+        x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        xm = x < W
+        orow = O + n.to(tl.int64) * os0 + y.to(tl.int64) * os2 + x.to(tl.int64)[:, None] * os3
+        if cb * BLOCK_C < C:
+            c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = xm[:, None] & (c < C)[None, :]
+            y0, y1, ly = _taps(y, scale_h, h)
+            x0, x1, lx = _taps(x, scale_w, w)
+            lx = lx[:, None]
+            fb = Fe + n.to(tl.int64) * fs0 + c.to(tl.int64)[None, :] * fs1
+            r0 = fb + y0.to(tl.int64) * fs2
+            r1 = fb + y1.to(tl.int64) * fs2
+            c0 = x0.to(tl.int64)[:, None] * fs3
+            c1 = x1.to(tl.int64)[:, None] * fs3
+            v00 = tl.load(r0 + c0, mask=mask, other=0.0).to(tl.float32)
+            v01 = tl.load(r0 + c1, mask=mask, other=0.0).to(tl.float32)
+            v10 = tl.load(r1 + c0, mask=mask, other=0.0).to(tl.float32)
+            v11 = tl.load(r1 + c1, mask=mask, other=0.0).to(tl.float32)
+            if APPLY_NORM:
+                mu = tl.load(Mean + n)
+                cm = c < C
+                g = (tl.load(Wn + c, mask=cm, other=0.0).to(tl.float32) * tl.load(Rstd + n))[None, :]
+                bb = tl.load(Bn + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+                v00 = _norm_lrelu(v00, mu, g, bb, slope, O.dtype.element_ty)
+                v01 = _norm_lrelu(v01, mu, g, bb, slope, O.dtype.element_ty)
+                v10 = _norm_lrelu(v10, mu, g, bb, slope, O.dtype.element_ty)
+                v11 = _norm_lrelu(v11, mu, g, bb, slope, O.dtype.element_ty)
+            up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+            tl.store(orow + c.to(tl.int64)[None, :] * os1, up.to(O.dtype.element_ty), mask=mask)
+        else:
+            k = tl.arange(0, BLOCK_CL)
+            lmask = xm[:, None] & (k < CL)[None, :]
+            lptr = L + n.to(tl.int64) * ls0 + y.to(tl.int64) * ls2 + x.to(tl.int64)[:, None] * ls3 + \
+                k.to(tl.int64)[None, :] * ls1
+            lv = tl.load(lptr, mask=lmask, other=0.0)
+            tl.store(orow + (C + k).to(tl.int64)[None, :] * os1, lv.to(O.dtype.element_ty), mask=lmask)
+
+    @triton.jit
     def _norm_lrelu(v, mu, g, b, slope, out_ty: tl.constexpr):
         z = (v - mu) * g + b
         return tl.where(z > 0, z, z * slope).to(out_ty).to(tl.float32)  # rounded as if stored
@@ -138,27 +193,60 @@ if HAS_TRITON:
 
 
 def _tile_shape(rows: int, cols: int, device) -> tuple[int, int]:
-    """[BLOCK_H, BLOCK_W]: whole rows where possible; bigger tiles under the interpreter (per-program
-    Python overhead), ~1024 elements per program on GPUs."""
+    """[BLOCK_H, BLOCK_W] of the NCHW kernels: whole rows where possible; bigger tiles under the
+    interpreter (per-program Python overhead), ~1024 elements per program on GPUs."""
     budget = 1024 if device.type == "cuda" else 8192
-    bw = min(triton.next_power_of_2(cols), budget)
-    return max(1, min(triton.next_power_of_2(rows), budget // bw)), bw
+    bw = min(_next_pow2(cols), budget)
+    return max(1, min(_next_pow2(rows), budget // bw)), bw
 
 
-def _launch_fwd(features, label, norm=None, slope=0.2):
+def _tile_shape_cl(cols: int, channels: int, label_channels: int, device) -> tuple[int, int, int]:
+    """[BLOCK_W, BLOCK_C] of the channels_last kernel (~2048 elements, at most 64 channels: 128-byte
+    bf16 channel vectors per pixel), and BLOCK_CL covering every label channel."""
+    budget = 2048 if device.type == "cuda" else 8192
+    bc = min(_next_pow2(channels), 64)
+    bw = max(1, min(_next_pow2(cols), budget // bc))
+    return bw, bc, _next_pow2(label_channels)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check(features, label):
     if features.dim() != 4 or label.dim() != 4 or features.shape[0] != label.shape[0]:
         raise ValueError(f"upsample_concat expects 4-D features and label with the same batch, got "
                          f"{tuple(features.shape)} and {tuple(label.shape)}")
+
+
+def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE):
     n, c, h, w = features.shape
     cl, H, W = label.shape[1:]
-    fmt = torch.channels_last if _out_channels_last(features, label) else torch.contiguous_format
+    channels_last = _out_channels_last(features, label)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((n, c + cl, H, W), device=features.device, dtype=features.dtype, memory_format=fmt)
-    bh, bw = _tile_shape(H, W, features.device)
     mean, rstd, wn, bn = norm if norm is not None else (features,) * 4
-    _fwd_kernel[(n * (c + cl), triton.cdiv(H, bh), triton.cdiv(W, bw))](
-        features, label, out, mean, rstd, wn, bn, c, cl, H, W, h, w, *features.stride(), *label.stride(),
-        *out.stride(), _scale(h, H), _scale(w, W), slope, APPLY_NORM=norm is not None, BLOCK_H=bh, BLOCK_W=bw)
+    args = (features, label, out, mean, rstd, wn, bn, c, cl, H, W, h, w, *features.stride(), *label.stride(),
+            *out.stride(), _scale(h, H), _scale(w, W), slope)
+    if channels_last:
+        bw, bc, bcl = _tile_shape_cl(W, c, cl, features.device)
+        launch(_fwd_cl_kernel, (n * H, _cdiv(W, bw), _cdiv(c, bc) + 1), *args, APPLY_NORM=norm is not None,
+               BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, num_warps=4)
+    else:
+        bh, bw = _tile_shape(H, W, features.device)
+        launch(_fwd_kernel, (n * (c + cl), _cdiv(H, bh), _cdiv(W, bw)), *args, APPLY_NORM=norm is not None,
+               BLOCK_H=bh, BLOCK_W=bw)
     return out
+
+
+def _interp_matrix(src: int, dst: int, device) -> torch.Tensor:
+    """(dst, src): row i holds the align_corners=True bilinear weights of output coordinate i."""
+    eye = torch.eye(src, device=device)[None, None]
+    return F.interpolate(eye, size=(dst, src), mode="bilinear", align_corners=True)[0, 0]
 
 
 def _n_taps(src: int, dst: int) -> tuple[float, int]:
@@ -169,47 +257,77 @@ def _n_taps(src: int, dst: int) -> tuple[float, int]:
     return inv, min(dst, math.ceil(2 * inv) + 3)
 
 
-def _launch_bwd(grad, c, h, w):
-    n, _, H, W = grad.shape
+# ----------------------------------------------------------------------------- operators
+@triton_op("crn_fast::upsample_concat", mutates_args=())
+def _upsample_concat_op(features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """cat([bilinear(features, label size, align_corners=True), label], 1) in features' dtype;
+    channels_last when either input is."""
+    _check(features, label)
+    if not can_run(features):
+        fmt = torch.channels_last if _out_channels_last(features, label) else torch.contiguous_format
+        return upsample_concat_reference(features, label).contiguous(memory_format=fmt)
+    return _launch_fwd(features, label)
+
+
+@triton_op("crn_fast::upsample_concat_backward", mutates_args=())
+def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -> torch.Tensor:
+    """dL/dfeatures from dL/dout (the transpose of the interpolation, gathered without atomics)."""
+    n, c, h, w = features_size
+    _, _, H, W = grad.shape
+    if not can_run(grad):  # the transpose of the separable interpolation: df = A_h^T g A_w
+        a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
+        return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
     df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
     inv_h, taps_h = _n_taps(h, H)
     inv_w, taps_w = _n_taps(w, W)
     bh, bw = _tile_shape(h, w, grad.device)
-    _bwd_kernel[(n * c, triton.cdiv(h, bh), triton.cdiv(w, bw))](
-        grad, df, c, H, W, h, w, *grad.stride(), _scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w,
-        BLOCK_H=bh, BLOCK_W=bw)
+    launch(_bwd_kernel, (n * c, _cdiv(h, bh), _cdiv(w, bw)), grad, df, c, H, W, h, w, *grad.stride(),
+           _scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w, BLOCK_H=bh, BLOCK_W=bw)
     return df
 
 
-class UpsampleConcat(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, label):
-        ctx.shape = features.shape
-        ctx.label_dtype = label.dtype
-        return _launch_fwd(features, label)
+def _uc_setup_context(ctx, inputs, output):
+    features, label = inputs
+    ctx.features_size = list(features.shape)
+    ctx.label_dtype = label.dtype
 
-    @staticmethod
-    def backward(ctx, grad):
-        _, c, h, w = ctx.shape
-        df = _launch_bwd(grad, c, h, w) if ctx.needs_input_grad[0] else None
-        dl = grad[:, c:].to(ctx.label_dtype) if ctx.needs_input_grad[1] else None
-        return df, dl
+
+def _uc_backward(ctx, grad):
+    c = ctx.features_size[1]
+    df = torch.ops.crn_fast.upsample_concat_backward(grad, ctx.features_size) if ctx.needs_input_grad[0] else None
+    dl = grad[:, c:].to(ctx.label_dtype) if ctx.needs_input_grad[1] else None
+    return df, dl
+
+
+torch.library.register_autograd("crn_fast::upsample_concat", _uc_backward, setup_context=_uc_setup_context)
+
+
+@triton_op("crn_fast::norm_lrelu_upsample_concat", mutates_args=())
+def _norm_lrelu_upsample_concat_op(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor, label: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """Inference only: upsample_concat(leaky_relu(layer_norm(x) * weight + bias), label) with the
+    norm applied to each bilinear tap, from per-sample mean/rstd (layer_norm_stats)."""
+    _check(x, label)
+    if not can_run(x):
+        fmt = torch.channels_last if _out_channels_last(x, label) else torch.contiguous_format
+        return norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope) \
+            .contiguous(memory_format=fmt)
+    return _launch_fwd(x, label, (mean.float(), rstd.float(), weight, bias), negative_slope)
 
 
 def upsample_concat(features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Triton version of :func:`upsample_concat_reference`; the output has features' dtype and is
-    channels_last when either input is."""
-    if not can_run(features):
-        return upsample_concat_reference(features, label)
-    return UpsampleConcat.apply(features, label)
+    """Triton version of :func:`upsample_concat_reference` (``torch.ops.crn_fast.upsample_concat``);
+    the output has features' dtype and is channels_last when either input is."""
+    return torch.ops.crn_fast.upsample_concat(features, label)
 
 
-def norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, negative_slope: float = 0.2):
+def norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, negative_slope: float = LEAKY_SLOPE):
     """Inference-only fusion of module i's last norm + leaky ReLU with module i+1's upsample +
-    concat: reads x (the raw conv output) at low resolution and writes the next module's input."""
-    if not can_run(x) or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    concat: reads x (the raw conv output) at low resolution and writes the next module's input.
+    With autograd recording, it runs the differentiable reference instead."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)
-    return _launch_fwd(x, label, (mean.float(), rstd.float(), weight, bias), negative_slope)
+    return torch.ops.crn_fast.norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, float(negative_slope))
 
 
 __all__ = ["upsample_concat", "upsample_concat_reference", "norm_lrelu_upsample_concat",

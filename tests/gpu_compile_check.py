@@ -1,10 +1,14 @@
 """Compile every Triton kernel ahead of time for a Hopper GPU (sm_90) with Triton's bundled ptxas,
 without a GPU. Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET (the
 interpreter replaces @triton.jit functions). Catches what the interpreter cannot: type errors,
-unsupported ops and lowering failures in the compiled path.
+unsupported ops and lowering failures in the compiled path. Each kernel's PTX is then assembled
+again with ``ptxas -v``: a kernel that spills registers to local memory fails the check.
 """
 import importlib
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -22,15 +26,29 @@ def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4):
                           options={"num_warps": num_warps})
 
 
+def spill_bytes(ptx: str, arch: int) -> tuple[int, int, str]:
+    """(spill store bytes, spill load bytes, ptxas -v report) of one kernel."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        r = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", f.name,
+                            "-o", "/dev/null"], capture_output=True, text=True)
+    report = r.stderr + r.stdout
+    stores = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", report))
+    loads = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", report))
+    return stores, loads, report
+
+
 def main(arch: int = 90) -> int:
     n = 0
     for dt in ("fp32", "bf16", "fp16"):
         a = "fp32"
-        ln = dict(BLOCK_C=4, BLOCK_HW=1024, ACC=tl.float32)
+        ln = dict(BLOCK_C=4, BLOCK_HW=1024, FP64=False)
         kernels = [
             (L._stats_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a}, [], ln),
-            (L._finalize_kernel, {"Cnt": a, "Mean": a, "M2": a, "MeanOut": a, "RstdOut": a}, ["eps"],
-             dict(BLOCK_P=1024, ACC=tl.float32)),
+            (L._finalize_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a, "RstdOut": a}, ["eps"],
+             dict(BLOCK_P=1024, FP64=False)),
             (L._apply_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a,
                                "RstdOut": a}, ["eps", "slope"], dict(ln, BLOCK_P=1024)),
             (L._bwd_reduce_kernel, {"X": dt, "DY": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a, "S2": a,
@@ -40,13 +58,18 @@ def main(arch: int = 90) -> int:
             (U._bwd_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
              dict(BLOCK_H=2, BLOCK_W=512)),
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
-              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_H=1, BLOCK_W=1024)) for norm in (False, True)]
+              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_H=1, BLOCK_W=1024)) for norm in (False, True)] \
+          + [(U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
+              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32))
+             for norm in (False, True)]
         for fn, ptrs, floats, const in kernels:
             warps = L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
             k = compile_kernel(fn, ptrs, floats, const, arch, warps)
             assert k.asm.get("cubin"), fn.__name__
+            stores, loads, report = spill_bytes(k.asm["ptx"], arch)
+            assert stores == loads == 0, f"{fn.__name__} ({dt}, {const}) spills registers:\n{report}"
             n += 1
-    print(f"compiled {n} kernels for sm_{arch}")
+    print(f"compiled {n} kernels for sm_{arch}, none spills registers")
     return 0
 
 

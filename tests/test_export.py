@@ -78,7 +78,7 @@ def test_aoti_package_runs_in_a_fresh_process_without_crn_fast(ckpt, tmp_path):
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch\n"
             f"runner = torch._inductor.aoti_load_package({str(out / 'generator.pt2')!r})\n"
-            f"y = runner(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+            f"y = runner(torch.load({str(tmp_path / 'x.pt')!r}).contiguous())\n"
             f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
             "assert not any(m.startswith('crn_fast') for m in sys.modules), 'crn_fast was imported'\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -89,6 +89,10 @@ def test_aoti_package_runs_in_a_fresh_process_without_crn_fast(ckpt, tmp_path):
     with torch.no_grad():
         ref = load_generator(ckpt)(x)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ref, atol=0.01, rtol=0)
+    from crn_fast.export import load_aoti
+    runner = load_aoti(out / "generator.pt2")  # either memory format in: the runner makes it NCHW
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        torch.testing.assert_close(runner(x.contiguous(memory_format=fmt)), ref, atol=0.01, rtol=0)
 
 
 def cli(*args):
