@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one bounded call (for a borrowed H100/H200 through the device tool):
-# compiled kernel tests, the kernel benchmark, the 1024x2048 end-to-end benchmark and the 1024x2048
-# training benchmark. Each step has its own time limit; results are copied to $OUT after every step.
-# Usage: bash benchmarks/gpu_session.sh [scale]   (scale multiplies every step's limit; default 1)
+# Everything that needs a GPU, in one bounded call (a borrowed H100/H200 through the device tool):
+#   1. compiled kernel/operator tests (opcheck with AOTAutograd, Inductor with no graph break,
+#      CUDA graphs, AOTInductor with crn_fast's kernels inside, the exporters)
+#   2. the kernel benchmark, both memory formats (bandwidth vs copy)
+#   3. the 1024x2048 race: crn_fast's paths against every torch.compile mode, same input, both formats
+#   4. the per-module profile (triton and the best-known compile mode)
+#   5. training rows at 1024x2048 bf16 (triton vs torch.compile, checkpointing on/off)
+#   6. the memory-format / channel-padding probe of the convolutions
+# Each step has its own time limit (x scale); after every step all results are packed into
+# $OUT/gpu_results.tar.gz (the device tool returns at most 8 files) beside the log.
+# Usage: bash benchmarks/gpu_session.sh [scale]          (about 8.5 minutes at scale 1 on an H100)
+#        CRN_GPU_SMOKE=1 bash benchmarks/gpu_session.sh  (CPU: every step at tiny sizes, to test the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src_shim:${PYTHONPATH:-}" TRITON_DEFAULT_FP_FUSION=1
 s=${1:-1}
 out=${OUT:-/tmp/crn_gpu_out}; mkdir -p "$out"
 log="$out/gpu_session.log"
+res=$(mktemp -d)  # this session's result files, packed after every step
+if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
+  R=64x128; P="--preset tiny"; TESTS=(tests/test_kernels.py -k "opcheck or graph_break"); ITERS="--iters 1 --warmup 0"
+else
+  R=1024x2048; P=""; TESTS=(-m "gpu or tensorrt" tests/test_kernels.py tests/test_export.py); ITERS=""
+fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
-save() {
-  gpu=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from _util import device_label; print(device_label('cuda'))")
-  cp benchmarks/results/"$gpu"_* benchmarks/results/kernels_"$gpu"_* "$out"/ 2>/dev/null  # at most 8 files come back
-}
+pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }
 if ! python3 -c "import crn_fast.kernels" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || {
     # fallback: the installed layout (crn_fast/, crn_fast/kernels, crn_fast/export) from links
@@ -21,17 +32,35 @@ if ! python3 -c "import crn_fast.kernels" 2>/dev/null; then
     for f in crn_fast/*; do ln -sfn "$PWD/$f" "src_shim/crn_fast/$(basename "$f")"; done
     ln -sfn "$PWD/kernels" src_shim/crn_fast/kernels; ln -sfn "$PWD/export" src_shim/crn_fast/export; }
 fi
+gpu=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from _util import device_label; print(device_label('cuda' if __import__('torch').cuda.is_available() else 'cpu'))")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
-step "compiled kernel tests"
-timeout $((150 * s)) python3 -m pytest -q -m "gpu or tensorrt" tests/test_kernels.py tests/test_export.py 2>&1 \
-  | tail -40 >> "$log"
-step "kernel benchmark (1024p module shapes, bf16)"
-timeout $((90 * s)) python3 benchmarks/kernels.py --dtypes bf16 --no-compile 2>&1 | tail -45 >> "$log"; save
-step "end to end, 1024x2048"
-timeout $((200 * s)) python3 benchmarks/run.py --res 1024x2048 --max-seconds $((170 * s)) \
-  --backends eager,eager-cudagraph,triton,triton-unfused,compile --dtypes bf16,fp32 2>&1 | tail -25 >> "$log"; save
-step "training, 1024x2048, bf16"
-timeout $((90 * s)) python3 benchmarks/run.py --train --res 1024x2048 --dtypes bf16 --iters 2 --warmup 0 \
-  --max-seconds $((60 * s)) 2>&1 | tail -12 >> "$log"; save
+
+step "1. compiled tests"
+timeout $((100 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
+step "2. kernel benchmark, bf16, nchw + channels_last"
+timeout $((45 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
+  --json "$res/kernels_${gpu}.json" 2>&1 | tail -60 >> "$log"; pack
+step "3. the race at $R"
+race="convs-only:bf16:channels_last,triton-cudagraph:bf16:channels_last,triton:bf16:channels_last"
+race+=",triton-compile-reduce-overhead:bf16:channels_last,compile:bf16:channels_last"
+race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
+race+=",convs-only:bf16:nchw,triton-cudagraph:bf16:nchw,triton:bf16:nchw,compile:bf16:nchw,eager-cudagraph:bf16:channels_last"
+race+=",triton-cudagraph:fp32:channels_last,triton:fp32:nchw,compile:fp32:channels_last"
+race+=",compile-max-autotune:bf16:channels_last"
+timeout $((230 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((210 * s)) \
+  --json "$res/${gpu}_${R}.json" 2>&1 | tail -40 >> "$log"; pack
+step "4. per-module profile"
+timeout $((50 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
+  --variants "triton,compile-max-autotune-no-cudagraphs" --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
+step "5. training at $R, bf16"
+timeout $((75 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
+  --train-backends triton,compile,triton-compile --max-seconds $((65 * s)) \
+  --json "$res/${gpu}_${R}_train.json" 2>&1 | tail -14 >> "$log"; pack
+step "6. memory format / channel padding of the convs"
+if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
+  timeout $((40 * s)) python3 benchmarks/memory_format.py --res $R --json "$res/memory_format_${gpu}.json" 2>&1 \
+    | tail -6 >> "$log"; fi
 step "done"
+cp "$log" "$res/${gpu}_gpu_session.log"; pack
+ls -la "$out"

@@ -1,48 +1,73 @@
-"""Where the triton backend's time goes at 1024x2048 (GPU): the whole generator in NCHW vs
-channels_last, and the convolutions alone, per dtype. cuDNN convs with 1044 (= 1024 + 20) input
-channels are much slower in NCHW than in channels_last; torch.compile switches layouts itself.
+"""Where the convolutions' time goes at 1024x2048 (GPU), per dtype and memory format: the whole
+triton generator, the 19 convs alone, and the convs alone with the layout zero-padded to a
+multiple of 8 channels (conv1 input 1048 / 536 / 152 instead of 1044 / 532 / 148: zero channels
+with zero weights compute the same result). Padding would be kept only if the padded convs are
+measurably faster.
 
-    python benchmarks/memory_format.py [--res 1024x2048] [--preset 1024p]
+    python benchmarks/memory_format.py [--res 1024x2048] [--preset 1024p] [--json PATH]
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import time_fn  # noqa: E402
+from _util import device_label, machine_info, time_fn  # noqa: E402
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
 from crn_fast.labels import one_hot  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def convs_ms(cfg, h, w, dt, fmt, pad_to: int = 1) -> float:
+    """Sum over modules of conv1 + conv2 alone (min of 5 after 2 warm-ups), conv1's input padded."""
+    total, n = 0.0, cfg.num_modules
+    for i in range(n):
+        hi, wi = h >> (n - 1 - i), w >> (n - 1 - i)
+        cin = -(-cfg.in_channels(i) // pad_to) * pad_to
+        c1 = torch.nn.Conv2d(cin, cfg.widths[i], 3, padding=1, bias=False).cuda().to(dt).to(memory_format=fmt)
+        c2 = torch.nn.Conv2d(cfg.widths[i], cfg.widths[i], 3, padding=1, bias=False).cuda().to(dt) \
+            .to(memory_format=fmt)
+        a = torch.randn(1, cin, hi, wi, device="cuda", dtype=dt).contiguous(memory_format=fmt)
+        b = torch.randn(1, cfg.widths[i], hi, wi, device="cuda", dtype=dt).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            total += min(time_fn(lambda: (c1(a), c2(b)), "cuda", 2, 5))
+    return total
+
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--res", default="1024x2048")
     ap.add_argument("--preset", default="1024p")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("memory_format.py: error: needs a CUDA GPU", file=sys.stderr)
+        return 2
     h, w = parse_resolution(args.res)
     cfg = get_preset(args.preset)
     x = one_hot(torch.randint(0, 20, (1, h, w))).cuda()
+    rows = []
     for dt in (torch.bfloat16, torch.float32):
         for fmt in (torch.contiguous_format, torch.channels_last):
-            m = CRN(cfg, backend="triton").cuda().to(dt).eval().to(memory_format=fmt)
+            m = CRN(cfg, backend="triton", memory_format=fmt).cuda().to(dt).eval()
             xin = x.to(dt).contiguous(memory_format=fmt)
             with torch.no_grad():
                 full = min(time_fn(lambda: m(xin), "cuda", 3, 10))
-                convs = 0.0
-                n = cfg.num_modules
-                for i, mod in enumerate(m.refine):
-                    hi, wi = h >> (n - 1 - i), w >> (n - 1 - i)
-                    a = torch.randn(1, cfg.in_channels(i), hi, wi, device="cuda", dtype=dt).contiguous(memory_format=fmt)
-                    b = torch.randn(1, cfg.widths[i], hi, wi, device="cuda", dtype=dt).contiguous(memory_format=fmt)
-                    convs += min(time_fn(lambda: (mod.conv1(a), mod.conv2(b)), "cuda", 2, 5))
-            print(f"{str(dt):15s} {str(fmt):24s} generator {full:8.2f} ms   convs alone {convs:8.2f} ms", flush=True)
+            row = {"dtype": str(dt), "format": str(fmt), "generator_ms": full, "convs_ms": convs_ms(cfg, h, w, dt, fmt),
+                   "convs_padded8_ms": convs_ms(cfg, h, w, dt, fmt, pad_to=8)}
+            rows.append(row)
+            print(f"{str(dt):15s} {str(fmt):24s} generator {full:8.2f} ms   convs alone {row['convs_ms']:8.2f} ms"
+                  f"   padded to 8: {row['convs_padded8_ms']:8.2f} ms", flush=True)
             del m
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"memory_format_{device_label('cuda')}_{h}x{w}.json")
+    out.write_text(json.dumps({"machine": machine_info("cuda"), "rows": rows}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

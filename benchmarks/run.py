@@ -44,6 +44,7 @@ ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfu
                 "onnxruntime-cuda", "tensorrt")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 FORMAT_AGNOSTIC = ("aoti", "onnxruntime", "onnxruntime-cuda", "tensorrt")  # take any input; run once
+TRAIN_BACKENDS = ("eager", "triton", "compile", "triton-compile")
 
 
 class Skip(Exception):
@@ -223,8 +224,8 @@ def run_inference(args, model, device, layout, size, peak):
     rows = []
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="crn-bench-")
-    combos = [(b, d, f) for f in args.formats for b in args.backends for d in args.dtypes
-              if not (b in FORMAT_AGNOSTIC and f != args.formats[0])]
+    combos = args.rows or [(b, d, f) for f in args.formats for b in args.backends for d in args.dtypes
+                           if not (b in FORMAT_AGNOSTIC and f != args.formats[0])]
     for i, (backend, dname, fname) in enumerate(combos):
         fmt = FORMATS[fname]
         ctx = {"device": torch.device(device), "layout": layout.contiguous(memory_format=fmt), "size": size,
@@ -273,7 +274,7 @@ def run_training(args, config, device, layout, size):
     from crn_fast.vgg import load_vgg19
     rows = []
     target = torch.rand(args.batch, 3, *size, device=device) * 255
-    for backend in ("eager", "triton", "compile", "triton-compile"):
+    for backend in args.train_backends:
         for ckpt in (False, True):
             for dname in args.dtypes:
                 row = {"backend": backend, "checkpointing": ckpt, "dtype": dname}
@@ -383,6 +384,10 @@ def parse_args(argv=None):
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
     ap.add_argument("--formats", default=None, help="comma list of nchw,channels_last (default: both on GPU, "
                                                     "channels_last on CPU)")
+    ap.add_argument("--rows", default=None, help="exact rows instead of backends x dtypes x formats: comma list of "
+                    "BACKEND:DTYPE:FORMAT, in the order to run them (e.g. triton-cudagraph:bf16:channels_last)")
+    ap.add_argument("--train-backends", default=None, help="--train: comma list of eager, triton, compile, "
+                    "triton-compile (default: all)")
     ap.add_argument("--warmup", type=int, default=None, help="default: 3 on GPU (10 if fast), 0 on CPU at 2 MP")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on GPU; on CPU 3 (1 at >= 512x1024)")
     ap.add_argument("--max-seconds", type=float, default=3600, help="bound on the whole run (default 3600)")
@@ -422,6 +427,14 @@ def parse_args(argv=None):
     args.backends = choices(args.backends, ALL_BACKENDS, "--backends", list(ALL_BACKENDS))
     args.dtypes = choices(args.dtypes, list(DTYPES), "--dtypes", ["fp32", "bf16", "fp16"] if cuda else ["fp32"])
     args.formats = choices(args.formats, list(FORMATS), "--formats", list(FORMATS) if cuda else ["channels_last"])
+    args.rows = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else None
+    for r in args.rows or []:
+        if len(r) != 3 or r[0] not in ALL_BACKENDS or r[1] not in DTYPES or r[2] not in FORMATS:
+            ap.error(f"--rows: {':'.join(r)!r} is not BACKEND:DTYPE:FORMAT with BACKEND in {', '.join(ALL_BACKENDS)}, "
+                     f"DTYPE in {', '.join(DTYPES)}, FORMAT in {', '.join(FORMATS)}")
+    if args.rows:
+        args.dtypes = sorted({r[1] for r in args.rows}, key=list(DTYPES).index)
+    args.train_backends = choices(args.train_backends, TRAIN_BACKENDS, "--train-backends", list(TRAIN_BACKENDS))
     big = args.size[0] * args.size[1] >= 512 * 1024
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else (0 if big else 1))
     args.iters = args.iters if args.iters is not None else (20 if cuda else (1 if big else 3))

@@ -186,3 +186,54 @@ def test_onnxruntime_cuda_provider(onnx_export):
     cpu = ONNXGenerator(onnx_export / "generator.onnx")(x)
     gpu = ONNXGenerator(onnx_export / "generator.onnx", device="cuda")(x)
     torch.testing.assert_close(gpu, cpu, atol=0.05, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_cuda_graph_equals_eager_and_keeps_its_model(ckpt, backend):
+    """One whole-generator CUDA graph per shape; the runner holds the model, so dropping every
+    other reference and collecting garbage cannot free the weights the graph reads."""
+    import gc
+    from crn_fast import load_generator
+    from crn_fast.export import cuda_graph
+    x = layout(2, 32, 64, seed=5).cuda()
+    with torch.no_grad():
+        ref = load_generator(ckpt).cuda()(x)
+    run = cuda_graph(load_generator(ckpt, backend=backend).cuda(), x)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.randn(64, 1 << 20, device="cuda")  # reuse any freed memory
+    for _ in range(2):
+        torch.testing.assert_close(run(x), ref, atol=2e-3, rtol=1e-5)
+    torch.testing.assert_close(run(layout(1, 64, 128, seed=6).cuda()).shape[-2:], torch.Size([64, 128]))
+
+
+@pytest.mark.gpu
+def test_aoti_package_of_the_triton_backend_holds_its_kernels(ckpt, tmp_path):
+    """On CUDA the AOTInductor package keeps crn_fast's Triton kernels and runs in a process
+    without crn_fast."""
+    from crn_fast import load_generator
+    from crn_fast.export import export_aoti
+    path = export_aoti(load_generator(ckpt, backend="triton"), tmp_path / "g.pt2", (32, 64), device="cuda")
+    x = layout(1, 32, 64, seed=7)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch\n"
+            f"runner = torch._inductor.aoti_load_package({str(path)!r})\n"
+            f"y = runner(torch.load({str(tmp_path / 'x.pt')!r}).cuda().contiguous())\n"
+            f"torch.save(y.cpu(), {str(tmp_path / 'y.pt')!r})\n"
+            "assert not any(m.startswith('crn_fast') for m in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with torch.no_grad():
+        ref = load_generator(ckpt)(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ref, atol=0.01, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_cuda_graph_without_a_gpu_is_one_clear_error(ckpt):
+    from crn_fast import CRNError, load_generator
+    from crn_fast.export import cuda_graph
+    with pytest.raises(CRNError, match="CUDA graphs need a CUDA GPU"):
+        cuda_graph(load_generator(ckpt))
