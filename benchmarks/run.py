@@ -358,6 +358,11 @@ def plot(rows, path, floor_ms, title):
               else "#4a7ab5" for r in done]
     ax.barh(labels, [r["median_ms"] for r in done], color=colors)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="both", labelsize=7)
     for y, r in enumerate(done):
         v = r["median_ms"]
         ax.text(v * 1.03, y, f"{v:.3g} ms" if v < 1000 else f"{v:,.0f} ms", va="center", fontsize=7)
