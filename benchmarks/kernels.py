@@ -24,6 +24,7 @@ from _util import device_label, machine_info, time_fn  # noqa: E402
 
 from crn_fast import kernels as K  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
+from crn_fast.constants import DTYPES, LEAKY_SLOPE, LN_EPS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,6 @@ def main(argv=None):
     config = get_preset(args.preset)
     size = parse_resolution(args.res) if args.res else config.resolution
     dtypes = (args.dtypes or ("bf16,fp32" if cuda else "fp32")).split(",")
-    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     bw = copy_bandwidth(device, args.iters)
     print(f"copy bandwidth: {bw:.0f} GB/s on {torch.cuda.get_device_name() if cuda else 'CPU'}", file=sys.stderr)
     ln_ref = K.layer_norm_lrelu_reference
@@ -78,13 +78,13 @@ def main(argv=None):
     for fname, dname in ((f, d) for f in args.formats.split(",") for d in dtypes):
         if fname not in formats:
             ap.error(f"--formats: {fname!r} is not one of {', '.join(formats)}")
-        fmt, dt = formats[fname], tdt[dname]
+        fmt, dt = formats[fname], DTYPES[dname]
         for i, c, h, w, prev in module_shapes(config, size):
             x = torch.randn(1, c, h, w, device=device, dtype=dt).contiguous(memory_format=fmt)
             wt, bs = torch.ones(c, device=device, dtype=dt), torch.zeros(c, device=device, dtype=dt)
-            impls = {"eager": lambda: ln_ref(x, wt, bs, 1e-12, 0.2)}
+            impls = {"eager": lambda: ln_ref(x, wt, bs, LN_EPS, LEAKY_SLOPE)}
             if ln_c:
-                impls["compile"] = lambda: ln_c(x, wt, bs, 1e-12, 0.2)
+                impls["compile"] = lambda: ln_c(x, wt, bs, LN_EPS, LEAKY_SLOPE)
             if cuda:
                 impls["triton"] = lambda: K.layer_norm_lrelu(x, wt, bs)
             nbytes = 3 * x.numel() * x.element_size()

@@ -158,8 +158,9 @@ def _compiled(mode, backend="eager"):
 
 
 def b_aoti(model, dtype, device, ctx):
+    from crn_fast.constants import DTYPE_NAMES
     from crn_fast.export import export_aoti, load_aoti
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = DTYPE_NAMES[dtype]
     if dtype != torch.float32 and ctx["device"].type != "cuda":
         raise Skip("reduced precision is benchmarked on GPUs")
     t0 = time.perf_counter()
@@ -169,24 +170,34 @@ def b_aoti(model, dtype, device, ctx):
     return runner, time.perf_counter() - t0
 
 
+def _onnx_file(model, dtype, ctx) -> Path:
+    """crn_fast's ONNX model in the row's precision (fp32, or fp16/bf16 mixed precision), once per run."""
+    from crn_fast.constants import DTYPE_NAMES
+    from crn_fast.export.onnx import export_onnx
+    name = DTYPE_NAMES[dtype]
+    path = Path(ctx["tmp"]) / f"gen_{name}.onnx"
+    if not path.exists():
+        export_onnx(model, path, tuple(ctx["size"]), max_size=tuple(ctx["size"]), dtype=name)
+    return path
+
+
 def _onnx(provider_device):
+    """onnxruntime on the CPU provider (fp32) or the CUDA provider (fp32 and the mixed-precision
+    fp16/bf16 models that crn-export --dtype writes)."""
     def build(model, dtype, device, ctx):
         try:
             import onnxruntime  # noqa: F401  (only checking it is there)
         except ImportError:
             raise Skip("onnxruntime is not installed (pip install 'crn_fast[export]')") from None
-        from crn_fast.export.onnx import ONNXGenerator, export_onnx, onnxruntime_providers
-        if dtype != torch.float32:
-            raise Skip("the ONNX model is fp32; reduced precision is chosen at TensorRT build time")
+        from crn_fast.export.onnx import ONNXGenerator, onnxruntime_providers
+        if dtype != torch.float32 and provider_device == "cpu":
+            raise Skip("onnxruntime's CPU provider is benchmarked in fp32 (it has no bf16 Conv)")
         try:
             onnxruntime_providers(provider_device)
         except RuntimeError as e:
             raise Skip(str(e)) from None
         t0 = time.perf_counter()
-        path = Path(ctx["tmp"]) / "gen.onnx"
-        if not path.exists():
-            export_onnx(model, path, tuple(ctx["size"]), max_size=tuple(ctx["size"]))
-        run = ONNXGenerator(path, device=provider_device)
+        run = ONNXGenerator(_onnx_file(model, dtype, ctx), device=provider_device, runtime="onnxruntime")
         return run, time.perf_counter() - t0
     return build
 
@@ -196,16 +207,12 @@ def b_tensorrt(model, dtype, device, ctx):
     reason = tensorrt_missing_reason()
     if reason:
         raise Skip(reason)
-    from crn_fast.export.onnx import export_onnx
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     t0 = time.perf_counter()
-    onnx_path = Path(ctx["tmp"]) / "gen.onnx"
-    if not onnx_path.exists():
-        export_onnx(model, onnx_path, tuple(ctx["size"]), max_size=tuple(ctx["size"]))
+    onnx_path = _onnx_file(model, dtype, ctx)
     cfg = model.config
     profile = make_profile(cfg.num_classes, cfg.stride, tuple(ctx["size"]), batch=ctx["batch"])
-    engine = Path(ctx["tmp"]) / f"gen_{name}.engine"
-    build_engine(onnx_path, engine, profile, name, timing_cache=Path(ctx["tmp"]) / "timing.cache", log=lambda *a: None)
+    engine = onnx_path.with_suffix(".engine")
+    build_engine(onnx_path, engine, profile, timing_cache=Path(ctx["tmp"]) / "timing.cache")
     run = TensorRTGenerator(engine, cuda_graph=True)
     return run, time.perf_counter() - t0
 

@@ -2,7 +2,11 @@
 
 
 class CRNError(ValueError):
-    """Bad input: the message names the file or value and what would be valid."""
+    """Bad input: the message names the file or value and what would be valid (exit status 1)."""
+
+
+class UsageError(CRNError):
+    """A command-line option with a value that cannot work (exit status 2, like argparse)."""
 
 
 class CheckpointError(CRNError):

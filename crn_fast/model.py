@@ -141,7 +141,7 @@ class CRN(nn.Module):
         if not torch.compiler.is_compiling():
             self.check_input(layout)
         # the model's dtype and one memory format end to end (a one-hot layout is exact in any float)
-        layout = layout.to(dtype=self.head.weight.dtype, memory_format=self.memory_format)
+        layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
         levels = layout_pyramid(layout, len(self.refine))
         if self.backend == "triton" and self.fuse_inference and not torch.is_grad_enabled():
             x = self._features_fused(levels)

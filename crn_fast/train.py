@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_generator, load_train_state, save_generator, save_train_state
 from .config import get_preset, parse_resolution
+from .constants import DTYPES
 from .data import DATA_FORMS, make_dataset
 from .errors import CRNError
 from .images import sample_sheet, save_png
@@ -237,7 +238,7 @@ def train(args) -> Path:
     sampler = StepBatches(len(dataset), args.batch_size, rank, world, args.seed, start, total)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    amp_dtype = DTYPES[args.amp] if args.amp != "off" else None
     n_params = sum(p.numel() for p in params)
 
     log(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +

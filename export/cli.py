@@ -1,20 +1,25 @@
 """crn-export: a crn_fast checkpoint -> deployable artefacts, each verified against eager fp32.
 
     crn-export --onnx model.ckpt                  # generator.onnx: dynamic batch/height/width
-    crn-export --trt model.ckpt --dtype fp16      # generator.onnx + generator.engine (TensorRT 10+)
+    crn-export --onnx model.ckpt --dtype fp16     # mixed precision: fp16 convs, fp32 layer norms and I/O
+    crn-export --trt model.ckpt --dtype fp16      # generator.onnx + a strongly typed generator.engine
     crn-export --compile model.ckpt --res 256x512 # generator.pt2: AOTInductor package
 
 Every artefact gets a JSON sidecar (<artefact>.json): input/output names, shapes or profile,
 dtype, library versions, device, export time and the verification result. Verification (on by
-default) runs eager fp32 and the artefact on the same layouts at two resolutions and exits with
-status 3 if the max abs error on the 0..255 scale is over --tolerance. Artefacts are built in a
-temporary folder and moved into --out only when complete.
+default) runs eager fp32 and the artefact on the same layouts at two resolutions. Artefacts are
+built in a temporary folder and moved into --out only when complete and verified; one that fails
+verification is kept beside the previous good one as generator.failed.<ext> (with its sidecar),
+never in its place, and the exit status is 3.
+
+Exit status: 0 done, 1 runtime error, 2 usage error, 3 verification failed.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import shutil
 import sys
@@ -24,10 +29,14 @@ from pathlib import Path
 
 import torch
 
-from crn_fast.config import parse_resolution
-from crn_fast.errors import CRNError
+from crn_fast.cli import add_logging_options, log, non_negative_float, positive_int, resolution, run_tool, \
+    setup_logging
+from crn_fast.constants import DTYPES, EXIT_VERIFY
+from crn_fast.errors import CRNError, UsageError
 
 from .verify import DEFAULT_TOLERANCE, verify
+
+WORK_PREFIX = ".crn-export-"
 
 
 def build_parser():
@@ -38,26 +47,32 @@ def build_parser():
     ap.add_argument("--trt", action="store_true", help="TensorRT engine (implies building the ONNX model)")
     ap.add_argument("--compile", action="store_true", help="AOTInductor package (torch.export + Inductor)")
     ap.add_argument("--out", default="exported", help="output folder (default: exported)")
-    ap.add_argument("--res", default=None, help="HxW to export/optimise for (default: the model's nominal size)")
-    ap.add_argument("--min-res", default=None, help="smallest HxW of the dynamic range (TensorRT, AOTInductor)")
-    ap.add_argument("--opt-res", default=None, help="HxW TensorRT optimises for (default: --res)")
-    ap.add_argument("--max-res", default=None, help="largest HxW of the dynamic range (TensorRT, AOTInductor)")
-    ap.add_argument("--batch", type=int, default=1, help="batch size to optimise for (default 1)")
-    ap.add_argument("--min-batch", type=int, default=None)
-    ap.add_argument("--max-batch", type=int, default=None)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                    help="precision of TensorRT / AOTInductor artefacts (ONNX is always fp32)")
-    ap.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    ap.add_argument("--res", type=resolution, default=None,
+                    help="HxW to export/optimise for (default: the model's nominal size)")
+    ap.add_argument("--min-res", type=resolution, default=None,
+                    help="smallest HxW of the dynamic range (TensorRT, AOTInductor)")
+    ap.add_argument("--opt-res", type=resolution, default=None, help="HxW TensorRT optimises for (default: --res)")
+    ap.add_argument("--max-res", type=resolution, default=None,
+                    help="largest HxW of the dynamic range (ONNX, TensorRT, AOTInductor)")
+    ap.add_argument("--batch", type=positive_int, default=1, help="batch size to optimise for (default 1)")
+    ap.add_argument("--min-batch", type=positive_int, default=None)
+    ap.add_argument("--max-batch", type=positive_int, default=None)
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                    help="precision of every artefact: fp32, or fp16/bf16 mixed precision (fp32 layer norms, "
+                         "input and output)")
+    ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16)")
     ap.add_argument("--workspace", type=float, default=8.0, help="TensorRT workspace in GiB (default 8)")
-    ap.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    ap.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
+                    help="TensorRT builder optimisation level 0-5 (default 3)")
     ap.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (default: OUT/timing.cache)")
     ap.add_argument("--device", default=None, help="device for AOTInductor and verification (default: cuda if any)")
     ap.add_argument("--verify", dest="verify", action="store_true", default=True, help="verify (default)")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
-    ap.add_argument("--tolerance", type=float, default=None,
+    ap.add_argument("--tolerance", type=non_negative_float, default=None,
                     help="max abs error on 0..255 (default per dtype: " +
                          ", ".join(f"{k} {v}" for k, v in DEFAULT_TOLERANCE.items()) + ")")
     ap.add_argument("--layouts", default=None, help="folder of real label maps for verification (default: synthetic)")
+    add_logging_options(ap)
     return ap
 
 
@@ -87,43 +102,99 @@ def verify_sizes(cfg, res, min_res, max_res) -> list[tuple[int, int]]:
     return [tuple(res), half] if min(half) >= s else [tuple(res), (res[0] * 2, res[1] * 2)]
 
 
+def check_options(args, cfg) -> dict:
+    """Every option checked against the model before anything is built: UsageError naming it."""
+    from .onnx import DEFAULT_OPSET, check_opset
+    if not (args.onnx or args.trt or args.compile):
+        raise UsageError("nothing to export: pass --onnx, --trt and/or --compile")
+    res = args.res or cfg.resolution
+    opt = args.opt_res or res
+    for name, r in (("--res", res), ("--opt-res", opt), ("--min-res", args.min_res), ("--max-res", args.max_res)):
+        if r is not None:
+            try:
+                cfg.validate_input_size(*r)
+            except CRNError as e:
+                raise UsageError(f"{name}: {e}") from None
+    lo, hi = args.min_res or res, args.max_res or res
+    for name, r in (("--res", res), ("--opt-res", opt)):
+        if not (lo[0] <= r[0] <= hi[0] and lo[1] <= r[1] <= hi[1]):
+            raise UsageError(f"{name} {r[0]}x{r[1]} is outside --min-res {lo[0]}x{lo[1]} .. --max-res "
+                             f"{hi[0]}x{hi[1]}; choose min <= res <= max in both height and width")
+    if args.max_batch is not None and args.max_batch < args.batch or \
+            args.min_batch is not None and args.min_batch > args.batch:
+        raise UsageError(f"batch sizes must satisfy --min-batch <= --batch <= --max-batch, got "
+                         f"{args.min_batch} / {args.batch} / {args.max_batch}")
+    opset = args.opset or DEFAULT_OPSET[args.dtype]
+    if args.onnx or args.trt:
+        try:
+            check_opset(opset, args.dtype)
+        except CRNError as e:
+            raise UsageError(str(e)) from None
+    if args.workspace <= 0:
+        raise UsageError(f"--workspace {args.workspace}: must be > 0 GiB")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UsageError(f"--device {device}: valid: cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if args.dtype == "fp16" and args.compile and device == "cpu":
+        raise UsageError("--compile --dtype fp16 needs a GPU; on CPU use fp32 or bf16")
+    if args.layouts and not Path(args.layouts).is_dir():
+        raise UsageError(f"--layouts {args.layouts}: no such folder")
+    return {"res": res, "opt_res": opt, "opset": opset, "device": device}
+
+
+def clean_stale_work_dirs(out: Path) -> None:
+    """Remove temporary folders of crn-export runs that were killed (their process is gone)."""
+    for d in out.glob(WORK_PREFIX + "*"):
+        try:
+            pid = int(d.name[len(WORK_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            log.info(f"removing {d} (left by an interrupted crn-export, process {pid})")
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def failed_name(name: str) -> str:
+    """generator.onnx -> generator.failed.onnx (never the name of a verified artefact)."""
+    stem, dot, ext = name.partition(".")
+    return f"{stem}.failed.{ext}" if dot else f"{name}.failed"
+
+
 def run(args) -> int:
     from crn_fast.checkpoint import load_generator
-    if not (args.onnx or args.trt or args.compile):
-        raise CRNError("nothing to export: pass --onnx, --trt and/or --compile")
     model = load_generator(args.checkpoint)  # clear error for missing/corrupt/foreign files
     cfg = model.config
-    res = parse_resolution(args.res) if args.res else cfg.resolution
-    opt_res = parse_resolution(args.opt_res) if args.opt_res else res
-    min_res = parse_resolution(args.min_res) if args.min_res else None
-    max_res = parse_resolution(args.max_res) if args.max_res else None
-    for r in filter(None, (res, opt_res, min_res, max_res)):
-        cfg.validate_input_size(*r)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CRNError(f"--device {device}: no CUDA GPU is available here")
+    opts = check_options(args, cfg)
+    res, opt_res, device = opts["res"], opts["opt_res"], opts["device"]
+    min_res, max_res = args.min_res, args.max_res
+    profile = None
     if args.trt:
-        from .tensorrt import make_profile, precision_flags, tensorrt_missing_reason
-        reason = tensorrt_missing_reason()
-        if reason:
-            raise CRNError(f"--trt: {reason}")
+        from .tensorrt import _trt, make_profile
+        _trt()  # TensorRT missing, no GPU or an unsupported version: one line, before any work
         profile = make_profile(cfg.num_classes, cfg.stride, opt_res, min_res, max_res, args.batch,
                                args.min_batch, args.max_batch)
-        precision_flags(args.dtype)
-    if args.onnx and args.dtype != "fp32" and not args.trt:
-        raise CRNError("ONNX models are exported in fp32; choose reduced precision when building the engine "
-                       "(--trt --dtype fp16) or the AOTInductor package (--compile --dtype bf16)")
-    if args.dtype == "fp16" and args.compile and device == "cpu":
-        raise CRNError("--compile --dtype fp16 needs a GPU; on CPU use fp32 or bf16")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".crn-export-", dir=out))
+        clean_stale_work_dirs(out)
+        work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=out))
     except OSError as e:
         raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
     tol = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
     common = {"model": cfg.to_dict(), "checkpoint": str(args.checkpoint), "versions": _versions(),
-              "input": {"name": "layout", "dtype": "float32", "layout": "NCHW one-hot, void last"},
+              "input": {"name": "layout", "dtype": "float32", "layout": "NCHW one-hot, void last, contiguous"},
               "output": {"name": "images", "dtype": "float32",
                          "layout": "NCHW, 3k channels image-major, 0..255 unclipped"}}
     produced, failed = [], []
@@ -131,76 +202,89 @@ def run(args) -> int:
     def finish(artefact: Path, info: dict, runner, verify_device: str, vsizes, batch=1):
         info = {**common, **info, "artefact": artefact.name, "device": _device_name(verify_device),
                 "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        ok = True
         if args.verify:
-            info["verification"] = verify(runner, model, vsizes, args.layouts, tol, verify_device, batch)
-            v = info["verification"]
-            print(f"  verify {artefact.name}: max abs {v['max_abs']:.4g} (tolerance {tol}), " +
-                  ", ".join(f"{r['size'][0]}x{r['size'][1]}: PSNR {r['psnr_db']:.1f} dB" for r in v["results"]))
-            if not v["passed"]:
-                failed.append(artefact.name)
+            log.info(f"verifying {artefact.name} against eager fp32 at " +
+                     ", ".join(f"{h}x{w}" for h, w in vsizes) + " ...")
+            v = verify(runner, model, vsizes, args.layouts, tol, verify_device, batch)
+            v["runtime"] = getattr(runner, "runtime", None) or info.get("format")
+            info["verification"] = v
+            log.info(f"  {artefact.name}: max abs {v['max_abs']:.4g} (tolerance {tol}), " +
+                     ", ".join(f"{r['size'][0]}x{r['size'][1]}: PSNR {r['psnr_db']:.1f} dB" for r in v["results"]))
+            ok = v["passed"]
         else:
             info["verification"] = None
-        (work / f"{artefact.name}.json").write_text(json.dumps(info, indent=2))
-        produced.extend([artefact, work / f"{artefact.name}.json"])
+        name = artefact.name if ok else failed_name(artefact.name)
+        if not ok:
+            failed.append(name)
+            artefact = artefact.rename(artefact.with_name(name))
+            info["artefact"] = name
+        side = work / f"{name}.json"
+        side.write_text(json.dumps(info, indent=2))
+        produced.extend([artefact, side])
 
     try:
         if args.onnx or args.trt:
             from .onnx import ONNXGenerator, export_onnx
+            log.info(f"onnx: exporting {args.dtype} generator.onnx (opset {opts['opset']}) ...")
             t0 = time.perf_counter()
-            path = export_onnx(model, work / "generator.onnx", res, args.opset,
-                               max_batch=max(64, args.max_batch or 1), max_size=max_res)
+            path = export_onnx(model, work / "generator.onnx", res, opts["opset"],
+                               max_batch=max(64, args.max_batch or 1), max_size=max_res, dtype=args.dtype)
             dt = time.perf_counter() - t0
-            print(f"onnx: {path.name} in {dt:.1f}s")
+            log.info(f"onnx: {path.name} in {dt:.1f}s")
             s = cfg.stride
-            finish(path, {"format": "onnx", "opset": args.opset, "export_seconds": dt,
+            runner = ONNXGenerator(path)
+            # onnx.reference (numpy) stands in where onnxruntime's CPU provider lacks a kernel (bf16):
+            # exact but slow, so it verifies at the two smallest sizes the model runs
+            vsizes = verify_sizes(cfg, res, None, None) if runner.runtime == "onnxruntime" else \
+                [(s, 2 * s), (2 * s, 4 * s)]
+            finish(path, {"format": "onnx", "dtype": args.dtype, "opset": opts["opset"], "export_seconds": dt,
                           "shapes": {"layout": ["batch", cfg.num_classes, f"{s}*h", f"{s}*w"],
                                      "images": ["batch", 3 * cfg.k, f"{s}*h", f"{s}*w"]}},
-                   ONNXGenerator(path), "cpu", verify_sizes(cfg, res, None, None))
-        if args.trt:
+                   runner, "cpu", vsizes)
+        if args.trt and "generator.onnx" not in failed:
             from .tensorrt import TensorRTGenerator, build_engine
+            log.info("tensorrt: building a strongly typed engine (minutes for large profiles) ...")
             t0 = time.perf_counter()
             cache = args.timing_cache or str(out / "timing.cache")
-            facts = build_engine(work / "generator.onnx", work / "generator.engine", profile, args.dtype,
-                                 args.workspace, cache, args.opt_level)
+            facts = build_engine(work / "generator.onnx", work / "generator.engine", profile, args.workspace, cache,
+                                 args.opt_level)
             dt = time.perf_counter() - t0
-            print(f"tensorrt: generator.engine in {dt:.1f}s")
-            finish(work / "generator.engine", {"format": "tensorrt", "dtype": args.dtype, "build_seconds": dt,
+            log.info(f"tensorrt: generator.engine in {dt:.1f}s")
+            finish(work / "generator.engine", {"format": "tensorrt", "build_seconds": dt,
                                                "profile": profile.to_dict(), **facts},
                    TensorRTGenerator(work / "generator.engine"), "cuda",
                    verify_sizes(cfg, opt_res, min_res, max_res))
         if args.compile:
             from .compile import export_aoti, load_aoti
+            log.info(f"aotinductor: compiling generator.pt2 on {device} (a minute or more) ...")
             t0 = time.perf_counter()
             path = export_aoti(model, work / "generator.pt2", res, args.batch, args.dtype, device, min_res, max_res,
                                args.max_batch)
             dt = time.perf_counter() - t0
-            print(f"aotinductor: {path.name} in {dt:.1f}s")
-            runner = load_aoti(path)
+            log.info(f"aotinductor: {path.name} in {dt:.1f}s")
             vs = verify_sizes(cfg, res, min_res, max_res) if (min_res or max_res) else [tuple(res)]
             finish(path, {"format": "aotinductor", "dtype": args.dtype, "compile_seconds": dt,
                           "shapes": {"layout": [args.batch, cfg.num_classes, *res]},
                           "dynamic": {"min_res": min_res, "max_res": max_res, "max_batch": args.max_batch},
-                          "load": "torch._inductor.aoti_load_package(path)(layout)"},
-                   runner, device, vs, batch=args.batch)
+                          "load": "torch._inductor.aoti_load_package(path)(layout.contiguous())"},
+                   load_aoti(path), device, vs, batch=args.batch)
         for f in produced:
             f.replace(out / f.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("wrote " + ", ".join(str(out / f.name) for f in produced))
+    log.info("wrote " + ", ".join(str(out / f.name) for f in produced))
     if failed:
-        print(f"crn-export: error: verification failed for {', '.join(failed)} (see the sidecar JSON)",
-              file=sys.stderr)
-        return 3
+        print(f"crn-export: error: verification failed for {', '.join(failed)} (kept beside any earlier good "
+              f"artefact; see its sidecar JSON)", file=sys.stderr)
+        return EXIT_VERIFY
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except CRNError as e:
-        print(f"crn-export: error: {e}", file=sys.stderr)
-        return 2
+    setup_logging(args)
+    return run_tool("crn-export", run, args)
 
 
 if __name__ == "__main__":

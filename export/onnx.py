@@ -17,6 +17,18 @@ the per-channel affine (Mul, Add) and LeakyRelu. Why this pattern:
 
 The area pyramid exports as AveragePool(2, stride 2) and the upsample as Resize(linear,
 align_corners), both driven by runtime shapes, so any multiple of the model's stride works.
+
+Mixed precision (``dtype="fp16"`` or ``"bf16"``) is written into the graph itself, so the same
+file serves onnxruntime's CUDA provider and a strongly typed TensorRT network:
+
+* the input is fp32 and is Cast to fp16/bf16 once; every Conv, AveragePool, Resize, Concat and
+  LeakyRelu, and every conv weight, is fp16/bf16;
+* each layer norm runs in fp32: Cast up, LayerNormalization (the accurate pattern above), the
+  per-channel affine with fp32 gamma/beta, Cast down;
+* the head conv's output is Cast to fp32 before ``(x + 1) / 2 * 255``, so callers receive fp32 on
+  the 0..255 scale (bf16 would round it to steps of 1 there).
+
+bf16 Conv and AveragePool need opset 22; fp16 works from opset 17.
 """
 from __future__ import annotations
 
@@ -30,25 +42,62 @@ import torch.nn.functional as F
 from crn_fast.kernels import REFERENCE_OPS
 
 INPUT_NAME, OUTPUT_NAME = "layout", "images"
-DEFAULT_OPSET = 18  # LayerNormalization needs >= 17
+MIN_OPSET = {"fp32": 17, "fp16": 17, "bf16": 22}  # LayerNormalization: 17; bf16 Conv/AveragePool: 22
+DEFAULT_OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
 
 
 def _layer_norm_lrelu_onnx(x, weight, bias, eps, slope):
-    y = F.layer_norm(x, x.shape[1:], eps=eps)
-    return F.leaky_relu(y * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), slope)
+    """LayerNormalization over (C,H,W) in fp32 (Cast up and down around it when x is fp16/bf16),
+    then the per-channel affine in fp32 and LeakyRelu in x's dtype."""
+    y = F.layer_norm(x.float(), x.shape[1:], eps=eps)
+    y = y * weight.float().view(1, -1, 1, 1) + bias.float().view(1, -1, 1, 1)
+    return F.leaky_relu(y.to(x.dtype), slope)
 
 
 ONNX_OPS = types.SimpleNamespace(name="onnx", layer_norm_lrelu=_layer_norm_lrelu_onnx,
                                  upsample_concat=REFERENCE_OPS.upsample_concat)
 
 
-def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: int = DEFAULT_OPSET,
-                max_batch: int = 64, max_size: tuple[int, int] | None = None) -> Path:
-    """Export ``model`` (fp32) to ``path`` with dynamic batch and spatial size."""
+class _HeadToFloat(torch.nn.Module):
+    """The head conv in the graph's precision, its output Cast to fp32 (before the 0..255 scaling)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x).float()
+
+
+def check_opset(opset: int, dtype: str = "fp32") -> None:
+    from crn_fast.errors import CRNError
+    if opset < MIN_OPSET[dtype]:
+        why = "LayerNormalization" if MIN_OPSET[dtype] == 17 else "bf16 Conv and AveragePool"
+        raise CRNError(f"--opset {opset}: {dtype} ONNX models need opset {MIN_OPSET[dtype]} or later ({why}); "
+                       f"the default is {DEFAULT_OPSET[dtype]}")
+
+
+def onnx_model_for_export(model, dtype: str = "fp32"):
+    """A CPU copy of ``model`` that exports the graph described in the module docstring."""
+    from crn_fast.constants import DTYPES
+    m = copy.deepcopy(model).cpu().eval().use_ops(ONNX_OPS).to(memory_format=torch.contiguous_format)
+    m = m.to(DTYPES[dtype])
+    if dtype != "fp32":
+        for module in m.refine:  # gamma/beta stay fp32: the affine runs with the fp32 layer norm
+            module.norm1.float()
+            module.norm2.float()
+        m.head = _HeadToFloat(m.head)
+    return m
+
+
+def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: int | None = None,
+                max_batch: int = 64, max_size: tuple[int, int] | None = None, dtype: str = "fp32") -> Path:
+    """Export ``model`` to ``path`` with dynamic batch and spatial size, in fp32 or mixed precision
+    (``dtype`` fp16/bf16: fp32 input, output and layer norms; everything else fp16/bf16)."""
     from torch.export import Dim
-    if opset < 17:
-        raise ValueError(f"--opset {opset}: LayerNormalization needs opset 17 or later")
-    m = copy.deepcopy(model).float().cpu().eval().use_ops(ONNX_OPS)
+    opset = opset or DEFAULT_OPSET[dtype]
+    check_opset(opset, dtype)
+    m = onnx_model_for_export(model, dtype)
     cfg = m.config
     s = cfg.stride
     hmax, wmax = max_size or (max(example_size[0], 4096), max(example_size[1], 8192))
@@ -62,9 +111,17 @@ def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: i
                                     dynamic_shapes={"layout": {0: batch, 2: s * h, 3: s * w}})
     import onnx
     proto = _broadcast_unit_scales(program.model_proto)
+    proto.metadata_props.add(key="crn_fast.dtype", value=dtype)
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return Path(path)
+
+
+def onnx_dtype(path: str | Path) -> str:
+    """The precision crn_fast exported an ONNX model in (fp32 for models without the mark)."""
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((p.value for p in proto.metadata_props if p.key == "crn_fast.dtype"), "fp32")
 
 
 def _broadcast_unit_scales(proto):
@@ -104,16 +161,39 @@ def onnxruntime_providers(device: str = "cpu") -> list[str]:
 
 
 class ONNXGenerator:
-    """Runs an exported model in onnxruntime; called like the eager generator (torch in, torch out)."""
+    """Runs an exported model; called like the eager generator (torch in, torch out).
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=onnxruntime_providers(device))
+    runtime: "onnxruntime" (CPU, or CUDA with ``device="cuda"`` and onnxruntime-gpu),
+    "reference" (``onnx.reference``: pure numpy, slow, for small sizes only) or "auto":
+    onnxruntime where it implements every node, else the reference evaluator. onnxruntime's CPU
+    provider has no bf16 Conv/AveragePool, so bf16 models take the reference path on CPU.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, runtime: str = "auto"):
+        if runtime not in ("auto", "onnxruntime", "reference"):
+            raise ValueError(f"runtime {runtime!r}: valid: auto, onnxruntime, reference")
+        self.path, self.session, self.evaluator = Path(path), None, None
+        if runtime != "reference":
+            import onnxruntime as ort
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = threads
+            try:
+                self.session = ort.InferenceSession(str(path), opts, providers=onnxruntime_providers(device))
+            except Exception as e:  # onnxruntime's NOT_IMPLEMENTED (a type without a kernel) and friends
+                if runtime == "onnxruntime" or "NOT_IMPLEMENTED" not in str(e):
+                    raise
+        if self.session is None:
+            import onnx
+            from onnx.reference import ReferenceEvaluator
+            self.evaluator = ReferenceEvaluator(onnx.load(str(path)))
+        self.runtime = "onnxruntime" if self.session is not None else "onnx.reference"
 
     def __call__(self, layout: torch.Tensor) -> torch.Tensor:
-        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: layout.detach().float().cpu().numpy()})[0]
-        return torch.from_numpy(out)
+        x = layout.detach().float().cpu().contiguous().numpy()
+        if self.session is not None:
+            out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        else:
+            out = self.evaluator.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        return torch.from_numpy(out.astype("float32", copy=False))

@@ -1,13 +1,23 @@
-"""TensorRT engines for CRN generators (TensorRT 10 or later), built from crn_fast's ONNX export.
+"""TensorRT engines for CRN generators (TensorRT 10.12 up to, not including, 12), built from
+crn_fast's ONNX export.
 
-Build: explicit-batch network from the ONNX file, one optimisation profile covering the requested
-(batch, height, width) range, FP16/BF16 flags where asked, normalisation layers pinned to fp32
-(compute precision, layer precision and output type, with OBEY_PRECISION_CONSTRAINTS) so the
-variance of a (C,H,W) row cannot overflow in reduced precision, a persisted timing cache and
-a builder optimisation level.
+Build: a strongly typed network (the STRONGLY_TYPED creation flag: required on 10.x, where weak
+typing is deprecated since 10.12; accepted and always on in 11.x, which removed the weak-typing
+flags FP16, BF16 and OBEY/PREFER_PRECISION_CONSTRAINTS). Precision therefore comes from the ONNX
+graph itself: ``crn-export --dtype fp16|bf16`` writes Conv/AveragePool/Resize/LeakyRelu in
+fp16/bf16 and each layer norm in fp32 (export/onnx.py), and TensorRT runs exactly those types.
+No precision flag is set; TF32 is switched off (fp32 engines must match eager fp32). One
+optimisation profile covers the requested (batch, height, width) range; a persisted timing
+cache and a builder optimisation level.
 
 Run: :class:`TensorRTGenerator` executes the engine on torch CUDA tensors (no pycuda), with
 optional CUDA graph capture per input shape.
+
+Every TensorRT name crn_fast uses is listed once, in :data:`TENSORRT_API`;
+tests/test_tensorrt_api.py checks the list against the compiled bindings of TensorRT 10.x and
+11.x (the ``tensorrt-cu12-bindings`` wheels, which install without TensorRT's libraries). The
+libraries themselves cannot be installed on this project's CI or GPU machines, so no engine is
+built in the tests: this module is written against the documented 10.12+/11.x API.
 
 TensorRT is imported lazily: everything here that needs it raises :class:`TensorRTUnavailable`
 with what is missing and how to install it.
@@ -20,15 +30,40 @@ from pathlib import Path
 
 import torch
 
-from crn_fast.errors import CRNError
+from crn_fast.errors import CRNError, UsageError
 
-from .onnx import INPUT_NAME, OUTPUT_NAME
+from .onnx import INPUT_NAME, OUTPUT_NAME, onnx_dtype
 
-INSTALL_HINT = "pip install tensorrt (TensorRT 10+, needs an NVIDIA GPU and driver)"
+SUPPORTED = ((10, 12), (12, 0))  # 10.12 <= TensorRT < 12
+SUPPORTED_TEXT = "10.12 <= TensorRT < 12"
+INSTALL_HINT = "pip install 'tensorrt>=10.12,<12' (needs an NVIDIA GPU and driver)"
+
+# Every TensorRT attribute, enum member and method crn_fast touches: {owner: names}. "tensorrt" is
+# the module; the other owners are the classes (as the bindings name them) whose members are used.
+TENSORRT_API = {
+    "tensorrt": ("__version__", "Logger", "Builder", "OnnxParser", "Runtime", "NetworkDefinitionCreationFlag",
+                 "BuilderFlag", "MemoryPoolType", "float32", "float16", "bfloat16", "int32"),
+    "Logger": ("WARNING",),
+    "NetworkDefinitionCreationFlag": ("STRONGLY_TYPED",),
+    "BuilderFlag": ("TF32",),
+    "MemoryPoolType": ("WORKSPACE",),
+    "Builder": ("create_network", "create_builder_config", "create_optimization_profile",
+                "build_serialized_network"),
+    "OnnxParser": ("parse", "num_errors", "get_error"),
+    "IBuilderConfig": ("set_memory_pool_limit", "builder_optimization_level", "clear_flag", "add_optimization_profile",
+                       "create_timing_cache", "set_timing_cache", "get_timing_cache"),
+    "IOptimizationProfile": ("set_shape",),
+    "ITimingCache": ("serialize",),
+    "Runtime": ("deserialize_cuda_engine",),
+    "ICudaEngine": ("create_execution_context", "get_tensor_dtype"),
+    "IExecutionContext": ("set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"),
+}
+# Names of the weak-typing API that 11.x removed: crn_fast must not use them.
+REMOVED_IN_11 = ("FP16", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")
 
 
 class TensorRTUnavailable(CRNError):
-    """TensorRT or a CUDA device is missing."""
+    """TensorRT or a CUDA device is missing, or the TensorRT version is outside the supported range."""
 
 
 def tensorrt_missing_reason() -> str | None:
@@ -40,13 +75,24 @@ def tensorrt_missing_reason() -> str | None:
     return None
 
 
+def check_version(version: str) -> None:
+    """One line naming the supported range when ``version`` is outside it."""
+    try:
+        v = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        raise TensorRTUnavailable(f"TensorRT {version!r}: cannot read the version; crn_fast supports "
+                                  f"{SUPPORTED_TEXT}") from None
+    if not SUPPORTED[0] <= v < SUPPORTED[1]:
+        raise TensorRTUnavailable(f"TensorRT {version} is not supported: crn_fast supports {SUPPORTED_TEXT} "
+                                  f"({INSTALL_HINT})")
+
+
 def _trt():
     reason = tensorrt_missing_reason()
     if reason:
         raise TensorRTUnavailable(reason)
     import tensorrt as trt
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: crn_fast needs 10 or later ({INSTALL_HINT})")
+    check_version(trt.__version__)
     return trt
 
 
@@ -68,30 +114,27 @@ def make_profile(num_classes: int, stride: int, res, min_res=None, max_res=None,
     lo, hi = tuple(min_res or opt), tuple(max_res or opt)
     for name, (h, w) in (("--min-res", lo), ("--opt-res", opt), ("--max-res", hi)):
         if h % stride or w % stride or h < stride or w < stride:
-            raise CRNError(f"{name} {h}x{w}: height and width must be positive multiples of {stride}")
+            raise UsageError(f"{name} {h}x{w}: height and width must be positive multiples of {stride}")
     if not (lo[0] <= opt[0] <= hi[0] and lo[1] <= opt[1] <= hi[1]):
-        raise CRNError(f"resolutions must satisfy min <= opt <= max, got {lo} / {opt} / {hi}")
+        raise UsageError(f"resolutions must satisfy --min-res <= --opt-res <= --max-res, got "
+                         f"{lo[0]}x{lo[1]} / {opt[0]}x{opt[1]} / {hi[0]}x{hi[1]}")
     bmin, bmax = min_batch or batch, max_batch or batch
     if not 1 <= bmin <= batch <= bmax:
-        raise CRNError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {bmin} / {batch} / {bmax}")
+        raise UsageError(f"batch sizes must satisfy 1 <= --min-batch <= --batch <= --max-batch, got "
+                         f"{bmin} / {batch} / {bmax}")
     return Profile((bmin, num_classes, *lo), (batch, num_classes, *opt), (bmax, num_classes, *hi))
 
 
-def precision_flags(dtype: str) -> list[str]:
-    """BuilderFlag names for --dtype (TF32 stays off: fp32 engines must match eager fp32)."""
-    table = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"]}
-    if dtype not in table:
-        raise CRNError(f"--dtype {dtype!r}: valid: {', '.join(table)}")
-    return table[dtype]
-
-
-def build_engine(onnx_path, engine_path, profile: Profile, dtype: str = "fp32", workspace_gib: float = 8.0,
-                 timing_cache: str | Path | None = None, optimization_level: int = 3, log=print) -> dict:
-    """Build and serialise an engine; returns build facts for the sidecar."""
+def build_engine(onnx_path, engine_path, profile: Profile, workspace_gib: float = 8.0,
+                 timing_cache: str | Path | None = None, optimization_level: int = 3) -> dict:
+    """Build and serialise a strongly typed engine from a crn_fast ONNX model; returns build facts
+    for the sidecar. The engine's precision is the ONNX model's (see the module docstring)."""
     trt = _trt()
+    if not 0 <= int(optimization_level) <= 5:
+        raise CRNError(f"--opt-level {optimization_level}: valid levels are 0..5")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -99,20 +142,7 @@ def build_engine(onnx_path, engine_path, profile: Profile, dtype: str = "fp32", 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     config.builder_optimization_level = int(optimization_level)
-    config.clear_flag(trt.BuilderFlag.TF32)
-    for flag in precision_flags(dtype):
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    pinned = 0
-    if dtype != "fp32":
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type == trt.LayerType.NORMALIZATION:
-                if hasattr(layer, "compute_precision"):
-                    layer.compute_precision = trt.float32
-                layer.precision = trt.float32
-                layer.set_output_type(0, trt.float32)
-                pinned += 1
+    config.clear_flag(trt.BuilderFlag.TF32)  # fp32 parts (layer norms, fp32 engines) stay IEEE fp32
     prof = builder.create_optimization_profile()
     prof.set_shape(INPUT_NAME, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(prof)
@@ -125,10 +155,9 @@ def build_engine(onnx_path, engine_path, profile: Profile, dtype: str = "fp32", 
     Path(engine_path).write_bytes(bytes(serialized))
     if timing_cache:
         Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"tensorrt_version": trt.__version__, "flags": precision_flags(dtype), "normalization_layers_fp32": pinned,
-            "optimization_level": int(optimization_level), "workspace_gib": workspace_gib,
-            "timing_cache": str(timing_cache) if timing_cache else None}
-
+    return {"tensorrt_version": trt.__version__, "strongly_typed": True, "precision_from": "onnx graph",
+            "dtype": onnx_dtype(onnx_path), "tf32": False, "optimization_level": int(optimization_level),
+            "workspace_gib": workspace_gib, "timing_cache": str(timing_cache) if timing_cache else None}
 
 
 def _torch_dtype(trt, dt):

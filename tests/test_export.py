@@ -10,7 +10,7 @@ import torch
 
 from crn_fast import CRN, save_generator
 from crn_fast.export.cli import main as export_main
-from crn_fast.export.tensorrt import make_profile, precision_flags, tensorrt_missing_reason
+from crn_fast.export.tensorrt import make_profile, tensorrt_missing_reason
 from crn_fast.errors import CRNError
 from crn_fast.labels import one_hot
 
@@ -104,17 +104,21 @@ def cli(*args):
 @pytest.mark.skipif(tensorrt_missing_reason() is None, reason="TensorRT is installed: --trt works here")
 def test_trt_without_tensorrt_fails_cleanly(ckpt, tmp_path):
     code, err = cli(ckpt, "--trt", "--out", tmp_path / "o")
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "pip install tensorrt" in err or "CUDA GPU" in err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "pip install 'tensorrt>=10.12,<12'" in err or "CUDA GPU" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-@pytest.mark.parametrize("case,msg", [
-    ("missing", "does not exist"), ("corrupt", "not a readable crn_fast checkpoint"),
-    ("foreign", "not a crn_fast generator"), ("res", "multiples of 2^4 = 16"), ("unwritable", "cannot write"),
-    ("gpu", "no CUDA GPU"), ("nothing", "nothing to export"), ("onnx16", "exported in fp32"),
+@pytest.mark.parametrize("case,msg,code", [
+    ("missing", "does not exist", 1), ("corrupt", "not a readable crn_fast checkpoint", 1),
+    ("foreign", "not a crn_fast generator", 1), ("res", "multiples of 2^4 = 16", 2), ("unwritable", "cannot write", 1),
+    ("gpu", "no CUDA GPU", 2), ("nothing", "nothing to export", 2),
+    ("maxres", "outside --min-res 64x128 .. --max-res 32x64", 2), ("opset16", "need opset 17 or later", 2),
+    ("bf16opset", "bf16 ONNX models need opset 22", 2), ("minmax", "outside --min-res 64x128 .. --max-res 32x64", 2),
+    ("nan", "must be a finite number >= 0", 2), ("negative", "must be a finite number >= 0", 2),
+    ("badres", "is not HEIGHTxWIDTH", 2),
 ])
-def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, msg):
+def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, msg, code):
     out = tmp_path / "out"
     args = [ckpt, "--onnx", "--out", out]
     if case == "missing":
@@ -137,10 +141,23 @@ def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, 
         args += ["--device", "cuda"]
     elif case == "nothing":
         args.remove("--onnx")
-    elif case == "onnx16":
-        args += ["--dtype", "fp16"]
-    code, err = cli(*args)
-    assert code == 2 and msg in err and "Traceback" not in err, err
+    elif case == "maxres":
+        args += ["--max-res", "32x64"]  # below the model's nominal 64x128
+    elif case == "opset16":
+        args += ["--opset", "16"]
+    elif case == "bf16opset":
+        args += ["--dtype", "bf16", "--opset", "18"]
+    elif case == "minmax":
+        args = [ckpt, "--compile", "--out", out, "--min-res", "64x128", "--max-res", "32x64", "--res", "32x64"]
+    elif case == "nan":
+        args += ["--tolerance", "nan"]
+    elif case == "negative":
+        args += ["--tolerance", "-1"]
+    elif case == "badres":
+        args += ["--res", "big"]
+    rc, err = cli(*args)
+    assert rc == code and msg in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 or code == 2 and "usage:" in err  # argparse prints its usage line
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -151,11 +168,45 @@ def test_tensorrt_profile_and_precision_logic():
                                                           "max": [1, 20, 64, 128]}
     with pytest.raises(CRNError, match="multiples of 16"):
         make_profile(20, 16, (64, 100))
-    with pytest.raises(CRNError, match="min <= opt <= max"):
+    with pytest.raises(CRNError, match="--min-res <= --opt-res <= --max-res"):
         make_profile(20, 16, (64, 128), min_res=(128, 256))
     with pytest.raises(CRNError, match="batch sizes"):
         make_profile(20, 16, (64, 128), batch=4, max_batch=2)
-    assert precision_flags("fp32") == [] and precision_flags("fp16") == ["FP16"] and precision_flags("bf16") == ["BF16"]
+
+
+@pytest.mark.parametrize("version,ok", [("10.12.0.36", True), ("10.16.1.11", True), ("11.4.0.106", True),
+                                        ("10.11.0.33", False), ("10.0.1", False), ("12.0.0", False),
+                                        ("8.6.1", False), ("dev", False)])
+def test_tensorrt_version_range_is_one_line(version, ok):
+    from crn_fast.export.tensorrt import check_version
+    if ok:
+        check_version(version)
+    else:
+        with pytest.raises(CRNError, match=r"crn_fast supports 10.12 <= TensorRT < 12") as e:
+            check_version(version)
+        assert "\n" not in str(e.value)
+
+
+def test_tensorrt_build_uses_only_the_listed_names_and_no_weak_typing():
+    """export/tensorrt.py reaches TensorRT only through names in TENSORRT_API (its trt.X.Y chains
+    are checked here), and none of the weak-typing API that TensorRT 11 removed."""
+    import ast
+    import inspect
+    from crn_fast.export import tensorrt as T
+    tree = ast.parse(inspect.getsource(T))
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "trt":
+            used.add(("tensorrt", node.attr))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and \
+                isinstance(node.value.value, ast.Name) and node.value.value.id == "trt":
+            used.add((node.value.attr, node.attr))
+    listed = {(owner, n) for owner, names in T.TENSORRT_API.items() for n in names}
+    assert used and used <= listed, used - listed
+    source = inspect.getsource(T)
+    code_only = source.split("REMOVED_IN_11 =")[0] + source.split("REMOVED_IN_11 =")[1].split("\n", 1)[1]
+    for name in T.REMOVED_IN_11:
+        assert f"BuilderFlag.{name}" not in code_only
 
 
 @pytest.mark.tensorrt
@@ -237,3 +288,68 @@ def test_cuda_graph_without_a_gpu_is_one_clear_error(ckpt):
     from crn_fast.export import cuda_graph
     with pytest.raises(CRNError, match="CUDA graphs need a CUDA GPU"):
         cuda_graph(load_generator(ckpt))
+
+
+# ----------------------------------------------------------------------------- mixed-precision ONNX
+def _types(proto):
+    """value name -> elem type name, after full (strict) shape inference."""
+    import onnx
+    inf = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    vi = {v.name: v.type.tensor_type.elem_type for v in [*inf.graph.value_info, *inf.graph.input, *inf.graph.output]}
+    vi.update({i.name: i.data_type for i in inf.graph.initializer})
+    return inf, {k: onnx.TensorProto.DataType.Name(v) for k, v in vi.items()}
+
+
+@pytest.mark.parametrize("dtype,low,tol", [("fp16", "FLOAT16", 8.0), ("bf16", "BFLOAT16", 16.0)])
+def test_mixed_precision_onnx_is_typed_in_the_graph(ckpt, tmp_path, dtype, low, tol):
+    """fp32 in and out, every Conv (weights too) in fp16/bf16, every LayerNormalization in fp32;
+    checker and strict shape inference pass; a CPU runtime that implements the types (onnxruntime
+    for fp16, onnx.reference for bf16, which onnxruntime's CPU provider lacks) is within the
+    export tolerance of eager fp32."""
+    import onnx
+    from crn_fast import load_generator
+    from crn_fast.export.onnx import ONNXGenerator, export_onnx, onnx_dtype
+    path = export_onnx(load_generator(ckpt), tmp_path / "g.onnx", (32, 64), dtype=dtype)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    inf, t = _types(proto)
+    g = inf.graph
+    assert t[g.input[0].name] == "FLOAT" and t[g.output[0].name] == "FLOAT" and onnx_dtype(path) == dtype
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    lns = [n for n in g.node if n.op_type == "LayerNormalization"]
+    assert len(convs) == 11 and len(lns) == 10
+    assert all(t[n.input[0]] == t[n.input[1]] == t[n.output[0]] == low for n in convs)
+    assert all(t[n.input[0]] == t[n.output[0]] == "FLOAT" for n in lns)
+    assert {t[n.input[0]] for n in g.node if n.op_type in ("AveragePool", "Resize", "LeakyRelu")} == {low}
+    runner = ONNXGenerator(path)
+    assert runner.runtime == ("onnxruntime" if dtype == "fp16" else "onnx.reference")
+    x = layout(2, 32, 64, seed=4)
+    with torch.no_grad():
+        ref = load_generator(ckpt)(x)
+    out = runner(x)
+    assert out.dtype == torch.float32
+    err = (out - ref).abs().max().item()
+    assert 0 < err < tol, err  # reduced precision: not exact, within the documented tolerance
+
+
+def test_cli_mixed_precision_onnx_is_verified(ckpt, tmp_path):
+    out = tmp_path / "bf16"
+    assert export_main([str(ckpt), "--onnx", "--dtype", "bf16", "--out", str(out), "-q"]) == 0
+    side = json.loads((out / "generator.onnx.json").read_text())
+    v = side["verification"]
+    assert side["dtype"] == "bf16" and side["opset"] == 22 and v["passed"] and v["runtime"] == "onnx.reference"
+    assert v["tolerance_max_abs"] == 16.0 and 0 < v["max_abs"] < 16
+
+
+def test_failed_verification_never_replaces_a_good_artefact(ckpt, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert export_main([str(ckpt), "--onnx", "--out", str(out), "-q"]) == 0
+    good, good_side = (out / "generator.onnx").read_bytes(), (out / "generator.onnx.json").read_text()
+    stale = out / ".crn-export-999999-abc"  # left by a killed run (no such process)
+    stale.mkdir()
+    assert export_main([str(ckpt), "--onnx", "--out", str(out), "--tolerance", "0", "-q"]) == 3
+    assert "verification failed for generator.failed.onnx" in capsys.readouterr().err
+    assert (out / "generator.onnx").read_bytes() == good and (out / "generator.onnx.json").read_text() == good_side
+    failed = json.loads((out / "generator.failed.onnx.json").read_text())
+    assert not failed["verification"]["passed"] and (out / "generator.failed.onnx").stat().st_size > 1000
+    assert not stale.exists() and not list(out.glob(".crn-export-*"))

@@ -1,0 +1,131 @@
+"""What every crn_fast command line tool shares: exit codes, one-line errors, logging, options.
+
+Exit codes (the same for crn-train, crn-synthesize, crn-export, crn-convert-tf, benchmarks/run.py):
+    0  done                       1  runtime error (bad file, no GPU, disk full, ...)
+    2  usage error (bad option)   3  verification failed (crn-export)
+Errors are one line on stderr, ``<prog>: error: <what is wrong and what would be valid>``.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import math
+import sys
+
+from .constants import EXIT_RUNTIME, EXIT_USAGE
+from .errors import CRNError, UsageError
+
+log = logging.getLogger("crn_fast")
+
+
+def add_logging_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+
+
+def setup_logging(args) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else \
+        logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def run_tool(prog: str, fn, *args) -> int:
+    """Call ``fn(*args)`` and turn every expected failure into one line and an exit code."""
+    try:
+        rc = fn(*args)
+        return 0 if rc is None else int(rc)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CRNError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as e:
+        print(f"{prog}: error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def describe_os_error(e: OSError) -> str:
+    where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return f"the disk is full (no space left on device){where}; free space and run again"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded{where}; free space and run again"
+    return f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else "")
+
+
+# ----------------------------------------------------------------------------- option types
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = non_negative_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return v
+
+
+def resolution(text: str) -> tuple[int, int]:
+    from .config import parse_resolution
+    try:
+        return parse_resolution(text)
+    except CRNError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def torch_device(text: str):
+    """A device that exists here: cpu, cuda, cuda:N (N < the GPU count)."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: crn_fast runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def usage(msg: str) -> UsageError:
+    return UsageError(msg)
