@@ -480,9 +480,9 @@ def main(argv=None):
                 n.bias.normal_(0, 0.3)
     try:
         layout, source = load_layout(args, config, size, device)
-    except CRNError as e:
+    except CRNError as e:  # the --layout file exists but cannot be decoded: a runtime error
         print(f"run.py: error: {e}", file=sys.stderr)
-        return 2
+        return 1
     info = machine_info(device)
     print(f"crn_fast benchmark: {config.name} {list(config.widths)} at {size[0]}x{size[1]}, batch {args.batch}, "
           f"on {info.get('gpu') or info['cpu']} ({info['cpu_cores']} cores); layout: {source}", file=sys.stderr)

@@ -4,8 +4,10 @@
   metadata. Loading never executes pickled code.
 * Training state (``train_state.pt``): optimizer, step and RNG states, saved with torch.save and
   loaded with ``weights_only=True``.
-Every write goes to a temporary file in the target directory and is renamed into place, so a
-kill at any moment leaves the previous file intact.
+Every write goes to a temporary file in the target directory (``.<name>.<random>.tmp``) and is
+renamed into place, so a kill at any moment leaves the previous file intact; the file gets the
+permissions a plain ``open()`` would give (0666 less the umask). Temporaries left by a killed
+process are removed by :func:`remove_stale_temporaries` (training does so when it starts).
 """
 from __future__ import annotations
 
@@ -24,23 +26,54 @@ FORMAT = "crn_fast.generator"
 FORMAT_VERSION = "1"
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success rename it over ``path``, else remove it."""
     path = Path(path)
+    if path.is_dir():
+        raise CRNError(f"{path} is a folder; give a file name (e.g. {path / 'model.ckpt'})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise CRNError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp (and safetensors, which recreates the file) make 0600: give what open() would
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
+    """Remove atomic-write temporaries (``.<name>.<random>.tmp``) left in ``folder`` by killed
+    processes; the caller must own the folder (no other process writing there)."""
+    import time
+    folder, gone = Path(folder), []
+    if not folder.is_dir():
+        return gone
+    now = time.time()
+    for f in folder.glob(f".*{TMP_SUFFIX}"):
+        try:
+            if f.is_file() and now - f.stat().st_mtime >= min_age_s:
+                f.unlink()
+                gone.append(f)
+        except OSError:
+            pass
+    return gone
 
 
 def save_generator(model, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -73,14 +106,22 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
             state = {k: f.get_tensor(k) for k in f.keys()}
     except CheckpointError:
         raise
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied (the file is not readable by this user)") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable crn_fast checkpoint (corrupt, truncated or another "
-                              f"format): {str(e).splitlines()[0][:200]}") from None
+                              f"format): {' '.join(str(e).split())[:300]}") from None
     try:
-        config = CRNConfig.from_dict(json.loads(meta["config"]))
-    except (KeyError, json.JSONDecodeError, TypeError, CRNError) as e:
+        d = json.loads(meta["config"])
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON {type(d).__name__}, not an object")
+        config = CRNConfig.from_dict(d)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:  # CRNError is a ValueError
         raise CheckpointError(f"{path}: the embedded model config is missing or invalid ({e})") from None
-    extra = json.loads(meta["extra"]) if "extra" in meta else {}
+    try:
+        extra = json.loads(meta["extra"]) if "extra" in meta else {}
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the embedded 'extra' metadata is not valid JSON ({e})") from None
     return config, state, extra
 
 
@@ -89,14 +130,30 @@ def load_generator(path: str | os.PathLike, backend: str = "eager", device=None,
     from .model import CRN
     config, state, _ = read_generator_file(path)
     model = CRN(config, backend=backend, **kw)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the embedded config: {str(e).splitlines()[0]}") \
-            from None
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{path}: the weights do not match the embedded config: {mismatch}")
+    model.load_state_dict(state, strict=True)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: weights hold NaN or inf values ({', '.join(bad[:4])}"
+                              f"{' ...' if len(bad) > 4 else ''}); the file came from a diverged run")
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def state_dict_mismatch(expected: dict, got: dict, limit: int = 4) -> str:
+    """'' when ``got`` has exactly ``expected``'s keys and shapes, else what differs, briefly."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k].shape)})" for k in expected
+              if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            parts.append(f"{len(items)} {what}: " + ", ".join(items[:limit]) + (" ..." if len(items) > limit else ""))
+    return "; ".join(parts)
 
 
 def save_train_state(path: str | os.PathLike, state: dict) -> None:
@@ -109,5 +166,6 @@ def load_train_state(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no training state at {path}") from None
-    except Exception as e:  # torch raises many types for corrupt files
-        raise CheckpointError(f"{path} is not a readable training state: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # torch raises many types for corrupt files; its weights_only refusal explains
+        text = " ".join(str(e).split())  # itself over several lines: keep all of it, on one line
+        raise CheckpointError(f"{path} is not a readable training state: {text[:1500]}") from None

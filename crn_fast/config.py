@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .constants import NUM_CLASSES
 from .errors import CRNError
-
-NUM_CITYSCAPES_CLASSES = 19  # train ids 0..18; the generator adds a void channel
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class CRNConfig:
     """
 
     widths: tuple[int, ...]
-    num_classes: int = NUM_CITYSCAPES_CLASSES + 1
+    num_classes: int = NUM_CLASSES + 1
     k: int = 1
     base_size: tuple[int, int] = (4, 8)
     name: str = field(default="custom", compare=False)

@@ -113,23 +113,25 @@ def convert(src, dst, name: str = "converted"):
 
 
 def main(argv=None) -> int:
+    from pathlib import Path
+    from .cli import add_logging_options, log, run_tool, setup_logging
     ap = argparse.ArgumentParser(prog="crn-convert-tf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="TF checkpoint prefix, e.g. models/512p/model.ckpt (or its .index file)")
     ap.add_argument("out", help="output crn_fast generator file, e.g. 512p.ckpt")
     ap.add_argument("--name", default=None, help="config name stored in the file (default: the folder name)")
+    add_logging_options(ap)
     args = ap.parse_args(argv)
-    from pathlib import Path
+    setup_logging(args)
+    if Path(args.out).is_dir():
+        ap.error(f"output {args.out} is a folder; give a file name, e.g. {Path(args.out) / 'model.ckpt'}")
     name = args.name or Path(args.checkpoint).resolve().parent.name or "converted"
-    try:
-        model = convert(args.checkpoint, args.out, name)
-    except CRNError as e:
-        print(f"crn-convert-tf: error: {e}", file=sys.stderr)
-        return 1
-    c = model.config
-    print(f"wrote {args.out}: {c.num_modules} modules, widths {list(c.widths)}, {c.num_classes} layout channels, "
-          f"k={c.k}, nominal {c.resolution[0]}x{c.resolution[1]}")
-    return 0
+
+    def run():
+        c = convert(args.checkpoint, args.out, name).config
+        log.info(f"wrote {args.out}: {c.num_modules} modules, widths {list(c.widths)}, {c.num_classes} layout "
+                 f"channels, k={c.k}, nominal {c.resolution[0]}x{c.resolution[1]}")
+    return run_tool("crn-convert-tf", run)
 
 
 if __name__ == "__main__":

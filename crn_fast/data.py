@@ -8,6 +8,7 @@ a float32 (3, H, W) tensor on the 0..255 scale. The layout one-hot is built on t
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -15,12 +16,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CRNError
-from .labels import colors_to_train_ids, label_ids_to_train_ids
+from .errors import CRNError, UsageError
+from .labels import VOID, colors_to_train_ids, label_ids_to_train_ids
 from .synthetic import render_scene
 
 DATA_FORMS = "synthetic | cityscapes:ROOT | crn:ROOT | pairs:LABEL_DIR,IMAGE_DIR"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SCAN_MODES = ("auto", "always", "never")
+SCAN_AUTO_LIMIT = 1000  # --scan-labels auto decodes every label up front for datasets up to this size
+log = logging.getLogger("crn_fast")
 
 
 class DataError(CRNError):
@@ -28,12 +32,14 @@ class DataError(CRNError):
 
 
 def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image. Every decoding failure (unknown format, cut data, a broken
+    chunk, a decompression bomb) is a DataError naming the file."""
     try:
         im = Image.open(path)
         im.load()
         return im
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") -> np.ndarray:
@@ -49,14 +55,14 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") 
         ids, bad = colors_to_train_ids(np.asarray(im.convert("RGB")), unknown_colors)
         if bad:
             raise DataError(f"{path}: colours {bad} are not Cityscapes label colours (use --unknown-colors void "
-                            f"to treat them as void, as the authors did, or --skip-bad)")
+                            f"to treat them as void, as the authors did)")
         return ids
     arr = np.asarray(im).astype(np.int64)
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a single-channel id image, got mode {im.mode}")
     if kind == "label_ids":
         return label_ids_to_train_ids(np.clip(arr, 0, 255).astype(np.uint8))
-    return np.where(arr < 19, arr, 19).astype(np.uint8)
+    return np.where(arr < VOID, arr, VOID).astype(np.uint8)
 
 
 def resize_pair(ids: np.ndarray, image: np.ndarray | None, size: tuple[int, int] | None):
@@ -92,18 +98,28 @@ class SyntheticStreets(torch.utils.data.Dataset):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(label file, image file or None, label kind) triples, checked up front."""
+    """(label file, image file or None, label kind) triples.
+
+    Checked up front: every file exists and its header is readable, and each label matches its
+    image's size. ``scan`` also decodes every label up front, so unknown colours and cut files
+    are found before the first step: "always", "never", or "auto" (for up to SCAN_AUTO_LIMIT
+    pairs). With ``skip_bad`` a bad file found up front is left out, and one found later (an image
+    with cut data) is replaced by the next good sample, with a warning naming it.
+    """
 
     def __init__(self, pairs, resolution=None, skip_bad: bool = False, unknown_colors: str = "error",
-                 name: str = "pairs", check_colors: bool | None = None):
-        self.resolution, self.unknown_colors, self.name = resolution, unknown_colors, name
+                 name: str = "pairs", scan: str = "auto"):
+        if scan not in SCAN_MODES:
+            raise DataError(f"--scan-labels {scan!r}: valid: {', '.join(SCAN_MODES)}")
+        self.resolution, self.unknown_colors, self.name, self.skip_bad = resolution, unknown_colors, name, skip_bad
         self.skipped: list[str] = []
+        self.scanned = scan == "always" or scan == "auto" and len(pairs) <= SCAN_AUTO_LIMIT
         good = []
         for label, image, kind in pairs:
             try:
                 self._check(label, image)
-                if skip_bad and (check_colors is None or check_colors):
-                    decode_label(label, kind, unknown_colors)  # full decode: find bad colours now
+                if self.scanned:
+                    decode_label(label, kind, unknown_colors)  # full decode: bad colours and cut files now
                 good.append((label, image, kind))
             except DataError as e:
                 if not skip_bad:
@@ -125,15 +141,27 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, i):
+    def load(self, i):
         label, image, kind = self.pairs[i]
         ids = decode_label(label, kind, self.unknown_colors)
         img = np.asarray(_open(image).convert("RGB")) if image is not None else None
         ids, img = resize_pair(ids, img, self.resolution)
         return _to_tensors(ids, img)
 
+    def __getitem__(self, i):
+        for attempt in range(len(self.pairs)):
+            j = (i + attempt) % len(self.pairs)
+            try:
+                return self.load(j)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                log.warning(f"skipped (found while training): {e}; using sample {(j + 1) % len(self.pairs)}")
+        raise DataError(f"{self.name}: every file failed to decode")
+
     def describe(self) -> str:
         s = f"{self.name} ({len(self.pairs)} pairs"
+        s += ", labels scanned up front" if self.scanned else ", labels checked when loaded (--scan-labels always)"
         return s + (f", {len(self.skipped)} skipped)" if self.skipped else ")")
 
 
@@ -143,8 +171,8 @@ def _open_header(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size[::-1]
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 def _need_dir(path: Path, what: str) -> Path:
@@ -216,26 +244,29 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
 
 
 def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train", skip_bad: bool = False,
-                 unknown_colors: str = "error"):
+                 unknown_colors: str = "error", scan: str = "auto"):
     """Build the dataset named by a ``--data`` spec (see DATA_FORMS)."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
         return SyntheticStreets(resolution or (64, 128), seed)
     if kind not in ("cityscapes", "crn", "pairs") or not arg:
-        raise DataError(f"unknown --data {spec!r}; valid forms: {DATA_FORMS}")
+        raise UsageError(f"unknown --data {spec!r}; valid forms: {DATA_FORMS}")
     if kind == "cityscapes":
         pairs, missing = cityscapes_pairs(Path(arg), split)
     elif kind == "crn":
         pairs, missing = crn_pairs(Path(arg), resolution)
     else:
         if "," not in arg:
-            raise DataError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r}")
+            raise UsageError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r}")
         lab, img = arg.split(",", 1)
         pairs, missing = folder_pairs(Path(lab), Path(img))
     if missing and not skip_bad:
         raise DataError(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                         "; pass --skip-bad to train on the rest")
-    ds = PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}")
+    try:
+        ds = PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}", scan=scan)
+    except DataError as e:
+        raise DataError(f"{e} (or --skip-bad to leave bad files out)") from None
     ds.skipped = missing + ds.skipped
     return ds
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .constants import NUM_CLASSES
+
 # (name, id, train_id, colour); train_id 255 = void
 CITYSCAPES_LABELS = [
     ("unlabeled", 0, 255, (0, 0, 0)), ("ego vehicle", 1, 255, (0, 0, 0)),
@@ -24,7 +26,6 @@ CITYSCAPES_LABELS = [
     ("trailer", 30, 255, (0, 0, 110)), ("train", 31, 16, (0, 80, 100)), ("motorcycle", 32, 17, (0, 0, 230)),
     ("bicycle", 33, 18, (119, 11, 32)),
 ]
-NUM_CLASSES = 19
 VOID = NUM_CLASSES  # layout channel of void
 TRAIN_ID = {name: t for name, _, t, _ in CITYSCAPES_LABELS if t != 255}
 PALETTE = np.array([c for _, _, t, c in sorted((l for l in CITYSCAPES_LABELS if l[2] != 255), key=lambda l: l[2])],

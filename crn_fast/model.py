@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import CRNConfig, get_preset
-from .constants import LEAKY_SLOPE, LN_EPS
+from .constants import LEAKY_SLOPE, LN_EPS, NUM_CLASSES
 from .errors import CRNError
 
 BACKENDS = ("eager", "triton")
@@ -81,7 +81,7 @@ class CRN(nn.Module):
     unless the model was moved to another) once, at the start.
     """
 
-    def __init__(self, config: CRNConfig | None = None, *, widths=None, num_classes: int = 20, k: int = 1,
+    def __init__(self, config: CRNConfig | None = None, *, widths=None, num_classes: int = NUM_CLASSES + 1, k: int = 1,
                  base_size=(4, 8), backend: str = "eager", checkpointing: bool = False,
                  fuse_inference: bool = True, memory_format: torch.memory_format = torch.channels_last):
         super().__init__()

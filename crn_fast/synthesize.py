@@ -1,10 +1,16 @@
 """crn-synthesize: layouts in, photographs out.
 
-    crn-synthesize --ckpt model.ckpt --labels FILE_OR_DIR --out DIR   (also python -m crn_fast.synthesize)
+    crn-synthesize model.ckpt --labels FILE_OR_DIR --out DIR   (also: --ckpt model.ckpt; python -m crn_fast.synthesize)
+    crn-synthesize --backend tensorrt --engine generator.engine --labels DIR --out DIR
 
 Labels are read like training labels: Cityscapes colour PNGs (the authors' format), palette PNGs,
-greyscale train-id PNGs, or Cityscapes *_labelIds.png. One PNG per layout; with k > 1 the k images
-side by side. Values are clipped to 0..255.
+greyscale train-id PNGs, or Cityscapes *_labelIds.png. One PNG per layout, named after it; with
+k > 1 the k images side by side. Values are clipped to 0..255.
+
+A folder is streamed: a first pass reads only the file headers (sizes, and two labels that would
+write the same output name), then layouts are decoded, synthesized and written one batch at a
+time with a progress bar, so memory is bounded by --batch-size, not by the folder. An output that
+holds NaN or inf stops the run naming its file. Exit status: 0 done, 1 runtime error, 2 usage error.
 """
 from __future__ import annotations
 
@@ -15,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import parse_resolution
-from .data import decode_label, label_files, resize_pair
-from .errors import CRNError
+from .cli import add_logging_options, log, positive_int, resolution, run_tool, setup_logging, torch_device
+from .data import _open_header, decode_label, label_files, resize_pair
+from .errors import CRNError, UsageError
 from .images import output_row, save_png
 from .labels import one_hot
 
@@ -30,74 +36,115 @@ def _label_kind(path: Path) -> str:
 def load_generator_for(args, device):
     if args.backend == "tensorrt":
         if not args.engine:
-            raise CRNError("--backend tensorrt needs --engine PATH (build one with crn-export --trt)")
+            raise UsageError("--backend tensorrt needs --engine PATH (build one with crn-export --trt)")
         from crn_fast.export.tensorrt import TensorRTGenerator
         gen = TensorRTGenerator(args.engine)
         if gen.config is None:
             raise CRNError(f"{args.engine}.json (the sidecar crn-export writes beside the engine) is missing or "
                            f"unreadable: it holds the model config synthesis needs")
         return gen
-    if not args.ckpt:
-        raise CRNError("--ckpt is required (a crn_fast generator file; convert TF checkpoints with crn-convert-tf)")
     from .checkpoint import load_generator
-    return load_generator(args.ckpt, backend=args.backend, device=device)
+    model = load_generator(args.ckpt, backend=args.backend, device=device)
+    if args.cuda_graph:
+        if device.type != "cuda":
+            raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+        from crn_fast.export import cuda_graph
+        runner = cuda_graph(model)
+        runner.config = model.config
+        return runner
+    return model
+
+
+def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
+    """The cheap first pass: each file's header (readable, its size after --res) and unique output
+    names. Nothing is decoded or kept but (path, size)."""
+    by_name: dict[str, Path] = {}
+    out = []
+    for f in files:
+        name = f"{f.stem}.png"
+        if name in by_name:
+            raise UsageError(f"{by_name[name]} and {f} would both be written as {name}; rename one or synthesize "
+                             f"them into different --out folders")
+        by_name[name] = f
+        hw = size or _open_header(f)
+        try:
+            config.validate_input_size(*hw)
+        except CRNError as e:
+            raise UsageError(f"{f}: {e} Pass --res to resize the layouts.") from None
+        out.append((f, tuple(hw)))
+    return out
 
 
 def synthesize(args) -> list[Path]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    files = label_files(Path(args.labels))
     model = load_generator_for(args, device)
     config = model.config
-    size = parse_resolution(args.resolution) if args.resolution else None
-    files = label_files(Path(args.labels))
-    items = []
-    for f in files:
-        ids, _ = resize_pair(decode_label(f, _label_kind(f), args.unknown_colors), None, size)
-        try:
-            config.validate_input_size(*ids.shape)
-        except CRNError as e:
-            raise CRNError(f"{f}: {e} Pass --resolution to resize the layouts.") from None
-        items.append((f, ids))
+    todo = plan(files, config, args.res)
     out_dir = Path(args.out)
     written = []
-    for start in range(0, len(items), args.batch_size):
-        chunk = items[start:start + args.batch_size]
+    bar = None
+    if args.progress and len(todo) > 1:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="synthesize", unit="image", dynamic_ncols=True, file=sys.stderr)
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start:start + args.batch_size]
         by_shape: dict[tuple, list] = {}
-        for f, ids in chunk:
-            by_shape.setdefault(ids.shape, []).append((f, ids))
-        for group in by_shape.values():
-            ids = torch.from_numpy(np.stack([g[1] for g in group]).astype(np.int64)).to(device)
+        for f, hw in chunk:
+            by_shape.setdefault(hw, []).append(f)
+        for hw, group in by_shape.items():
+            ids = [resize_pair(decode_label(f, _label_kind(f), args.unknown_colors), None, args.res)[0] for f in group]
+            ids = torch.from_numpy(np.stack(ids).astype(np.int64)).to(device)
             with torch.inference_mode():
                 out = model(one_hot(ids, config.num_classes))
-            for (f, _), o in zip(group, out):
+            for f, o in zip(group, out):
+                if not torch.isfinite(o).all():
+                    raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights finite?); "
+                                   f"stopped after {len(written)} image(s)")
                 written.append(save_png(output_row(o), out_dir / f"{f.stem}.png"))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return written
 
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="crn-synthesize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", help="crn_fast generator file (model.ckpt)")
+    ap.add_argument("checkpoint", nargs="?", default=None, help="crn_fast generator file (model.ckpt)")
+    ap.add_argument("--ckpt", default=None, help="the same, as an option")
     ap.add_argument("--labels", required=True, help="a label PNG or a folder of them")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--backend", default="eager", choices=("eager", "triton", "tensorrt"))
     ap.add_argument("--engine", help="TensorRT engine (with --backend tensorrt)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--resolution", default=None, help="resize layouts to HxW (nearest neighbour) first")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay the whole generator as a CUDA graph (GPU)")
+    ap.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    ap.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=1,
+                    help="layouts per forward pass (default 1)")
+    ap.add_argument("--res", "--resolution", dest="res", type=resolution, default=None,
+                    help="resize layouts to HxW (nearest neighbour) first")
     ap.add_argument("--unknown-colors", default="error", choices=("error", "void"),
                     help="label colours outside the Cityscapes table: error, or void (the authors' rule)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_logging_options(ap)
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.checkpoint and args.ckpt and args.checkpoint != args.ckpt:
+        ap.error(f"two checkpoints given ({args.checkpoint} and --ckpt {args.ckpt}): give one")
+    args.ckpt = args.ckpt or args.checkpoint
+    if not args.ckpt and args.backend != "tensorrt":
+        ap.error("a checkpoint is required: crn-synthesize model.ckpt ... (convert TF checkpoints with crn-convert-tf)")
+    setup_logging(args)
+
+    def run():
         written = synthesize(args)
-    except CRNError as e:
-        print(f"crn-synthesize: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(written)} image(s) to {args.out}")
-    return 0
+        log.info(f"wrote {len(written)} image(s) to {args.out}")
+    return run_tool("crn-synthesize", run)
 
 
 if __name__ == "__main__":

@@ -162,14 +162,17 @@ def _fast_crc32c():
     return None
 
 
-def crc32c(data: bytes) -> int | None:
-    """CRC-32C of ``data``; None when it is too large for the pure-Python path and no C
-    implementation (``google-crc32c`` or ``crc32c``) is installed."""
+def crc32c(data: bytes) -> int:
+    """CRC-32C of ``data``: every tensor is checked. ``google-crc32c`` (a dependency of crn_fast)
+    does it at ~14 GB/s (the 1024p checkpoint's 400 MB in 0.03 s); without it a pure-Python loop
+    does the same, at about 5 MB/s, with a warning for large tensors."""
     fast = _fast_crc32c()
     if fast is not None:
         return int(fast(data)) & 0xFFFFFFFF
     if len(data) > _PURE_PYTHON_CRC_LIMIT:
-        return None
+        import warnings
+        warnings.warn(f"checking a {len(data) >> 20} MiB tensor's CRC32C in pure Python (slow): "
+                      f"pip install google-crc32c", RuntimeWarning, stacklevel=2)
     crc = 0xFFFFFFFF
     t = _CRC_TABLE
     for b in data:
@@ -308,7 +311,7 @@ class TFCheckpoint:
             raise CheckpointError(f"{path} ends before variable {name!r} (truncated download?)")
         if verify_crc and e.crc32c is not None:
             got = crc32c(raw)
-            if got is not None and mask_crc(got) != e.crc32c:
+            if mask_crc(got) != e.crc32c:
                 raise CheckpointError(f"{name}: checksum mismatch in {path} (corrupt file)")
         return np.frombuffer(raw, dtype=dtype).reshape(e.shape).astype(dtype.newbyteorder("="))
 
@@ -340,18 +343,18 @@ def write_checkpoint(prefix: str | os.PathLike, tensors: dict[str, np.ndarray]) 
         raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
         crc = crc32c(raw)
         entry = BundleEntry(name, NP_TO_TF[arr.dtype], arr.shape, 0, len(data), len(raw),
-                            None if crc is None else mask_crc(crc))
+                            mask_crc(crc))
         items.append((name.encode(), entry.serialise()))
         data += raw
     block = _table_block(items)
-    index = bytearray(block) + b"\x00" + struct.pack("<I", mask_crc(crc32c(block + b"\x00") or 0))
+    index = bytearray(block) + b"\x00" + struct.pack("<I", mask_crc(crc32c(block + b"\x00")))
     meta_off = len(index)
     meta = _table_block([])
-    index += meta + b"\x00" + struct.pack("<I", mask_crc(crc32c(meta + b"\x00") or 0))
+    index += meta + b"\x00" + struct.pack("<I", mask_crc(crc32c(meta + b"\x00")))
     idx_off = len(index)
     last_key = items[-1][0] + b"\x00"
     idx_block = _table_block([(last_key, _enc_varint(0) + _enc_varint(len(block)))])
-    index += idx_block + b"\x00" + struct.pack("<I", mask_crc(crc32c(idx_block + b"\x00") or 0))
+    index += idx_block + b"\x00" + struct.pack("<I", mask_crc(crc32c(idx_block + b"\x00")))
     footer = (_enc_varint(meta_off) + _enc_varint(len(meta)) + _enc_varint(idx_off) + _enc_varint(len(idx_block)))
     footer = footer.ljust(40, b"\x00") + struct.pack("<Q", TABLE_MAGIC)
     index += footer

@@ -1,60 +1,167 @@
-"""Train a CRN generator.
+r"""Train a CRN generator.
 
     python -m crn_fast.train                      # tiny preset on built-in synthetic streets (CPU: ~3 min)
     python -m crn_fast.train --data cityscapes:/data/cityscapes --preset 256p --k 9 --loss diversity \
         --vgg-weights imagenet-vgg-verydeep-19.mat --amp bf16
     torchrun --nproc_per_node 8 -m crn_fast.train ...   # DDP: NCCL on GPUs, gloo on CPU
 
-Outputs in --out: model.ckpt (crn_fast generator), train_state.pt (weights, optimizer, step, RNG:
-the resume point; loaded with weights_only=True), metrics.jsonl, samples/*.png, and TensorBoard events when
-tensorboard is installed. All files are written atomically; --resume continues exactly.
+From Python:  crn_fast.train.train(TrainConfig(preset="tiny", steps=100, out="runs/x"))
+
+Outputs in --out: model.ckpt (crn_fast generator), train_state.pt (weights, optimizer, step, RNG,
+the run's options: the resume point; loaded with weights_only=True), metrics.jsonl, samples/*.png,
+and TensorBoard events when tensorboard is installed. Every file is written atomically.
+
+An existing run is never replaced silently: continue it with --resume (exactly where it
+stopped; only --steps/--epochs, --out, the logging/sample/save intervals, --workers, --skip-bad,
+--checkpointing and --no-progress may differ) or start over with --overwrite.
+Exit status: 0 done, 1 runtime error, 2 usage error.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_generator, load_train_state, save_generator, save_train_state
-from .config import get_preset, parse_resolution
+from .checkpoint import load_generator, load_train_state, remove_stale_temporaries, save_generator, \
+    save_train_state
+from .cli import add_logging_options, log, non_negative_int, positive_float, positive_int, resolution, run_tool, \
+    setup_logging
+from .config import get_preset
 from .constants import DTYPES
-from .data import DATA_FORMS, make_dataset
-from .errors import CRNError
+from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
+from .errors import CheckpointError, CRNError, UsageError
 from .images import sample_sheet, save_png
 from .labels import one_hot
-from .loss import LAMBDA_PRESETS, LOSS_KINDS, CRNLoss
+from .loss import LAMBDA_PRESETS, LOSS_KINDS, TERM_NAMES, CRNLoss
 from .model import BACKENDS, CRN
 from .vgg import load_vgg19
 
 DEFAULT_STEPS = 300
+RUN_FILES = ("model.ckpt", "train_state.pt", "metrics.jsonl", "config.json", "ddp.json")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is, as plain values (the CLI fills it from its options)."""
+    data: str = "synthetic"
+    split: str = "train"
+    preset: str = "tiny"
+    res: tuple[int, int] | None = None
+    k: int | None = None
+    loss: str | None = None
+    lambdas: str | tuple[float, ...] | None = None
+    vgg_weights: str = "random"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 4
+    lr: float = 1e-4
+    amp: str = "off"
+    backend: str = "eager"
+    checkpointing: bool = False
+    init_from: str | None = None
+    train_modules: str | None = None
+    out: str = "runs/demo"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 100
+    save_every: int = 100
+    workers: int = 0
+    skip_bad: bool = False
+    unknown_colors: str = "error"
+    scan_labels: str = "auto"
+    progress: bool = True
+
+    # what may differ when a run is resumed: bookkeeping, not the trajectory
+    RESUMABLE = ("steps", "epochs", "out", "resume", "overwrite", "log_every", "sample_every", "save_every",
+                 "workers", "skip_bad", "checkpointing", "progress", "init_from")
+
+    def validate(self) -> "TrainConfig":
+        """UsageError naming the first option whose value cannot work."""
+        for name in ("batch_size", "log_every", "sample_every", "save_every"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps {self.steps}: must be >= 1")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise UsageError(f"--epochs {self.epochs}: must be > 0")
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("--steps and --epochs both given: choose one")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr {self.lr}: must be > 0")
+        if self.k is not None and self.k < 1:
+            raise UsageError(f"--k {self.k}: must be >= 1")
+        if self.workers < 0:
+            raise UsageError(f"--workers {self.workers}: must be >= 0")
+        for name, valid in (("amp", ("off", *DTYPES)), ("backend", BACKENDS), ("unknown_colors", ("error", "void")),
+                            ("scan_labels", SCAN_MODES)):
+            if getattr(self, name) not in valid:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: valid: {', '.join(valid)}")
+        if self.loss is not None and self.loss not in LOSS_KINDS:
+            raise UsageError(f"--loss {self.loss!r}: valid: {', '.join(LOSS_KINDS)}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: choose one")
+        try:
+            get_preset(self.preset)
+        except CRNError as e:
+            raise UsageError(str(e)) from None
+        self.lambdas = parse_lambdas(self.lambdas)
+        return self
+
+    def identity(self) -> dict:
+        """The options that define the run's trajectory (compared on --resume)."""
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in self.RESUMABLE}
+
+
+def parse_lambdas(value):
+    """None, a preset name, 'auto', six numbers, or their comma-separated text."""
+    if value is None or isinstance(value, (tuple, list)):
+        return tuple(float(v) for v in value) if value is not None else None
+    if value in LAMBDA_PRESETS or value == "auto":
+        return value
+    try:
+        numbers = tuple(float(v) for v in str(value).split(","))
+    except ValueError:
+        raise UsageError(f"--lambdas {value!r}: give {', '.join(LAMBDA_PRESETS)}, auto, or {len(TERM_NAMES)} "
+                         f"comma-separated numbers ({', '.join(TERM_NAMES)})") from None
+    if len(numbers) != len(TERM_NAMES) or not all(math.isfinite(v) and v >= 0 for v in numbers):
+        raise UsageError(f"--lambdas {value!r}: needs {len(TERM_NAMES)} finite numbers >= 0 "
+                         f"({', '.join(TERM_NAMES)}), got {len(numbers)}")
+    return numbers
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m crn_fast.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog = "crn-train" if Path(sys.argv[0]).name == "crn-train" else "python -m crn_fast.train"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--data", default="synthetic", help=f"training data: {DATA_FORMS} (default: synthetic)")
     a("--split", default="train", help="Cityscapes split (default: train)")
     a("--preset", default="tiny", help="architecture: tiny, 256p, 512p, 1024p, GTA (default: tiny)")
-    a("--resolution", default=None, help="training HxW, a multiple of the preset's stride (default: the preset's)")
-    a("--k", type=int, default=None, help="images per layout (default: the preset's; 9 for 256p/GTA)")
+    a("--res", "--resolution", dest="res", type=resolution, default=None,
+      help="training HxW, a multiple of the preset's stride (default: the preset's)")
+    a("--k", type=positive_int, default=None, help="images per layout (default: the preset's; 9 for 256p/GTA)")
     a("--loss", default=None, choices=LOSS_KINDS,
       help="perceptual (Eq. 1), hindsight (Eq. 2) or diversity (Eq. 3); default: diversity if k > 1 else perceptual")
     a("--lambdas", default=None, help=f"layer weights: {', '.join(LAMBDA_PRESETS)}, auto, or 6 comma-separated "
       "numbers (default: 256p for diversity, else 1024p)")
     a("--vgg-weights", default="random", help="vgg19-*.pth (torchvision), imagenet-vgg-verydeep-19.mat, or random")
-    a("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS} unless --epochs)")
-    a("--epochs", type=float, default=None, help="passes over the data (instead of --steps)")
-    a("--batch-size", type=int, default=4, help="global batch size, split over the ranks (default 4)")
-    a("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, as the paper)")
+    a("--steps", type=positive_int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS} unless --epochs)")
+    a("--epochs", type=positive_float, default=None, help="passes over the data (instead of --steps)")
+    a("--batch-size", "--batch", dest="batch_size", type=positive_int, default=4,
+      help="global batch size, split over the ranks (default 4)")
+    a("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4, as the paper)")
     a("--amp", default="off", choices=("bf16", "fp16", "off"), help="autocast precision (default off)")
     a("--backend", default="eager", choices=BACKENDS, help="eager torch ops or fused Triton kernels")
     a("--checkpointing", action="store_true", help="activation checkpointing per refinement module")
@@ -62,19 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
       "crn_fast checkpoint; the new top module and head start fresh")
     a("--train-modules", default=None, help="train only these modules, e.g. '7,8,head' or '5-8,head' (default: all)")
     a("--out", default="runs/demo", help="output folder (default runs/demo)")
-    a("--resume", action="store_true", help="continue from --out's model.ckpt and train_state.pt")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out (deletes its checkpoints, "
+                   "metrics and samples)")
     a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
-    a("--sample-every", type=int, default=100, help="steps between sample grids (default 100)")
-    a("--save-every", type=int, default=100, help="steps between checkpoints (default 100; always at the end)")
-    a("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    a("--skip-bad", action="store_true", help="skip (and report) bad data files instead of stopping")
+    a("--log-every", type=positive_int, default=10, help="steps between metrics.jsonl lines (default 10)")
+    a("--sample-every", type=positive_int, default=100, help="steps between sample grids (default 100)")
+    a("--save-every", type=positive_int, default=100, help="steps between checkpoints (default 100; always at the end)")
+    a("--workers", type=non_negative_int, default=0, help="data-loading worker processes (default 0)")
+    a("--skip-bad", action="store_true", help="leave out (and report) bad data files instead of stopping")
     a("--unknown-colors", default="error", choices=("error", "void"),
       help="colour labels with colours outside the Cityscapes table: error, or void (the authors' rule)")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--scan-labels", default="auto", choices=SCAN_MODES,
+      help=f"decode every label before training to find bad files and colours: auto (datasets of up to "
+           f"{SCAN_AUTO_LIMIT} pairs), always, never (default auto)")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_logging_options(ap)
     return ap
 
 
+def config_from_args(args) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+# ----------------------------------------------------------------------------- helpers
 class StepBatches(torch.utils.data.Sampler):
     """Global batch b of epoch e is a fixed slice of a permutation seeded by (seed, e); each rank
     takes its own contiguous part. The order does not depend on the number of ranks, and a run
@@ -82,9 +202,9 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __init__(self, n, global_batch, rank, world, seed, start_step, total_steps):
         if global_batch % world:
-            raise CRNError(f"--batch-size {global_batch} must be divisible by the number of ranks ({world})")
+            raise UsageError(f"--batch-size {global_batch} must be divisible by the number of ranks ({world})")
         if n < global_batch:
-            raise CRNError(f"the dataset has {n} samples, fewer than --batch-size {global_batch}")
+            raise UsageError(f"the dataset has {n} samples, fewer than --batch-size {global_batch}")
         self.n, self.gb, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.start, self.total = start_step, total_steps
         self.per_epoch = n // global_batch
@@ -115,9 +235,9 @@ def parse_train_modules(spec: str | None, n_modules: int) -> set[str] | None:
             lo, _, hi = part.partition("-")
             lo, hi = int(lo), int(hi or lo)
         except ValueError:
-            raise CRNError(f"--train-modules: {part!r} is not a module index, range (5-8) or 'head'") from None
+            raise UsageError(f"--train-modules: {part!r} is not a module index, range (5-8) or 'head'") from None
         if not 0 <= lo <= hi < n_modules:
-            raise CRNError(f"--train-modules: {part!r} is outside modules 0..{n_modules - 1}")
+            raise UsageError(f"--train-modules: {part!r} is outside modules 0..{n_modules - 1}")
         out |= {f"refine.{i}" for i in range(lo, hi + 1)}
     return out
 
@@ -173,104 +293,210 @@ def rng_state(device) -> dict:
     return state
 
 
-def train(args) -> Path:
-    rank, world, device = setup_distributed()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    out = Path(args.out)
-    config = get_preset(args.preset)
-    if args.k is not None:
-        config = config.replace(k=args.k)
-    resolution = parse_resolution(args.resolution) if args.resolution else config.resolution
-    config.validate_input_size(*resolution)
-    kind = args.loss or ("diversity" if config.k > 1 else "perceptual")
-    lambdas = args.lambdas or ("256p" if kind == "diversity" else "1024p")
-    if "," in lambdas:
-        lambdas = [float(v) for v in lambdas.split(",")]
-    torch.manual_seed(args.seed)
+def prepare_out(cfg: TrainConfig) -> None:
+    """Refuse to replace a run silently; with --overwrite, remove it; clean our stale temporaries."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    if found and not (cfg.resume or cfg.overwrite):
+        what = describe_run(out)
+        raise UsageError(f"{out} already holds a run ({what}); continue it with --resume, or replace it with "
+                         f"--overwrite")
+    if cfg.overwrite:
+        import shutil
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+        for d in ("samples", "tb"):
+            shutil.rmtree(out / d, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    for path in remove_stale_temporaries(out) + remove_stale_temporaries(out / "samples"):
+        log.info(f"removed {path} (a temporary file left by an interrupted run)")
 
-    dataset = make_dataset(args.data, resolution, args.seed, args.split, args.skip_bad, args.unknown_colors)
-    for msg in dataset.skipped:
-        log(f"skipped: {msg}")
-    model = CRN(config, backend=args.backend, checkpointing=args.checkpointing)
-    vgg = load_vgg19(args.vgg_weights, seed=args.seed)
-    criterion = CRNLoss(vgg, kind, lambdas)
-    start = 0
-    if args.resume:
-        # train_state.pt alone is the resume point (weights included): one atomic file, so a kill
-        # between writing it and model.ckpt cannot pair weights and optimizer state of different steps
+
+def describe_run(out: Path) -> str:
+    """What is in a run folder, for messages: the step of its training state or model file."""
+    try:
+        return f"train_state.pt at step {int(load_train_state(out / 'train_state.pt')['step'])}"
+    except (CRNError, KeyError, TypeError, ValueError):
+        pass
+    if (out / "model.ckpt").is_file():
+        from .checkpoint import read_generator_file
+        try:
+            step = read_generator_file(out / "model.ckpt")[2].get("step")
+            return f"model.ckpt at step {step}" + ("" if (out / "train_state.pt").exists() else
+                                                    ", no train_state.pt")
+        except CRNError:
+            return "an unreadable model.ckpt"
+    return ", ".join(f for f in RUN_FILES if (out / f).exists())
+
+
+def check_resume_state(state: dict, path: Path, cfg: TrainConfig, config) -> None:
+    need = {"step", "config", "model", "optimizer", "loss", "rng"}
+    if not isinstance(state, dict) or not need <= set(state):
+        missing = sorted(need - set(state)) if isinstance(state, dict) else "everything"
+        raise CheckpointError(f"--resume: {path} is not a crn_fast training state (missing {missing})")
+    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items() if k != "name"}
+    wanted = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.to_dict().items() if k != "name"}
+    if saved != wanted:
+        raise UsageError(f"--resume: {path} holds a {state['config']} model, but the options describe "
+                         f"{config.to_dict()}")
+    old = state.get("options")
+    if old is not None:
+        new = cfg.identity()
+        differ = [k for k in new if k in old and old[k] != new[k]]
+        if differ:
+            raise UsageError("--resume continues a run exactly, but these options differ from it: " +
+                             ", ".join(f"--{k.replace('_', '-')} {old[k]!r} (now {new[k]!r})" for k in differ) +
+                             f"; use the run's values, or start a new run in another --out")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines after ``step`` (written after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    from .checkpoint import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def batches(loader):
+    """The loader's batches; an error raised in a worker process comes out as its one-line message."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except CRNError as e:
+            text = str(e)
+            if "Original Traceback" in text:  # DataLoader wraps a worker's exception with its traceback
+                last = [line for line in text.strip().splitlines() if line.strip()][-1]
+                text = last.split(": ", 1)[1] if ": " in last else last
+            raise type(e)(text) from None
+        yield batch
+
+
+def open_tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("  tensorboard not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
+        return None
+    try:
+        return SummaryWriter(str(out / "tb"))
+    except Exception as e:  # a broken install or an unwritable folder: say so, keep training
+        log.warning(f"  TensorBoard disabled: {type(e).__name__}: {e}")
+        return None
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig) -> Path:
+    """Train a generator as ``cfg`` says; returns the output folder."""
+    cfg.validate()
+    # --- setup: distributed, output folder, model, data, loss, optimizer -------------------------
+    rank, world, device = setup_distributed()
+    out = Path(cfg.out)
+    if rank == 0:
+        prepare_out(cfg)
+    config = get_preset(cfg.preset) if cfg.k is None else get_preset(cfg.preset).replace(k=cfg.k)
+    res = cfg.res or config.resolution
+    try:
+        config.validate_input_size(*res)
+    except CRNError as e:
+        raise UsageError(f"--res: {e}") from None
+    kind = cfg.loss or ("diversity" if config.k > 1 else "perceptual")
+    lambdas = cfg.lambdas or ("256p" if kind == "diversity" else "1024p")
+    torch.manual_seed(cfg.seed)
+
+    model = CRN(config, backend=cfg.backend, checkpointing=cfg.checkpointing)
+    start, state = 0, None
+    if cfg.resume:
         state_path = out / "train_state.pt"
         if not state_path.is_file():
-            raise CRNError(f"--resume: {out} has no train_state.pt to resume from")
+            what = describe_run(out) if out.is_dir() else "nothing"
+            raise CRNError(f"--resume: {out} has no train_state.pt to resume from ({what or 'empty folder'}); "
+                           f"start again with --overwrite" + (f", or keep the weights with --overwrite --init-from "
+                                                              f"<a copy of {out / 'model.ckpt'}>"
+                                                              if (out / 'model.ckpt').is_file() else ""))
         state = load_train_state(state_path)
-        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items() if k != "name"}
-        wanted = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.to_dict().items() if k != "name"}
-        if saved != wanted:
-            raise CRNError(f"--resume: {state_path} is a {state['config']} model, but the options describe "
-                           f"{config.to_dict()}")
-        model.load_state_dict(state["model"])
+        check_resume_state(state, state_path, cfg, config)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"--resume: {state_path}: {str(e).splitlines()[0]}") from None
         start = int(state["step"])
-    elif args.init_from:
-        copied = init_from(model, args.init_from)
-        log(f"init-from {args.init_from}: copied {', '.join(copied)}")
-
-    trainable = parse_train_modules(args.train_modules, config.num_modules)
+    elif cfg.init_from:
+        log.info(f"init-from {cfg.init_from}: copied {', '.join(init_from(model, cfg.init_from))}")
+    trainable = parse_train_modules(cfg.train_modules, config.num_modules)
     if trainable is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(any(name.startswith(t + ".") for t in trainable))
+
+    dataset = make_dataset(cfg.data, res, cfg.seed, cfg.split, cfg.skip_bad, cfg.unknown_colors, cfg.scan_labels)
+    for msg in dataset.skipped:
+        log.warning(f"skipped: {msg}")
+    vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)
+    criterion = CRNLoss(vgg, kind, lambdas)
     model.to(device).train()
     criterion.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=args.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    if args.resume:
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
-        criterion.load_state_dict(state["loss"])
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if state is not None:
+        try:
+            opt.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            criterion.load_state_dict(state["loss"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UsageError(f"--resume: the saved optimizer does not fit these options ({str(e).splitlines()[0]}); "
+                             f"was --train-modules different?") from None
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None) if world > 1 else model
 
-    steps_per_epoch = len(dataset) // args.batch_size
-    total = args.steps if args.steps is not None else \
-        math.ceil(args.epochs * steps_per_epoch) if args.epochs is not None else DEFAULT_STEPS
-    sampler = StepBatches(len(dataset), args.batch_size, rank, world, args.seed, start, total)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+    total = cfg.steps if cfg.steps is not None else \
+        math.ceil(cfg.epochs * (len(dataset) // cfg.batch_size)) if cfg.epochs is not None else DEFAULT_STEPS
+    sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, cfg.seed, start, total)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
-    amp_dtype = DTYPES[args.amp] if args.amp != "off" else None
-    n_params = sum(p.numel() for p in params)
+    amp_dtype = DTYPES[cfg.amp] if cfg.amp != "off" else None
 
-    log(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
-        f", backend {model.backend}, amp {args.amp}")
-    log(f"  model  {config.name} {list(config.widths)} k={config.k}, {n_params / 1e6:.2f} M trainable params, "
-        f"training at {resolution[0]}x{resolution[1]}")
-    log(f"  data   {dataset.describe()}, global batch {args.batch_size}, steps {start}->{total}")
-    log(f"  loss   {kind}, lambdas {lambdas}, VGG-19 weights: {vgg.source}")
-    log(f"  out    {out}")
-
-    writer = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**vars(args), "backend_used": model.backend,
-                                                        "model": config.to_dict()}, indent=2))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard not installed
-            writer = None
+        log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
+                 f", backend {model.backend}, amp {cfg.amp}")
+        log.info(f"  model  {config.name} {list(config.widths)} k={config.k}, "
+                 f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable params, training at {res[0]}x{res[1]}")
+        log.info(f"  data   {dataset.describe()}, global batch {cfg.batch_size}, steps {start}->{total}")
+        log.info(f"  loss   {kind}, lambdas {lambdas}, VGG-19 weights: {vgg.source}")
+        log.info(f"  out    {out}" + (f" (resumed at step {start})" if cfg.resume else ""))
+        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "backend_used": model.backend,
+                                                     "model": config.to_dict()}, indent=2))
+        if cfg.resume:
+            truncate_metrics(out / "metrics.jsonl", start)
+    writer = open_tensorboard(out) if rank == 0 else None
     fixed = [dataset[i] for i in range(min(4, len(dataset)))]
     fixed_ids = torch.stack([f[0] for f in fixed]).to(device)
     fixed_img = torch.stack([f[1] for f in fixed])
 
     def checkpoint(step):
-        save_generator(model, out / "model.ckpt", extra={"step": step})
         save_train_state(out / "train_state.pt", {
-            "step": step, "config": config.to_dict(),
+            "step": step, "config": config.to_dict(), "options": cfg.identity(),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "loss": criterion.state_dict(), "rng": rng_state(device)})
+        save_generator(model, out / "model.ckpt", extra={"step": step})
 
     def samples(step):
         model.eval()
@@ -280,14 +506,17 @@ def train(args) -> Path:
         sheet = sample_sheet(fixed_ids, fixed_img, outs)
         save_png(sheet, out / "samples" / f"step_{step:06d}.png")
         save_png(sheet, out / "samples" / "latest.png")
+        if writer is not None:
+            writer.add_image("samples", sheet, step, dataformats="HWC")
 
+    # --- the loop: one optimizer step per global batch -------------------------------------------
     bar = None
-    if rank == 0 and not args.no_progress:
+    if rank == 0 and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t_last, seen, step = time.perf_counter(), 0, start
-    for ids, target in loader:
+    for ids, target in batches(loader):
         ids, target = ids.to(device, non_blocking=True), target.to(device, non_blocking=True)
         layout = one_hot(ids, config.num_classes)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -299,20 +528,24 @@ def train(args) -> Path:
         scaler.update()
         step += 1
         seen += ids.shape[0] * world
+        loss_val = float(loss.detach())
         if dist.is_initialized():
-            loss_val = loss.detach().clone()
-            dist.all_reduce(loss_val)
-            loss_val = float(loss_val) / world
-        else:
-            loss_val = float(loss.detach())
+            lv = loss.detach().clone()
+            dist.all_reduce(lv)
+            loss_val = float(lv) / world
+        if not math.isfinite(loss_val) and not scaler.is_enabled():  # fp16 scaling skips such steps itself
+            raise CRNError(f"the loss is {loss_val} at step {step} (NaN/inf in the data, the weights or the "
+                           f"precision); the last good checkpoint is {out / 'train_state.pt'} — try a lower --lr "
+                           f"or --amp off")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}")
-        if rank == 0 and (step % args.log_every == 0 or step == total):
+        # --- log, sample, checkpoint (rank 0) ----------------------------------------------------
+        if rank == 0 and (step % cfg.log_every == 0 or step == total):
             now = time.perf_counter()
             rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in terms.items()},
                    "images_per_s": seen / max(now - t_last, 1e-9), "peak_memory_mb": peak_memory_mb(device),
-                   "lr": args.lr}
+                   "lr": cfg.lr}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             if writer is not None:
@@ -320,24 +553,26 @@ def train(args) -> Path:
                     if key != "step":
                         writer.add_scalar(key, v, step)
             t_last, seen = now, 0
-        if rank == 0 and (step % args.sample_every == 0 or step == total):
+        if rank == 0 and (step % cfg.sample_every == 0 or step == total):
             samples(step)
-        if rank == 0 and (step % args.save_every == 0 or step == total):
+        if rank == 0 and (step % cfg.save_every == 0 or step == total):
             checkpoint(step)
+
+    # --- the end ----------------------------------------------------------------------------------
     if bar is not None:
         bar.close()
     if rank == 0:
         metrics.close()
-        if writer is not None:
-            writer.close()
         if step == start:  # nothing to do (already at --steps): still leave the files in place
             checkpoint(step)
             samples(step)
-        log(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
+        if writer is not None:
+            writer.close()
+        log.info(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
     if dist.is_initialized():
         spread = ranks_spread(model)
         if rank == 0:
-            log(f"ranks in sync: max |weight difference| between ranks = {spread:g}")
+            log.info(f"ranks in sync: max |weight difference| between ranks = {spread:g}")
             (out / "ddp.json").write_text(json.dumps({"world_size": world, "max_weight_spread": spread}))
         dist.barrier()
     return out
@@ -353,16 +588,14 @@ def ranks_spread(model) -> float:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(None if argv is None else [str(a) for a in argv])
+    setup_logging(args)
     try:
-        train(args)
-    except CRNError as e:
-        print(f"crn_fast.train: error: {e}", file=sys.stderr)
-        return 2
+        return run_tool(ap.prog, lambda: train(config_from_args(args)) and None)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from crn_fast.data import DataError, SyntheticStreets, decode_label, make_dataset
+from crn_fast.errors import UsageError
 from crn_fast.labels import PALETTE, TRAIN_ID, VOID, one_hot
 from crn_fast.synthetic import render_scene
 
@@ -126,7 +127,7 @@ def test_empty_folder_and_unknown_form(tmp_path):
     (tmp_path / "i").mkdir()
     with pytest.raises(DataError, match="no label images"):
         make_dataset(f"pairs:{tmp_path / 'l'},{tmp_path / 'i'}")
-    with pytest.raises(DataError, match="valid forms: synthetic"):
+    with pytest.raises(UsageError, match="valid forms: synthetic"):  # a bad option value: exit status 2
         make_dataset("imagenet:/x")
     with pytest.raises(DataError, match="does not exist"):
         make_dataset(f"cityscapes:{tmp_path / 'nope'}")

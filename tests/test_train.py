@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_writes_checkpoint_metrics_and_samples(demo_run):
     out, r = demo_run
-    assert "device cpu" in r.stdout and "VGG-19 weights: random" in r.stdout and "synthetic" in r.stdout
+    assert "device cpu" in r.stderr and "VGG-19 weights: random" in r.stderr and "synthetic" in r.stderr
     model = load_generator(out / "model.ckpt")
     assert model.config.name == "tiny"
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -65,7 +65,7 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crn_fast.train",
              "--out", str(tmp_path / "ddp"), *common])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "x 2 ranks (DDP)" in r.stdout
+    assert "x 2 ranks (DDP)" in r.stderr
     assert json.loads((tmp_path / "ddp" / "ddp.json").read_text())["max_weight_spread"] == 0.0
     assert train_main(["--out", str(tmp_path / "one"), *common]) == 0
     s2 = load_generator(tmp_path / "ddp" / "model.ckpt").state_dict()
@@ -85,7 +85,7 @@ def test_bad_data_option_exits_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "valid forms" in r.stderr and "Traceback" not in r.stderr
     r = run(["-m", "crn_fast.train", "--data", f"cityscapes:{tmp_path / 'none'}", "--out", str(tmp_path)])
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr  # a runtime error
 
 
 def test_init_from_copies_lower_resolution_modules(tmp_path):
@@ -163,4 +163,5 @@ def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
     assert train_main(["--out", str(tmp_path), "--steps", "1", *SMALL]) == 0
     assert train_main(["--out", str(tmp_path), "--steps", "2", "--resume", "--k", "2", *SMALL]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert train_main(["--out", str(tmp_path / "empty"), "--steps", "2", "--resume", *SMALL]) == 2
+    assert train_main(["--out", str(tmp_path / "empty"), "--steps", "2", "--resume", *SMALL]) == 1
+    assert "has no train_state.pt to resume from" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Two costs the README states, measured: crn-synthesize's peak memory at two folder sizes 10x
+apart (streaming: bounded by --batch-size, not by the folder), and the up-front label scan of
+training (--scan-labels) per 2048x1024 colour label.
+
+    python benchmarks/data_costs.py [--files 10] [--res 1024x2048]     # writes results/data_costs_<device>.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import device_label, machine_info  # noqa: E402
+
+from crn_fast import CRN, CRNConfig, save_generator  # noqa: E402
+from crn_fast.config import parse_resolution  # noqa: E402
+from crn_fast.data import decode_label  # noqa: E402
+from crn_fast.labels import PALETTE  # noqa: E402
+from crn_fast.synthetic import render_scene  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_labels(folder: Path, n: int, h: int, w: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    base = render_scene(h, w, seed=0, index=0)[0]
+    for i in range(n):  # one real-looking scene, shifted per file: same decode cost, distinct files
+        Image.fromarray(PALETTE[np.minimum(np.roll(base, 8 * i, axis=1), 18)]).save(folder / f"{i:06d}.png")
+
+
+def peak_rss_mib(cmd) -> float:
+    code = ("import resource, subprocess, sys\n"
+            f"r = subprocess.run({cmd!r})\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n"
+            "sys.exit(r.returncode)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=10, help="the small folder; the large one has 10x (default 10)")
+    ap.add_argument("--res", default="1024x2048")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    h, w = parse_resolution(args.res)
+    tmp = Path(tempfile.mkdtemp(prefix="crn-costs-"))
+    torch.manual_seed(0)
+    ckpt = tmp / "tiny.ckpt"
+    save_generator(CRN(CRNConfig(widths=(16, 16, 12, 8), k=1)), ckpt)  # small: the folder is what is measured
+    rows = []
+    for n in (args.files, 10 * args.files):
+        labels = tmp / f"labels_{n}"
+        write_labels(labels, n, h, w)
+        t0 = time.perf_counter()
+        rss = peak_rss_mib([sys.executable, "-m", "crn_fast.synthesize", str(ckpt), "--labels", str(labels),
+                            "--out", str(tmp / f"out_{n}"), "--no-progress", "-q", "--device", "cpu"])
+        rows.append({"files": n, "label_mib_each": h * w / 2 ** 20, "peak_rss_mib": rss,
+                     "seconds": time.perf_counter() - t0})
+        print(f"crn-synthesize, {n:4d} layouts of {h}x{w}: peak RSS {rss:7.0f} MiB", flush=True)
+    files = sorted((tmp / f"labels_{args.files}").glob("*.png"))
+    t0 = time.perf_counter()
+    for f in files:
+        decode_label(f)
+    scan_ms = (time.perf_counter() - t0) / len(files) * 1e3
+    print(f"label scan: {scan_ms:.1f} ms per {h}x{w} colour label "
+          f"(Cityscapes train, 2975 labels: {2975 * scan_ms / 1e3:.0f} s)")
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
+    out.write_text(json.dumps({"machine": machine_info("cpu"), "resolution": [h, w], "synthesize": rows,
+                               "scan_ms_per_label": scan_ms}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""The command-line surface under bad input and faults: nothing lost, nothing cryptic.
+
+Every tool answers a bad option or a fault with one line on stderr and its documented exit status
+(0 done, 1 runtime error, 2 usage error, 3 verification failed) and leaves nothing half-written.
+"""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crn_fast import CRN, CRNConfig, CheckpointError, load_generator, save_generator
+from crn_fast.labels import PALETTE, TRAIN_ID, VOID, VOID_COLORS, one_hot
+from crn_fast.train import TrainConfig, main as train_main, train
+from crn_fast.synthesize import main as synth_main
+
+from released_models import ADAM_SLOTS, INDEX_ENTRIES, variables
+from test_data import write_pairs
+
+SMALL = ["--res", "32x64", "--batch-size", "2", "--no-progress", "--log-every", "1", "-q"]
+
+
+def cli(*args, timeout=300):
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return r.returncode, r.stderr
+
+
+def one_line(err: str) -> bool:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    return len(lines) == 1 and "Traceback" not in err
+
+
+def steps_in(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    m = CRN(CRNConfig(widths=(8, 6, 4), k=1))
+    path = tmp_path_factory.mktemp("ck") / "m.ckpt"
+    save_generator(m, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- data loss
+def test_training_into_an_existing_run_refuses_then_overwrite_restarts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "3", *SMALL]) == 0
+    before = (out / "train_state.pt").read_bytes()
+    assert train_main(["--out", out, "--steps", "2", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "train_state.pt at step 3" in err and "--resume" in err and "--overwrite" in err and one_line(err)
+    assert (out / "train_state.pt").read_bytes() == before and steps_in(out) == [1, 2, 3]
+    assert train_main(["--out", out, "--steps", "2", "--overwrite", *SMALL]) == 0
+    assert steps_in(out) == [1, 2] and torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_files_get_the_permissions_open_would_give(tmp_path, tiny_ckpt, umask):
+    from crn_fast.images import save_png
+    old = os.umask(umask)
+    try:
+        save_generator(load_generator(tiny_ckpt), tmp_path / "g.ckpt")
+        save_png(np.zeros((2, 2, 3), np.uint8), tmp_path / "p.png")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert want == 0o666 & ~umask
+    for f in ("g.ckpt", "p.png"):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == want, f
+
+
+def test_a_run_without_train_state_says_what_is_there_and_stale_temporaries_go(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "1", *SMALL]) == 0
+    (out / "train_state.pt").unlink()  # as if killed while writing the first training state
+    stale = out / ".train_state.pt.abc123.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    assert train_main(["--out", out, "--steps", "2", "--resume", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "no train_state.pt" in err and "model.ckpt" in err and "--overwrite" in err and one_line(err)
+    assert train_main(["--out", out, "--steps", "1", "--overwrite", *SMALL]) == 0
+    assert not stale.exists() and not list(out.glob(".*.tmp"))
+
+
+def test_synthesize_refuses_two_labels_with_one_output_name(tmp_path, tiny_ckpt, capsys):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for ext in ("png", "bmp"):
+        Image.fromarray(np.zeros((16, 32), np.uint8)).save(labels / f"000.{ext}")
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "000.png" in err and "000.bmp" in err and "both be written as 000.png" in err and one_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- bad data, found early
+def test_unknown_colour_is_found_before_the_first_step(tmp_path, capsys):
+    root = write_pairs(tmp_path / "p", n=12)
+    Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(root / "labels" / "00000010.png")
+    out = tmp_path / "run"
+    assert train_main(["--data", f"pairs:{root / 'labels'},{root / 'images'}", "--out", out, "--steps", "5",
+                       "--res", "16x32", "--batch-size", "2", "--no-progress", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "00000010.png" in err and "not Cityscapes label colours" in err and "--skip-bad" in err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def _cut(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header is intact, the data is cut
+
+
+@pytest.mark.parametrize("scan", ["always", "never"])
+def test_skip_bad_skips_a_png_whose_data_is_cut(tmp_path, scan):
+    root = write_pairs(tmp_path / "p", n=4, size=(64, 128))
+    for f in (root / "labels").iterdir():  # noisy labels: the PNG is big enough to cut mid-data
+        ids = np.random.default_rng(0).integers(0, 19, (64, 128)).astype(np.uint8)
+        Image.fromarray(PALETTE[ids]).save(f)
+    _cut(root / "labels" / "00000001.png")
+    _cut(next((root / "images").glob("00000002.*")))
+    from crn_fast.data import make_dataset
+    spec = f"pairs:{root / 'labels'},{root / 'images'}"
+    ds = make_dataset(spec, skip_bad=True, scan=scan)
+    samples = [ds[i] for i in range(len(ds))]  # a cut label found late is replaced by the next good sample
+    assert all(s[0].shape == (64, 128) for s in samples)
+    assert any("00000002" in m for m in ds.skipped)  # the cut JPEG fails at its header: found up front
+    if scan == "always":  # the label scan finds the cut PNG up front too
+        assert len(ds) == 2 and any("00000001.png" in m and "truncated" in m for m in ds.skipped)
+
+
+def test_a_bad_file_in_a_worker_is_one_line(tmp_path):
+    root = write_pairs(tmp_path / "p", n=4)
+    _cut(next((root / "images").glob("00000002.*")))
+    code, err = cli("-m", "crn_fast.train", "--data", f"pairs:{root / 'labels'},{root / 'images'}", "--out",
+                    tmp_path / "run", "--steps", "4", "--res", "16x32", "--batch-size", "2", "--workers", "2",
+                    "--no-progress", "-q")
+    assert code == 1 and one_line(err) and "00000002" in err and "unreadable image" in err, err
+
+
+# ----------------------------------------------------------------------------- resume is exact
+def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "1", *SMALL]) == 0
+    assert train_main(["--out", out, "--steps", "2", "--resume", "--lr", "0.01", "--seed", "3",
+                       "--lambdas", "256p", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.0001 (now 0.01)" in err and "--seed 0 (now 3)" in err and "--lambdas" in err and one_line(err)
+    assert train_main(["--out", out, "--steps", "2", "--resume", "--train-modules", "3,head", *SMALL]) == 2
+    assert "--train-modules None (now '3,head')" in capsys.readouterr().err
+    # the documented changeable ones are accepted
+    assert train_main(["--out", out, "--steps", "2", "--resume", "--save-every", "5", "--log-every", "2",
+                       "--res", "32x64", "--batch-size", "2", "--no-progress", "-q"]) == 0
+
+
+def test_resume_from_a_foreign_train_state_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "1", *SMALL]) == 0
+    torch.save({"step": 1, "weights": {}}, out / "train_state.pt")
+    assert train_main(["--out", out, "--steps", "2", "--resume", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "not a crn_fast training state" in err and one_line(err)
+
+
+def test_metrics_after_a_resume_do_not_repeat_steps(tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "2", *SMALL]) == 0
+    at2 = (out / "train_state.pt").read_bytes()
+    assert train_main(["--out", out, "--steps", "4", "--resume", *SMALL]) == 0
+    (out / "train_state.pt").write_bytes(at2)  # as if killed after logging steps 3-4 but before saving them
+    assert train_main(["--out", out, "--steps", "4", "--resume", *SMALL]) == 0
+    assert steps_in(out) == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- one line, not a traceback
+@pytest.mark.parametrize("args,msg", [
+    (["--batch-size", "0"], "--batch-size/--batch: 0 must be >= 1"), (["--save-every", "0"], "--save-every: 0 must be"),
+    (["--log-every", "0"], "--log-every: 0 must be >= 1"), (["--steps", "0"], "--steps: 0 must be >= 1"),
+    (["--steps", "-3"], "--steps: -3 must be >= 1"), (["--lambdas", "1,2,x"], "--lambdas '1,2,x'"),
+    (["--res", "30x64"], "multiples of 2^4 = 16"), (["--lr", "nan"], "finite number"),
+])
+def test_training_options_are_usage_errors(tmp_path, args, msg):
+    code, err = cli("-m", "crn_fast.train", "--out", tmp_path / "run", "--no-progress", *args)
+    assert code == 2 and msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, err = cli("-m", "crn_fast.train", "--out", tmp_path / "file" / "run", "--steps", "1", "--no-progress")
+    assert code == 1 and "cannot write to --out" in err and one_line(err)
+
+
+def test_convert_tf_into_a_folder_is_a_usage_error(tmp_path):
+    from conftest import FIXTURES
+    code, err = cli("-m", "crn_fast.convert_tf", FIXTURES / "tf_crn" / "model.ckpt", tmp_path)
+    assert code == 2 and "is a folder" in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_named(tmp_path):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    from crn_fast.cli import run_tool
+
+    def write():
+        with open("/dev/full", "w") as f:
+            f.write("x" * 10000)
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    import io
+    from contextlib import redirect_stderr
+    buf = io.StringIO()
+    with redirect_stderr(buf):
+        assert run_tool("crn-x", write) == 1
+    assert "the disk is full" in buf.getvalue() and one_line(buf.getvalue())
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--batch-size", "0"], "must be >= 1"), (["--device", "tpu9"], "'tpu9'"),
+    (["--device", "cuda"], "no CUDA GPU is available"),
+])
+def test_synthesize_options_are_usage_errors(tmp_path, tiny_ckpt, args, msg):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "l.png")
+    code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "l.png", "--out", tmp_path / "o",
+                    *args)
+    assert code == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_malformed_checkpoint_metadata_and_state_dict_mismatch_are_explained(tmp_path, tiny_ckpt):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(tiny_ckpt), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for bad in ('{"widths": "abc"}', '[1, 2]', '{"widths": [8, 6, 4], "k": "x"}', "{nope"):
+        save_file(state, str(tmp_path / "m.ckpt"), metadata={**meta, "config": bad})
+        with pytest.raises(CheckpointError, match="embedded model config is missing or invalid"):
+            load_generator(tmp_path / "m.ckpt")
+    state2 = dict(state)
+    state2["refine.0.conv1.weight"] = torch.zeros(8, 20, 1, 1)
+    del state2["head.bias"]
+    save_file(state2, str(tmp_path / "m.ckpt"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"1 missing: head.bias; 1 wrong shape: refine.0.conv1.weight "
+                                              r"\(8, 20, 1, 1\) \(expected \(8, 20, 3, 3\)\)"):
+        load_generator(tmp_path / "m.ckpt")
+
+
+def test_train_state_refusal_is_not_cut(tmp_path):
+    from crn_fast.checkpoint import load_train_state
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    torch.save({"x": Evil()}, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_train_state(tmp_path / "s.pt")
+    text = str(e.value)
+    assert "\n" not in text and "weights_only" in text and len(text) > 250 and "os.system" in text or "posix" in text
+
+
+def test_non_fp32_layouts_are_cast(tiny_ckpt):
+    m = load_generator(tiny_ckpt)
+    x = one_hot(torch.randint(0, 20, (1, 16, 32)))
+    with torch.no_grad():
+        ref = m(x)
+        for dt in (torch.float64, torch.bfloat16, torch.float16):
+            torch.testing.assert_close(m(x.to(dt)), ref)  # one-hot values are exact in every float type
+
+
+def test_synthesize_colour_error_does_not_suggest_a_missing_option(tmp_path, tiny_ckpt):
+    Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(tmp_path / "l.png")
+    code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "l.png", "--out", tmp_path / "o")
+    assert code == 1 and "--unknown-colors void" in err and "--skip-bad" not in err and one_line(err)
+
+
+# ----------------------------------------------------------------------------- NaN never passes silently
+def test_nan_weights_are_refused_at_load(tmp_path, tiny_ckpt):
+    m = load_generator(tiny_ckpt)
+    with torch.no_grad():
+        m.refine[1].conv2.weight[0, 0, 0, 0] = float("nan")
+    save_generator(m, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match="NaN or inf values .*refine.1.conv2.weight"):
+        load_generator(tmp_path / "nan.ckpt")
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, capsys):
+    huge = ",".join(["1e38"] * 6)  # finite weights whose sum overflows fp32
+    assert train_main(["--out", tmp_path / "run", "--steps", "3", "--lambdas", huge, *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "the loss is inf at step 1" in err and one_line(err)
+
+
+# ----------------------------------------------------------------------------- one contract
+def test_the_same_option_names_work_everywhere(tmp_path, tiny_ckpt):
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "l.png")
+    for args in (["--ckpt", tiny_ckpt, "--resolution", "16x32", "--batch", "1"],
+                 [tiny_ckpt, "--res", "16x32", "--batch-size", "1"]):
+        assert synth_main([*map(str, args), "--labels", str(tmp_path / "l.png"), "--out", str(tmp_path / "o"),
+                           "-q"]) == 0
+    assert train_main(["--out", tmp_path / "a", "--steps", "1", "--resolution", "32x64", "--batch", "2",
+                       "--no-progress", "-q"]) == 0
+
+
+def test_crn_train_help_names_itself_and_its_examples_render():
+    r = subprocess.run(["crn-train", "--help"], capture_output=True, text=True, timeout=120)
+    if r.returncode == 127 or "not found" in r.stderr:
+        pytest.skip("crn-train is not on PATH (package not installed)")
+    assert r.stdout.startswith("usage: crn-train")
+    assert "--loss diversity \\\n        --vgg-weights imagenet-vgg-verydeep-19.mat" in r.stdout
+
+
+def test_training_is_callable_from_python_without_argparse(tmp_path):
+    out = train(TrainConfig(out=str(tmp_path / "py"), steps=2, res=(32, 64), batch_size=2, progress=False))
+    assert load_generator(out / "model.ckpt").config.name == "tiny" and steps_in(out) == [2]
+    with pytest.raises(Exception, match="--batch-size 0: must be >= 1"):
+        train(TrainConfig(out=str(tmp_path / "bad"), batch_size=0))
+
+
+def test_tensorboard_gets_the_sample_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = train(TrainConfig(out=str(tmp_path / "tb"), steps=2, res=(32, 64), batch_size=2, progress=False,
+                            sample_every=1))
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "samples" in acc.Tags()["images"] and len(acc.Images("samples")) == 2
+    assert "loss" in acc.Tags()["scalars"]
+
+
+# ----------------------------------------------------------------------------- checksums on every tensor
+def test_a_corrupt_byte_in_a_large_tensor_is_caught(tmp_path):
+    from crn_fast.tf_checkpoint import TFCheckpoint, write_checkpoint
+    big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: above the old 8 MiB pure-Python limit
+    write_checkpoint(tmp_path / "model.ckpt", {"g_4_conv1/weights": big})
+    shard = next(tmp_path.glob("model.ckpt.data-*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        TFCheckpoint(tmp_path / "model.ckpt").read("g_4_conv1/weights")
+
+
+# ----------------------------------------------------------------------------- stands on its own
+@pytest.mark.parametrize("name", ["256p", "512p", "1024p", "GTA"])
+def test_presets_equal_the_released_checkpoints_from_a_table(name):
+    """The same facts as test_presets_equal_the_real_checkpoint_indexes, without the files."""
+    from crn_fast import PRESETS
+    from crn_fast.convert_tf import infer_config
+    shapes = variables(name)
+    adam = {f"{k}/Adam{s}": v for k, v in list(shapes.items())[: ADAM_SLOTS[name] // 2] for s in ("", "_1")}
+    all_vars = {**shapes, **adam, "beta1_power": (), "beta2_power": ()}
+    assert len(all_vars) == INDEX_ENTRIES[name]
+    config = infer_config(all_vars)
+    assert config == PRESETS[name]
+    params = dict(CRN(PRESETS[name]).named_parameters())
+    for i, h in enumerate(config.heights):
+        kh, kw, cin, cout = shapes[f"g_{h}_conv1/weights"]
+        assert params[f"refine.{i}.conv1.weight"].shape == (cout, cin, kh, kw)
+
+
+def test_colour_and_palette_labels_decode_without_the_authors_files(tmp_path):
+    from crn_fast.data import decode_label
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (32, 64)).astype(np.uint8)
+    colours = np.concatenate([PALETTE, np.array([VOID_COLORS[0]], np.uint8)])
+    rgb = colours[ids]
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    pal = Image.fromarray(ids, mode="P")
+    pal.putpalette(colours.flatten().tolist())
+    pal.save(tmp_path / "pal.png")
+    for f in ("rgb.png", "pal.png"):
+        got = decode_label(tmp_path / f)
+        assert np.array_equal(got, np.where(ids == 19, VOID, ids)), f
+    assert (decode_label(tmp_path / "rgb.png") == TRAIN_ID["road"]).any()
