@@ -26,6 +26,21 @@ def ckpt(tmp_path_factory):
     return path
 
 
+def run_package_in_a_fresh_process(package, x, tmp_path, device="cpu"):
+    """Run an AOTInductor package on x in a Python that never imports crn_fast; returns its output."""
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch\n"
+            f"runner = torch._inductor.aoti_load_package({str(package)!r})\n"
+            f"y = runner(torch.load({str(tmp_path / 'x.pt')!r}).to({device!r}).contiguous())\n"
+            f"torch.save(y.cpu(), {str(tmp_path / 'y.pt')!r})\n"
+            "assert not any(m.startswith('crn_fast') for m in sys.modules), 'crn_fast was imported'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(tmp_path / "y.pt")
+
+
 def layout(n, h, w, seed=0):
     return one_hot(torch.randint(0, 20, (n, h, w), generator=torch.Generator().manual_seed(seed)))
 
@@ -75,20 +90,11 @@ def test_aoti_package_runs_in_a_fresh_process_without_crn_fast(ckpt, tmp_path):
     side = json.loads((out / "generator.pt2.json").read_text())
     assert side["verification"]["passed"] and len(side["verification"]["results"]) == 2
     x = layout(2, 48, 96, seed=3)  # another batch and size inside the exported range
-    torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch\n"
-            f"runner = torch._inductor.aoti_load_package({str(out / 'generator.pt2')!r})\n"
-            f"y = runner(torch.load({str(tmp_path / 'x.pt')!r}).contiguous())\n"
-            f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
-            "assert not any(m.startswith('crn_fast') for m in sys.modules), 'crn_fast was imported'\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
     from crn_fast import load_generator
     with torch.no_grad():
         ref = load_generator(ckpt)(x)
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ref, atol=0.01, rtol=0)
+    torch.testing.assert_close(run_package_in_a_fresh_process(out / "generator.pt2", x, tmp_path), ref,
+                               atol=0.01, rtol=0)
     from crn_fast.export import load_aoti
     runner = load_aoti(out / "generator.pt2")  # either memory format in: the runner makes it NCHW
     for fmt in (torch.channels_last, torch.contiguous_format):
@@ -267,19 +273,9 @@ def test_aoti_package_of_the_triton_backend_holds_its_kernels(ckpt, tmp_path):
     from crn_fast.export import export_aoti
     path = export_aoti(load_generator(ckpt, backend="triton"), tmp_path / "g.pt2", (32, 64), device="cuda")
     x = layout(1, 32, 64, seed=7)
-    torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch\n"
-            f"runner = torch._inductor.aoti_load_package({str(path)!r})\n"
-            f"y = runner(torch.load({str(tmp_path / 'x.pt')!r}).cuda().contiguous())\n"
-            f"torch.save(y.cpu(), {str(tmp_path / 'y.pt')!r})\n"
-            "assert not any(m.startswith('crn_fast') for m in sys.modules)\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
     with torch.no_grad():
         ref = load_generator(ckpt)(x)
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ref, atol=0.01, rtol=0)
+    torch.testing.assert_close(run_package_in_a_fresh_process(path, x, tmp_path, "cuda"), ref, atol=0.01, rtol=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
