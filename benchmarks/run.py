@@ -391,7 +391,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--res", default="1024x2048", help="HxW (default 1024x2048)")
     ap.add_argument("--preset", default=None, help="default: the preset whose top module matches --res")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch-size", "--batch", dest="batch", type=int, default=1, help="layouts per pass (default 1)")
     ap.add_argument("--backends", default=None, help=f"comma list of {', '.join(ALL_BACKENDS)} (default: all)")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
     ap.add_argument("--formats", default=None, help="comma list of nchw,channels_last (default: both on GPU, "
@@ -517,4 +517,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crn_fast.cli import run_tool
+    sys.exit(run_tool("run.py", main))

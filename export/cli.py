@@ -54,7 +54,8 @@ def build_parser():
     ap.add_argument("--opt-res", type=resolution, default=None, help="HxW TensorRT optimises for (default: --res)")
     ap.add_argument("--max-res", type=resolution, default=None,
                     help="largest HxW of the dynamic range (ONNX, TensorRT, AOTInductor)")
-    ap.add_argument("--batch", type=positive_int, default=1, help="batch size to optimise for (default 1)")
+    ap.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=1,
+                    help="batch size to optimise for (default 1)")
     ap.add_argument("--min-batch", type=positive_int, default=None)
     ap.add_argument("--max-batch", type=positive_int, default=None)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),

@@ -284,12 +284,16 @@ def test_layer_norm_stats_match_torch():
     torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-12), atol=1e-6, rtol=1e-5)
 
 
-def test_synthesize_with_the_triton_backend(tmp_path, shared):
+def test_synthesize_with_the_triton_backend(tmp_path):
+    from PIL import Image as PILImage
     from crn_fast import save_generator
+    from crn_fast.labels import PALETTE
     from crn_fast.synthesize import main
     eager, _ = tiny_pair(k=1)
     save_generator(eager, tmp_path / "m.ckpt")
-    label = shared / "labels" / "cityscapes_256" / "00100027.png"
+    label = tmp_path / "00100027.png"  # a colour label drawn here (no authors' files needed)
+    PILImage.fromarray(PALETTE[torch.randint(0, 19, (64, 128), generator=torch.Generator().manual_seed(5))
+                               .numpy()]).save(label)
     for backend in ("eager", "triton"):
         assert main(["--ckpt", str(tmp_path / "m.ckpt"), "--labels", str(label), "--out", str(tmp_path / backend),
                      "--resolution", "16x32", "--backend", backend]) == 0

@@ -148,3 +148,15 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CRNError, match="cannot write"):
         save_generator(CRN.from_preset("tiny"), blocker / "sub" / "m.ckpt")
+
+
+@pytest.mark.parametrize("mean, std", [(1e4, 0.0), (1e3, 0.1), (1e5, 1e-3)])
+def test_eager_layer_norm_is_accurate_for_large_means(mean, std):
+    """TF's order (mean first, then the centred variance): plain F.group_norm on CPU is off by 2 for
+    a constant 1e4 and by ~2000 at mean 1e5, std 1e-3; the reference stays at fp32 rounding."""
+    from crn_fast.kernels import layer_norm_lrelu_reference
+    g = torch.Generator().manual_seed(0)
+    x = mean + std * torch.randn(2, 8, 16, 16, generator=g)
+    w, b = torch.ones(8), torch.linspace(-1, 1, 8)
+    exact = layer_norm_lrelu_reference(x.double(), w.double(), b.double())
+    assert (layer_norm_lrelu_reference(x, w, b).double() - exact).abs().max() < 1e-4

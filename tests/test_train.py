@@ -130,6 +130,20 @@ def test_synthesize_k_images_side_by_side_and_bad_sizes(tmp_path, shared, capsys
     assert "multiples of 2^2 = 4" in capsys.readouterr().err
 
 
+def test_synthesize_k_images_side_by_side_on_a_drawn_label(tmp_path, capsys):
+    """The same facts without the authors' files: a colour label drawn here."""
+    from crn_fast.labels import PALETTE
+    save_generator(CRN(CRNConfig(widths=(4, 4, 4), k=3)), tmp_path / "k3.ckpt")
+    ids = np.random.default_rng(1).integers(0, 19, (48, 96)).astype(np.uint8)
+    Image.fromarray(PALETTE[ids]).save(tmp_path / "drawn.png")
+    assert synth_main([str(tmp_path / "k3.ckpt"), "--labels", str(tmp_path / "drawn.png"), "--out",
+                       str(tmp_path / "o"), "--res", "32x64", "-q"]) == 0
+    assert Image.open(tmp_path / "o" / "drawn.png").size == (3 * 64, 32)
+    assert synth_main([str(tmp_path / "k3.ckpt"), "--labels", str(tmp_path / "drawn.png"), "--out",
+                       str(tmp_path / "o"), "--res", "30x64"]) == 2
+    assert "multiples of 2^2 = 4" in capsys.readouterr().err
+
+
 def test_killed_run_resumes_bitwise(tmp_path):
     """SIGKILL a real run mid-training; its last checkpoint loads and resuming matches an uninterrupted run."""
     import signal
