@@ -14,7 +14,10 @@ Memory plan (the output's memory format picks the forward kernel):
                  strides; the row-wise writes are coalesced for NCHW). The upsampled tensor and the
                  cat copy never exist. Channel/row indices are per-program scalars: no per-element
                  64-bit division.
-    _bwd_kernel  one program per (sample*channel, source row block, column block) gathers every output
+    _bwd_cl_kernel  channels_last: one program per (sample*source row, source column block, channel
+                 block) gathers [BLOCK_W, BLOCK_C] tiles of dL/dout, each row a contiguous channel
+                 vector, and writes dL/dfeatures channels_last.
+    _bwd_kernel  NCHW: one program per (sample*channel, source row block, column block) gathers every output
                  pixel whose taps touch its pixels, re-deriving the forward's taps with the same float
                  arithmetic: the transpose of the interpolation without atomics, hence deterministic.
     norm_lrelu_upsample_concat: the taps are the previous module's raw conv output; each is
@@ -192,6 +195,42 @@ if HAS_TRITON:
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _bwd_cl_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, ds0, ds1, ds2, ds3, scale_h, scale_w, inv_h,
+                       inv_w, taps_h, taps_w, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program (n*h + sy, column block, channel block): dL/dfeatures for BLOCK_W source pixels of
+        row sy and BLOCK_C channels, gathering the output pixels whose taps touch them."""
+        ny = tl.program_id(0)
+        n = ny // h
+        sy = ny % h
+        sx = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        xm = sx < w
+        mask = xm[:, None] & (c < C)[None, :]
+        gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64)[None, :] * gs1
+        ylo = tl.maximum(tl.floor((sy - 1).to(tl.float32) * inv_h).to(tl.int32) - 1, 0)
+        xlo = tl.maximum(tl.floor((sx - 1).to(tl.float32) * inv_w).to(tl.int32) - 1, 0)
+        acc = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+        for ty in range(taps_h):
+            yy = ylo + ty
+            y0, y1, ly = _taps(yy, scale_h, h)
+            wy = tl.where(y0 == sy, 1.0 - ly, 0.0) + tl.where(y1 == sy, ly, 0.0)
+            wy = tl.where(yy < H, wy, 0.0)
+            row = gb + yy.to(tl.int64) * gs2
+            for tx in range(taps_w):
+                xx = xlo + tx
+                x0, x1, lx = _taps(xx, scale_w, w)
+                wx = tl.where(x0 == sx, 1.0 - lx, 0.0) + tl.where(x1 == sx, lx, 0.0)
+                wgt = tl.where(xx < W, wx, 0.0) * wy
+                g = tl.load(row + xx.to(tl.int64)[:, None] * gs3, mask=mask & (wgt != 0.0)[:, None], other=0.0)
+                acc += wgt[:, None] * g.to(tl.float32)
+        dptr = DF + n.to(tl.int64) * ds0 + sy.to(tl.int64) * ds2 + sx.to(tl.int64)[:, None] * ds3 + \
+            c.to(tl.int64)[None, :] * ds1
+        tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
+
+
 def _tile_shape(rows: int, cols: int, device) -> tuple[int, int]:
     """[BLOCK_H, BLOCK_W] of the NCHW kernels: whole rows where possible; bigger tiles under the
     interpreter (per-program Python overhead), ~1024 elements per program on GPUs."""
@@ -277,12 +316,19 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
     if not can_run(grad):  # the transpose of the separable interpolation: df = A_h^T g A_w
         a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
         return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
-    df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
     inv_h, taps_h = _n_taps(h, H)
     inv_w, taps_w = _n_taps(w, W)
+    common = (c, H, W, h, w, *grad.stride())
+    taps = (_scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w)
+    if grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous():  # channels_last: coalesced gather
+        df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
+        bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device)
+        launch(_bwd_cl_kernel, (n * h, _cdiv(w, bw), _cdiv(c, bc)), grad, df, *common, *df.stride(), *taps,
+               BLOCK_W=bw, BLOCK_C=bc)
+        return df
+    df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
     bh, bw = _tile_shape(h, w, grad.device)
-    launch(_bwd_kernel, (n * c, _cdiv(h, bh), _cdiv(w, bw)), grad, df, c, H, W, h, w, *grad.stride(),
-           _scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w, BLOCK_H=bh, BLOCK_W=bw)
+    launch(_bwd_kernel, (n * c, _cdiv(h, bh), _cdiv(w, bw)), grad, df, *common, *taps, BLOCK_H=bh, BLOCK_W=bw)
     return df
 
 

@@ -137,8 +137,11 @@ def test_upsample_concat_forward_backward(case, dtype, channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
     dy = torch.randn(out.shape, generator=g).to(DEV, dtype)
+    if channels_last:  # as a channels_last conv's backward hands it over: the coalesced gather
+        dy = dy.to(memory_format=torch.channels_last)
     (gf,) = torch.autograd.grad(out, fs, dy)
     (gr,) = torch.autograd.grad(ref, fr, dy.float())
+    assert gf.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(gf.float(), gr, **GRAD_TOL[dtype])
 
 
@@ -153,11 +156,14 @@ def test_upsample_concat_label_grad_only_when_required():
     torch.testing.assert_close(lab.grad, dy[:, 2:])
 
 
-def test_upsample_backward_is_the_adjoint_in_float64():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_backward_is_the_adjoint_in_float64(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(9)
-    f = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    f = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64).to(DEV).contiguous(memory_format=fmt)
+    f.requires_grad_()
     lab = torch.zeros(1, 1, 9, 11, dtype=torch.float64, device=DEV)
-    dy = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64).to(DEV)
+    dy = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64).to(DEV).contiguous(memory_format=fmt)
     (gf,) = torch.autograd.grad(K.upsample_concat(f, lab), f, dy)
     (gr,) = torch.autograd.grad(K.upsample_concat_reference(f, lab), f, dy)
     torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)  # interpolation weights are fp32
