@@ -12,8 +12,10 @@ process are removed by :func:`remove_stale_temporaries` (training does so when i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,28 +47,41 @@ def atomic_path(path: str | os.PathLike):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as e:
-        raise CRNError(f"cannot write to {path.parent}: {e.strerror or e}") from None
+        from .cli import describe_os_error
+        raise CRNError(f"cannot write to {path.parent}: {describe_os_error(e)}") from None
     os.close(fd)
     try:
         yield Path(tmp)
         # mkstemp (and safetensors, which recreates the file) make 0600: give what open() would
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, Exception) and _disk_full(path.parent, e):
+            # safetensors, torch.save and PIL report a full disk in their own words (or not at all)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
         raise
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
-    """Remove atomic-write temporaries (``.<name>.<random>.tmp``) left in ``folder`` by killed
-    processes; the caller must own the folder (no other process writing there)."""
+def _disk_full(folder: Path, e: Exception) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)  # a write failed and under 1 MiB is left
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str = "*", min_age_s: float = 0.0) -> list[Path]:
+    """Remove atomic-write temporaries of files called ``name`` (``.<name>.<random>.tmp``) left in
+    ``folder`` by killed processes; the caller must own those names (no other process writing them)."""
     import time
     folder, gone = Path(folder), []
     if not folder.is_dir():
         return gone
     now = time.time()
-    for f in folder.glob(f".*{TMP_SUFFIX}"):
+    for f in folder.glob(f".{name}.*{TMP_SUFFIX}"):
         try:
             if f.is_file() and now - f.stat().st_mtime >= min_age_s:
                 f.unlink()

@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     name = args.name or Path(args.checkpoint).resolve().parent.name or "converted"
 
     def run():
+        from .checkpoint import remove_stale_temporaries
+        remove_stale_temporaries(Path(args.out).parent, Path(args.out).name)  # left by a killed conversion
         c = convert(args.checkpoint, args.out, name).config
         log.info(f"wrote {args.out}: {c.num_modules} modules, widths {list(c.widths)}, {c.num_classes} layout "
                  f"channels, k={c.k}, nominal {c.resolution[0]}x{c.resolution[1]}")

@@ -82,6 +82,9 @@ def synthesize(args) -> list[Path]:
     config = model.config
     todo = plan(files, config, args.res)
     out_dir = Path(args.out)
+    from .checkpoint import remove_stale_temporaries
+    for f in remove_stale_temporaries(out_dir, "*.png"):
+        log.info(f"removed {f} (left by an interrupted crn-synthesize)")
     written = []
     bar = None
     if args.progress and len(todo) > 1:

@@ -92,6 +92,16 @@ def test_a_run_without_train_state_says_what_is_there_and_stale_temporaries_go(t
     assert not stale.exists() and not list(out.glob(".*.tmp"))
 
 
+def test_synthesize_removes_its_own_stale_temporaries_only(tmp_path, tiny_ckpt):
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "l.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".l.png.x1y2.tmp").write_bytes(b"cut")  # a killed run's PNG temporary
+    (out / ".notes.txt.x1y2.tmp").write_bytes(b"someone else's")
+    assert synth_main([str(tiny_ckpt), "--labels", str(tmp_path / "l.png"), "--out", str(out), "-q"]) == 0
+    assert not (out / ".l.png.x1y2.tmp").exists() and (out / ".notes.txt.x1y2.tmp").exists()
+
+
 def test_synthesize_refuses_two_labels_with_one_output_name(tmp_path, tiny_ckpt, capsys):
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -381,3 +391,31 @@ def test_colour_and_palette_labels_decode_without_the_authors_files(tmp_path):
         got = decode_label(tmp_path / f)
         assert np.array_equal(got, np.where(ids == 19, VOID, ids)), f
     assert (decode_label(tmp_path / "rgb.png") == TRAIN_ID["road"]).any()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 512 KiB file system (tmpfs): writes past it fail with ENOSPC, as on a full disk."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_in_training_and_synthesis_says_so(full_disk, tmp_path, tiny_ckpt):
+    code, err = cli("-m", "crn_fast.train", "--out", full_disk / "run", "--steps", "2", "--res", "32x64",
+                    "--batch-size", "2", "--no-progress", "-q")
+    assert code == 1 and "the disk is full" in err and one_line(err), err
+    assert not list((full_disk / "run").glob(".*.tmp"))  # nothing half-written left behind
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in range(40):
+        Image.fromarray(np.random.default_rng(i).integers(0, 19, (64, 128)).astype(np.uint8)).save(labels / f"{i}.png")
+    big = tmp_path / "big.ckpt"
+    m = CRN(CRNConfig(widths=(8, 6, 4), k=8))  # 8 noisy images per layout: big PNGs
+    save_generator(m, big)
+    code, err = cli("-m", "crn_fast.synthesize", big, "--labels", labels, "--out", full_disk / "o", "--no-progress")
+    assert code == 1 and "the disk is full" in err and one_line(err), err
