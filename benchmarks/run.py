@@ -375,7 +375,7 @@ def plot(rows, path, floor_ms, title):
         ax.text(v * 1.03, y, f"{v:.3g} ms" if v < 1000 else f"{v:,.0f} ms", va="center", fontsize=7)
     styles = iter(["--", ":", "-."])
     for dname, ms in floor_ms.items():
-        ax.axvline(ms, color="#c0392b", ls=next(styles, "--"), lw=1, label=f"{dname} compute floor {ms:.3g} ms")
+        ax.axvline(ms, color="#c0392b", ls=next(styles, "--"), lw=1, label=f"{dname}: FLOPs at the measured matmul rate, {ms:.3g} ms")
     if floor_ms:
         ax.legend(loc="lower right", fontsize=7)
     ax.invert_yaxis()
