@@ -358,6 +358,40 @@ def check_resume_state(state: dict, path: Path, cfg: TrainConfig, config) -> Non
                              f"; use the run's values, or start a new run in another --out")
 
 
+def load_resume_point(cfg: TrainConfig, config, model) -> dict:
+    """train_state.pt of cfg.out, checked against the options; the model gets its weights."""
+    out = Path(cfg.out)
+    state_path = out / "train_state.pt"
+    if not state_path.is_file():
+        what = describe_run(out) if out.is_dir() else "nothing"
+        raise CRNError(f"--resume: {out} has no train_state.pt to resume from ({what or 'empty folder'}); "
+                       f"start again with --overwrite" + (f", or keep the weights with --overwrite --init-from "
+                                                          f"<a copy of {out / 'model.ckpt'}>"
+                                                          if (out / 'model.ckpt').is_file() else ""))
+    state = load_train_state(state_path)
+    check_resume_state(state, state_path, cfg, config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"--resume: {state_path}: {str(e).splitlines()[0]}") from None
+    return state
+
+
+def restore_training_state(state: dict, opt, scaler, criterion, device) -> None:
+    """Optimizer, loss scaler, loss (auto lambdas) and RNG exactly as they were at the saved step."""
+    try:
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        criterion.load_state_dict(state["loss"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"--resume: the saved optimizer does not fit these options ({str(e).splitlines()[0]}); "
+                         f"was --train-modules different?") from None
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics.jsonl lines after ``step`` (written after the checkpoint a resume starts from)."""
     if not path.is_file():
@@ -418,23 +452,9 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     model = CRN(config, backend=cfg.backend, checkpointing=cfg.checkpointing)
-    start, state = 0, None
-    if cfg.resume:
-        state_path = out / "train_state.pt"
-        if not state_path.is_file():
-            what = describe_run(out) if out.is_dir() else "nothing"
-            raise CRNError(f"--resume: {out} has no train_state.pt to resume from ({what or 'empty folder'}); "
-                           f"start again with --overwrite" + (f", or keep the weights with --overwrite --init-from "
-                                                              f"<a copy of {out / 'model.ckpt'}>"
-                                                              if (out / 'model.ckpt').is_file() else ""))
-        state = load_train_state(state_path)
-        check_resume_state(state, state_path, cfg, config)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"--resume: {state_path}: {str(e).splitlines()[0]}") from None
-        start = int(state["step"])
-    elif cfg.init_from:
+    state = load_resume_point(cfg, config, model) if cfg.resume else None
+    start = int(state["step"]) if state else 0
+    if cfg.init_from and not cfg.resume:
         log.info(f"init-from {cfg.init_from}: copied {', '.join(init_from(model, cfg.init_from))}")
     trainable = parse_train_modules(cfg.train_modules, config.num_modules)
     if trainable is not None:
@@ -452,17 +472,7 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.Adam(params, lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     if state is not None:
-        try:
-            opt.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            criterion.load_state_dict(state["loss"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UsageError(f"--resume: the saved optimizer does not fit these options ({str(e).splitlines()[0]}); "
-                             f"was --train-modules different?") from None
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        restore_training_state(state, opt, scaler, criterion, device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None) if world > 1 else model
 
