@@ -159,6 +159,19 @@ if HAS_TRITON:
             tl.store(orow + (C + k).to(tl.int64)[None, :] * os1, lv.to(O.dtype.element_ty), mask=lmask)
 
     @triton.jit
+    def _first_out(src, inv):
+        """First output coordinate whose taps can reach source coordinate src (one of slack)."""
+        return tl.maximum(tl.floor((src - 1).to(tl.float32) * inv).to(tl.int32) - 1, 0)
+
+    @triton.jit
+    def _tap_weight(pos, src, scale, size_in, size_out):
+        """Interpolation weight of output coordinate pos on source coordinate src (0 past the end),
+        from the forward's own taps, so the gather is its exact transpose."""
+        a0, a1, frac = _taps(pos, scale, size_in)
+        wgt = tl.where(a0 == src, 1.0 - frac, 0.0) + tl.where(a1 == src, frac, 0.0)
+        return tl.where(pos < size_out, wgt, 0.0)
+
+    @triton.jit
     def _norm_lrelu(v, mu, g, b, slope, out_ty: tl.constexpr):
         z = (v - mu) * g + b
         return tl.where(z > 0, z, z * slope).to(out_ty).to(tl.float32)  # rounded as if stored
@@ -174,28 +187,18 @@ if HAS_TRITON:
         sx = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
         mask = (sy < h) & (sx < w)
         gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64) * gs1
-        # first output row/col whose taps can reach sy/sx (one of slack for rounding)
-        ylo = tl.maximum(tl.floor((sy - 1).to(tl.float32) * inv_h).to(tl.int32) - 1, 0)
-        xlo = tl.maximum(tl.floor((sx - 1).to(tl.float32) * inv_w).to(tl.int32) - 1, 0)
+        ylo = _first_out(sy, inv_h)
+        xlo = _first_out(sx, inv_w)
         acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
         for ty in range(taps_h):
-            yy = ylo + ty
-            y0, y1, ly = _taps(yy, scale_h, h)
-            wy = tl.where(y0 == sy, 1.0 - ly, 0.0) + tl.where(y1 == sy, ly, 0.0)
-            wy = tl.where(yy < H, wy, 0.0)
-            row = gb + yy.to(tl.int64) * gs2
+            wy = _tap_weight(ylo + ty, sy, scale_h, h, H)
+            row = gb + (ylo + ty).to(tl.int64) * gs2
             for tx in range(taps_w):
-                xx = xlo + tx
-                x0, x1, lx = _taps(xx, scale_w, w)
-                wx = tl.where(x0 == sx, 1.0 - lx, 0.0) + tl.where(x1 == sx, lx, 0.0)
-                wgt = tl.where(xx < W, wx, 0.0) * wy
-                g = tl.load(row + xx.to(tl.int64) * gs3, mask=mask & (wgt != 0.0), other=0.0)
+                wgt = _tap_weight(xlo + tx, sx, scale_w, w, W) * wy
+                g = tl.load(row + (xlo + tx).to(tl.int64) * gs3, mask=mask & (wgt != 0.0), other=0.0)
                 acc += wgt * g.to(tl.float32)
         dptr = DF + nc.to(tl.int64) * h * w + sy.to(tl.int64) * w + sx
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
-
-
-if HAS_TRITON:
 
     @triton.jit
     def _bwd_cl_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, ds0, ds1, ds2, ds3, scale_h, scale_w, inv_h,
@@ -210,21 +213,16 @@ if HAS_TRITON:
         xm = sx < w
         mask = xm[:, None] & (c < C)[None, :]
         gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64)[None, :] * gs1
-        ylo = tl.maximum(tl.floor((sy - 1).to(tl.float32) * inv_h).to(tl.int32) - 1, 0)
-        xlo = tl.maximum(tl.floor((sx - 1).to(tl.float32) * inv_w).to(tl.int32) - 1, 0)
+        ylo = _first_out(sy, inv_h)
+        xlo = _first_out(sx, inv_w)
         acc = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         for ty in range(taps_h):
-            yy = ylo + ty
-            y0, y1, ly = _taps(yy, scale_h, h)
-            wy = tl.where(y0 == sy, 1.0 - ly, 0.0) + tl.where(y1 == sy, ly, 0.0)
-            wy = tl.where(yy < H, wy, 0.0)
-            row = gb + yy.to(tl.int64) * gs2
+            wy = _tap_weight(ylo + ty, sy, scale_h, h, H)
+            row = gb + (ylo + ty).to(tl.int64) * gs2
             for tx in range(taps_w):
-                xx = xlo + tx
-                x0, x1, lx = _taps(xx, scale_w, w)
-                wx = tl.where(x0 == sx, 1.0 - lx, 0.0) + tl.where(x1 == sx, lx, 0.0)
-                wgt = tl.where(xx < W, wx, 0.0) * wy
-                g = tl.load(row + xx.to(tl.int64)[:, None] * gs3, mask=mask & (wgt != 0.0)[:, None], other=0.0)
+                wgt = _tap_weight(xlo + tx, sx, scale_w, w, W) * wy
+                g = tl.load(row + (xlo + tx).to(tl.int64)[:, None] * gs3, mask=mask & (wgt != 0.0)[:, None],
+                            other=0.0)
                 acc += wgt[:, None] * g.to(tl.float32)
         dptr = DF + n.to(tl.int64) * ds0 + sy.to(tl.int64) * ds2 + sx.to(tl.int64)[:, None] * ds3 + \
             c.to(tl.int64)[None, :] * ds1
@@ -239,10 +237,11 @@ def _tile_shape(rows: int, cols: int, device) -> tuple[int, int]:
     return max(1, min(_next_pow2(rows), budget // bw)), bw
 
 
-def _tile_shape_cl(cols: int, channels: int, label_channels: int, device) -> tuple[int, int, int]:
-    """[BLOCK_W, BLOCK_C] of the channels_last kernel (~2048 elements, at most 64 channels: 128-byte
-    bf16 channel vectors per pixel), and BLOCK_CL covering every label channel."""
-    budget = 2048 if device.type == "cuda" else 8192
+def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget: int = 2048
+                   ) -> tuple[int, int, int]:
+    """[BLOCK_W, BLOCK_C] of the channels_last kernels (``budget`` elements on GPUs, at most 64
+    channels: 128-byte bf16 channel vectors per pixel), and BLOCK_CL covering every label channel."""
+    budget = budget if device.type == "cuda" else 8192
     bc = min(_next_pow2(channels), 64)
     bw = max(1, min(_next_pow2(cols), budget // bc))
     return bw, bc, _next_pow2(label_channels)
@@ -322,7 +321,8 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
     taps = (_scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w)
     if grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous():  # channels_last: coalesced gather
         df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
-        bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device)
+        # 1024-element tiles: the gather holds an fp32 accumulator and a loaded tile (2048 spill on sm_80)
+        bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device, budget=1024)
         launch(_bwd_cl_kernel, (n * h, _cdiv(w, bw), _cdiv(c, bc)), grad, df, *common, *df.stride(), *taps,
                BLOCK_W=bw, BLOCK_C=bc)
         return df
