@@ -419,3 +419,18 @@ def test_a_full_disk_in_training_and_synthesis_says_so(full_disk, tmp_path, tiny
     save_generator(m, big)
     code, err = cli("-m", "crn_fast.synthesize", big, "--labels", labels, "--out", full_disk / "o", "--no-progress")
     assert code == 1 and "the disk is full" in err and one_line(err), err
+
+
+@pytest.mark.parametrize("args,msg,code", [
+    (["--res", "1000x7"], "multiples of", 2), (["--preset", "huge"], "unknown preset 'huge'", 2),
+    (["--layout", "/nonexistent.png"], "no such file", 2), (["--dtypes", "fp8"], "'fp8' not valid", 2),
+    (["--json", "/proc/nope/r.json"], "cannot write results to /proc/nope", 2),
+    (["--layout", "NOTPNG"], "unreadable image", 1),
+])
+def test_benchmark_bad_options_are_one_line_before_any_work(tmp_path, args, msg, code):
+    from conftest import ROOT
+    if "NOTPNG" in args:
+        (tmp_path / "x.png").write_text("not a png")
+        args = ["--layout", tmp_path / "x.png", "--preset", "tiny", "--res", "32x64", "--no-save"]
+    rc, err = cli(ROOT / "benchmarks" / "run.py", *args)
+    assert rc == code and msg in err and "Traceback" not in err, err
