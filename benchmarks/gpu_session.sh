@@ -37,9 +37,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
 
 step "1. compiled tests"
-timeout $((100 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
+timeout $((120 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
 step "2. kernel benchmark, bf16, nchw + channels_last"
-timeout $((45 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
+timeout $((40 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
   --json "$res/kernels_${gpu}.json" 2>&1 | tail -60 >> "$log"; pack
 step "3. the race at $R"
 race="convs-only:bf16:channels_last,triton-cudagraph:bf16:channels_last,triton:bf16:channels_last"
@@ -48,18 +48,18 @@ race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudag
 race+=",convs-only:bf16:nchw,triton-cudagraph:bf16:nchw,triton:bf16:nchw,compile:bf16:nchw,eager-cudagraph:bf16:channels_last"
 race+=",triton-cudagraph:fp32:channels_last,triton:fp32:nchw,compile:fp32:channels_last"
 race+=",compile-max-autotune:bf16:channels_last"
-timeout $((230 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((210 * s)) \
+timeout $((220 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((200 * s)) \
   --json "$res/${gpu}_${R}.json" 2>&1 | tail -40 >> "$log"; pack
 step "4. per-module profile"
-timeout $((50 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
+timeout $((45 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
   --variants "triton,compile-max-autotune-no-cudagraphs" --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
 step "5. training at $R, bf16"
-timeout $((75 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
-  --train-backends triton,compile,triton-compile --max-seconds $((65 * s)) \
+timeout $((70 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
+  --train-backends triton,compile,triton-compile --max-seconds $((60 * s)) \
   --json "$res/${gpu}_${R}_train.json" 2>&1 | tail -14 >> "$log"; pack
 step "6. memory format / channel padding of the convs"
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
-  timeout $((40 * s)) python3 benchmarks/memory_format.py --res $R --json "$res/memory_format_${gpu}.json" 2>&1 \
+  timeout $((35 * s)) python3 benchmarks/memory_format.py --res $R --json "$res/memory_format_${gpu}.json" 2>&1 \
     | tail -6 >> "$log"; fi
 step "done"
 cp "$log" "$res/${gpu}_gpu_session.log"; pack
