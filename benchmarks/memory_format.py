@@ -63,7 +63,7 @@ def main():
             rows.append(row)
             print(f"{str(dt):15s} {str(fmt):24s} generator {full:8.2f} ms   convs alone {row['convs_ms']:8.2f} ms"
                   f"   padded to 8: {row['convs_padded8_ms']:8.2f} ms", flush=True)
-            del m
+            m = None  # free the model before the next format
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"memory_format_{device_label('cuda')}_{h}x{w}.json")
     out.write_text(json.dumps({"machine": machine_info("cuda"), "rows": rows}, indent=2))
     return 0

@@ -121,7 +121,3 @@ def torch_device(text: str):
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
-
-
-def usage(msg: str) -> UsageError:
-    return UsageError(msg)

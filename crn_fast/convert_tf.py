@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import CRNConfig
-from .errors import CheckpointError, CRNError
+from .errors import CheckpointError
 from .tf_checkpoint import TFCheckpoint
 
 _GEN = re.compile(r"^g_(\d+)_conv(1|2|100)/(weights|biases|LayerNorm/gamma|LayerNorm/beta)$")

@@ -25,6 +25,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SCAN_MODES = ("auto", "always", "never")
 SCAN_AUTO_LIMIT = 1000  # --scan-labels auto decodes every label up front for datasets up to this size
 log = logging.getLogger("crn_fast")
+# what PIL raises for an unknown format, cut data, a broken chunk or a decompression bomb
+DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class DataError(CRNError):
@@ -38,7 +40,7 @@ def _open(path: Path) -> Image.Image:
         im = Image.open(path)
         im.load()
         return im
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
@@ -171,7 +173,7 @@ def _open_header(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size[::-1]
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 

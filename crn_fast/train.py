@@ -355,7 +355,7 @@ def check_resume_state(state: dict, path: Path, cfg: TrainConfig, config) -> Non
         if differ:
             raise UsageError("--resume continues a run exactly, but these options differ from it: " +
                              ", ".join(f"--{k.replace('_', '-')} {old[k]!r} (now {new[k]!r})" for k in differ) +
-                             f"; use the run's values, or start a new run in another --out")
+                             "; use the run's values, or start a new run in another --out")
 
 
 def load_resume_point(cfg: TrainConfig, config, model) -> dict:

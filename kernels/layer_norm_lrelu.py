@@ -261,7 +261,7 @@ def _stats_torch(x, eps):
     return mean, torch.rsqrt(var + eps)
 
 
-def _launch_stats(x, eps, num_programs, plan):
+def _launch_stats(x, plan):
     n, c, h, w = x.shape
     acc = _acc_dtype(x)
     part = torch.empty((3, n, plan["p"]), device=x.device, dtype=acc)
@@ -290,7 +290,7 @@ def _layer_norm_lrelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return y.to(x.dtype).contiguous(memory_format=_format_of(x)), mean, rstd
     n, c, h, w = x.shape
     plan = _plan(x, num_programs)
-    part = _launch_stats(x, eps, num_programs, plan)
+    part = _launch_stats(x, plan)
     acc = part.dtype
     mean = torch.empty(n, device=x.device, dtype=acc)
     rstd = torch.empty(n, device=x.device, dtype=acc)
@@ -367,7 +367,7 @@ def _layer_norm_stats_op(x: torch.Tensor, eps: float, num_programs: Optional[int
         return _stats_torch(x, eps)
     n = x.shape[0]
     plan = _plan(x, num_programs)
-    part = _launch_stats(x, eps, num_programs, plan)
+    part = _launch_stats(x, plan)
     mean = torch.empty(n, device=x.device, dtype=part.dtype)
     rstd = torch.empty(n, device=x.device, dtype=part.dtype)
     launch(_finalize_kernel, (n,), x, part[0], part[1], part[2], mean, rstd, x.stride(0), plan["p"], eps, BLOCK_P=plan["block_p"],
