@@ -9,6 +9,8 @@ Bytes moved (the roofline denominator):
     upsample_concat          read features + read label + write the concatenated output
     norm_lrelu_upsample_cat  read the raw conv output twice (stats, gather) + label + write output
 Achieved GB/s is compared with the measured device-to-device copy bandwidth (read + write).
+On a GPU, each module's convs: cuDNN (+ the triton layer norm) against the fused conv kernel
+(kernels/conv_norm.py), in TFLOP/s.
 """
 from __future__ import annotations
 
@@ -109,11 +111,59 @@ def main(argv=None):
                 nbytes = (2 * f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
                 rows += _measure("norm_lrelu_upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw,
                                  device, args.iters, fname)
+    if cuda and "channels_last" in args.formats.split(","):
+        for dname in dtypes:
+            rows += conv_rows(config, size, DTYPES[dname], dname, device)
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"kernels_{device_label(device)}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_info(device), "copy_bandwidth_gbs": bw, "preset": args.preset,
                                "resolution": list(size), "rows": rows}, indent=2))
     print(f"wrote {out}", file=sys.stderr)
+
+
+def conv_rows(config, size, dt, dname, device):
+    """Each module's two convs (channels_last, GPU): cuDNN alone and with the triton layer norm
+    after it (the triton backend's work per layer) against crn_fast's fused conv kernel, alone
+    and with its prologue (the input's norm) and epilogue (the output's statistics)."""
+    import torch.nn.functional as F
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for i, c, h, w, _ in module_shapes(config, size):
+        for layer, cin in (("conv1", config.in_channels(i)), ("conv2", c)):
+            x = torch.randn(1, h, w, -(-cin // 16) * 16, device=device, dtype=dt, generator=g) \
+                .permute(0, 3, 1, 2)[:, :cin]  # the padded pixel stride the fused path's input has
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            wt = (torch.randn(c, cin, 3, 3, device=device, dtype=dt, generator=g) * 0.02) \
+                .contiguous(memory_format=torch.channels_last)
+            packed = K.pack_conv_weight(wt)
+            ones, zeros = torch.ones(c, device=device, dtype=dt), torch.zeros(c, device=device, dtype=dt)
+            norm = (torch.zeros(1, device=device), torch.ones(1, device=device),
+                    torch.ones(cin, device=device, dtype=dt), torch.zeros(cin, device=device, dtype=dt))
+            impls = {"cudnn": lambda: F.conv2d(x_cl, wt, padding=1),
+                     "cudnn + triton ln": lambda: K.layer_norm_lrelu(F.conv2d(x_cl, wt, padding=1), ones, zeros),
+                     "fused conv (plain)": lambda: K.conv_norm(x, packed, stats=False),
+                     "fused conv + stats": lambda: K.conv_norm(x, packed)}
+            if layer == "conv2":
+                impls["fused conv norm-in + stats"] = lambda: K.conv_norm(x, packed, norm=norm)
+            flops = 2 * 9 * cin * c * h * w
+            res = {}
+            with torch.no_grad():
+                for name, fn in impls.items():
+                    try:
+                        fn()  # tunes the fused kernel for this shape before timing
+                        res[name] = bench(fn, device, 1)
+                    except Exception as e:
+                        print(f"{layer} m{i} {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            for name, ms in res.items():
+                row = {"op": layer, "module": i, "shape": [1, cin, c, h, w], "dtype": dname,
+                       "format": "channels_last", "impl": name, "ms": ms, "tflops": flops / (ms / 1e3) / 1e12,
+                       "speedup_vs_cudnn": res["cudnn"] / ms if "cudnn" in res else None}
+                rows.append(row)
+                print(f"{layer:8s} m{i} {cin:5d}->{c:<5d} {h}x{w:<5d} {dname:5s} {name:28s} {ms:8.4f} ms "
+                      f"{row['tflops']:7.1f} TFLOP/s", file=sys.stderr)
+    rows.append({"op": "conv_norm tuned configs", "configs": [[str(v) for v in k] + [list(c)]
+                                                            for k, c in K.tuned_configs().items()]})
+    return rows
 
 
 def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nchw"):

@@ -51,7 +51,8 @@ def build(variant, config, device, dtype):
     m = CRN(config).to(device, dtype).eval()
     if variant == "eager":
         return m
-    if variant == "triton":
+    if variant in ("triton", "triton-fusedconv"):
+        m.fused_conv = variant == "triton-fusedconv"  # its convs carry the norms: "conv" includes them
         return m.set_backend("triton")
     from crn_fast.export import compile_generator
     mode = variant.removeprefix("compile-") if variant != "compile" else "default"

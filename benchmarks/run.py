@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfused", "triton-cudagraph",
-                "triton-compile-reduce-overhead",
+                "triton-fusedconv", "triton-fusedconv-cudagraph", "triton-compile-reduce-overhead",
                 *(f"compile-{m}" if m != "default" else "compile" for m in COMPILE_MODES), "aoti", "onnxruntime",
                 "onnxruntime-cuda", "tensorrt")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -69,9 +69,11 @@ def load_layout(args, config, size, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- backends
 # Each returns (callable taking the fp32 layout, build seconds). Raise Skip(reason) when unavailable.
-def _model(model, dtype, device, ctx, backend="eager"):
-    """A copy of the model in the row's dtype and memory format."""
+def _model(model, dtype, device, ctx, backend="eager", fused_conv=False):
+    """A copy of the model in the row's dtype and memory format (fused_conv: the triton backend's
+    Triton convs with the layer norms folded in)."""
     m = copy.deepcopy(model).to(device, dtype).eval().to(memory_format=ctx["format"])
+    m.fused_conv = fused_conv
     return m.set_backend(backend)
 
 
@@ -91,7 +93,7 @@ def _need_triton(ctx):
         raise Skip(reason)
 
 
-def _cudagraph(backend):
+def _cudagraph(backend, fused_conv=False):
     """The whole generator in one CUDA graph (crn_fast.export.cuda_graph keeps the model alive)."""
     def build(model, dtype, device, ctx):
         from crn_fast.export import cuda_graph
@@ -100,16 +102,17 @@ def _cudagraph(backend):
         if backend == "triton":
             _need_triton(ctx)
         t0 = time.perf_counter()
-        run = cuda_graph(_model(model, dtype, device, ctx, backend), ctx["layout"].to(dtype))
+        run = cuda_graph(_model(model, dtype, device, ctx, backend, fused_conv), ctx["layout"].to(dtype))
         return (lambda x: run(x.to(dtype))), time.perf_counter() - t0
     return build
 
 
-def _triton(fuse: bool):
-    """fuse: module i's last norm + lrelu inside module i+1's upsample-concat (the triton default)."""
+def _triton(fuse: bool, fused_conv: bool = False):
+    """fuse: module i's last norm + lrelu inside module i+1's upsample-concat (the triton default);
+    fused_conv: the convs as Triton kernels with the norms folded in (tuned on the first call)."""
     def build(model, dtype, device, ctx):
         _need_triton(ctx)
-        m = _model(model, dtype, device, ctx, "triton")
+        m = _model(model, dtype, device, ctx, "triton", fused_conv)
         m.fuse_inference = fuse
         return (lambda x: m(x.to(dtype))), 0.0
     return build
@@ -219,6 +222,7 @@ def b_tensorrt(model, dtype, device, ctx):
 
 BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cudagraph("eager"),
             "triton": _triton(True), "triton-unfused": _triton(False), "triton-cudagraph": _cudagraph("triton"),
+            "triton-fusedconv": _triton(True, True), "triton-fusedconv-cudagraph": _cudagraph("triton", True),
             "triton-compile-reduce-overhead": _compiled("reduce-overhead", "triton"),
             **{(f"compile-{m}" if m != "default" else "compile"): _compiled(m) for m in COMPILE_MODES},
             "aoti": b_aoti, "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
@@ -500,8 +504,11 @@ def main(argv=None):
                 peak[d] = matmul_peak_tflops(device, DTYPES[d])
                 print(f"measured {d} matmul peak: {peak[d]:.3g} TFLOP/s", file=sys.stderr)
         rows, flops = run_inference(args, model, device, layout, size, peak)
+        from crn_fast.kernels import tuned_configs
         result.update(flops=flops, matmul_peak_tflops=peak, rows=rows,
-                      compute_floor_ms={d: flops / (p * 1e12) * 1e3 for d, p in peak.items()})
+                      compute_floor_ms={d: flops / (p * 1e12) * 1e3 for d, p in peak.items()},
+                      conv_norm_configs=[{"key": [str(v) for v in k], "block_m_n_k_warps_stages": list(c)}
+                                         for k, c in tuned_configs().items()])
         md = markdown_table(rows)
     title = (f"{config.name} at {size[0]}x{size[1]}, batch {args.batch} on {info.get('gpu') or info['cpu']}"
              + (f"; {result['flops'] / 1e12:.4g} TFLOP per pass" if "flops" in result else ""))

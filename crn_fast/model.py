@@ -81,14 +81,21 @@ class CRN(nn.Module):
     unless the model was moved to another) once, at the start.
     """
 
-    def __init__(self, config: CRNConfig | None = None, *, widths=None, num_classes: int = NUM_CLASSES + 1, k: int = 1,
-                 base_size=(4, 8), backend: str = "eager", checkpointing: bool = False,
-                 fuse_inference: bool = True, memory_format: torch.memory_format = torch.channels_last):
+    def __init__(self, config: CRNConfig | None = None, *, widths=None, num_classes: int | None = None,
+                 k: int | None = None, base_size=None, backend: str = "eager", checkpointing: bool = False,
+                 fuse_inference: bool = True, fused_conv: bool = False,
+                 memory_format: torch.memory_format = torch.channels_last):
         super().__init__()
+        shape = {n: v for n, v in (("widths", widths), ("num_classes", num_classes), ("k", k),
+                                   ("base_size", base_size)) if v is not None}
         if config is None:
             if widths is None:
                 raise CRNError("CRN needs a config or widths (e.g. CRN.from_preset('tiny'))")
-            config = CRNConfig(widths=tuple(widths), num_classes=num_classes, k=k, base_size=tuple(base_size))
+            config = CRNConfig(widths=tuple(widths), num_classes=num_classes or NUM_CLASSES + 1, k=k or 1,
+                               base_size=tuple(base_size or (4, 8)))
+        elif shape:  # never silently drop a shape argument
+            raise CRNError(f"CRN got a config and {', '.join(shape)}: give one, e.g. CRN(config.replace(k=3)) "
+                           f"or CRN.from_preset(name, k=3)")
         self.config = config
         self.refine = nn.ModuleList(RefinementModule(config.in_channels(i), w) for i, w in enumerate(config.widths))
         self.head = nn.Conv2d(config.widths[-1], 3 * config.k, 1, bias=True)
@@ -98,11 +105,18 @@ class CRN(nn.Module):
         self.checkpointing = checkpointing
         # triton backend, no grad: fuse each module's last norm + lrelu into the next module's upsample
         self.fuse_inference = fuse_inference
+        # triton backend, no grad: the convs too are Triton kernels with the layer norms folded in
+        # (kernels/conv_norm.py); off until it beats cuDNN on the GPU (benchmarks/run.py, triton-fusedconv)
+        self.fused_conv = fused_conv
+        self._packed_weights: dict[int, tuple] = {}
         self.set_backend(backend)
 
     @classmethod
     def from_preset(cls, name: str, **kw) -> "CRN":
-        return cls(get_preset(name), **kw)
+        """The named preset; widths / num_classes / k / base_size given here override its fields."""
+        fields = {f: kw.pop(f) for f in ("widths", "num_classes", "k", "base_size") if kw.get(f) is not None}
+        config = get_preset(name)
+        return cls(config.replace(**fields) if fields else config, **kw)
 
     def set_backend(self, backend: str) -> "CRN":
         from crn_fast import kernels
@@ -143,6 +157,8 @@ class CRN(nn.Module):
         # the model's dtype and one memory format end to end (a one-hot layout is exact in any float)
         layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
         levels = layout_pyramid(layout, len(self.refine))
+        if self.backend == "triton" and self.fused_conv and not torch.is_grad_enabled():
+            return self._forward_fused_conv(levels)
         if self.backend == "triton" and self.fuse_inference and not torch.is_grad_enabled():
             x = self._features_fused(levels)
         else:
@@ -167,6 +183,35 @@ class CRN(nn.Module):
             if i == last:
                 return ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)
             pending = (h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias)
+
+    def _forward_fused_conv(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Inference path of the triton backend with ``fused_conv``: each conv is an implicit-GEMM
+        Triton kernel that normalises its input on load (the previous layer's norm + leaky ReLU) and
+        reduces its own output to per-tile statistics; the head applies the last norm the same way
+        and scales to 0..255. Only raw conv outputs and upsample-concat outputs are ever stored."""
+        from crn_fast.kernels import conv_norm, norm_lrelu_upsample_concat
+        h = norm = None
+        for m, level in zip(self.refine, levels):
+            # channels padded to 16 in memory: 16-byte aligned pixel rows for the conv's loads
+            x = level if h is None else norm_lrelu_upsample_concat(h, *norm, level, LEAKY_SLOPE, channels_multiple=16)
+            h, mean, rstd = conv_norm(x, self._packed(m.conv1), eps=LN_EPS)
+            h, mean, rstd = conv_norm(h, self._packed(m.conv2), None,
+                                      (mean, rstd, m.norm1.weight, m.norm1.bias), LEAKY_SLOPE, LN_EPS)
+            norm = (mean, rstd, m.norm2.weight, m.norm2.bias)
+        return conv_norm(h, self._packed(self.head), self.head.bias, norm, LEAKY_SLOPE, stats=False, head=True)
+
+    def _packed(self, conv: nn.Conv2d) -> torch.Tensor:
+        """conv's weight as the fused conv's (taps, Cin, Cout) operand, packed once per weight
+        version (re-packed after an optimizer step, a load or a move); traced as-is when compiling."""
+        from crn_fast.kernels import pack_conv_weight
+        w = conv.weight
+        if torch.compiler.is_compiling():
+            return pack_conv_weight(w)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        hit = self._packed_weights.get(id(conv))
+        if hit is None or hit[0] != key:
+            hit = self._packed_weights[id(conv)] = (key, pack_conv_weight(w.detach()))
+        return hit[1]
 
     def images(self, layout: torch.Tensor) -> torch.Tensor:
         """forward() reshaped to (N, k, 3, H, W)."""

@@ -14,6 +14,14 @@ except ImportError:  # triton is optional: the torch reference ops always work
     HAS_TRITON = False
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -29,7 +29,7 @@ from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, can_run, launch, triton, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
 
 
 def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_slope: float = LEAKY_SLOPE):
@@ -49,12 +49,6 @@ def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_sl
 NUM_WARPS = 8
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
 
 
 def _plan(x: torch.Tensor, num_programs: int | None):
@@ -63,12 +57,12 @@ def _plan(x: torch.Tensor, num_programs: int | None):
     hw = h * w
     channels_last = x.dim() == 4 and c > 1 and x.stride(1) == 1 and not x.is_contiguous()
     if channels_last:  # C is contiguous: make it the wide side of the tile
-        block_c = min(_next_pow2(c), 256)
-        block_hw = min(_next_pow2(hw), max(1, 4096 // block_c))
+        block_c = min(next_pow2(c), 256)
+        block_hw = min(next_pow2(hw), max(1, 4096 // block_c))
     else:
-        block_hw = min(_next_pow2(hw), 1024)
-        block_c = min(_next_pow2(c), max(1, 4096 // block_hw))
-    n_ct, n_hwt = _cdiv(c, block_c), _cdiv(hw, block_hw)
+        block_hw = min(next_pow2(hw), 1024)
+        block_c = min(next_pow2(c), max(1, 4096 // block_hw))
+    n_ct, n_hwt = cdiv(c, block_c), cdiv(hw, block_hw)
     tiles = n_ct * n_hwt
     if num_programs is None:
         if x.is_cuda:
@@ -77,11 +71,11 @@ def _plan(x: torch.Tensor, num_programs: int | None):
         else:
             num_programs = 4
     p = max(1, min(tiles, num_programs, 1024))
-    tpp = _cdiv(tiles, p)
-    p = _cdiv(tiles, tpp)
+    tpp = cdiv(tiles, p)
+    p = cdiv(tiles, tpp)
     strides = (x.stride(0), x.stride(1), 1 if channels_last is False and x.is_contiguous() else x.stride(3))
     return dict(block_c=block_c, block_hw=block_hw, n_hwt=n_hwt, tiles=tiles, tpp=tpp, p=p,
-                block_p=_next_pow2(p), strides=strides)
+                block_p=next_pow2(p), strides=strides)
 
 
 if HAS_TRITON:

@@ -34,7 +34,7 @@ from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE
 
-from ._runtime import HAS_TRITON, can_run, launch, triton, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
 from .layer_norm_lrelu import layer_norm_lrelu_reference
 
 
@@ -233,8 +233,8 @@ def _tile_shape(rows: int, cols: int, device) -> tuple[int, int]:
     """[BLOCK_H, BLOCK_W] of the NCHW kernels: whole rows where possible; bigger tiles under the
     interpreter (per-program Python overhead), ~1024 elements per program on GPUs."""
     budget = 1024 if device.type == "cuda" else 8192
-    bw = min(_next_pow2(cols), budget)
-    return max(1, min(_next_pow2(rows), budget // bw)), bw
+    bw = min(next_pow2(cols), budget)
+    return max(1, min(next_pow2(rows), budget // bw)), bw
 
 
 def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget: int = 2048
@@ -242,17 +242,11 @@ def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget
     """[BLOCK_W, BLOCK_C] of the channels_last kernels (``budget`` elements on GPUs, at most 64
     channels: 128-byte bf16 channel vectors per pixel), and BLOCK_CL covering every label channel."""
     budget = budget if device.type == "cuda" else 8192
-    bc = min(_next_pow2(channels), 64)
-    bw = max(1, min(_next_pow2(cols), budget // bc))
-    return bw, bc, _next_pow2(label_channels)
+    bc = min(next_pow2(channels), 64)
+    bw = max(1, min(next_pow2(cols), budget // bc))
+    return bw, bc, next_pow2(label_channels)
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check(features, label):
@@ -261,22 +255,33 @@ def _check(features, label):
                          f"{tuple(features.shape)} and {tuple(label.shape)}")
 
 
-def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE):
+def _padded_channels_last(n, c, h, w, multiple, like):
+    """(n, c, h, w) channels_last view of a buffer whose pixels hold c rounded up to ``multiple``
+    channels: each pixel's row then starts 16-byte aligned for the conv that reads it; the pad
+    channels are never written or read."""
+    cs = cdiv(c, multiple) * multiple
+    return torch.empty((n, h, w, cs), device=like.device, dtype=like.dtype).permute(0, 3, 1, 2)[:, :c]
+
+
+def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
     n, c, h, w = features.shape
     cl, H, W = label.shape[1:]
     channels_last = _out_channels_last(features, label)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c + cl, H, W), device=features.device, dtype=features.dtype, memory_format=fmt)
+    if channels_last and multiple > 1:
+        out = _padded_channels_last(n, c + cl, H, W, multiple, features)
+    else:
+        out = torch.empty((n, c + cl, H, W), device=features.device, dtype=features.dtype, memory_format=fmt)
     mean, rstd, wn, bn = norm if norm is not None else (features,) * 4
     args = (features, label, out, mean, rstd, wn, bn, c, cl, H, W, h, w, *features.stride(), *label.stride(),
             *out.stride(), _scale(h, H), _scale(w, W), slope)
     if channels_last:
         bw, bc, bcl = _tile_shape_cl(W, c, cl, features.device)
-        launch(_fwd_cl_kernel, (n * H, _cdiv(W, bw), _cdiv(c, bc) + 1), *args, APPLY_NORM=norm is not None,
+        launch(_fwd_cl_kernel, (n * H, cdiv(W, bw), cdiv(c, bc) + 1), *args, APPLY_NORM=norm is not None,
                BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, num_warps=4)
     else:
         bh, bw = _tile_shape(H, W, features.device)
-        launch(_fwd_kernel, (n * (c + cl), _cdiv(H, bh), _cdiv(W, bw)), *args, APPLY_NORM=norm is not None,
+        launch(_fwd_kernel, (n * (c + cl), cdiv(H, bh), cdiv(W, bw)), *args, APPLY_NORM=norm is not None,
                BLOCK_H=bh, BLOCK_W=bw)
     return out
 
@@ -323,12 +328,12 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
         df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
         # 1024-element tiles: the gather holds an fp32 accumulator and a loaded tile (2048 spill on sm_80)
         bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device, budget=1024)
-        launch(_bwd_cl_kernel, (n * h, _cdiv(w, bw), _cdiv(c, bc)), grad, df, *common, *df.stride(), *taps,
+        launch(_bwd_cl_kernel, (n * h, cdiv(w, bw), cdiv(c, bc)), grad, df, *common, *df.stride(), *taps,
                BLOCK_W=bw, BLOCK_C=bc)
         return df
     df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
     bh, bw = _tile_shape(h, w, grad.device)
-    launch(_bwd_kernel, (n * c, _cdiv(h, bh), _cdiv(w, bw)), grad, df, *common, *taps, BLOCK_H=bh, BLOCK_W=bw)
+    launch(_bwd_kernel, (n * c, cdiv(h, bh), cdiv(w, bw)), grad, df, *common, *taps, BLOCK_H=bh, BLOCK_W=bw)
     return df
 
 
@@ -350,15 +355,19 @@ torch.library.register_autograd("crn_fast::upsample_concat", _uc_backward, setup
 
 @triton_op("crn_fast::norm_lrelu_upsample_concat", mutates_args=())
 def _norm_lrelu_upsample_concat_op(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-                                   bias: torch.Tensor, label: torch.Tensor, negative_slope: float) -> torch.Tensor:
+                                   bias: torch.Tensor, label: torch.Tensor, negative_slope: float,
+                                   channels_multiple: int = 1) -> torch.Tensor:
     """Inference only: upsample_concat(leaky_relu(layer_norm(x) * weight + bias), label) with the
-    norm applied to each bilinear tap, from per-sample mean/rstd (layer_norm_stats)."""
+    norm applied to each bilinear tap, from per-sample mean/rstd (layer_norm_stats). A channels_last
+    output's pixel stride is the channel count rounded up to ``channels_multiple``."""
     _check(x, label)
     if not can_run(x):
-        fmt = torch.channels_last if _out_channels_last(x, label) else torch.contiguous_format
-        return norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope) \
-            .contiguous(memory_format=fmt)
-    return _launch_fwd(x, label, (mean.float(), rstd.float(), weight, bias), negative_slope)
+        ref = norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)
+        if not _out_channels_last(x, label):
+            return ref.contiguous()
+        out = _padded_channels_last(*ref.shape, max(1, channels_multiple), ref)
+        return out.copy_(ref)
+    return _launch_fwd(x, label, (mean.float(), rstd.float(), weight, bias), negative_slope, max(1, channels_multiple))
 
 
 def upsample_concat(features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -367,13 +376,16 @@ def upsample_concat(features: torch.Tensor, label: torch.Tensor) -> torch.Tensor
     return torch.ops.crn_fast.upsample_concat(features, label)
 
 
-def norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, negative_slope: float = LEAKY_SLOPE):
+def norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, negative_slope: float = LEAKY_SLOPE,
+                               channels_multiple: int = 1):
     """Inference-only fusion of module i's last norm + leaky ReLU with module i+1's upsample +
-    concat: reads x (the raw conv output) at low resolution and writes the next module's input.
-    With autograd recording, it runs the differentiable reference instead."""
+    concat: reads x (the raw conv output) at low resolution and writes the next module's input
+    (channels_last: each pixel's channels padded to ``channels_multiple`` in memory, for aligned
+    conv loads). With autograd recording, it runs the differentiable reference instead."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)
-    return torch.ops.crn_fast.norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, float(negative_slope))
+    return torch.ops.crn_fast.norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, float(negative_slope),
+                                                         int(channels_multiple))
 
 
 __all__ = ["upsample_concat", "upsample_concat_reference", "norm_lrelu_upsample_concat",

@@ -16,13 +16,18 @@ from triton.compiler import ASTSource
 
 L = importlib.import_module("crn_fast.kernels.layer_norm_lrelu")
 U = importlib.import_module("crn_fast.kernels.upsample_concat")
+C = importlib.import_module("crn_fast.kernels.conv_norm")
 
 
-def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4):
+def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4, num_stages=3, aligned=()):
+    """``aligned``: arguments Triton would see divisible by 16 at run time (it specializes on that):
+    pointers and the pixel strides of 16-channel-aligned activations."""
     sig = {n: "constexpr" if n in constexprs else "*" + ptrs[n] if n in ptrs else "fp32" if n in floats else "i32"
            for n in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def spill_bytes(ptx: str, arch: int) -> tuple[int, int, str]:
@@ -70,8 +75,41 @@ def main(arch: int = 90) -> int:
             stores, loads, report = spill_bytes(k.asm["ptx"], arch)
             assert stores == loads == 0, f"{fn.__name__} ({dt}, {const}) spills registers:\n{report}"
             n += 1
+    n += check_conv_norm(arch)
     print(f"compiled {n} kernels for sm_{arch}, none spills registers")
     return 0
+
+
+def check_conv_norm(arch: int) -> int:
+    """The fused conv in every tuning config (bf16 with and without the input norm, fp32 with it;
+    fp16 in one): tensor-core MMAs (wgmma on sm_90, mma.sync on sm_80), loads pipelined
+    through cp.async into shared memory, and no spills."""
+    a = "fp32"
+    fn = C._conv_kernel
+    cases = [(dt, cfg, norm) for cfg in C.CONFIGS for norm in (False, True) for dt in ("bf16",)] + \
+        [("fp16", C.CONFIGS[0], True)] + [("fp32", cfg, True) for cfg in C.FP32_CONFIGS]
+    aligned = ["X", "Wp", "Y", "Bias", "MeanIn", "RstdIn", "Gamma", "Beta", "PCnt", "PMean", "PM2", "Cin", "Cout",
+               "sxn", "sxh", "sxw", "P"]
+    for dt, (bm, bn, bk, warps, stages), norm in cases:
+        ptrs = {"X": dt, "Wp": dt, "Y": dt, "Bias": dt, "MeanIn": a, "RstdIn": a, "Gamma": dt, "Beta": dt,
+                "PCnt": a, "PMean": a, "PM2": a}
+        const = dict(KSIZE=3, NORM_IN=norm, STATS=True, HAS_BIAS=False, HEAD=False, IEEE=dt == "fp32",
+                     DOT_F32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        k = compile_kernel(fn, ptrs, ["slope"], const, arch, warps, stages, aligned)
+        ptx = k.asm["ptx"]
+        what = f"_conv_kernel ({dt}, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, norm={norm}, sm_{arch})"
+        if dt != "fp32":
+            mma = "wgmma.mma_async" if arch >= 90 else "mma.sync"
+            assert mma in ptx, f"{what} does not use tensor cores ({mma})"
+        assert "cp.async" in ptx, f"{what} does not pipeline its loads through shared memory (no cp.async)"
+        stores, loads, report = spill_bytes(ptx, arch)
+        assert stores == loads == 0, f"{what} spills registers:\n{report}"
+        smem_kb = {80: 163, 90: 227}.get(arch, 99)  # the opt-in shared memory per block
+        assert k.metadata.shared <= smem_kb * 1024, f"{what} needs {k.metadata.shared} B of shared memory"
+    k = compile_kernel(C._finalize_kernel, {"PCnt": a, "PMean": a, "PM2": a, "MeanOut": a, "RstdOut": a}, ["eps"],
+                       dict(BLOCK_P=1024), arch)
+    assert spill_bytes(k.asm["ptx"], arch)[:2] == (0, 0)
+    return len(cases) + 1
 
 
 if __name__ == "__main__":

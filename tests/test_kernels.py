@@ -325,7 +325,11 @@ def _op_cases(channels_last):
         (ops.layer_norm_stats.default, (x, 1e-12, 3)),
         (ops.upsample_concat.default, (grad_in[0], lab)),
         (ops.upsample_concat_backward.default, (torch.randn(2, 9, 8, 16, device=DEV), [2, 6, 4, 8])),
-        (ops.norm_lrelu_upsample_concat.default, (x, mean, rstd, w, b, lab, 0.2)),
+        (ops.norm_lrelu_upsample_concat.default, (x, mean, rstd, w, b, lab, 0.2, 16 if channels_last else 1)),
+        (ops.conv_norm.default, (x, K.pack_conv_weight(torch.randn(5, 6, 3, 3, device=DEV)), None, mean, rstd, w, b,
+                                 0.2, 1e-12, True, False)),
+        (ops.conv_norm.default, (x, K.pack_conv_weight(torch.randn(3, 6, 1, 1, device=DEV)),
+                                 torch.randn(3, device=DEV), None, None, None, None, 0.2, 1e-12, False, True)),
     ]
 
 
@@ -376,4 +380,14 @@ def test_compiled_triton_generator_has_no_graph_break():
         assert ops == wanted, (grad, ops)
     compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
     with torch.no_grad():
+        torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)
+    fast.fused_conv = True  # every conv a crn_fast operator too, the weights packed inside the graph
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explain = torch._dynamo.explain(fast)(layout)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+        ops = {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
+               if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
+        assert ops == {"conv_norm", "norm_lrelu_upsample_concat"}, ops
+        compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
         torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)

@@ -160,3 +160,13 @@ def test_eager_layer_norm_is_accurate_for_large_means(mean, std):
     w, b = torch.ones(8), torch.linspace(-1, 1, 8)
     exact = layer_norm_lrelu_reference(x.double(), w.double(), b.double())
     assert (layer_norm_lrelu_reference(x, w, b).double() - exact).abs().max() < 1e-4
+
+
+def test_preset_fields_override_and_config_conflicts_are_refused():
+    """from_preset('tiny', k=3) builds 3 images (it once silently built 1); a config together with
+    a shape argument is one clear error instead of a silently ignored argument."""
+    m = CRN.from_preset("tiny", k=3)
+    assert m.config.k == 3 and m.head.out_channels == 9 and m.config.widths == CRN.from_preset("tiny").config.widths
+    with pytest.raises(CRNError, match=r"CRN got a config and num_classes, k: give one"):
+        CRN(m.config, num_classes=21, k=2)
+    assert CRN(widths=(4, 4), k=2).config.num_classes == 20

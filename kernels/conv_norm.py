@@ -1,0 +1,308 @@
+"""A CRN convolution with its layer norms folded in: implicit-GEMM 3x3 (or 1x1) conv, inference only.
+
+    y = conv2d(prologue(x), weight, bias, padding=k // 2)            (no bias in the 3x3 convs)
+    prologue(x) = leaky_relu((x - mean) * rstd * gamma + beta)        when the input's norm is given,
+                  applied to every loaded tap; padding stays 0 (it pads the normalised tensor)
+    epilogue:     per-tile (count, mean, M2) of the stored y          when its statistics are wanted
+                  (x + 1) / 2 * 255 in fp32                           for the generator's head
+
+Memory plan, per refinement module (channels_last, Cin the fast dimension):
+    _conv_kernel      reads x (raw conv output of the layer before, or the upsample-concat output)
+                      and the packed weight -> writes y once, plus P partial statistics per sample
+    _finalize_kernel  reads the P partials -> per-sample mean, rstd (Chan's parallel merge)
+So the normalised activations are never stored, and nothing re-reads y to find its statistics:
+conv1 -> finalize -> conv2 (normalises conv1's output on load) -> finalize -> the next module's
+norm_lrelu_upsample_concat (upsample_concat.py) or the head.
+
+The GEMM: M = output pixels of one sample (BLOCK_M per program), N = output channels (BLOCK_N),
+K = taps x input channels, walked as one flat loop of (tap, BLOCK_K channel block) steps so that
+Triton pipelines the loads across taps. Each A tile is BLOCK_M pixel rows of BLOCK_K contiguous
+channels (a shifted window of x, masked at the image border); each B tile is BLOCK_K rows of the
+weight packed as [tap, Cin, Cout] (Cout contiguous). Rows of x are 16-byte aligned when the
+pixel stride is a multiple of 8 elements: the upsample-concat output is allocated with its
+channel count rounded up to 16 (``channels_multiple``), the pad channels never read.
+
+fp32 inputs use IEEE fp32 products (never TF32); bf16/fp16 use tensor cores with fp32 accumulation.
+The statistics are those of y as stored (rounded to its dtype), like the unfused path's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op
+
+from crn_fast.constants import LEAKY_SLOPE, LN_EPS
+
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
+
+
+def conv_norm_reference(x, weight, bias=None, norm=None, negative_slope: float = LEAKY_SLOPE, head: bool = False):
+    """Torch reference: conv2d of the normalised input (x as stored in its dtype), optional head
+    scaling. ``weight`` is a plain (Cout, Cin, k, k) conv weight; ``norm`` = (mean, rstd, gamma, beta)."""
+    if norm is not None:
+        mean, rstd, gamma, beta = norm
+        z = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
+        x = F.leaky_relu(z * gamma.float().view(1, -1, 1, 1) + beta.float().view(1, -1, 1, 1),
+                         negative_slope).to(x.dtype)
+    y = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=weight.shape[-1] // 2)
+    return (y + 1.0) / 2.0 * 255.0 if head else y
+
+
+def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, k, k) conv weight -> (k*k, Cin, Cout) contiguous, the kernel's B operand."""
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] not in (1, 3):
+        raise ValueError(f"conv_norm takes a (Cout, Cin, k, k) weight with k 1 or 3, got {tuple(weight.shape)}")
+    cout, cin, k, _ = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(k * k, cin, cout).contiguous()
+
+
+def unpack_conv_weight(packed: torch.Tensor) -> torch.Tensor:
+    taps, cin, cout = packed.shape
+    k = int(round(taps ** 0.5))
+    return packed.reshape(k, k, cin, cout).permute(3, 2, 0, 1)
+
+
+# The candidates the tuner times on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), each
+# with 2-4 pipelined stages of bf16 A/B tiles within the 228 KB of an H100 SM's shared memory.
+CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
+           (256, 32, 64, 8, 3), (256, 32, 32, 4, 3), (128, 32, 32, 4, 4), (64, 64, 64, 4, 3), (128, 16, 64, 4, 4)]
+# fp32 (IEEE products on CUDA cores, never TF32) holds 4-byte tiles: smaller ones, or registers spill
+# and the larger 16-bit configs would exceed an A100's 164 KB of shared memory.
+FP32_CONFIGS = [(64, 64, 32, 4, 2), (64, 32, 32, 4, 2), (128, 32, 32, 4, 3), (32, 32, 32, 4, 2)]
+_INTERPRETER_CONFIG = (32, 16, 16, 4, 1)  # small tiles: fewer masked lanes per interpreted program
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _conv_kernel(X, Wp, Y, Bias, MeanIn, RstdIn, Gamma, Beta, PCnt, PMean, PM2,
+                     Cin, Cout, H, W, sxn, sxh, sxw, P, slope,
+                     KSIZE: tl.constexpr, NORM_IN: tl.constexpr, STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HEAD: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (pixel block, output-channel block, sample): a [BLOCK_M, BLOCK_N] tile of y."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        n = tl.program_id(2)
+        HW = H * W
+        pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pm = pix < HW
+        py = pix // W
+        px = pix - py * W
+        co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cm = co < Cout
+        xb = X + n.to(tl.int64) * sxn
+        if NORM_IN:
+            mu = tl.load(MeanIn + n)
+            rs = tl.load(RstdIn + n)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        n_kb = tl.cdiv(Cin, BLOCK_K)
+        for kk in range(0, KSIZE * KSIZE * n_kb):
+            tap = kk // n_kb
+            ci = (kk - tap * n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
+            km = ci < Cin
+            iy = py + (tap // KSIZE - KSIZE // 2)
+            ix = px + (tap % KSIZE - KSIZE // 2)
+            inb = pm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            amask = inb[:, None] & km[None, :]
+            rows = xb + iy.to(tl.int64) * sxh + ix.to(tl.int64) * sxw
+            a = tl.load(rows[:, None] + ci[None, :], mask=amask, other=0.0)
+            if NORM_IN:  # the previous layer's norm + leaky ReLU, on the loaded window
+                g = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32) * rs
+                b = tl.load(Beta + ci, mask=km, other=0.0).to(tl.float32)
+                z = (a.to(tl.float32) - mu) * g[None, :] + b[None, :]
+                z = tl.where(z > 0, z, z * slope)
+                a = tl.where(amask, z, 0.0).to(X.dtype.element_ty)  # zero padding of the normalised input
+            wrow = (tap * Cin + ci).to(tl.int64) * Cout
+            wt = tl.load(Wp + wrow[:, None] + co[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+            if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly: exact fp32 products instead
+                acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(a, wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wt, acc)
+        if HAS_BIAS:
+            acc += tl.load(Bias + co, mask=cm, other=0.0).to(tl.float32)[None, :]
+        if HEAD:
+            acc = (acc + 1.0) / 2.0 * 255.0
+        yv = acc.to(Y.dtype.element_ty)
+        omask = pm[:, None] & cm[None, :]
+        yrow = (n.to(tl.int64) * HW + pix.to(tl.int64)) * Cout  # y is channels_last contiguous
+        tl.store(Y + yrow[:, None] + co[None, :], yv, mask=omask)
+        if STATS:  # this tile's (count, mean, M2) of y as stored, centred on the tile's own mean
+            v = tl.where(omask, yv.to(tl.float32), 0.0)
+            cnt = tl.sum(pm.to(tl.float32), axis=0) * tl.sum(cm.to(tl.float32), axis=0)
+            mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / cnt
+            e = tl.where(omask, v - mean_t, 0.0)
+            idx = n * P + pid_m * tl.num_programs(1) + pid_n
+            tl.store(PCnt + idx, cnt)
+            tl.store(PMean + idx, mean_t)
+            tl.store(PM2 + idx, tl.sum(tl.sum(e * e, axis=1), axis=0))
+
+    @triton.jit
+    def _finalize_kernel(PCnt, PMean, PM2, MeanOut, RstdOut, P, eps, BLOCK_P: tl.constexpr):
+        """Sample n's mean and rstd from its P tile partials: mean relative to the first tile's, then
+        M2 = sum M2_i + sum n_i (mean_i - mean)^2 (never E[y^2] - E[y]^2)."""
+        n = tl.program_id(0)
+        base = n * P
+        shift = tl.load(PMean + base)
+        total = tl.zeros((), tl.float32)
+        s = tl.zeros((), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            i = p0 + tl.arange(0, BLOCK_P)
+            m = i < P
+            cnt = tl.load(PCnt + base + i, mask=m, other=0.0)
+            total += tl.sum(cnt, axis=0)
+            s += tl.sum(cnt * (tl.load(PMean + base + i, mask=m, other=0.0) - shift), axis=0)
+        mean = shift + s / total
+        m2 = tl.zeros((), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            i = p0 + tl.arange(0, BLOCK_P)
+            m = i < P
+            cnt = tl.load(PCnt + base + i, mask=m, other=0.0)
+            d = tl.load(PMean + base + i, mask=m, other=0.0) - mean
+            m2 += tl.sum(tl.load(PM2 + base + i, mask=m, other=0.0) + cnt * d * d, axis=0)
+        tl.store(MeanOut + n, mean)
+        tl.store(RstdOut + n, 1.0 / tl.sqrt_rn(m2 / total + eps))
+
+
+
+
+def _candidates(cin: int, cout: int, dtype: torch.dtype) -> list[tuple]:
+    """The configs worth timing for this shape: no tile wider than the channels it covers."""
+    n_cap, k_cap = max(16, next_pow2(cout)), max(16, next_pow2(cin))
+    configs = FP32_CONFIGS if dtype == torch.float32 else CONFIGS
+    out = [c for c in configs if c[1] <= n_cap and c[2] <= k_cap]
+    return out or [(64, min(n_cap, 32), min(k_cap, 32), 4, 2)]
+
+
+def _heuristic(cin: int, cout: int, dtype: torch.dtype) -> tuple:
+    """Untuned choice: the widest N tile the channels fill."""
+    return _candidates(cin, cout, dtype)[0]
+
+
+# Tuned choices per (Cin, Cout, H*W, k, dtype, norm, stats): measured once per process on the GPU
+# (CUDA events, best of 3 after a warm-up), outside torch.compile tracing and CUDA graph capture;
+# CRN_FAST_CONV_TUNE=0 keeps the heuristic.
+_TUNED: dict[tuple, tuple] = {}
+
+
+def _tuning_allowed(x: torch.Tensor) -> bool:
+    if not x.is_cuda or os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(x) and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_config(run, cfg) -> float:
+    run(cfg)  # compile + warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        run(cfg)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def _choose(key, x, cin, cout, run) -> tuple:
+    """Interpreter: small fixed tiles. GPU: the tuned config for ``key``, tuning it now if allowed,
+    else the heuristic's."""
+    if x.device.type == "cpu":  # Triton's interpreter
+        return _INTERPRETER_CONFIG
+    if key in _TUNED:
+        return _TUNED[key]
+    if not _tuning_allowed(x):
+        return _heuristic(cin, cout, x.dtype)
+    t0 = time.perf_counter()
+    timed = {cfg: _time_config(run, cfg) for cfg in _candidates(cin, cout, x.dtype)}
+    _TUNED[key] = min(timed, key=timed.get)
+    logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], timed,
+                                                time.perf_counter() - t0)
+    return _TUNED[key]
+
+
+def tuned_configs() -> dict[tuple, tuple]:
+    """The configs chosen so far in this process, per shape key (benchmarks record them)."""
+    return dict(_TUNED)
+
+
+def _check(x, packed, norm):
+    if x.dim() != 4 or packed.dim() != 3 or packed.shape[1] != x.shape[1] or packed.shape[0] not in (1, 9):
+        raise ValueError(f"conv_norm: x must be (N, Cin, H, W) and the packed weight (k*k, Cin, Cout) with k 1 or 3, "
+                         f"got {tuple(x.shape)} and {tuple(packed.shape)}")
+    if norm is not None and any(t is None for t in norm):
+        raise ValueError("conv_norm: the input norm needs all of mean, rstd, gamma and beta")
+
+
+# ----------------------------------------------------------------------------- operator
+@triton_op("crn_fast::conv_norm", mutates_args=())
+def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  mean: Optional[torch.Tensor], rstd: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+                  beta: Optional[torch.Tensor], negative_slope: float, eps: float, stats: bool, head: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, y_mean, y_rstd): y = conv(prologue(x)) channels_last in x's dtype; the statistics are
+    per sample over (C,H,W) of y (fp32), empty when ``stats`` is False."""
+    norm = None if mean is None and rstd is None else (mean, rstd, gamma, beta)
+    _check(x, packed_weight, norm)
+    n, cin, h, w = x.shape
+    taps, _, cout = packed_weight.shape
+    if x.stride(1) != 1:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if not can_run(x) or x.dtype == torch.float64:
+        y = conv_norm_reference(x, unpack_conv_weight(packed_weight), bias, norm, negative_slope, head).to(x.dtype)
+        y = y.contiguous(memory_format=torch.channels_last)
+        if not stats:
+            return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
+        yf = y.float()
+        mu = yf.mean(dim=(1, 2, 3))
+        var = (yf - mu.view(-1, 1, 1, 1)).square().mean(dim=(1, 2, 3))
+        return y, mu, torch.rsqrt(var + eps)
+    y = torch.empty((n, cout, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    dummy = y  # stands in for absent pointers (never read: their constexpr flag is off)
+    flags = dict(KSIZE=3 if taps == 9 else 1, NORM_IN=norm is not None, STATS=stats, HAS_BIAS=bias is not None,
+                 HEAD=head, IEEE=x.dtype == torch.float32, DOT_F32=x.device.type == "cpu" and x.dtype == torch.bfloat16)
+
+    def run(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (cdiv(h * w, bm), cdiv(cout, bn), n)
+        p = grid[0] * grid[1]
+        part = torch.empty((3, n, p), device=x.device, dtype=torch.float32) if stats else None
+        pc, pmn, pm2 = part.unbind(0) if stats else (dummy,) * 3
+        launch(_conv_kernel, grid, x, packed_weight, y, bias if bias is not None else dummy,
+               *(t if t is not None else dummy for t in (mean, rstd, gamma, beta)), pc, pmn, pm2,
+               cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3), p, negative_slope, **flags,
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        return part
+
+    key = (cin, cout, h * w, taps, x.dtype, norm is not None, stats, bias is not None)
+    part = run(_choose(key, x, cin, cout, run))
+    if not stats:
+        return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
+    y_mean = torch.empty(n, device=x.device, dtype=torch.float32)
+    y_rstd = torch.empty(n, device=x.device, dtype=torch.float32)
+    launch(_finalize_kernel, (n,), part[0], part[1], part[2], y_mean, y_rstd, part.shape[2], eps, BLOCK_P=1024)
+    return y, y_mean, y_rstd
+
+
+def conv_norm(x, packed_weight, bias=None, norm=None, negative_slope: float = LEAKY_SLOPE, eps: float = LN_EPS,
+              stats: bool = True, head: bool = False):
+    """Inference-only fused convolution (``torch.ops.crn_fast.conv_norm``), see the module docstring.
+
+    x: (N, Cin, H, W) with contiguous channels (channels_last, or a channel slice of a wider
+    channels_last buffer); packed_weight: ``pack_conv_weight(conv.weight)``; norm: the input's
+    (mean, rstd, gamma, beta) or None. Returns (y, mean, rstd) of y when ``stats``, else y.
+    """
+    mean, rstd, gamma, beta = norm if norm is not None else (None,) * 4
+    y, m, r = torch.ops.crn_fast.conv_norm(x, packed_weight, bias, mean, rstd, gamma, beta, float(negative_slope),
+                                           float(eps), bool(stats), bool(head))
+    return (y, m, r) if stats else y
+
+
+__all__ = ["conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight", "tuned_configs", "CONFIGS"]

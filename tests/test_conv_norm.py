@@ -1,0 +1,149 @@
+"""The fused conv (kernels/conv_norm.py) against its torch reference, and the generator path built
+on it (CRN(fused_conv=True)) against eager. On CPU through Triton's interpreter (small shapes).
+
+Tolerances: fp32 1e-4 absolute on O(1..10) outputs (IEEE products, different summation order);
+bf16/fp16 within 2 ulps of the output's magnitude (the kernel rounds once, from fp32 accumulators;
+the reference is fp32 evaluated on the same rounded inputs). Statistics: fp32 rounding of the
+merge, relative 1e-5 (fp32) or of y's rounding (bf16).
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from crn_fast import CRN, CRNConfig  # noqa: E402
+from crn_fast import kernels as K  # noqa: E402
+from crn_fast.labels import one_hot  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not K.can_run(torch.empty(0, device=DEV)), reason="Triton cannot run here")
+
+
+def inputs(n, cin, cout, h, w, k, dtype, seed=0, pad_to=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g).to(DEV, dtype)
+    if pad_to:  # a channel slice of a wider channels_last buffer, as the upsample-concat writes it
+        buf = torch.randn(n, h, w, pad_to, generator=g).to(DEV, dtype).permute(0, 3, 1, 2)
+        buf[:, :cin] = x
+        x = buf[:, :cin]
+    else:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(DEV, dtype)
+    norm = (torch.randn(n, generator=g).to(DEV) * 0.3, (torch.rand(n, generator=g) + 0.5).to(DEV),
+            (torch.randn(cin, generator=g) * 0.5 + 1).to(DEV, dtype),
+            (torch.randn(cin, generator=g) * 0.3).to(DEV, dtype))
+    bias = (torch.randn(cout, generator=g) * 0.1).to(DEV, dtype)
+    return x, wt, norm, bias
+
+
+def ulps(ref: torch.Tensor, dtype) -> float:
+    return {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k, with_norm, head", [(3, False, False), (3, True, False), (1, True, True)])
+def test_conv_norm_matches_reference(dtype, k, with_norm, head):
+    x, wt, norm, bias = inputs(2, 20, 24, 5, 7, k, dtype)
+    norm = norm if with_norm else None
+    bias = bias if head else None
+    y, mean, rstd = K.conv_norm(x, K.pack_conv_weight(wt), bias, norm, head=head)
+    ref = K.conv_norm_reference(x, wt, bias, norm, head=head)
+    assert y.dtype == dtype and y.shape == (2, 24, 5, 7) and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.float() - ref).abs().max().item() <= ulps(ref, dtype)
+    # statistics of y as stored, merged over its tiles
+    yf = y.float()
+    want_mean = yf.mean(dim=(1, 2, 3))
+    want_rstd = torch.rsqrt((yf - want_mean.view(-1, 1, 1, 1)).square().mean(dim=(1, 2, 3)) + 1e-12)
+    torch.testing.assert_close(mean, want_mean, atol=1e-5 * max(1.0, yf.abs().max().item()), rtol=1e-5)
+    torch.testing.assert_close(rstd, want_rstd, atol=0, rtol=1e-4)
+
+
+def test_padded_pixel_stride_reads_only_the_real_channels():
+    """The upsample-concat output of the fused path: 20 channels in 32-channel pixel rows whose pad
+    channels hold garbage (here random values; in the model, uninitialised memory)."""
+    x, wt, norm, _ = inputs(1, 20, 16, 6, 9, 3, torch.float32, seed=1, pad_to=32)
+    assert x.stride() == (6 * 9 * 32, 1, 9 * 32, 32)
+    y, mean, rstd = K.conv_norm(x, K.pack_conv_weight(wt), None, norm)
+    torch.testing.assert_close(y, K.conv_norm_reference(x.contiguous(), wt, None, norm), atol=1e-4, rtol=1e-5)
+
+
+def test_statistics_merge_many_tiles_with_a_large_offset():
+    """Partials of 40 tiles around a mean of 1e3 with a spread of 0.1: merged relative to a
+    tile mean and never as E[y^2]-E[y]^2, the rstd stays within 1e-3 of the fp64 value."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.ones(1, 16, 20, 32).contiguous(memory_format=torch.channels_last).to(DEV)
+    wt = torch.zeros(16, 16, 1, 1)
+    wt[:, 0] = 1000.0
+    wt += torch.randn(16, 16, 1, 1, generator=g) * 0.01
+    x = x + torch.randn(x.shape, generator=g).to(DEV) * 0.1
+    x = x.contiguous(memory_format=torch.channels_last)
+    y, mean, rstd = K.conv_norm(x, K.pack_conv_weight(wt.to(DEV)))
+    yd = y.double()
+    exact_mean = yd.mean()
+    exact_rstd = 1 / (yd - exact_mean).square().mean().sqrt()
+    assert abs(mean.item() - exact_mean.item()) < 1e-3
+    assert abs(rstd.item() / exact_rstd.item() - 1) < 1e-3
+
+
+def test_conv_norm_rejects_mismatched_shapes():
+    x, wt, _, _ = inputs(1, 8, 8, 4, 4, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"\(k\*k, Cin, Cout\).*\(1, 8, 4, 4\) and \(9, 6, 8\)"):
+        K.conv_norm(x, K.pack_conv_weight(wt[:, :6]))
+    with pytest.raises(ValueError, match="k 1 or 3"):
+        K.pack_conv_weight(torch.zeros(4, 4, 5, 5))
+    assert torch.equal(K.unpack_conv_weight(K.pack_conv_weight(wt)), wt)
+
+
+def test_upsample_concat_pads_the_pixel_stride_on_request():
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(1, 6, 4, 8, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
+    lab = torch.rand(1, 5, 8, 16, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
+    mean, rstd = K.layer_norm_stats(f)
+    w, b = torch.ones(6, device=DEV), torch.zeros(6, device=DEV)
+    plain = K.norm_lrelu_upsample_concat(f, mean, rstd, w, b, lab)
+    padded = K.norm_lrelu_upsample_concat(f, mean, rstd, w, b, lab, channels_multiple=16)
+    assert padded.shape == plain.shape == (1, 11, 8, 16)
+    assert padded.stride() == (8 * 16 * 16, 1, 16 * 16, 16)
+    assert torch.equal(padded, plain)
+
+
+def _pair(dtype, k=2, seed=0):
+    torch.manual_seed(seed)
+    eager = CRN(CRNConfig(widths=(12, 10, 8), k=k)).eval()
+    with torch.no_grad():  # non-trivial norm parameters
+        for p in eager.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fast = CRN(eager.config, backend="triton", fused_conv=True).eval()
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_conv_generator_matches_eager(dtype):
+    """At most eager's own error in that dtype (bf16: ~5 on 0..255) against the fp64 model; fp32 to 2e-3."""
+    eager, fast = _pair(dtype)
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        exact = eager.double()(layout.double())
+        ours = fast(layout.to(DEV)).double().cpu()
+        theirs = eager.to(dtype)(layout.to(dtype)).double()
+    assert ours.shape == (1, 6, 16, 32)
+    err = (ours - exact).abs().max().item()
+    if dtype == torch.float32:
+        assert err < 2e-3, err
+    else:
+        assert err <= max(1.0, (theirs - exact).abs().max().item()), err
+
+
+def test_fused_conv_repacks_after_a_weight_change_and_trains_on_the_reference_path():
+    eager, fast = _pair(torch.float32, k=1, seed=4)
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(2))).to(DEV)
+    with torch.no_grad():
+        before = fast(layout)
+        for m in (eager, fast):
+            m.head.weight.mul_(-1.0)  # in place: same storage, new version
+        after = fast(layout)
+        torch.testing.assert_close(after, eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
+    assert not torch.allclose(before, after)
+    out = fast.train()(layout)  # with grad: the differentiable triton path, not the fused convs
+    out.mean().backward()
+    assert fast.refine[0].conv1.weight.grad is not None
