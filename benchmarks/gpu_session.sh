@@ -2,8 +2,10 @@
 # Everything that needs a GPU, in one bounded call (a borrowed H100/H200 through the device tool):
 #   1. compiled kernel/operator tests (opcheck with AOTAutograd, Inductor with no graph break,
 #      CUDA graphs, AOTInductor with crn_fast's kernels inside, the exporters)
-#   2. the kernel benchmark, both memory formats (bandwidth vs copy)
-#   3. the 1024x2048 race: crn_fast's paths against every torch.compile mode, same input, both formats
+#   2. the kernel benchmark, both memory formats (bandwidth vs copy), and each module's convs:
+#      cuDNN (+ the triton layer norm) vs the fused conv kernel (tuned per shape on first use)
+#   3. the 1024x2048 race: crn_fast's paths (fused conv included) against every torch.compile mode,
+#      same input, both formats
 #   4. the per-module profile (triton and the best-known compile mode)
 #   5. training rows at 1024x2048 bf16 (triton vs torch.compile, checkpointing on/off)
 #   6. the memory-format / channel-padding probe of the convolutions
@@ -19,9 +21,9 @@ out=${OUT:-/tmp/crn_gpu_out}; mkdir -p "$out"
 log="$out/gpu_session.log"
 res=$(mktemp -d)  # this session's result files, packed after every step
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
-  R=64x128; P="--preset tiny"; TESTS=(tests/test_kernels.py -k "opcheck or graph_break"); ITERS="--iters 1 --warmup 0"
+  R=64x128; P="--preset tiny"; TESTS=(tests/test_kernels.py tests/test_conv_norm.py -k "opcheck or graph_break or generator_matches"); ITERS="--iters 1 --warmup 0"
 else
-  R=1024x2048; P=""; TESTS=(-m "gpu or tensorrt" tests/test_kernels.py tests/test_export.py); ITERS=""
+  R=1024x2048; P=""; TESTS=(-m "gpu or tensorrt" tests/test_kernels.py tests/test_conv_norm.py tests/test_export.py); ITERS=""
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }
@@ -37,12 +39,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
 
 step "1. compiled tests"
-timeout $((120 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
-step "2. kernel benchmark, bf16, nchw + channels_last"
-timeout $((40 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
+timeout $((100 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
+step "2. kernel benchmark, bf16, nchw + channels_last; each module's convs: cuDNN vs the fused conv"
+timeout $((75 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
   --json "$res/kernels_${gpu}.json" 2>&1 | tail -60 >> "$log"; pack
 step "3. the race at $R"
 race="convs-only:bf16:channels_last,triton-cudagraph:bf16:channels_last,triton:bf16:channels_last"
+race+=",triton-fusedconv-cudagraph:bf16:channels_last,triton-fusedconv:bf16:channels_last"
 race+=",triton-compile-reduce-overhead:bf16:channels_last,compile:bf16:channels_last"
 race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
 race+=",convs-only:bf16:nchw,triton-cudagraph:bf16:nchw,triton:bf16:nchw,compile:bf16:nchw,eager-cudagraph:bf16:channels_last"
@@ -52,14 +55,14 @@ timeout $((220 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS
   --json "$res/${gpu}_${R}.json" 2>&1 | tail -40 >> "$log"; pack
 step "4. per-module profile"
 timeout $((45 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
-  --variants "triton,compile-max-autotune-no-cudagraphs" --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
+  --variants "triton,triton-fusedconv,compile-max-autotune-no-cudagraphs" --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
 step "5. training at $R, bf16"
-timeout $((70 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
-  --train-backends triton,compile,triton-compile --max-seconds $((60 * s)) \
+timeout $((55 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
+  --train-backends triton,compile,triton-compile --max-seconds $((48 * s)) \
   --json "$res/${gpu}_${R}_train.json" 2>&1 | tail -14 >> "$log"; pack
 step "6. memory format / channel padding of the convs"
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
-  timeout $((35 * s)) python3 benchmarks/memory_format.py --res $R --json "$res/memory_format_${gpu}.json" 2>&1 \
+  timeout $((30 * s)) python3 benchmarks/memory_format.py --res $R --json "$res/memory_format_${gpu}.json" 2>&1 \
     | tail -6 >> "$log"; fi
 step "done"
 cp "$log" "$res/${gpu}_gpu_session.log"; pack

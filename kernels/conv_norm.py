@@ -185,7 +185,7 @@ def _heuristic(cin: int, cout: int, dtype: torch.dtype) -> tuple:
     return _candidates(cin, cout, dtype)[0]
 
 
-# Tuned choices per (Cin, Cout, H*W, k, dtype, norm, stats): measured once per process on the GPU
+# Tuned choices per (N, Cin, Cout, H, W, taps, dtype, norm, stats, bias): measured once per process on the GPU
 # (CUDA events, best of 3 after a warm-up), outside torch.compile tracing and CUDA graph capture;
 # CRN_FAST_CONV_TUNE=0 keeps the heuristic.
 _TUNED: dict[tuple, tuple] = {}
@@ -281,7 +281,7 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         return part
 
-    key = (cin, cout, h * w, taps, x.dtype, norm is not None, stats, bias is not None)
+    key = (n, cin, cout, h, w, taps, x.dtype, norm is not None, stats, bias is not None)
     part = run(_choose(key, x, cin, cout, run))
     if not stats:
         return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)

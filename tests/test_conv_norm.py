@@ -147,3 +147,39 @@ def test_fused_conv_repacks_after_a_weight_change_and_trains_on_the_reference_pa
     out = fast.train()(layout)  # with grad: the differentiable triton path, not the fused convs
     out.mean().backward()
     assert fast.refine[0].conv1.weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cin, cout, h, w", [(1044, 1024, 16, 32), (532, 128, 128, 256), (148, 32, 256, 512)])
+def test_gpu_real_module_shapes(cin, cout, h, w):
+    """1024p's conv shapes compiled and tuned on CUDA, bf16, against an fp32 cuDNN reference (no TF32)."""
+    x, wt, norm, _ = inputs(1, cin, cout, h, w, 3, torch.bfloat16, pad_to=-(-cin // 16) * 16)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref = K.conv_norm_reference(x, wt, None, norm)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    y, mean, _ = K.conv_norm(x, K.pack_conv_weight(wt), None, norm)
+    assert (y.float() - ref).abs().max().item() <= ulps(ref, torch.bfloat16)
+    torch.testing.assert_close(mean, y.float().mean(dim=(1, 2, 3)), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_conv_1024p_generator_is_as_accurate_as_eager_bf16():
+    from crn_fast.config import get_preset
+    torch.manual_seed(0)
+    eager = CRN(get_preset("1024p")).to(DEV).eval()
+    fast = CRN(get_preset("1024p"), backend="triton", fused_conv=True).to(DEV).eval()
+    fast.load_state_dict(eager.state_dict())
+    layout = one_hot(torch.randint(0, 20, (1, 256, 512), generator=torch.Generator().manual_seed(1))).to(DEV)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            exact = eager(layout).double()
+            eager_bf16 = (eager.bfloat16()(layout).double() - exact).abs().max().item()
+            fused_bf16 = (fast.bfloat16()(layout).double() - exact).abs().max().item()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert fused_bf16 <= 1.5 * eager_bf16 + 1.0, (fused_bf16, eager_bf16)
