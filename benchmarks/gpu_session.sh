@@ -51,14 +51,18 @@ race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudag
 race+=",convs-only:bf16:nchw,triton-cudagraph:bf16:nchw,triton:bf16:nchw,compile:bf16:nchw,eager-cudagraph:bf16:channels_last"
 race+=",triton-cudagraph:fp32:channels_last,triton:fp32:nchw,compile:fp32:channels_last"
 race+=",compile-max-autotune:bf16:channels_last"
-timeout $((220 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((200 * s)) \
+timeout $((210 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((190 * s)) \
   --json "$res/${gpu}_${R}.json" 2>&1 | tail -40 >> "$log"; pack
+step "3b. fp32 with TF32 convs, as the old fp32 numbers were measured (fp32 no slower than before?)"
+timeout $((25 * s)) python3 benchmarks/run.py $P --res $R --allow-tf32 $ITERS --max-seconds $((20 * s)) \
+  --rows "triton:fp32:nchw,triton-cudagraph:fp32:channels_last" --json "$res/${gpu}_${R}_fp32_tf32.json" 2>&1 \
+  | tail -8 >> "$log"; pack
 step "4. per-module profile"
 timeout $((45 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
   --variants "triton,triton-fusedconv,compile-max-autotune-no-cudagraphs" --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
 step "5. training at $R, bf16"
-timeout $((55 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
-  --train-backends triton,compile,triton-compile --max-seconds $((48 * s)) \
+timeout $((50 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
+  --train-backends triton,compile,triton-compile --max-seconds $((44 * s)) \
   --json "$res/${gpu}_${R}_train.json" 2>&1 | tail -14 >> "$log"; pack
 step "6. memory format / channel padding of the convs"
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else

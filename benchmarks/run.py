@@ -14,6 +14,7 @@ same run as a large matmul in the same dtype. Unavailable backends get a row wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -230,7 +231,7 @@ BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cu
 
 def run_inference(args, model, device, layout, size, peak):
     flops = crn_flops(model.config, *size, batch=args.batch)
-    with torch.no_grad():
+    with torch.no_grad(), no_tf32():  # the reference is true fp32
         ref = model.to(device).float().eval()(layout).float().cpu()
     rows = []
     start = time.perf_counter()
@@ -414,6 +415,8 @@ def parse_args(argv=None):
     ap.add_argument("--markdown", default=None, help="default: beside the JSON, .md")
     ap.add_argument("--plot", default=None, help="default: beside the JSON, .png")
     ap.add_argument("--no-save", action="store_true", help="print only")
+    ap.add_argument("--allow-tf32", action="store_true", help="fp32 rows may use TF32 convs/matmuls (torch's "
+                    "default for cuDNN); off by default, and the fp32 reference never uses it")
     args = ap.parse_args(argv)
 
     def choices(value, valid, what, default):
@@ -471,10 +474,22 @@ def parse_args(argv=None):
     return args
 
 
+@contextlib.contextmanager
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, size, config = args.device, args.size, args.config
     cuda = device.type == "cuda"
+    # fp32 rows are compared with an fp32 reference: TF32 only when asked (the flags are recorded)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
     torch.manual_seed(0)
     model = CRN(config).eval()
     with torch.no_grad():  # trained-like norm parameters, so errors are measured on non-trivial outputs

@@ -69,11 +69,12 @@ def unpack_conv_weight(packed: torch.Tensor) -> torch.Tensor:
 
 # The candidates the tuner times on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), each
 # with 2-4 pipelined stages of bf16 A/B tiles within the 228 KB of an H100 SM's shared memory.
-CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
-           (256, 32, 64, 8, 3), (256, 32, 32, 4, 3), (128, 32, 32, 4, 4), (64, 64, 64, 4, 3), (128, 16, 64, 4, 4)]
+CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
+           (256, 32, 64, 8, 3), (256, 32, 32, 4, 3), (128, 32, 32, 4, 4), (64, 64, 64, 4, 3),
+           (128, 16, 64, 4, 3), (256, 16, 32, 4, 3), (128, 16, 32, 4, 3)]  # the last three: the head (3k outputs)
 # fp32 (IEEE products on CUDA cores, never TF32) holds 4-byte tiles: smaller ones, or registers spill
 # and the larger 16-bit configs would exceed an A100's 164 KB of shared memory.
-FP32_CONFIGS = [(64, 64, 32, 4, 2), (64, 32, 32, 4, 2), (128, 32, 32, 4, 3), (32, 32, 32, 4, 2)]
+FP32_CONFIGS = [(64, 64, 32, 4, 2), (128, 32, 32, 8, 3), (32, 32, 32, 4, 2)]
 _INTERPRETER_CONFIG = (32, 16, 16, 4, 1)  # small tiles: fewer masked lanes per interpreted program
 
 if HAS_TRITON:
@@ -84,10 +85,14 @@ if HAS_TRITON:
                      KSIZE: tl.constexpr, NORM_IN: tl.constexpr, STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HEAD: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (pixel block, output-channel block, sample): a [BLOCK_M, BLOCK_N] tile of y."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        n = tl.program_id(2)
+        """Program (tile, sample): a [BLOCK_M, BLOCK_N] tile of y. The output-channel block varies
+        fastest, so the programs that read the same input pixels run together and share them in L2
+        (the weights, at most 10 MB per conv, stay there anyway)."""
+        pid = tl.program_id(0)
+        n = tl.program_id(1)
+        n_nt = tl.cdiv(Cout, BLOCK_N)
+        pid_m = pid // n_nt
+        pid_n = pid - pid_m * n_nt
         HW = H * W
         pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pm = pix < HW
@@ -96,6 +101,7 @@ if HAS_TRITON:
         co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cm = co < Cout
         xb = X + n.to(tl.int64) * sxn
+        pix_off = py.to(tl.int64) * sxh + px.to(tl.int64) * sxw  # each tap adds one scalar shift to it
         if NORM_IN:
             mu = tl.load(MeanIn + n)
             rs = tl.load(RstdIn + n)
@@ -105,11 +111,11 @@ if HAS_TRITON:
             tap = kk // n_kb
             ci = (kk - tap * n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
             km = ci < Cin
-            iy = py + (tap // KSIZE - KSIZE // 2)
-            ix = px + (tap % KSIZE - KSIZE // 2)
-            inb = pm & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            dy = tap // KSIZE - KSIZE // 2
+            dx = tap % KSIZE - KSIZE // 2
+            inb = pm & (py + dy >= 0) & (py + dy < H) & (px + dx >= 0) & (px + dx < W)
             amask = inb[:, None] & km[None, :]
-            rows = xb + iy.to(tl.int64) * sxh + ix.to(tl.int64) * sxw
+            rows = xb + pix_off + (dy.to(tl.int64) * sxh + dx * sxw)
             a = tl.load(rows[:, None] + ci[None, :], mask=amask, other=0.0)
             if NORM_IN:  # the previous layer's norm + leaky ReLU, on the loaded window
                 g = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32) * rs
@@ -138,7 +144,7 @@ if HAS_TRITON:
             cnt = tl.sum(pm.to(tl.float32), axis=0) * tl.sum(cm.to(tl.float32), axis=0)
             mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / cnt
             e = tl.where(omask, v - mean_t, 0.0)
-            idx = n * P + pid_m * tl.num_programs(1) + pid_n
+            idx = n * P + pid
             tl.store(PCnt + idx, cnt)
             tl.store(PMean + idx, mean_t)
             tl.store(PM2 + idx, tl.sum(tl.sum(e * e, axis=1), axis=0))
@@ -271,8 +277,8 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
 
     def run(cfg):
         bm, bn, bk, warps, stages = cfg
-        grid = (cdiv(h * w, bm), cdiv(cout, bn), n)
-        p = grid[0] * grid[1]
+        p = cdiv(h * w, bm) * cdiv(cout, bn)
+        grid = (p, n)
         part = torch.empty((3, n, p), device=x.device, dtype=torch.float32) if stats else None
         pc, pmn, pm2 = part.unbind(0) if stats else (dummy,) * 3
         launch(_conv_kernel, grid, x, packed_weight, y, bias if bias is not None else dummy,

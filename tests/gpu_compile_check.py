@@ -81,23 +81,25 @@ def main(arch: int = 90) -> int:
 
 
 def check_conv_norm(arch: int) -> int:
-    """The fused conv in every tuning config (bf16 with and without the input norm, fp32 with it;
-    fp16 in one): tensor-core MMAs (wgmma on sm_90, mma.sync on sm_80), loads pipelined
+    """The fused conv in every tuning config, as conv1 (stats), conv2 (input norm + stats) and the
+    head (1x1, input norm, bias, 0..255) in bf16, conv2 and head in fp32, fp16 in one: tensor-core MMAs (wgmma on sm_90, mma.sync on sm_80), loads pipelined
     through cp.async into shared memory, and no spills."""
     a = "fp32"
     fn = C._conv_kernel
-    cases = [(dt, cfg, norm) for cfg in C.CONFIGS for norm in (False, True) for dt in ("bf16",)] + \
-        [("fp16", C.CONFIGS[0], True)] + [("fp32", cfg, True) for cfg in C.FP32_CONFIGS]
+    conv1, conv2, head = (3, False, True, False), (3, True, True, False), (1, True, False, True)
+    cases = [("bf16", cfg, layer) for cfg in C.CONFIGS for layer in (conv1, conv2, head)] + \
+        [("fp16", C.CONFIGS[0], conv2)] + [("fp32", cfg, layer) for cfg in C.FP32_CONFIGS for layer in (conv2, head)]
     aligned = ["X", "Wp", "Y", "Bias", "MeanIn", "RstdIn", "Gamma", "Beta", "PCnt", "PMean", "PM2", "Cin", "Cout",
                "sxn", "sxh", "sxw", "P"]
-    for dt, (bm, bn, bk, warps, stages), norm in cases:
+    for dt, (bm, bn, bk, warps, stages), (ksize, norm, stats, is_head) in cases:
         ptrs = {"X": dt, "Wp": dt, "Y": dt, "Bias": dt, "MeanIn": a, "RstdIn": a, "Gamma": dt, "Beta": dt,
                 "PCnt": a, "PMean": a, "PM2": a}
-        const = dict(KSIZE=3, NORM_IN=norm, STATS=True, HAS_BIAS=False, HEAD=False, IEEE=dt == "fp32",
+        const = dict(KSIZE=ksize, NORM_IN=norm, STATS=stats, HAS_BIAS=is_head, HEAD=is_head, IEEE=dt == "fp32",
                      DOT_F32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         k = compile_kernel(fn, ptrs, ["slope"], const, arch, warps, stages, aligned)
         ptx = k.asm["ptx"]
-        what = f"_conv_kernel ({dt}, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, norm={norm}, sm_{arch})"
+        what = f"_conv_kernel ({dt}, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, {ksize}x{ksize}, norm={norm}, " \
+            f"head={is_head}, sm_{arch})"
         if dt != "fp32":
             mma = "wgmma.mma_async" if arch >= 90 else "mma.sync"
             assert mma in ptx, f"{what} does not use tensor cores ({mma})"
