@@ -82,8 +82,9 @@ def main(arch: int = 90) -> int:
 
 def check_conv_norm(arch: int) -> int:
     """The fused conv in every tuning config, as conv1 (stats), conv2 (input norm + stats) and the
-    head (1x1, input norm, bias, 0..255) in bf16, conv2 and head in fp32, fp16 in one: tensor-core MMAs (wgmma on sm_90, mma.sync on sm_80), loads pipelined
-    through cp.async into shared memory, and no spills."""
+    head (1x1, input norm, bias, 0..255) in bf16, conv2 and head in fp32, fp16 in one: tensor-core
+    MMAs (wgmma on sm_90, mma.sync on sm_80), loads pipelined through cp.async into shared memory,
+    within shared memory, and no spills."""
     a = "fp32"
     fn = C._conv_kernel
     conv1, conv2, head = (3, False, True, False), (3, True, True, False), (1, True, False, True)
