@@ -183,3 +183,17 @@ def test_gpu_fused_conv_1024p_generator_is_as_accurate_as_eager_bf16():
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert fused_bf16 <= 1.5 * eager_bf16 + 1.0, (fused_bf16, eager_bf16)
+
+
+def test_fused_conv_in_an_nchw_model_with_a_batch():
+    """An NCHW model: the fused path still runs channels_last inside (the layout is converted once
+    by conv_norm); two different layouts in one batch keep their own statistics."""
+    eager, fast = _pair(torch.float32, k=1, seed=5)
+    fast = fast.to(memory_format=torch.contiguous_format)
+    ids = torch.randint(0, 20, (2, 16, 32), generator=torch.Generator().manual_seed(6))
+    layout = one_hot(ids).contiguous()
+    with torch.no_grad():
+        ours = fast(layout.to(DEV)).cpu()
+        theirs = eager(layout)
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-5)
+    assert not torch.allclose(ours[0], ours[1])
