@@ -23,7 +23,7 @@ res=$(mktemp -d)  # this session's result files, packed after every step
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
   R=64x128; P="--preset tiny"; TESTS=(tests/test_kernels.py tests/test_conv_norm.py -k "opcheck or graph_break or generator_matches"); ITERS="--iters 1 --warmup 0"
 else
-  R=1024x2048; P=""; TESTS=(-m "gpu or tensorrt" tests/test_kernels.py tests/test_conv_norm.py tests/test_export.py); ITERS=""
+  R=1024x2048; P=""; TESTS=(-m "gpu or tensorrt" tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py)  # shortest first; ITERS=""
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }
@@ -39,9 +39,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
 
 step "1. compiled tests"
-timeout $((100 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
+timeout $((90 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
 step "2. kernel benchmark, bf16, nchw + channels_last; each module's convs: cuDNN vs the fused conv"
-timeout $((75 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
+timeout $((90 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
   --json "$res/kernels_${gpu}.json" 2>&1 | tail -60 >> "$log"; pack
 step "3. the race at $R"
 # most important first (a row past the time budget is skipped, not run); the two max-autotune rows
@@ -56,15 +56,15 @@ race+=",triton-cudagraph:fp32:channels_last,triton:fp32:nchw,compile:fp32:channe
 timeout $((210 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((190 * s)) \
   --json "$res/${gpu}_${R}.json" 2>&1 | tail -40 >> "$log"; pack
 step "3b. fp32 with TF32 convs, as the old fp32 numbers were measured (fp32 no slower than before?)"
-timeout $((25 * s)) python3 benchmarks/run.py $P --res $R --allow-tf32 $ITERS --max-seconds $((20 * s)) \
+timeout $((20 * s)) python3 benchmarks/run.py $P --res $R --allow-tf32 $ITERS --max-seconds $((16 * s)) \
   --rows "triton:fp32:nchw,triton-cudagraph:fp32:channels_last" --json "$res/${gpu}_${R}_fp32_tf32.json" 2>&1 \
   | tail -8 >> "$log"; pack
 step "4. per-module profile"
 timeout $((45 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
   --variants "triton,triton-fusedconv,compile-max-autotune-no-cudagraphs" --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
 step "5. training at $R, bf16"
-timeout $((50 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
-  --train-backends triton,compile,triton-compile --max-seconds $((44 * s)) \
+timeout $((45 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
+  --train-backends triton,compile,triton-compile --max-seconds $((40 * s)) \
   --json "$res/${gpu}_${R}_train.json" 2>&1 | tail -14 >> "$log"; pack
 step "6. memory format / channel padding of the convs"
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else

@@ -111,22 +111,26 @@ def main(argv=None):
                 nbytes = (2 * f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
                 rows += _measure("norm_lrelu_upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw,
                                  device, args.iters, fname)
-    if cuda and "channels_last" in args.formats.split(","):
-        for dname in dtypes:
-            rows += conv_rows(config, size, DTYPES[dname], dname, device)
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"kernels_{device_label(device)}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_info(device), "copy_bandwidth_gbs": bw, "preset": args.preset,
-                               "resolution": list(size), "rows": rows}, indent=2))
+
+    def save():  # after each part: a run cut short by a time limit keeps what it measured
+        out.write_text(json.dumps({"machine": machine_info(device), "copy_bandwidth_gbs": bw, "preset": args.preset,
+                                   "resolution": list(size), "rows": rows}, indent=2))
+    save()
+    if cuda and "channels_last" in args.formats.split(","):
+        for dname in dtypes:
+            conv_rows(config, size, DTYPES[dname], dname, device, rows, on_module=save)
+    save()
     print(f"wrote {out}", file=sys.stderr)
 
 
-def conv_rows(config, size, dt, dname, device):
+def conv_rows(config, size, dt, dname, device, rows, on_module=None):
     """Each module's two convs (channels_last, GPU): cuDNN alone and with the triton layer norm
     after it (the triton backend's work per layer) against crn_fast's fused conv kernel, alone
-    and with its prologue (the input's norm) and epilogue (the output's statistics)."""
+    and with its prologue (the input's norm) and epilogue (the output's statistics). Appends to
+    ``rows``; ``on_module`` runs after each conv (saving what was measured so far)."""
     import torch.nn.functional as F
-    rows = []
     g = torch.Generator(device=device).manual_seed(0)
     for i, c, h, w, _ in module_shapes(config, size):
         for layer, cin in (("conv1", config.in_channels(i)), ("conv2", c)):
@@ -140,11 +144,10 @@ def conv_rows(config, size, dt, dname, device):
             norm = (torch.zeros(1, device=device), torch.ones(1, device=device),
                     torch.ones(cin, device=device, dtype=dt), torch.zeros(cin, device=device, dtype=dt))
             impls = {"cudnn": lambda: F.conv2d(x_cl, wt, padding=1),
-                     "cudnn + triton ln": lambda: K.layer_norm_lrelu(F.conv2d(x_cl, wt, padding=1), ones, zeros),
-                     "fused conv (plain)": lambda: K.conv_norm(x, packed, stats=False),
-                     "fused conv + stats": lambda: K.conv_norm(x, packed)}
-            if layer == "conv2":
-                impls["fused conv norm-in + stats"] = lambda: K.conv_norm(x, packed, norm=norm)
+                     "cudnn + triton ln": lambda: K.layer_norm_lrelu(F.conv2d(x_cl, wt, padding=1), ones, zeros)}
+            impls["fused conv + stats" if layer == "conv1" else "fused conv norm-in + stats"] = \
+                (lambda: K.conv_norm(x, packed)) if layer == "conv1" else (lambda: K.conv_norm(x, packed, norm=norm))
+            impls["fused conv (plain)"] = lambda: K.conv_norm(x, packed, stats=False)  # the bare GEMM vs cuDNN
             flops = 2 * 9 * cin * c * h * w
             res = {}
             with torch.no_grad():
@@ -161,9 +164,10 @@ def conv_rows(config, size, dt, dname, device):
                 rows.append(row)
                 print(f"{layer:8s} m{i} {cin:5d}->{c:<5d} {h}x{w:<5d} {dname:5s} {name:28s} {ms:8.4f} ms "
                       f"{row['tflops']:7.1f} TFLOP/s", file=sys.stderr)
+            if on_module:
+                on_module()
     rows.append({"op": "conv_norm tuned configs", "configs": [[str(v) for v in k] + [list(c)]
                                                             for k, c in K.tuned_configs().items()]})
-    return rows
 
 
 def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nchw"):
