@@ -12,6 +12,7 @@ fused Triton kernels ("triton"). Both use the same parameters and state dict.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,7 @@ class CRN(nn.Module):
                  fuse_inference: bool = True, fused_conv: bool = False,
                  memory_format: torch.memory_format = torch.channels_last):
         super().__init__()
+        self._packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> (key, packed)
         shape = {n: v for n, v in (("widths", widths), ("num_classes", num_classes), ("k", k),
                                    ("base_size", base_size)) if v is not None}
         if config is None:
@@ -108,7 +110,6 @@ class CRN(nn.Module):
         # triton backend, no grad: the convs too are Triton kernels with the layer norms folded in
         # (kernels/conv_norm.py); off until it beats cuDNN on the GPU (benchmarks/run.py, triton-fusedconv)
         self.fused_conv = fused_conv
-        self._packed_weights: dict[int, tuple] = {}
         self.set_backend(backend)
 
     @classmethod
@@ -208,10 +209,21 @@ class CRN(nn.Module):
         if torch.compiler.is_compiling():
             return pack_conv_weight(w)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
-        hit = self._packed_weights.get(id(conv))
+        hit = self._packed_weights.get(conv)
         if hit is None or hit[0] != key:
-            hit = self._packed_weights[id(conv)] = (key, pack_conv_weight(w.detach()))
+            hit = self._packed_weights[conv] = (key, pack_conv_weight(w.detach()))
         return hit[1]
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): packed copies of old weights go
+        self._packed_weights.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # copies and pickles never carry packed weights
+        return {k: v for k, v in self.__dict__.items() if k != "_packed_weights"}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._packed_weights = weakref.WeakKeyDictionary()
 
     def images(self, layout: torch.Tensor) -> torch.Tensor:
         """forward() reshaped to (N, k, 3, H, W)."""

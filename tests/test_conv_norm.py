@@ -144,6 +144,11 @@ def test_fused_conv_repacks_after_a_weight_change_and_trains_on_the_reference_pa
         after = fast(layout)
         torch.testing.assert_close(after, eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
     assert not torch.allclose(before, after)
+    assert len(fast._packed_weights) == 7  # one packed copy per conv, none for replaced versions
+    import copy
+    assert len(copy.deepcopy(fast)._packed_weights) == 0  # copies never carry them
+    fast.double().float()  # moves and casts drop them
+    assert len(fast._packed_weights) == 0
     out = fast.train()(layout)  # with grad: the differentiable triton path, not the fused convs
     out.mean().backward()
     assert fast.refine[0].conv1.weight.grad is not None
