@@ -7,7 +7,9 @@
     A 1x1 conv (with bias) maps the top features to 3k channels, then (x + 1) / 2 * 255.
 
 The two non-conv steps go through ``crn_fast.kernels``; ``backend`` picks torch ("eager") or the
-fused Triton kernels ("triton"). Both use the same parameters and state dict.
+fused Triton kernels ("triton"). Both use the same parameters and state dict. With the triton
+backend and no grad, ``fused_conv=True`` also runs the convs as Triton kernels that carry the layer
+norms (kernels/conv_norm.py).
 """
 from __future__ import annotations
 
@@ -231,4 +233,4 @@ class CRN(nn.Module):
         return out.view(out.shape[0], self.config.k, 3, *out.shape[2:])
 
     def extra_repr(self) -> str:
-        return f"config={self.config}, backend={self.backend!r}"
+        return f"config={self.config}, backend={self.backend!r}" + (", fused_conv=True" if self.fused_conv else "")
