@@ -95,8 +95,9 @@ class CRN(nn.Module):
         if config is None:
             if widths is None:
                 raise CRNError("CRN needs a config or widths (e.g. CRN.from_preset('tiny'))")
-            config = CRNConfig(widths=tuple(widths), num_classes=num_classes or NUM_CLASSES + 1, k=k or 1,
-                               base_size=tuple(base_size or (4, 8)))
+            config = CRNConfig(widths=tuple(widths),
+                               num_classes=NUM_CLASSES + 1 if num_classes is None else num_classes,
+                               k=1 if k is None else k, base_size=tuple((4, 8) if base_size is None else base_size))
         elif shape:  # never silently drop a shape argument
             raise CRNError(f"CRN got a config and {', '.join(shape)}: give one, e.g. CRN(config.replace(k=3)) "
                            f"or CRN.from_preset(name, k=3)")
