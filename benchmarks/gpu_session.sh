@@ -47,7 +47,8 @@ step "3. the race at $R"
 # most important first (a row past the time budget is skipped, not run); the two max-autotune rows
 # side by side, so the second reuses the first's tuning from Inductor's on-disk caches
 race="convs-only:bf16:channels_last,triton-cudagraph:bf16:channels_last,triton:bf16:channels_last"
-race+=",triton-fusedconv-cudagraph:bf16:channels_last,triton-fusedconv:bf16:channels_last"
+race+=",triton-autoconv-cudagraph:bf16:channels_last,triton-fusedconv-cudagraph:bf16:channels_last"
+race+=",triton-fusedconv:bf16:channels_last"
 race+=",triton-compile-reduce-overhead:bf16:channels_last,compile:bf16:channels_last"
 race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
 race+=",compile-max-autotune:bf16:channels_last"

@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfused", "triton-cudagraph",
-                "triton-fusedconv", "triton-fusedconv-cudagraph", "triton-compile-reduce-overhead",
+                "triton-fusedconv", "triton-fusedconv-cudagraph", "triton-autoconv", "triton-autoconv-cudagraph",
+                "triton-compile-reduce-overhead",
                 *(f"compile-{m}" if m != "default" else "compile" for m in COMPILE_MODES), "aoti", "onnxruntime",
                 "onnxruntime-cuda", "tensorrt")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -72,10 +73,15 @@ def load_layout(args, config, size, device) -> torch.Tensor:
 # Each returns (callable taking the fp32 layout, build seconds). Raise Skip(reason) when unavailable.
 def _model(model, dtype, device, ctx, backend="eager", fused_conv=False):
     """A copy of the model in the row's dtype and memory format (fused_conv: the triton backend's
-    Triton convs with the layer norms folded in)."""
+    Triton convs with the layer norms folded in, True for every module or "auto" per module,
+    measured now on the row's layout; the row records the modules)."""
     m = copy.deepcopy(model).to(device, dtype).eval().to(memory_format=ctx["format"])
-    m.fused_conv = fused_conv
-    return m.set_backend(backend)
+    m.set_backend(backend).fused_conv = fused_conv
+    if fused_conv == "auto":
+        ctx["fused_modules"] = sorted(m.tune_fused_conv(ctx["layout"].to(dtype)))
+    elif fused_conv:
+        ctx["fused_modules"] = list(range(len(m.refine)))
+    return m
 
 
 def b_eager(model, dtype, device, ctx):
@@ -102,20 +108,21 @@ def _cudagraph(backend, fused_conv=False):
             raise Skip("CUDA graphs need a GPU")
         if backend == "triton":
             _need_triton(ctx)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # includes "auto"'s measurement and the kernels' tile tuning
         run = cuda_graph(_model(model, dtype, device, ctx, backend, fused_conv), ctx["layout"].to(dtype))
         return (lambda x: run(x.to(dtype))), time.perf_counter() - t0
     return build
 
 
-def _triton(fuse: bool, fused_conv: bool = False):
+def _triton(fuse: bool, fused_conv=False):
     """fuse: module i's last norm + lrelu inside module i+1's upsample-concat (the triton default);
-    fused_conv: the convs as Triton kernels with the norms folded in (tuned on the first call)."""
+    fused_conv: the convs as Triton kernels with the norms folded in (tuned on the first call), in
+    every module (True) or where measured faster ("auto")."""
     def build(model, dtype, device, ctx):
         _need_triton(ctx)
+        t0 = time.perf_counter()
         m = _model(model, dtype, device, ctx, "triton", fused_conv)
         m.fuse_inference = fuse
-        t0 = time.perf_counter()
         if fused_conv:  # its first call tunes the conv tiles per shape: build time, not latency
             m(ctx["layout"].to(dtype))
             sync(device)
@@ -228,6 +235,7 @@ def b_tensorrt(model, dtype, device, ctx):
 BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cudagraph("eager"),
             "triton": _triton(True), "triton-unfused": _triton(False), "triton-cudagraph": _cudagraph("triton"),
             "triton-fusedconv": _triton(True, True), "triton-fusedconv-cudagraph": _cudagraph("triton", True),
+            "triton-autoconv": _triton(True, "auto"), "triton-autoconv-cudagraph": _cudagraph("triton", "auto"),
             "triton-compile-reduce-overhead": _compiled("reduce-overhead", "triton"),
             **{(f"compile-{m}" if m != "default" else "compile"): _compiled(m) for m in COMPILE_MODES},
             "aoti": b_aoti, "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
@@ -269,6 +277,8 @@ def run_inference(args, model, device, layout, size, peak):
             row.update(stats, images_per_s=args.batch / (stats["median_ms"] / 1e3), peak_memory_mib=mem.mib,
                        build_s=build_s, max_abs_err=err["max_abs"], psnr_db=err["psnr_db"], tflops=tflops,
                        pct_of_peak=100 * tflops / peak[dname] if peak.get(dname) else None)
+            if "fused_modules" in ctx:
+                row["fused_modules"] = ctx["fused_modules"]
             print(f"{stats['median_ms']:.2f} ms", file=sys.stderr)
         except Skip as e:
             row["skipped"] = str(e)
@@ -356,7 +366,13 @@ def markdown_table(rows, training=False) -> str:
         f"{fmt(r.get('peak_memory_mib'), '.0f')} | {fmt(r.get('build_s'), '.1f')} | "
         f"{fmt(r.get('max_abs_err'), '.3g')} | {fmt(r.get('psnr_db'), '.1f')} | "
         f"{fmt(r.get('tflops'), '.3g')} | {fmt(r.get('pct_of_peak'), '.0f')} | "
-        f"{r.get('skipped') or r.get('error') or ''} |\n" for r in rows)
+        f"{_note(r)} |\n" for r in rows)
+
+
+def _note(row) -> str:
+    if row.get("skipped") or row.get("error"):
+        return row.get("skipped") or row.get("error")
+    return f"fused conv in modules {row['fused_modules']}" if "fused_modules" in row else ""
 
 
 def plot(rows, path, floor_ms, title):

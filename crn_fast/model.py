@@ -110,10 +110,34 @@ class CRN(nn.Module):
         self.checkpointing = checkpointing
         # triton backend, no grad: fuse each module's last norm + lrelu into the next module's upsample
         self.fuse_inference = fuse_inference
-        # triton backend, no grad: the convs too are Triton kernels with the layer norms folded in
-        # (kernels/conv_norm.py); off until it beats cuDNN on the GPU (benchmarks/run.py, triton-fusedconv)
+        # triton backend, no grad: which modules run their convs as Triton kernels with the layer norms
+        # folded in (kernels/conv_norm.py): False, True (all), module indices, or "auto" (measured)
         self.fused_conv = fused_conv
+        self.fused_conv_choices: dict[tuple, frozenset] = {}  # "auto": (N, H, W, dtype, device) -> modules
         self.set_backend(backend)
+
+    @property
+    def fused_conv(self):
+        """False, True (every module), a frozenset of module indices, or "auto": each module's convs
+        as cuDNN + the triton layer norm or as the fused conv kernel, whichever measured faster at
+        the first no-grad CUDA forward of each (batch, H, W, dtype, device); see tune_fused_conv."""
+        return self._fused_conv
+
+    @fused_conv.setter
+    def fused_conv(self, value):
+        n = len(self.refine)
+        if isinstance(value, str):
+            if value != "auto":
+                raise CRNError(f"fused_conv must be True, False, 'auto' or module indices 0..{n - 1}, got {value!r}")
+        elif not isinstance(value, bool):
+            try:
+                value = frozenset(int(i) for i in value)
+            except (TypeError, ValueError):
+                raise CRNError(f"fused_conv must be True, False, 'auto' or module indices 0..{n - 1}, "
+                               f"got {value!r}") from None
+            if any(not 0 <= i < n for i in value):
+                raise CRNError(f"fused_conv: module indices must be in 0..{n - 1}, got {sorted(value)}")
+        self._fused_conv = value
 
     @classmethod
     def from_preset(cls, name: str, **kw) -> "CRN":
@@ -161,48 +185,91 @@ class CRN(nn.Module):
         # the model's dtype and one memory format end to end (a one-hot layout is exact in any float)
         layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
         levels = layout_pyramid(layout, len(self.refine))
-        if self.backend == "triton" and self.fused_conv and not torch.is_grad_enabled():
-            return self._forward_fused_conv(levels)
-        if self.backend == "triton" and self.fuse_inference and not torch.is_grad_enabled():
-            x = self._features_fused(levels)
-        else:
-            x = None
-            for module, level in zip(self.refine, levels):
-                if self.checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(module, x, level, self._ops, use_reentrant=False)
-                else:
-                    x = module(x, level, self._ops)
+        if self.backend == "triton" and not torch.is_grad_enabled() and (self.fuse_inference or self.fused_conv):
+            fused, out = self._fused_modules(levels), None
+            for i, level in enumerate(levels):
+                out = self._inference_step(i, out, level, i in fused)
+            return out
+        x = None
+        for module, level in zip(self.refine, levels):
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(module, x, level, self._ops, use_reentrant=False)
+            else:
+                x = module(x, level, self._ops)
         return (self.head(x) + 1.0) / 2.0 * 255.0
 
-    def _features_fused(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        """Inference path of the triton backend: module i's second layer norm is reduced to its
-        statistics, and its apply + leaky ReLU happen inside module i+1's upsample-concat kernel,
-        so the normalised features are never written at full precision."""
-        from crn_fast.kernels import layer_norm_stats, norm_lrelu_upsample_concat
-        ops, pending, last = self._ops, None, len(self.refine) - 1
-        for i, (m, level) in enumerate(zip(self.refine, levels)):
-            x = level if pending is None else norm_lrelu_upsample_concat(*pending, level, LEAKY_SLOPE)
-            x = ops.layer_norm_lrelu(m.conv1(x), m.norm1.weight, m.norm1.bias, LN_EPS, LEAKY_SLOPE)
-            h = m.conv2(x)
-            if i == last:
-                return ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)
-            pending = (h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias)
+    def _inference_step(self, i: int, pending, level: torch.Tensor, fused: bool):
+        """Module i of the triton backend's inference path (the head too, after the last module).
 
-    def _forward_fused_conv(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        """Inference path of the triton backend with ``fused_conv``: each conv is an implicit-GEMM
-        Triton kernel that normalises its input on load (the previous layer's norm + leaky ReLU) and
-        reduces its own output to per-tile statistics; the head applies the last norm the same way
-        and scales to 0..255. Only raw conv outputs and upsample-concat outputs are ever stored."""
-        from crn_fast.kernels import conv_norm, norm_lrelu_upsample_concat
-        h = norm = None
-        for m, level in zip(self.refine, levels):
-            # channels padded to 16 in memory: 16-byte aligned pixel rows for the conv's loads
-            x = level if h is None else norm_lrelu_upsample_concat(h, *norm, level, LEAKY_SLOPE, channels_multiple=16)
+        ``pending`` is module i-1's raw conv2 output with its layer norm's (mean, rstd, weight,
+        bias): the norm + leaky ReLU is applied inside module i's upsample-concat kernel, so
+        normalised features are never stored. Returns module i's pending tuple, or the images.
+        fused: both convs are the fused conv kernel, which normalises its input as it loads it
+        and reduces its output to statistics in its epilogue (the upsample-concat output then has
+        its pixel rows padded to 16 channels, 16-byte aligned for the kernel's loads); else cuDNN
+        convs with the triton layer norm. The head is fused when the last module is.
+        """
+        from crn_fast.kernels import conv_norm, layer_norm_stats, norm_lrelu_upsample_concat
+        m, last = self.refine[i], i == len(self.refine) - 1
+        x = level if pending is None else \
+            norm_lrelu_upsample_concat(*pending, level, LEAKY_SLOPE, channels_multiple=16 if fused else 1)
+        if fused:
             h, mean, rstd = conv_norm(x, self._packed(m.conv1), eps=LN_EPS)
-            h, mean, rstd = conv_norm(h, self._packed(m.conv2), None,
-                                      (mean, rstd, m.norm1.weight, m.norm1.bias), LEAKY_SLOPE, LN_EPS)
-            norm = (mean, rstd, m.norm2.weight, m.norm2.bias)
-        return conv_norm(h, self._packed(self.head), self.head.bias, norm, LEAKY_SLOPE, stats=False, head=True)
+            h, mean, rstd = conv_norm(h, self._packed(m.conv2), None, (mean, rstd, m.norm1.weight, m.norm1.bias),
+                                      LEAKY_SLOPE, LN_EPS)
+            if last:
+                return conv_norm(h, self._packed(self.head), self.head.bias, (mean, rstd, m.norm2.weight, m.norm2.bias),
+                                 LEAKY_SLOPE, stats=False, head=True)
+            return h, mean, rstd, m.norm2.weight, m.norm2.bias
+        ops = self._ops
+        h = m.conv2(ops.layer_norm_lrelu(m.conv1(x), m.norm1.weight, m.norm1.bias, LN_EPS, LEAKY_SLOPE))
+        if last:
+            return (self.head(ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)) + 1.0) / 2.0 \
+                * 255.0
+        return h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias
+
+    def _fused_modules(self, levels: list[torch.Tensor]) -> frozenset:
+        setting, n = self.fused_conv, len(self.refine)
+        if setting is True:
+            return frozenset(range(n))
+        if setting != "auto":
+            return setting or frozenset()
+        key = self._choice_key(levels[-1])
+        if key not in self.fused_conv_choices:
+            if not _can_time(levels[-1]):
+                return frozenset()  # unmeasured (CPU, tracing, capturing): cuDNN convs
+            self.tune_fused_conv(levels=levels)
+        return self.fused_conv_choices[key]
+
+    @staticmethod
+    def _choice_key(layout: torch.Tensor) -> tuple:
+        return (layout.shape[0], *layout.shape[2:], layout.dtype, layout.device)
+
+    def tune_fused_conv(self, layout: torch.Tensor | None = None, timer=None, levels=None) -> frozenset:
+        """Measure, module by module, cuDNN convs + the triton layer norm against the fused conv
+        kernel on this layout's shapes (each step timed with its own upsample-concat; the last with
+        the head), and record the faster set for ``fused_conv="auto"``. ``timer(fn, module, fused)
+        -> ms`` defaults to CUDA events (best of 3 after a warm-up that also tunes the kernel's
+        tiles). Returns the fused modules."""
+        if self.backend != "triton":
+            raise CRNError("tune_fused_conv needs backend='triton' (the fused conv is a Triton kernel)")
+        if levels is None:
+            layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
+            levels = layout_pyramid(layout, len(self.refine))
+        if timer is None:
+            from crn_fast.kernels._runtime import cuda_time
+
+            def timer(fn, module, fused):
+                return cuda_time(fn)
+        chosen, pending = set(), None
+        with torch.no_grad():
+            for i, level in enumerate(levels):
+                ms = {f: timer(lambda: self._inference_step(i, pending, level, f), i, f) for f in (False, True)}
+                if ms[True] < ms[False]:
+                    chosen.add(i)
+                pending = self._inference_step(i, pending, level, i in chosen)
+        self.fused_conv_choices[self._choice_key(levels[-1])] = frozenset(chosen)
+        return frozenset(chosen)
 
     def _packed(self, conv: nn.Conv2d) -> torch.Tensor:
         """conv's weight as the fused conv's (taps, Cin, Cout) operand, packed once per weight
@@ -234,4 +301,11 @@ class CRN(nn.Module):
         return out.view(out.shape[0], self.config.k, 3, *out.shape[2:])
 
     def extra_repr(self) -> str:
-        return f"config={self.config}, backend={self.backend!r}" + (", fused_conv=True" if self.fused_conv else "")
+        fc = self.fused_conv
+        return f"config={self.config}, backend={self.backend!r}" + \
+            (f", fused_conv={sorted(fc) if isinstance(fc, frozenset) else fc!r}" if fc else "")
+
+
+def _can_time(t: torch.Tensor) -> bool:
+    return t.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+

@@ -38,7 +38,7 @@ from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, cuda_time, launch, next_pow2, triton, tl
 
 
 def conv_norm_reference(x, weight, bias=None, norm=None, negative_slope: float = LEAKY_SLOPE, head: bool = False):
@@ -204,19 +204,6 @@ def _tuning_allowed(x: torch.Tensor) -> bool:
     return not is_fake(x) and not torch.cuda.is_current_stream_capturing()
 
 
-def _time_config(run, cfg) -> float:
-    run(cfg)  # compile + warm up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        run(cfg)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
-
-
 def _choose(key, x, cin, cout, run) -> tuple:
     """Interpreter: small fixed tiles. GPU: the tuned config for ``key``, tuning it now if allowed,
     else the heuristic's."""
@@ -227,7 +214,7 @@ def _choose(key, x, cin, cout, run) -> tuple:
     if not _tuning_allowed(x):
         return _heuristic(cin, cout, x.dtype)
     t0 = time.perf_counter()
-    timed = {cfg: _time_config(run, cfg) for cfg in _candidates(cin, cout, x.dtype)}
+    timed = {cfg: cuda_time(lambda: run(cfg)) for cfg in _candidates(cin, cout, x.dtype)}  # warm-up compiles
     _TUNED[key] = min(timed, key=timed.get)
     logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], timed,
                                                 time.perf_counter() - t0)

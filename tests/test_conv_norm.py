@@ -202,3 +202,47 @@ def test_fused_conv_in_an_nchw_model_with_a_batch():
         theirs = eager(layout)
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-5)
     assert not torch.allclose(ours[0], ours[1])
+
+
+@pytest.mark.parametrize("modules", [{1}, {0, 2}])
+def test_some_modules_fused_match_eager(modules):
+    """Any mix of fused and cuDNN modules: the norm of a fused module's output is applied in a
+    cuDNN module's upsample and the other way round; the head is fused with the last module."""
+    eager, fast = _pair(torch.float32, k=1, seed=7)
+    fast.fused_conv = modules
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(8)))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(layout.to(DEV)).cpu(), eager(layout), atol=2e-3, rtol=1e-5)
+
+
+def test_auto_picks_the_faster_variant_per_module_and_uses_it():
+    """fused_conv='auto': tune_fused_conv times each module both ways (here with a given timer:
+    the fused kernel 'wins' at modules 1 and 2 only) and forward then runs that mix, equal to eager.
+    Unmeasured shapes on CPU run the cuDNN convs (nothing to time there)."""
+    eager, fast = _pair(torch.float32, k=1, seed=9)
+    fast.fused_conv = "auto"
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(10))).to(DEV)
+    calls = []
+
+    def timer(fn, module, fused):
+        fn()
+        calls.append((module, fused))
+        return 1.0 if fused and module in (1, 2) else 2.0 if fused else 1.5
+    assert fast.tune_fused_conv(layout, timer=timer) == frozenset({1, 2})
+    assert calls == [(i, f) for i in range(3) for f in (False, True)]
+    assert fast.fused_conv_choices == {(1, 16, 32, torch.float32, layout.device): frozenset({1, 2})}
+    with torch.no_grad():
+        torch.testing.assert_close(fast(layout), eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
+        other = one_hot(torch.randint(0, 20, (1, 32, 64), generator=torch.Generator().manual_seed(11))).to(DEV)
+        fast(other)  # not measured: cuDNN everywhere, no choice recorded on CPU
+    assert len(fast.fused_conv_choices) == (2 if DEV == "cuda" else 1)
+    assert "fused_conv='auto'" in repr(fast)
+
+
+@pytest.mark.parametrize("bad, msg", [("fast", "True, False, 'auto' or module indices 0..2"),
+                                      ({0, 3}, r"module indices must be in 0..2, got \[0, 3\]"),
+                                      (1.5, "got 1.5")])
+def test_bad_fused_conv_setting_is_one_clear_error(bad, msg):
+    from crn_fast import CRNError
+    with pytest.raises(CRNError, match=msg):
+        CRN(CRNConfig(widths=(4, 4, 4)), fused_conv=bad)
