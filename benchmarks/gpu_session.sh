@@ -9,6 +9,7 @@
 #   4. the per-module profile (triton and the best-known compile mode)
 #   5. training rows at 1024x2048 bf16 (triton vs torch.compile, checkpointing on/off)
 #   6. the memory-format / channel-padding probe of the convolutions
+#   7. the targets checked from those files (benchmarks/targets.py)
 # Each step has its own time limit (x scale); after every step all results are packed into
 # $OUT/gpu_results.tar.gz (the device tool returns at most 8 files) beside the log.
 # Usage: bash benchmarks/gpu_session.sh [scale]          (about 8.5 minutes at scale 1 on an H100)
@@ -71,6 +72,8 @@ step "6. memory format / channel padding of the convs"
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
   timeout $((30 * s)) python3 benchmarks/memory_format.py --res $R --json "$res/memory_format_${gpu}.json" 2>&1 \
     | tail -6 >> "$log"; fi
+step "7. the targets"
+python3 benchmarks/targets.py --results "$res" --device "$gpu" --res $R --out "$res/targets_${gpu}.md" >> "$log" 2>&1; pack
 step "done"
 cp "$log" "$res/${gpu}_gpu_session.log"; pack
 ls -la "$out"

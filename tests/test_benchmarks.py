@@ -45,3 +45,37 @@ def test_kernel_benchmark_smoke(tmp_path):
     rows = json.loads(j.read_text())["rows"]
     assert {r["op"] for r in rows} >= {"layer_norm_lrelu", "upsample_concat"}
     assert all(r["gb_per_s"] > 0 for r in rows)
+
+
+def test_targets_verdicts_from_session_files(tmp_path):
+    """benchmarks/targets.py reads a GPU session's files and states each of issue 9's targets as met,
+    not met, or not measured (never met for a missing side)."""
+    def race_row(backend, dtype, ms, err=None, fmt="channels_last"):
+        return {"backend": backend, "dtype": dtype, "format": fmt, "median_ms": ms, "max_abs_err": err}
+    (tmp_path / "h100_1024x2048.json").write_text(json.dumps({"rows": [
+        race_row("triton-autoconv-cudagraph", "bf16", 8.0, 2.5), race_row("triton", "bf16", 11.0, 2.5),
+        race_row("compile-max-autotune", "bf16", 12.0, 3.0), race_row("compile", "bf16", 14.0, 3.0),
+        race_row("eager", "bf16", 300.0, 4.0), {"backend": "compile-reduce-overhead", "dtype": "bf16", "error": "x"}]}))
+    kern = [{"op": op, "module": m, "impl": "triton", "format": f, "pct_of_copy_bw": 85.0 if m != 7 else 70.0}
+            for op in ("layer_norm_lrelu", "upsample_concat") for m in range(9) for f in ("nchw", "channels_last")]
+    (tmp_path / "kernels_h100.json").write_text(json.dumps({"rows": kern}))
+    stages = {"conv": 7.0, "norm": 0.5, "upsample/concat": 0.7, "other": 0.1}
+    (tmp_path / "profile_h100_1024x2048.json").write_text(json.dumps({"machine": {"gpu": "NVIDIA H100"}, "profile_ms": {
+        "triton": {"0": stages, "head": {"conv": 0.1, "norm": 0.0, "upsample/concat": 0.0, "other": 0.2}},
+        "compile-max-autotune-no-cudagraphs": {"0": stages}}}))
+    base = tmp_path / "old"
+    base.mkdir()
+    (base / "h100_1024x2048.json").write_text(json.dumps({"rows": [race_row("triton", "fp32", 32.0, fmt=None)]}))
+    out = tmp_path / "targets.md"
+    r = run("benchmarks/targets.py", "--results", tmp_path, "--device", "h100", "--baseline", base, "--out", out)
+    table = out.read_text()
+    assert table == r.stdout.strip() + "\n" or table in r.stdout
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "8.00 ms (triton-autoconv-cudagraph bf16 channels_last)" in lines["crn_fast's best GPU path, bf16 1024x2048"]
+    assert lines["crn_fast's best GPU path, bf16 1024x2048"].endswith("| met |")
+    assert "1.50x (12.00 ms compile-max-autotune" in lines["faster than the best torch.compile variant"]
+    assert lines["max abs error vs eager fp32, no worse than torch.compile's bf16"].endswith("| met |")
+    kline = next(v for k, v in lines.items() if k.startswith("layer_norm_lrelu and upsample_concat"))
+    assert "worst 70% (layer_norm_lrelu m7" in kline and kline.endswith("**not met** |")
+    assert "1.50 ms (triton" in lines["non-conv time per forward (profile)"]
+    assert lines["fp32 no slower than before"].endswith("not measured |")  # no fp32/TF32 run in this folder
