@@ -69,12 +69,14 @@ def unpack_conv_weight(packed: torch.Tensor) -> torch.Tensor:
 
 # The candidates the tuner times on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), each
 # with 2-4 pipelined stages of bf16 A/B tiles within the 228 KB of an H100 SM's shared memory.
-CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
-           (256, 32, 64, 8, 3), (256, 32, 32, 4, 3), (128, 32, 32, 4, 4), (64, 64, 64, 4, 3),
+CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3),
+           (128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (256, 32, 32, 4, 3), (128, 32, 32, 4, 4),
            (128, 16, 64, 4, 3), (256, 16, 32, 4, 3), (128, 16, 32, 4, 3)]  # the last three: the head (3k outputs)
 # fp32 (IEEE products on CUDA cores, never TF32) holds 4-byte tiles: smaller ones, or registers spill
 # and the larger 16-bit configs would exceed an A100's 164 KB of shared memory.
 FP32_CONFIGS = [(64, 64, 32, 4, 2), (128, 32, 32, 8, 3), (32, 32, 32, 4, 2)]
+# where no config above fits (few channels: tiny presets, a head on 16 channels), either dtype
+SMALL_CONFIGS = [(32, 32, 32, 4, 2), (64, 16, 32, 4, 2), (64, 32, 16, 4, 2), (64, 16, 16, 4, 2)]
 _INTERPRETER_CONFIG = (32, 16, 16, 4, 1)  # small tiles: fewer masked lanes per interpreted program
 
 if HAS_TRITON:
@@ -177,11 +179,13 @@ if HAS_TRITON:
 
 
 def _candidates(cin: int, cout: int, dtype: torch.dtype) -> list[tuple]:
-    """The configs worth timing for this shape: no tile wider than the channels it covers."""
+    """The configs worth timing for this shape (each costs a compile on first use): no tile wider
+    than the channels it covers, and none narrower than 64 output channels where Cout allows (a
+    narrow N tile re-reads the input once per tile)."""
     n_cap, k_cap = max(16, next_pow2(cout)), max(16, next_pow2(cin))
     configs = FP32_CONFIGS if dtype == torch.float32 else CONFIGS
-    out = [c for c in configs if c[1] <= n_cap and c[2] <= k_cap]
-    return out or [(64, min(n_cap, 32), min(k_cap, 32), 4, 2)]
+    fits = [c for c in configs if min(n_cap, 64) <= c[1] <= n_cap and c[2] <= k_cap]
+    return fits or [next(c for c in SMALL_CONFIGS if c[1] <= n_cap and c[2] <= k_cap)]
 
 
 def _heuristic(cin: int, cout: int, dtype: torch.dtype) -> tuple:

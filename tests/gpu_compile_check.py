@@ -82,14 +82,15 @@ def main(arch: int = 90) -> int:
 
 def check_conv_norm(arch: int) -> int:
     """The fused conv in every tuning config, as conv1 (stats), conv2 (input norm + stats) and the
-    head (1x1, input norm, bias, 0..255) in bf16, conv2 and head in fp32, fp16 in one: tensor-core
-    MMAs (wgmma on sm_90, mma.sync on sm_80), loads pipelined through cp.async into shared memory,
-    within shared memory, and no spills."""
+    head (1x1, input norm, bias, 0..255) in bf16, conv2 and head in fp32, the small fallbacks in
+    both, fp16 in one: tensor-core MMAs (wgmma on sm_90 for 64+ row tiles, else mma.sync), loads
+    pipelined through cp.async into shared memory, within shared memory, and no spills."""
     a = "fp32"
     fn = C._conv_kernel
     conv1, conv2, head = (3, False, True, False), (3, True, True, False), (1, True, False, True)
-    cases = [("bf16", cfg, layer) for cfg in C.CONFIGS for layer in (conv1, conv2, head)] + \
-        [("fp16", C.CONFIGS[0], conv2)] + [("fp32", cfg, layer) for cfg in C.FP32_CONFIGS for layer in (conv2, head)]
+    cases = [("bf16", cfg, layer) for cfg in C.CONFIGS for layer in (conv1, conv2, head)]
+    cases += [("fp16", C.CONFIGS[0], conv2)] + [("fp32", cfg, layer) for cfg in C.FP32_CONFIGS for layer in (conv2, head)]
+    cases += [(dt, cfg, layer) for dt in ("bf16", "fp32") for cfg in C.SMALL_CONFIGS for layer in (conv1, conv2, head)]
     aligned = ["X", "Wp", "Y", "Bias", "MeanIn", "RstdIn", "Gamma", "Beta", "PCnt", "PMean", "PM2", "Cin", "Cout",
                "sxn", "sxh", "sxw", "P"]
     for dt, (bm, bn, bk, warps, stages), (ksize, norm, stats, is_head) in cases:
@@ -102,7 +103,7 @@ def check_conv_norm(arch: int) -> int:
         what = f"_conv_kernel ({dt}, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, {ksize}x{ksize}, norm={norm}, " \
             f"head={is_head}, sm_{arch})"
         if dt != "fp32":
-            mma = "wgmma.mma_async" if arch >= 90 else "mma.sync"
+            mma = "wgmma.mma_async" if arch >= 90 and bm >= 64 else "mma.sync"  # wgmma: 64-row warpgroup tiles
             assert mma in ptx, f"{what} does not use tensor cores ({mma})"
         assert "cp.async" in ptx, f"{what} does not pipeline its loads through shared memory (no cp.async)"
         stores, loads, report = spill_bytes(ptx, arch)
