@@ -177,6 +177,23 @@ if HAS_TRITON:
         return tl.where(z > 0, z, z * slope).to(out_ty).to(tl.float32)  # rounded as if stored
 
     @triton.jit
+    def _gather_taps(gb, sy, sx, mask, acc, gs2, gs3, H, W, h, w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w):
+        """acc += the transpose of the interpolation at source pixels (sy, sx): every output pixel
+        whose taps can touch them, weighted by the forward's own tap weights. sy, sx and the
+        base pointers gb broadcast to the tile (NCHW: rows x columns; channels_last: columns x
+        channels)."""
+        ylo = _first_out(sy, inv_h)
+        xlo = _first_out(sx, inv_w)
+        for ty in range(taps_h):
+            wy = _tap_weight(ylo + ty, sy, scale_h, h, H)
+            row = gb + (ylo + ty).to(tl.int64) * gs2
+            for tx in range(taps_w):
+                wgt = _tap_weight(xlo + tx, sx, scale_w, w, W) * wy
+                g = tl.load(row + (xlo + tx).to(tl.int64) * gs3, mask=mask & (wgt != 0.0), other=0.0)
+                acc += wgt * g.to(tl.float32)
+        return acc
+
+    @triton.jit
     def _bwd_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
         """Program (n*C + c, row block, column block) gathers dL/dfeatures for a tile of source pixels."""
@@ -187,16 +204,8 @@ if HAS_TRITON:
         sx = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
         mask = (sy < h) & (sx < w)
         gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64) * gs1
-        ylo = _first_out(sy, inv_h)
-        xlo = _first_out(sx, inv_w)
-        acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-        for ty in range(taps_h):
-            wy = _tap_weight(ylo + ty, sy, scale_h, h, H)
-            row = gb + (ylo + ty).to(tl.int64) * gs2
-            for tx in range(taps_w):
-                wgt = _tap_weight(xlo + tx, sx, scale_w, w, W) * wy
-                g = tl.load(row + (xlo + tx).to(tl.int64) * gs3, mask=mask & (wgt != 0.0), other=0.0)
-                acc += wgt * g.to(tl.float32)
+        acc = _gather_taps(gb, sy, sx, mask, tl.zeros([BLOCK_H, BLOCK_W], tl.float32), gs2, gs3, H, W, h, w,
+                           scale_h, scale_w, inv_h, inv_w, taps_h, taps_w)
         dptr = DF + nc.to(tl.int64) * h * w + sy.to(tl.int64) * w + sx
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
 
@@ -213,17 +222,8 @@ if HAS_TRITON:
         xm = sx < w
         mask = xm[:, None] & (c < C)[None, :]
         gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64)[None, :] * gs1
-        ylo = _first_out(sy, inv_h)
-        xlo = _first_out(sx, inv_w)
-        acc = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
-        for ty in range(taps_h):
-            wy = _tap_weight(ylo + ty, sy, scale_h, h, H)
-            row = gb + (ylo + ty).to(tl.int64) * gs2
-            for tx in range(taps_w):
-                wgt = _tap_weight(xlo + tx, sx, scale_w, w, W) * wy
-                g = tl.load(row + (xlo + tx).to(tl.int64)[:, None] * gs3, mask=mask & (wgt != 0.0)[:, None],
-                            other=0.0)
-                acc += wgt[:, None] * g.to(tl.float32)
+        acc = _gather_taps(gb, sy, sx[:, None], mask, tl.zeros([BLOCK_W, BLOCK_C], tl.float32), gs2, gs3, H, W, h,
+                           w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w)
         dptr = DF + n.to(tl.int64) * ds0 + sy.to(tl.int64) * ds2 + sx.to(tl.int64)[:, None] * ds3 + \
             c.to(tl.int64)[None, :] * ds1
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
