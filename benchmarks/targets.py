@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the table here")
     args = ap.parse_args(argv)
     res, dev, r = Path(args.results), args.device, args.res
+    if not res.is_dir():
+        ap.error(f"--results {res}: no such folder (give the folder gpu_session.sh wrote, or an unpacked "
+                 f"gpu_results.tar.gz)")
     race = _load(res / f"{dev}_{r}.json")
     results = evaluate(race, _load(res / f"kernels_{dev}.json"),
                        _load(res / f"profile_{dev}_{r}.json"), _load(res / f"{dev}_{r}_fp32_tf32.json"),

@@ -79,3 +79,9 @@ def test_targets_verdicts_from_session_files(tmp_path):
     assert "worst 70% (layer_norm_lrelu m7" in kline and kline.endswith("**not met** |")
     assert "1.50 ms (triton" in lines["non-conv time per forward (profile)"]
     assert lines["fp32 no slower than before"].endswith("not measured |")  # no fp32/TF32 run in this folder
+
+
+def test_targets_missing_results_folder_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/targets.py", "--results", str(tmp_path / "nope"), "--device",
+                        "h100"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
