@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import sys
 import tempfile
 import time
@@ -391,9 +392,12 @@ def plot(rows, path, floor_ms, title):
     ax.barh(labels, [r["median_ms"] for r in done], color=colors)
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # minor ticks labelled at 2x and 5x only: all of 2..9 overprint each other within a decade
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+    # every compute floor in view, and room for the slowest row's label
+    ax.set_xlim(min([done[0]["median_ms"], *floor_ms.values()]) / 1.5, done[-1]["median_ms"] * 3)
     ax.tick_params(axis="x", which="both", labelsize=7)
     for y, r in enumerate(done):
         v = r["median_ms"]
@@ -402,7 +406,7 @@ def plot(rows, path, floor_ms, title):
     for dname, ms in floor_ms.items():
         ax.axvline(ms, color="#c0392b", ls=next(styles, "--"), lw=1, label=f"{dname}: FLOPs at the measured matmul rate, {ms:.3g} ms")
     if floor_ms:
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="upper right", fontsize=7)  # above the short (fast) bars, clear of the labels
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
     ax.set_xlabel("median latency (ms, log scale), lower is better; grey: convolutions only, orange: torch.compile")
