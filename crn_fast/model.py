@@ -236,7 +236,8 @@ class CRN(nn.Module):
             return setting or frozenset()
         key = self._choice_key(levels[-1])
         if key not in self.fused_conv_choices:
-            if not _can_time(levels[-1]):
+            from crn_fast.kernels._runtime import can_time
+            if not can_time(levels[-1]):
                 return frozenset()  # unmeasured (CPU, tracing, capturing): cuDNN convs
             self.tune_fused_conv(levels=levels)
         return self.fused_conv_choices[key]
@@ -250,7 +251,8 @@ class CRN(nn.Module):
         kernel on this layout's shapes (each step timed with its own upsample-concat; the last with
         the head), and record the faster set for ``fused_conv="auto"``. ``timer(fn, module, fused)
         -> ms`` defaults to CUDA events (best of 3 after a warm-up that also tunes the kernel's
-        tiles). Returns the fused modules."""
+        tiles). ``levels``: the layout pyramid, when forward has built it already. Returns the
+        fused modules."""
         if self.backend != "triton":
             raise CRNError("tune_fused_conv needs backend='triton' (the fused conv is a Triton kernel)")
         if levels is None:
@@ -305,7 +307,4 @@ class CRN(nn.Module):
         return f"config={self.config}, backend={self.backend!r}" + \
             (f", fused_conv={sorted(fc) if isinstance(fc, frozenset) else fc!r}" if fc else "")
 
-
-def _can_time(t: torch.Tensor) -> bool:
-    return t.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 

@@ -38,6 +38,15 @@ def cuda_time(fn) -> float:
     return best
 
 
+def can_time(t) -> bool:
+    """May we time kernels on t's device now: a real CUDA tensor, outside torch.compile tracing and
+    CUDA graph capture (a choice made by timing is then cached for those)."""
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+    return t.is_cuda and not torch.compiler.is_compiling() and not is_fake(t) and \
+        not torch.cuda.is_current_stream_capturing()
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -38,17 +38,15 @@ from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, can_run, cdiv, cuda_time, launch, next_pow2, triton, tl
+from ._runtime import HAS_TRITON, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton, tl
+from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
 def conv_norm_reference(x, weight, bias=None, norm=None, negative_slope: float = LEAKY_SLOPE, head: bool = False):
     """Torch reference: conv2d of the normalised input (x as stored in its dtype), optional head
     scaling. ``weight`` is a plain (Cout, Cin, k, k) conv weight; ``norm`` = (mean, rstd, gamma, beta)."""
     if norm is not None:
-        mean, rstd, gamma, beta = norm
-        z = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
-        x = F.leaky_relu(z * gamma.float().view(1, -1, 1, 1) + beta.float().view(1, -1, 1, 1),
-                         negative_slope).to(x.dtype)
+        x = norm_lrelu_reference(x, *norm, negative_slope)
     y = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=weight.shape[-1] // 2)
     return (y + 1.0) / 2.0 * 255.0 if head else y
 
@@ -199,13 +197,6 @@ def _heuristic(cin: int, cout: int, dtype: torch.dtype) -> tuple:
 _TUNED: dict[tuple, tuple] = {}
 
 
-def _tuning_allowed(x: torch.Tensor) -> bool:
-    if not x.is_cuda or os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or torch.compiler.is_compiling():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-    return not is_fake(x) and not torch.cuda.is_current_stream_capturing()
-
-
 def _choose(key, x, cin, cout, run) -> tuple:
     """Interpreter: small fixed tiles. GPU: the tuned config for ``key``, tuning it now if allowed,
     else the heuristic's."""
@@ -213,7 +204,7 @@ def _choose(key, x, cin, cout, run) -> tuple:
         return _INTERPRETER_CONFIG
     if key in _TUNED:
         return _TUNED[key]
-    if not _tuning_allowed(x):
+    if os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or not can_time(x):
         return _heuristic(cin, cout, x.dtype)
     t0 = time.perf_counter()
     timed = {cfg: cuda_time(lambda: run(cfg)) for cfg in _candidates(cin, cout, x.dtype)}  # warm-up compiles
@@ -255,10 +246,8 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
         y = y.contiguous(memory_format=torch.channels_last)
         if not stats:
             return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
-        yf = y.float()
-        mu = yf.mean(dim=(1, 2, 3))
-        var = (yf - mu.view(-1, 1, 1, 1)).square().mean(dim=(1, 2, 3))
-        return y, mu, torch.rsqrt(var + eps)
+        mu, rstd_y = _stats_torch(y, eps)
+        return y, mu.float(), rstd_y.float()
     y = torch.empty((n, cout, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     dummy = y  # stands in for absent pointers (never read: their constexpr flag is off)
     flags = dict(KSIZE=3 if taps == 9 else 1, NORM_IN=norm is not None, STATS=stats, HAS_BIAS=bias is not None,

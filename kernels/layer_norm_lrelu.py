@@ -43,6 +43,15 @@ def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_sl
     return F.leaky_relu(F.group_norm(centred, 1, weight, bias, eps), negative_slope)
 
 
+def norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope: float = LEAKY_SLOPE):
+    """leaky_relu((x - mean) * rstd * weight + bias) from given per-sample mean/rstd, computed in fp32
+    and rounded to x's dtype as if stored: how the fused kernels apply a norm whose statistics
+    were reduced elsewhere (layer_norm_stats, the fused conv's epilogue)."""
+    xhat = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
+    return F.leaky_relu(xhat * weight.float().view(1, -1, 1, 1) + bias.float().view(1, -1, 1, 1),
+                        negative_slope).to(x.dtype)
+
+
 # 4096-element tiles over 8 warps: 16 elements per thread. Static sm_90 register use (bf16, from
 # tests/gpu_compile_check.py + cuobjdump): stats 60, apply 80, bwd_reduce 97, bwd_dx 102, no spills
 # (with 4 warps: 92 / 142 / 115 / 158).

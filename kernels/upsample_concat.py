@@ -35,7 +35,7 @@ from torch.library import triton_op
 from crn_fast.constants import LEAKY_SLOPE
 
 from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
-from .layer_norm_lrelu import layer_norm_lrelu_reference
+from .layer_norm_lrelu import layer_norm_lrelu_reference, norm_lrelu_reference
 
 
 def upsample_concat_reference(features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,7 @@ def upsample_concat_reference(features: torch.Tensor, label: torch.Tensor) -> to
 
 def norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope=LEAKY_SLOPE):
     """Reference of the fused variant; mean/rstd are per sample (N,) over (C,H,W) of x."""
-    xhat = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
-    y = F.leaky_relu(xhat * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), negative_slope).to(x.dtype)
-    return upsample_concat_reference(y, label)
+    return upsample_concat_reference(norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope), label)
 
 
 def _scale(src: int, dst: int) -> float:
