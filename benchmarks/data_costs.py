@@ -53,27 +53,28 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     h, w = parse_resolution(args.res)
-    tmp = Path(tempfile.mkdtemp(prefix="crn-costs-"))
-    torch.manual_seed(0)
-    ckpt = tmp / "tiny.ckpt"
-    save_generator(CRN(CRNConfig(widths=(16, 16, 12, 8), k=1)), ckpt)  # small: the folder is what is measured
-    rows = []
-    for n in (args.files, 10 * args.files):
-        labels = tmp / f"labels_{n}"
-        write_labels(labels, n, h, w)
+    with tempfile.TemporaryDirectory(prefix="crn-costs-") as tmp_name:  # GBs of labels and images at 1024p
+        tmp = Path(tmp_name)
+        torch.manual_seed(0)
+        ckpt = tmp / "tiny.ckpt"
+        save_generator(CRN(CRNConfig(widths=(16, 16, 12, 8), k=1)), ckpt)  # small: the folder is what is measured
+        rows = []
+        for n in (args.files, 10 * args.files):
+            labels = tmp / f"labels_{n}"
+            write_labels(labels, n, h, w)
+            t0 = time.perf_counter()
+            rss = peak_rss_mib([sys.executable, "-m", "crn_fast.synthesize", str(ckpt), "--labels", str(labels),
+                                "--out", str(tmp / f"out_{n}"), "--no-progress", "-q", "--device", "cpu"])
+            rows.append({"files": n, "label_mib_each": h * w / 2 ** 20, "peak_rss_mib": rss,
+                         "seconds": time.perf_counter() - t0})
+            print(f"crn-synthesize, {n:4d} layouts of {h}x{w}: peak RSS {rss:7.0f} MiB", flush=True)
+        files = sorted((tmp / f"labels_{args.files}").glob("*.png"))
         t0 = time.perf_counter()
-        rss = peak_rss_mib([sys.executable, "-m", "crn_fast.synthesize", str(ckpt), "--labels", str(labels),
-                            "--out", str(tmp / f"out_{n}"), "--no-progress", "-q", "--device", "cpu"])
-        rows.append({"files": n, "label_mib_each": h * w / 2 ** 20, "peak_rss_mib": rss,
-                     "seconds": time.perf_counter() - t0})
-        print(f"crn-synthesize, {n:4d} layouts of {h}x{w}: peak RSS {rss:7.0f} MiB", flush=True)
-    files = sorted((tmp / f"labels_{args.files}").glob("*.png"))
-    t0 = time.perf_counter()
-    for f in files:
-        decode_label(f)
-    scan_ms = (time.perf_counter() - t0) / len(files) * 1e3
-    print(f"label scan: {scan_ms:.1f} ms per {h}x{w} colour label "
-          f"(Cityscapes train, 2975 labels: {2975 * scan_ms / 1e3:.0f} s)")
+        for f in files:
+            decode_label(f)
+        scan_ms = (time.perf_counter() - t0) / len(files) * 1e3
+        print(f"label scan: {scan_ms:.1f} ms per {h}x{w} colour label "
+              f"(Cityscapes train, 2975 labels: {2975 * scan_ms / 1e3:.0f} s)")
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     out.write_text(json.dumps({"machine": machine_info("cpu"), "resolution": [h, w], "synthesize": rows,
                                "scan_ms_per_label": scan_ms}, indent=2))

@@ -246,9 +246,13 @@ def run_inference(args, model, device, layout, size, peak):
     flops = crn_flops(model.config, *size, batch=args.batch)
     with torch.no_grad(), no_tf32():  # the reference is true fp32
         ref = model.to(device).float().eval()(layout).float().cpu()
+    with tempfile.TemporaryDirectory(prefix="crn-bench-") as tmp:  # exported .pt2/.onnx/.engine files
+        return _race(args, model, device, layout, size, peak, ref, flops, tmp), flops
+
+
+def _race(args, model, device, layout, size, peak, ref, flops, tmp):
     rows = []
     start = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix="crn-bench-")
     combos = args.rows or [(b, d, f) for f in args.formats for b in args.backends for d in args.dtypes
                            if not (b in FORMAT_AGNOSTIC and f != args.formats[0])]
     for i, (backend, dname, fname) in enumerate(combos):
@@ -292,7 +296,7 @@ def run_inference(args, model, device, layout, size, peak):
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-    return rows, flops
+    return rows
 
 
 # ----------------------------------------------------------------------------- training

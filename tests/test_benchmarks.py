@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts, so they cannot rot (tiny shapes; no timing assertions)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,16 +8,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args):
-    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+def run(*args, env=None):
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env=None if env is None else {**os.environ, **env})
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def test_run_smoke_tiny(tmp_path):
     j, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     r = run("benchmarks/run.py", "--preset", "tiny", "--res", "64x128", "--iters", "1", "--json", j, "--markdown",
-            md, "--plot", png)
+            md, "--plot", png, env={"TMPDIR": str(scratch)})
+    assert not list(scratch.glob("crn-bench-*")), "the exported .pt2/.onnx files must not outlive the race"
     res = json.loads(j.read_text())
     rows = {(row["backend"], row["dtype"]): row for row in res["rows"]}
     for b in ("eager", "compile", "aoti", "onnxruntime"):
