@@ -24,7 +24,8 @@ res=$(mktemp -d)  # this session's result files, packed after every step
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
   R=64x128; P="--preset tiny"; TESTS=(tests/test_kernels.py tests/test_conv_norm.py -k "opcheck or graph_break or generator_matches"); ITERS="--iters 1 --warmup 0"
 else
-  R=1024x2048; P=""; TESTS=(-m "gpu or tensorrt" tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py)  # shortest first; ITERS=""
+  R=1024x2048; P=""; ITERS=""
+  TESTS=(-m "gpu or tensorrt" tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py)  # shortest first
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }

@@ -72,9 +72,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch a @triton.jit kernel from inside a ``torch.library.triton_op``.
 
     ``wrap_triton`` makes the launch visible to torch.compile / torch.export (a higher-order op
-    with a no-op fake implementation). Under TRITON_INTERPRET=1 it hands back the interpreted
-    function itself, which would try to run on fake tensors while an operator's output metadata
-    is computed (opcheck's fake-tensor test, Dynamo tracing on CPU): there the launch is skipped.
+    with a no-op fake implementation). Under TRITON_INTERPRET=1 the interpreted function is
+    launched directly (torch 2.13's wrap_triton hands it back, 2.11's refuses it). It would try
+    to run on fake tensors while an operator's output metadata is computed (opcheck's fake-tensor
+    test, Dynamo tracing on CPU): there the launch is skipped.
     AOTAutograd would bake such a skipped launch into its graph, so tracing the interpreter
     there is an error instead of silently wrong outputs.
     """
@@ -89,4 +90,6 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                 "(they then run their torch implementation)")
         if any(is_fake(a) for a in args if hasattr(a, "device")):
             return
+        kernel[grid](*args, **kwargs)  # torch <= 2.11's wrap_triton refuses an interpreted function
+        return
     wrap_triton(kernel)[grid](*args, **kwargs)

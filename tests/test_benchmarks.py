@@ -90,3 +90,33 @@ def test_targets_missing_results_folder_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/targets.py", "--results", str(tmp_path / "nope"), "--device",
                         "h100"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpu_session_script_full_mode_runs_every_step(tmp_path):
+    """The GPU branch of benchmarks/gpu_session.sh (not the CPU smoke branch) with its programs
+    replaced by recorders: every step runs, with the 1024x2048 arguments, and nothing in the
+    script itself fails (an unset variable under `set -u` once ended it at step 3)."""
+    bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "out"
+    bin_dir.mkdir()
+    recorder = f'#!/bin/sh\necho "$(basename "$0") $*" >> {calls}\ncase "$*" in *device_label*) echo h100;; esac\n'
+    for name in ("python3", "nvidia-smi"):
+        (bin_dir / name).write_text(recorder)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CRN_GPU_SMOKE"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out))
+    r = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    log = (out / "gpu_session.log").read_text()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "unbound" not in r.stderr, r.stderr
+    for step in ("1. compiled tests", "2. kernel benchmark", "3. the race at 1024x2048", "3b. fp32", "4. per-module",
+                 "5. training at 1024x2048", "6. memory format", "7. the targets", "== done"):
+        assert step in log, (step, log)
+    lines = calls.read_text().splitlines()
+    race = [line for line in lines if "benchmarks/run.py" in line and "--rows" in line and "--allow-tf32" not in line]
+    assert len(race) == 1 and "--res 1024x2048" in race[0] and "--iters" not in race[0], race
+    assert "compile-max-autotune:bf16:channels_last" in race[0] and "triton-autoconv-cudagraph" in race[0]
+    assert any("memory_format.py --res 1024x2048" in line for line in lines)
+    assert any("targets.py" in line and "--device h100" in line for line in lines)
+    assert any("pytest" in line and "gpu or tensorrt" in line for line in lines)
+    assert (out / "gpu_results.tar.gz").stat().st_size > 0
