@@ -10,6 +10,13 @@ import time
 import torch
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Results written after every row: a reader (or a time limit's kill) never sees half a file."""
+    from crn_fast.checkpoint import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info, time_fn  # noqa: E402
+from _util import device_label, machine_info, time_fn, write_text_atomic  # noqa: E402
 
 from crn_fast import kernels as K  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
@@ -114,14 +114,15 @@ def main(argv=None):
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"kernels_{device_label(device)}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():  # after each part: a run cut short by a time limit keeps what it measured
-        out.write_text(json.dumps({"machine": machine_info(device), "copy_bandwidth_gbs": bw, "preset": args.preset,
-                                   "resolution": list(size), "rows": rows}, indent=2))
+    def save(final=False):  # after each part: a run cut short by a time limit keeps what it measured
+        write_text_atomic(out, json.dumps({"machine": machine_info(device), "copy_bandwidth_gbs": bw,
+                                           "preset": args.preset, "resolution": list(size), "rows": rows,
+                                           **({} if final else {"partial": True})}, indent=2))
     save()
     if cuda and "channels_last" in args.formats.split(","):
         for dname in dtypes:
             conv_rows(config, size, DTYPES[dname], dname, device, rows, on_module=save)
-    save()
+    save(final=True)
     print(f"wrote {out}", file=sys.stderr)
 
 

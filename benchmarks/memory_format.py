@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info, time_fn  # noqa: E402
+from _util import device_label, machine_info, time_fn, write_text_atomic  # noqa: E402
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
@@ -51,6 +51,7 @@ def main():
     h, w = parse_resolution(args.res)
     cfg = get_preset(args.preset)
     x = one_hot(torch.randint(0, 20, (1, h, w))).cuda()
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"memory_format_{device_label('cuda')}_{h}x{w}.json")
     rows = []
     for dt in (torch.bfloat16, torch.float32):
         for fmt in (torch.contiguous_format, torch.channels_last):
@@ -61,11 +62,11 @@ def main():
             row = {"dtype": str(dt), "format": str(fmt), "generator_ms": full, "convs_ms": convs_ms(cfg, h, w, dt, fmt),
                    "convs_padded8_ms": convs_ms(cfg, h, w, dt, fmt, pad_to=8)}
             rows.append(row)
+            # after every row: a run cut short by a time limit keeps what it measured
+            write_text_atomic(out, json.dumps({"machine": machine_info("cuda"), "rows": rows}, indent=2))
             print(f"{str(dt):15s} {str(fmt):24s} generator {full:8.2f} ms   convs alone {row['convs_ms']:8.2f} ms"
                   f"   padded to 8: {row['convs_padded8_ms']:8.2f} ms", flush=True)
             m = None  # free the model before the next format
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"memory_format_{device_label('cuda')}_{h}x{w}.json")
-    out.write_text(json.dumps({"machine": machine_info("cuda"), "rows": rows}, indent=2))
     return 0
 
 

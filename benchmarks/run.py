@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import PeakMemory, device_label, machine_info, matmul_peak_tflops, summarize, sync, time_fn  # noqa: E402
+from _util import (PeakMemory, device_label, machine_info, matmul_peak_tflops, summarize, sync, time_fn,  # noqa: E402
+                   write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
@@ -242,15 +243,15 @@ BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cu
             "aoti": b_aoti, "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
 
 
-def run_inference(args, model, device, layout, size, peak):
+def run_inference(args, model, device, layout, size, peak, on_row=lambda rows: None):
     flops = crn_flops(model.config, *size, batch=args.batch)
     with torch.no_grad(), no_tf32():  # the reference is true fp32
         ref = model.to(device).float().eval()(layout).float().cpu()
     with tempfile.TemporaryDirectory(prefix="crn-bench-") as tmp:  # exported .pt2/.onnx/.engine files
-        return _race(args, model, device, layout, size, peak, ref, flops, tmp), flops
+        return _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row), flops
 
 
-def _race(args, model, device, layout, size, peak, ref, flops, tmp):
+def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
     rows = []
     start = time.perf_counter()
     combos = args.rows or [(b, d, f) for f in args.formats for b in args.backends for d in args.dtypes
@@ -296,20 +297,26 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp):
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
+        on_row(rows)
     return rows
 
 
 # ----------------------------------------------------------------------------- training
-def run_training(args, config, device, layout, size):
+def run_training(args, config, device, layout, size, on_row=lambda rows: None):
     from crn_fast.loss import CRNLoss
     from crn_fast.vgg import load_vgg19
     rows = []
+    start = time.perf_counter()
     target = torch.rand(args.batch, 3, *size, device=device) * 255
     for backend in args.train_backends:
         for ckpt in (False, True):
             for dname in args.dtypes:
                 row = {"backend": backend, "checkpointing": ckpt, "dtype": dname}
+                left = args.max_seconds - (time.perf_counter() - start)
+                model = forward = crit = opt = None
                 try:
+                    if left <= 0:
+                        raise Skip(f"--max-seconds {args.max_seconds:g} budget used up")
                     cuda = torch.device(device).type == "cuda"
                     if "triton" in backend and not cuda:
                         raise Skip("the Triton kernels are timed compiled on a GPU")
@@ -335,7 +342,7 @@ def run_training(args, config, device, layout, size):
                         opt.step()
                     with PeakMemory(device) as mem:
                         step()
-                    ms = time_fn(step, device, args.warmup, args.iters, args.max_seconds)
+                    ms = time_fn(step, device, args.warmup, args.iters, max(left, 1e-3))
                     row.update(summarize(ms), peak_memory_mib=mem.mib)
                 except Skip as e:
                     row["skipped"] = str(e)
@@ -349,6 +356,7 @@ def run_training(args, config, device, layout, size):
                         torch.cuda.empty_cache()
                 print(json.dumps(row), file=sys.stderr)
                 rows.append(row)
+                on_row(rows)
     return rows
 
 
@@ -536,8 +544,28 @@ def main(argv=None):
     result = {"machine": info, "preset": config.name, "config": config.to_dict(), "resolution": list(size),
               "batch": args.batch, "layout": source, "warmup": args.warmup, "iters": args.iters,
               "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
+
+    def save(result, md, final):
+        """The JSON and markdown after every row (a run cut short by a time limit keeps the rows it
+        finished, marked partial); the chart once at the end."""
+        title = (f"{config.name} at {size[0]}x{size[1]}, batch {args.batch} on {info.get('gpu') or info['cpu']}"
+                 + (f"; {result['flops'] / 1e12:.4g} TFLOP per pass" if result.get("flops") else ""))
+        if final:
+            print(f"\n{title}\n\n{md}")
+        if args.no_save:
+            return
+        write_text_atomic(args.json, json.dumps({**result, **({} if final else {"partial": True})}, indent=2,
+                                                default=float))
+        write_text_atomic(args.markdown or args.json.with_suffix(".md"),
+                          f"### {title}{'' if final else ' (partial: the run was cut short)'}\n\n{md}")
+        if final:
+            if not args.train:
+                plot(result["rows"], args.plot or args.json.with_suffix(".png"), result["compute_floor_ms"], title)
+            print(f"wrote {args.json} (+ .md{'' if args.train else ', .png'})", file=sys.stderr)
+
     if args.train:
-        rows = run_training(args, config, device, layout, size)
+        rows = run_training(args, config, device, layout, size,
+                            on_row=lambda rows: save({**result, "training": rows}, markdown_table(rows, True), False))
         result["training"] = rows
         md = markdown_table(rows, training=True)
     else:
@@ -546,23 +574,18 @@ def main(argv=None):
             if cuda or d == "fp32":
                 peak[d] = matmul_peak_tflops(device, DTYPES[d])
                 print(f"measured {d} matmul peak: {peak[d]:.3g} TFLOP/s", file=sys.stderr)
-        rows, flops = run_inference(args, model, device, layout, size, peak)
+        flops = crn_flops(config, *size, batch=args.batch)
+        partial = dict(flops=flops, matmul_peak_tflops=peak,
+                       compute_floor_ms={d: flops / (p * 1e12) * 1e3 for d, p in peak.items()})
+        rows, _ = run_inference(args, model, device, layout, size, peak,
+                                    on_row=lambda rows: save({**result, **partial, "rows": rows},
+                                                             markdown_table(rows), False))
         from crn_fast.kernels import tuned_configs
-        result.update(flops=flops, matmul_peak_tflops=peak, rows=rows,
-                      compute_floor_ms={d: flops / (p * 1e12) * 1e3 for d, p in peak.items()},
+        result.update(partial, rows=rows,
                       conv_norm_configs=[{"key": [str(v) for v in k], "block_m_n_k_warps_stages": list(c)}
                                          for k, c in tuned_configs().items()])
         md = markdown_table(rows)
-    title = (f"{config.name} at {size[0]}x{size[1]}, batch {args.batch} on {info.get('gpu') or info['cpu']}"
-             + (f"; {result['flops'] / 1e12:.4g} TFLOP per pass" if "flops" in result else ""))
-    print(f"\n{title}\n\n{md}")
-    if not args.no_save:
-        jpath = args.json
-        jpath.write_text(json.dumps(result, indent=2, default=float))
-        Path(args.markdown or jpath.with_suffix(".md")).write_text(f"### {title}\n\n{md}")
-        if not args.train:
-            plot(result["rows"], args.plot or jpath.with_suffix(".png"), result["compute_floor_ms"], title)
-        print(f"wrote {jpath} (+ .md{'' if args.train else ', .png'})", file=sys.stderr)
+    save(result, md, True)
     return 0
 
 

@@ -121,11 +121,15 @@ def main(argv=None) -> int:
     if not res.is_dir():
         ap.error(f"--results {res}: no such folder (give the folder gpu_session.sh wrote, or an unpacked "
                  f"gpu_results.tar.gz)")
-    race = _load(res / f"{dev}_{r}.json")
-    results = evaluate(race, _load(res / f"kernels_{dev}.json"),
-                       _load(res / f"profile_{dev}_{r}.json"), _load(res / f"{dev}_{r}_fp32_tf32.json"),
-                       _load(Path(args.baseline) / f"{dev}_{r}.json"))
+    files = [res / f"{dev}_{r}.json", res / f"kernels_{dev}.json", res / f"profile_{dev}_{r}.json",
+             res / f"{dev}_{r}_fp32_tf32.json", Path(args.baseline) / f"{dev}_{r}.json"]
+    loaded = [_load(f) for f in files]
+    race = loaded[0]
+    results = evaluate(*loaded)
     md = markdown(results, f"{dev}, {(race or {}).get('preset', '1024p')} at {r}, batch 1")
+    cut = [f.name for f, d in zip(files, loaded) if d and d.get("partial")]
+    if cut:  # a step that hit its time limit: its later rows were never measured
+        md += f"\nCut short by a time limit (only the rows they finished): {', '.join(cut)}\n"
     print(md)
     if args.out:
         Path(args.out).write_text(md)

@@ -63,7 +63,7 @@ def test_targets_verdicts_from_session_files(tmp_path):
         race_row("eager", "bf16", 300.0, 4.0), {"backend": "compile-reduce-overhead", "dtype": "bf16", "error": "x"}]}))
     kern = [{"op": op, "module": m, "impl": "triton", "format": f, "pct_of_copy_bw": 85.0 if m != 7 else 70.0}
             for op in ("layer_norm_lrelu", "upsample_concat") for m in range(9) for f in ("nchw", "channels_last")]
-    (tmp_path / "kernels_h100.json").write_text(json.dumps({"rows": kern}))
+    (tmp_path / "kernels_h100.json").write_text(json.dumps({"rows": kern, "partial": True}))
     stages = {"conv": 7.0, "norm": 0.5, "upsample/concat": 0.7, "other": 0.1}
     (tmp_path / "profile_h100_1024x2048.json").write_text(json.dumps({"machine": {"gpu": "NVIDIA H100"}, "profile_ms": {
         "triton": {"0": stages, "head": {"conv": 0.1, "norm": 0.0, "upsample/concat": 0.0, "other": 0.2}},
@@ -84,6 +84,30 @@ def test_targets_verdicts_from_session_files(tmp_path):
     assert "worst 70% (layer_norm_lrelu m7" in kline and kline.endswith("**not met** |")
     assert "1.50 ms (triton" in lines["non-conv time per forward (profile)"]
     assert lines["fp32 no slower than before"].endswith("not measured |")  # no fp32/TF32 run in this folder
+    assert "Cut short by a time limit (only the rows they finished): kernels_h100.json" in table
+
+
+def test_run_keeps_finished_rows_when_cut_short(tmp_path):
+    """run.py writes its JSON and markdown after every row, marked partial until the end: a step
+    killed by gpu_session.sh's time limit keeps the rows it measured."""
+    import time
+    j = tmp_path / "r.json"
+    p = subprocess.Popen([sys.executable, "benchmarks/run.py", "--preset", "tiny", "--res", "32x64", "--iters", "1",
+                          "--warmup", "0", "--rows", "eager:fp32:nchw,compile:fp32:nchw", "--json", str(j)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not j.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        p.kill()  # during the compile row, as a time limit would
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    res = json.loads(j.read_text())
+    assert res["partial"] is True and [r["backend"] for r in res["rows"]] == ["eager"], res
+    assert res["rows"][0]["median_ms"] > 0 and res["flops"] > 0 and res["compute_floor_ms"]["fp32"] > 0
+    assert "(partial: the run was cut short)" in j.with_suffix(".md").read_text()
 
 
 def test_targets_missing_results_folder_is_one_line(tmp_path):
