@@ -21,6 +21,7 @@ s=${1:-1}
 out=${OUT:-/tmp/crn_gpu_out}; mkdir -p "$out"
 log="$out/gpu_session.log"
 res=$(mktemp -d)  # this session's result files, packed after every step
+trap 'rm -rf "$res"' EXIT
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
   R=64x128; P="--preset tiny"; TESTS=(tests/test_kernels.py tests/test_conv_norm.py -k "opcheck or graph_break or generator_matches"); ITERS="--iters 1 --warmup 0"
 else
@@ -42,7 +43,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 step "1. compiled tests"
 # correctness, not tile tuning: each fused-conv shape takes the heuristic's tiles (one compile per variant)
-CRN_FAST_CONV_TUNE=0 timeout $((90 * s)) python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -30 >> "$log"
+# -v: each test's verdict is in the log as it finishes, even if the time limit cuts the run
+CRN_FAST_CONV_TUNE=0 timeout $((90 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -150 >> "$log"
 step "2. kernel benchmark, bf16, nchw + channels_last; each module's convs: cuDNN vs the fused conv"
 timeout $((90 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
   --json "$res/kernels_${gpu}.json" 2>&1 | tail -60 >> "$log"; pack

@@ -7,9 +7,11 @@ Every device kernel (GPU) or top-level aten op (CPU) of one profiled forward is 
 its name: conv (cuDNN / CUTLASS / oneDNN convolutions and GEMMs), norm (layer-norm statistics,
 apply, Inductor's reductions), upsample/concat (the bilinear gather, cat, Inductor's fused
 upsample kernels) or other (casts, copies, the head's epilogue). Each kernel is charged to the
-module of the most recent convolution (every module runs exactly two convs, then the head one),
-so a module's upsample-concat is charged to the module that reads its output, and Inductor's
-fused kernels land where they run. Writes results/profile_<device>_<res>.{json,md}.
+module of the most recent convolution (every module runs exactly two convs, then the head one; a
+run of consecutive conv kernels counts as one), so a module's upsample-concat is charged to the
+module that reads its output, and Inductor's fused kernels land where they run. Inductor's
+pointwise/reduction kernels are named after the ops they read (``triton_red_fused_convolution_...``):
+only its templates (``triton_tem_``) count as convs. Writes results/profile_<device>_<res>.{json,md}.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info  # noqa: E402
+from _util import device_label, machine_info, write_text_atomic  # noqa: E402
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
@@ -38,13 +40,18 @@ _UP = re.compile(r"upsample|_fwd_cl_kernel|_fwd_kernel|cat|interp|bilinear|avg_p
 
 
 def stage_of(name: str) -> str:
-    if _CONV.search(name):
+    inductor_fused = name.startswith(("triton_poi", "triton_red", "triton_per"))
+    if _CONV.search(name) and not inductor_fused:
         return "conv"
     if _UP.search(name):
         return "upsample/concat"
     if _NORM.search(name):
         return "norm"
     return "other"
+
+
+VARIANTS = ("eager", "triton", "triton-fusedconv", "compile", "compile-max-autotune", "compile-max-autotune-no-cudagraphs",
+            "compile-reduce-overhead")
 
 
 def build(variant, config, device, dtype):
@@ -84,12 +91,15 @@ def profile_once(fn, x, cuda):
 
 
 def attribute(events, n_modules):
-    """{module: {stage: ms}} with modules 0..n-1 and 'head'."""
-    table, convs = {}, 0
+    """{module: {stage: ms}} with modules 0..n-1 and 'head'. A run of consecutive conv kernels is
+    one convolution (cuDNN may launch a layout transform, the GEMM and a split-K reduction for one
+    conv); a CRN never runs two convs without a norm between them."""
+    table, convs, prev = {}, 0, None
     for _, name, ms in events:
         stage = stage_of(name)
-        if stage == "conv":
+        if stage == "conv" and prev != "conv":
             convs += 1
+        prev = stage
         k = max(convs - 1, 0) // 2
         mod = "head" if k >= n_modules else str(k)
         table.setdefault(mod, dict.fromkeys(STAGES, 0.0))[stage] += ms
@@ -116,8 +126,8 @@ def main(argv=None):
     ap.add_argument("--res", default="1024x2048")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    ap.add_argument("--variants", default=None, help="comma list of eager, triton, compile, compile-max-autotune, "
-                    "compile-max-autotune-no-cudagraphs (default: triton,compile-max-autotune-no-cudagraphs on GPU)")
+    ap.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} "
+                    "(default: triton,compile-max-autotune-no-cudagraphs on GPU, eager on CPU)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/profile_<device>_<res>")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -127,22 +137,32 @@ def main(argv=None):
     config.validate_input_size(*size)
     dtype = DTYPES[args.dtype] if cuda else torch.float32
     variants = (args.variants or ("triton,compile-max-autotune-no-cudagraphs" if cuda else "eager")).split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: {', '.join(bad)} unknown; choose from {', '.join(VARIANTS)}")
     x = one_hot(torch.randint(0, 20, (1, *size), generator=torch.Generator().manual_seed(0))).to(device, dtype)
-    results = {}
-    for v in variants:
-        fn = build(v, config, device, dtype)
-        results[v] = attribute(profile_once(fn, x, cuda), config.num_modules)
-        del fn
     title = f"{config.name} at {size[0]}x{size[1]}, {args.dtype if cuda else 'fp32'}, batch 1, on {device_label(device)}"
-    md = f"### Per-module profile: {title}\n\n{markdown(results)}"
-    print(md)
     stem = Path(args.out or ROOT / "benchmarks" / "results" / f"profile_{device_label(device)}_{size[0]}x{size[1]}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine_info(device), "title": title,
-                                                     "profile_ms": results}, indent=2))
-    stem.with_suffix(".md").write_text(md)
+    results, errors = {}, {}
+    for v in variants:  # saved after each: a run cut short by a time limit keeps the variants it finished
+        try:
+            fn = build(v, config, device, dtype)
+            results[v] = attribute(profile_once(fn, x, cuda), config.num_modules)
+        except Exception as e:  # one variant that breaks is recorded, the others still run
+            errors[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"{v}: {errors[v]}", file=sys.stderr)
+        fn = None
+        md = f"### Per-module profile: {title}\n\n{markdown(results)}" + \
+            "".join(f"\n{v}: not profiled ({e})\n" for v, e in errors.items())
+        done = len(results) + len(errors) == len(variants)
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(
+            {"machine": machine_info(device), "title": title, "profile_ms": results, "errors": errors,
+             **({} if done else {"partial": True})}, indent=2))
+        write_text_atomic(stem.with_suffix(".md"), md)
+    print(md)
     print(f"wrote {stem}.json/.md", file=sys.stderr)
-    return 0
+    return 1 if errors and not results else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,39 @@ SHARED = ROOT.parent / "shared" / "crn_reference"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def _interpreter_problem():
+    """Triton 3.6's interpreter (torch 2.11's) turns a program id into a Python int with int() of a
+    1-element array, which NumPy 2.4 refuses: every kernel test would fail with a TypeError deep in
+    Triton. One interpreted loop over range(program_id, ...) tells; None when it runs."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _probe(out):
+        p = tl.program_id(0)
+        for i in range(p, p + 1):
+            tl.store(out + i, i + 1)
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _probe[(1,)](out)
+    except Exception as e:  # noqa: BLE001  (any failure here is the interpreter's, reported once)
+        import numpy
+        return (f"Triton {triton.__version__}'s interpreter cannot run here with NumPy {numpy.__version__} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Install numpy<2.4 (or a Triton whose "
+                f"interpreter supports it, 3.9 does): python -m pip install 'numpy<2.4'")
+    return None
+
+
+def pytest_configure(config):
+    if not _cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        problem = _interpreter_problem()
+        if problem:
+            pytest.exit(problem, returncode=4)
+
+
 @pytest.fixture(scope="session")
 def shared():
     if not SHARED.is_dir():

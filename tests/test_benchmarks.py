@@ -144,3 +144,49 @@ def test_gpu_session_script_full_mode_runs_every_step(tmp_path):
     assert any("targets.py" in line and "--device h100" in line for line in lines)
     assert any("pytest" in line and "gpu or tensorrt" in line for line in lines)
     assert (out / "gpu_results.tar.gz").stat().st_size > 0
+    # every row, training backend and profile variant the script names is one the scripts accept
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_stages
+    import run as run_py
+    for line in lines:
+        argv = line.split()[2:]
+        if "--json" in argv:
+            argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
+        if line.startswith("python3 benchmarks/run.py"):
+            run_py.parse_args(argv)
+        if line.startswith("python3 benchmarks/profile_stages.py"):
+            variants = argv[argv.index("--variants") + 1].split(",")
+            assert set(variants) <= set(profile_stages.VARIANTS), variants
+
+
+def test_profile_attribution_counts_a_multi_kernel_conv_once():
+    """profile_stages charges kernels to modules by counting convolutions: cuDNN's several kernels
+    for one conv count once, and Inductor's fused kernels named after a convolution are not convs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_stages import attribute, stage_of
+    assert stage_of("triton_red_fused_convolution_native_group_norm_0") == "norm"
+    assert stage_of("triton_tem_fused_convolution_0") == "conv"
+    assert stage_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32") == "conv"
+    assert stage_of("_conv_kernel") == "conv" and stage_of("_finalize_kernel") == "norm"
+    names = ["sm90_xmma_fprop_implicit_gemm", "cutlass_splitk_gemm_reduce", "_stats_kernel",  # m0 conv1 (2 kernels)
+             "sm90_xmma_fprop_implicit_gemm", "_apply_kernel",                                  # m0 conv2
+             "_fwd_cl_kernel", "sm90_xmma_fprop_implicit_gemm", "_stats_kernel",                # m1 conv1
+             "sm90_xmma_fprop_implicit_gemm", "_apply_kernel",                                  # m1 conv2
+             "sm90_xmma_fprop_implicit_gemm", "elementwise_kernel"]                             # head
+    table = attribute([(t, n, 1.0) for t, n in enumerate(names)], n_modules=2)
+    assert table["0"]["conv"] == 3 and table["0"]["norm"] == 2
+    assert table["1"]["conv"] == 2 and table["1"]["upsample/concat"] == 0  # upsample before m1's conv1 -> m0
+    assert table["0"]["upsample/concat"] == 1 and table["head"] == {"conv": 1, "norm": 0.0,
+                                                                     "upsample/concat": 0.0, "other": 1.0}
+
+
+def test_profile_stages_smoke_and_a_bad_variant(tmp_path):
+    stem = tmp_path / "prof"
+    run("benchmarks/profile_stages.py", "--preset", "tiny", "--res", "32x64", "--variants", "eager", "--out", stem)
+    res = json.loads(stem.with_suffix(".json").read_text())
+    table = res["profile_ms"]["eager"]
+    assert "partial" not in res and res["errors"] == {} and set(table) >= {"0", "head"}
+    assert table["0"]["conv"] > 0 and "| **all** |" in stem.with_suffix(".md").read_text()
+    r = subprocess.run([sys.executable, "benchmarks/profile_stages.py", "--variants", "eager,compile-fast"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "compile-fast unknown" in r.stderr and "Traceback" not in r.stderr
