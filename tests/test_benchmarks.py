@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -190,3 +193,25 @@ def test_profile_stages_smoke_and_a_bad_variant(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/profile_stages.py", "--variants", "eager,compile-fast"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "compile-fast unknown" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kernel_benchmark_conv_rows_run_through_the_interpreter():
+    """The conv rows of benchmarks/kernels.py only run on a GPU session; here they run once on CPU
+    tensors through Triton's interpreter (tiny shapes), so the GPU session cannot be the first to
+    execute them."""
+    import importlib.util
+    from crn_fast.config import get_preset
+    from crn_fast.kernels import can_run
+    if not can_run(torch.zeros(1)):
+        pytest.skip("Triton's interpreter is not enabled")
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = []
+    saved = []
+    mod.conv_rows(get_preset("tiny"), (16, 32), torch.float32, "fp32", "cpu", rows, on_module=lambda: saved.append(1))
+    timed = [r for r in rows if "impl" in r]
+    assert len(saved) == 2 * 5 and {r["impl"] for r in timed} == {
+        "cudnn", "cudnn + triton ln", "fused conv + stats", "fused conv norm-in + stats"}
+    assert [r["module"] for r in timed][0] == 4 and all(r["ms"] > 0 and r["speedup_vs_cudnn"] > 0 for r in timed)
+    assert rows[-1]["op"] == "conv_norm tuned configs"
