@@ -243,12 +243,11 @@ BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cu
             "aoti": b_aoti, "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}
 
 
-def run_inference(args, model, device, layout, size, peak, on_row=lambda rows: None):
-    flops = crn_flops(model.config, *size, batch=args.batch)
+def run_inference(args, model, device, layout, size, peak, flops, on_row=lambda rows: None):
     with torch.no_grad(), no_tf32():  # the reference is true fp32
         ref = model.to(device).float().eval()(layout).float().cpu()
     with tempfile.TemporaryDirectory(prefix="crn-bench-") as tmp:  # exported .pt2/.onnx/.engine files
-        return _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row), flops
+        return _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row)
 
 
 def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
@@ -513,6 +512,12 @@ def parse_args(argv=None):
     return args
 
 
+def conv_configs() -> list[dict]:
+    """The fused conv's tile configs tuned so far in this process, per shape."""
+    from crn_fast.kernels import tuned_configs
+    return [{"key": [str(v) for v in k], "block_m_n_k_warps_stages": list(c)} for k, c in tuned_configs().items()]
+
+
 @contextlib.contextmanager
 def no_tf32():
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -578,15 +583,12 @@ def main(argv=None):
                 peak[d] = matmul_peak_tflops(device, DTYPES[d])
                 print(f"measured {d} matmul peak: {peak[d]:.3g} TFLOP/s", file=sys.stderr)
         flops = crn_flops(config, *size, batch=args.batch)
-        partial = dict(flops=flops, matmul_peak_tflops=peak,
-                       compute_floor_ms={d: flops / (p * 1e12) * 1e3 for d, p in peak.items()})
-        rows, _ = run_inference(args, model, device, layout, size, peak,
-                                    on_row=lambda rows: save({**result, **partial, "rows": rows},
-                                                             markdown_table(rows), False))
-        from crn_fast.kernels import tuned_configs
-        result.update(partial, rows=rows,
-                      conv_norm_configs=[{"key": [str(v) for v in k], "block_m_n_k_warps_stages": list(c)}
-                                         for k, c in tuned_configs().items()])
+        result.update(flops=flops, matmul_peak_tflops=peak,
+                      compute_floor_ms={d: flops / (p * 1e12) * 1e3 for d, p in peak.items()})
+        rows = run_inference(args, model, device, layout, size, peak, flops,
+                             on_row=lambda rows: save({**result, "rows": rows, "conv_norm_configs": conv_configs()},
+                                                      markdown_table(rows), False))
+        result.update(rows=rows, conv_norm_configs=conv_configs())
         md = markdown_table(rows)
     save(result, md, True)
     return 0
