@@ -45,6 +45,8 @@ def load_generator_for(args, device):
         return gen
     from .checkpoint import load_generator
     model = load_generator(args.ckpt, backend=args.backend, device=device)
+    if args.fused_conv != "off":  # before any capture: "auto" measures at the first batch of each size
+        model.fused_conv = True if args.fused_conv == "on" else "auto"
     if args.cuda_graph:
         if device.type != "cuda":
             raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
@@ -122,6 +124,10 @@ def build_parser():
     ap.add_argument("--backend", default="eager", choices=("eager", "triton", "tensorrt"))
     ap.add_argument("--engine", help="TensorRT engine (with --backend tensorrt)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the whole generator as a CUDA graph (GPU)")
+    ap.add_argument("--fused-conv", default="off", choices=("off", "on", "auto"),
+                    help="with --backend triton: the convs as Triton kernels with the layer norms folded in, in "
+                         "every module (on) or where measured faster at the first batch of each size (auto); "
+                         "default off")
     ap.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     ap.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=1,
                     help="layouts per forward pass (default 1)")
@@ -140,6 +146,9 @@ def main(argv=None) -> int:
     if args.checkpoint and args.ckpt and args.checkpoint != args.ckpt:
         ap.error(f"two checkpoints given ({args.checkpoint} and --ckpt {args.ckpt}): give one")
     args.ckpt = args.ckpt or args.checkpoint
+    if args.fused_conv != "off" and args.backend != "triton":
+        ap.error(f"--fused-conv {args.fused_conv} needs --backend triton (the fused conv is a Triton kernel), "
+                 f"got --backend {args.backend}")
     if not args.ckpt and args.backend != "tensorrt":
         ap.error("a checkpoint is required: crn-synthesize model.ckpt ... (convert TF checkpoints with crn-convert-tf)")
     setup_logging(args)

@@ -179,3 +179,26 @@ def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert train_main(["--out", str(tmp_path / "empty"), "--steps", "2", "--resume", *SMALL]) == 1
     assert "has no train_state.pt to resume from" in capsys.readouterr().err
+
+
+def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
+    """crn-synthesize --backend triton --fused-conv on|auto (interpreter here, GPU in use) writes the
+    eager images; --fused-conv without the triton backend is one usage error."""
+    from crn_fast.kernels import can_run
+    from crn_fast.labels import PALETTE
+    if not can_run(torch.zeros(1)):
+        pytest.skip("Triton's interpreter is not enabled")
+    torch.manual_seed(0)
+    save_generator(CRN(CRNConfig(widths=(8, 8, 8), k=1)), tmp_path / "g.ckpt")
+    ids = np.random.default_rng(2).integers(0, 19, (16, 32)).astype(np.uint8)
+    Image.fromarray(PALETTE[ids]).save(tmp_path / "a.png")
+    common = [str(tmp_path / "g.ckpt"), "--labels", str(tmp_path / "a.png"), "--device", "cpu", "-q"]
+    assert synth_main([*common, "--out", str(tmp_path / "eager")]) == 0
+    ref = np.asarray(Image.open(tmp_path / "eager" / "a.png"), dtype=np.int16)
+    for mode in ("on", "auto"):
+        assert synth_main([*common, "--out", str(tmp_path / mode), "--backend", "triton", "--fused-conv", mode]) == 0
+        got = np.asarray(Image.open(tmp_path / mode / "a.png"), dtype=np.int16)
+        assert np.abs(got - ref).max() <= 1  # fp32 on both paths: at most a rounding step of 0..255
+    with pytest.raises(SystemExit) as e:
+        synth_main([*common, "--out", str(tmp_path / "x"), "--fused-conv", "on"])
+    assert e.value.code == 2 and "--fused-conv on needs --backend triton" in capsys.readouterr().err
