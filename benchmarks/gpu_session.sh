@@ -26,7 +26,8 @@ if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
   R=64x128; P="--preset tiny"; TESTS=(tests/test_kernels.py tests/test_conv_norm.py -k "opcheck or graph_break or generator_matches"); ITERS="--iters 1 --warmup 0"
 else
   R=1024x2048; P=""; ITERS=""
-  TESTS=(-m "gpu or tensorrt" tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py)  # shortest first
+  # shortest first; the ~50 compiles of every conv tile candidate last
+  TESTS=(-m "gpu or tensorrt" tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py tests/test_conv_tiles.py)
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }

@@ -6,7 +6,8 @@ Set TRITON_INTERPRET=1 before importing to run them on CPU tensors (how the test
 from types import SimpleNamespace
 
 from ._runtime import HAS_TRITON, can_run, interpreter_enabled, triton_unavailable_reason
-from .conv_norm import conv_norm, conv_norm_reference, pack_conv_weight, tuned_configs, unpack_conv_weight
+from .conv_norm import (conv_norm, conv_norm_reference, pack_conv_weight, pinned_config, tuned_configs,
+                        unpack_conv_weight)
 from .layer_norm_lrelu import layer_norm_lrelu, layer_norm_lrelu_reference, layer_norm_stats
 from .upsample_concat import (norm_lrelu_upsample_concat, norm_lrelu_upsample_concat_reference, upsample_concat,
                               upsample_concat_reference)
@@ -23,5 +24,5 @@ def ops_for(backend: str) -> SimpleNamespace:
 __all__ = ["HAS_TRITON", "can_run", "interpreter_enabled", "triton_unavailable_reason", "layer_norm_lrelu",
            "layer_norm_lrelu_reference", "layer_norm_stats", "upsample_concat", "upsample_concat_reference",
            "norm_lrelu_upsample_concat", "norm_lrelu_upsample_concat_reference", "ops_for", "REFERENCE_OPS",
-           "TRITON_OPS", "conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight",
+           "TRITON_OPS", "conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight", "pinned_config",
            "tuned_configs"]

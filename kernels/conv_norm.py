@@ -27,6 +27,7 @@ The statistics are those of y as stored (rounded to its dtype), like the unfused
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -197,9 +198,30 @@ def _heuristic(cin: int, cout: int, dtype: torch.dtype) -> tuple:
 _TUNED: dict[tuple, tuple] = {}
 
 
+_PINNED: list[tuple] = []
+
+
+@contextlib.contextmanager
+def pinned_config(config: tuple):
+    """Run every fused conv inside the block with one tile config (BLOCK_M, BLOCK_N, BLOCK_K,
+    num_warps, num_stages) instead of the tuned one: to time or debug a tile, and how the tests
+    check each tuning candidate's results under the interpreter."""
+    ok = isinstance(config, tuple) and len(config) == 5 and all(isinstance(v, int) and v > 0 for v in config)
+    if not ok or any(b < 16 or b & (b - 1) for b in config[:3]):
+        raise ValueError(f"pinned_config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) with the blocks "
+                         f"powers of two >= 16 (tensor-core tiles), got {config!r}")
+    _PINNED.append(config)
+    try:
+        yield
+    finally:
+        _PINNED.pop()
+
+
 def _choose(key, x, cin, cout, run) -> tuple:
-    """Interpreter: small fixed tiles. GPU: the tuned config for ``key``, tuning it now if allowed,
-    else the heuristic's."""
+    """A pinned config if any; interpreter: small fixed tiles; GPU: the tuned config for ``key``,
+    tuning it now if allowed, else the heuristic's."""
+    if _PINNED:
+        return _PINNED[-1]
     if x.device.type == "cpu":  # Triton's interpreter
         return _INTERPRETER_CONFIG
     if key in _TUNED:
@@ -289,4 +311,5 @@ def conv_norm(x, packed_weight, bias=None, norm=None, negative_slope: float = LE
     return (y, m, r) if stats else y
 
 
-__all__ = ["conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight", "tuned_configs", "CONFIGS"]
+__all__ = ["conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight", "tuned_configs", "CONFIGS",
+           "FP32_CONFIGS", "SMALL_CONFIGS", "pinned_config"]

@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
     has_cuda = _cuda
     has_trt = importlib.util.find_spec("tensorrt") is not None
     for item in items:
-        if has_cuda and item.fspath.basename in ("test_kernels.py", "test_conv_norm.py"):
+        if has_cuda and item.fspath.basename in ("test_kernels.py", "test_conv_norm.py", "test_conv_tiles.py"):
             item.add_marker(pytest.mark.gpu)  # on a GPU machine they run compiled: `pytest -m gpu` selects them
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
