@@ -144,11 +144,14 @@ def main(argv=None):
     title = f"{config.name} at {size[0]}x{size[1]}, {args.dtype if cuda else 'fp32'}, batch 1, on {device_label(device)}"
     stem = Path(args.out or ROOT / "benchmarks" / "results" / f"profile_{device_label(device)}_{size[0]}x{size[1]}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    results, errors = {}, {}
+    results, errors, kernels = {}, {}, {}
     for v in variants:  # saved after each: a run cut short by a time limit keeps the variants it finished
         try:
             fn = build(v, config, device, dtype)
-            results[v] = attribute(profile_once(fn, x, cuda), config.num_modules)
+            events = profile_once(fn, x, cuda)
+            results[v] = attribute(events, config.num_modules)
+            # the kernel sequence itself (name, stage, ms), so a wrong module split can be traced
+            kernels[v] = [[name, stage_of(name), round(ms, 5)] for _, name, ms in events]
         except Exception as e:  # one variant that breaks is recorded, the others still run
             errors[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"{v}: {errors[v]}", file=sys.stderr)
@@ -158,7 +161,7 @@ def main(argv=None):
         done = len(results) + len(errors) == len(variants)
         write_text_atomic(stem.with_suffix(".json"), json.dumps(
             {"machine": machine_info(device), "title": title, "profile_ms": results, "errors": errors,
-             **({} if done else {"partial": True})}, indent=2))
+             "kernels": kernels, **({} if done else {"partial": True})}, indent=2))
         write_text_atomic(stem.with_suffix(".md"), md)
     print(md)
     print(f"wrote {stem}.json/.md", file=sys.stderr)

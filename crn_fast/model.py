@@ -25,6 +25,8 @@ from .config import CRNConfig, get_preset
 from .constants import LEAKY_SLOPE, LN_EPS, NUM_CLASSES
 from .errors import CRNError
 
+CUDNN_CHANNELS = 8  # conv1 inputs of the triton inference path are zero-padded to this many channels
+
 BACKENDS = ("eager", "triton")
 
 
@@ -89,7 +91,9 @@ class CRN(nn.Module):
                  fuse_inference: bool = True, fused_conv: bool = False,
                  memory_format: torch.memory_format = torch.channels_last):
         super().__init__()
-        self._packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> (key, packed)
+        # conv -> {kind: (weight version key, derived weight)}: the fused conv's packed operand and
+        # cuDNN's channel-padded conv1 weight, rebuilt when the weight changes
+        self._packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         shape = {n: v for n, v in (("widths", widths), ("num_classes", num_classes), ("k", k),
                                    ("base_size", base_size)) if v is not None}
         if config is None:
@@ -212,7 +216,7 @@ class CRN(nn.Module):
         from crn_fast.kernels import conv_norm, layer_norm_stats, norm_lrelu_upsample_concat
         m, last = self.refine[i], i == len(self.refine) - 1
         x = level if pending is None else \
-            norm_lrelu_upsample_concat(*pending, level, LEAKY_SLOPE, channels_multiple=16 if fused else 1)
+            norm_lrelu_upsample_concat(*pending, level, LEAKY_SLOPE, channels_multiple=16 if fused else CUDNN_CHANNELS)
         if fused:
             h, mean, rstd = conv_norm(x, self._packed(m.conv1), eps=LN_EPS)
             h, mean, rstd = conv_norm(h, self._packed(m.conv2), None, (mean, rstd, m.norm1.weight, m.norm1.bias),
@@ -222,7 +226,8 @@ class CRN(nn.Module):
                                  LEAKY_SLOPE, stats=False, head=True)
             return h, mean, rstd, m.norm2.weight, m.norm2.bias
         ops = self._ops
-        h = m.conv2(ops.layer_norm_lrelu(m.conv1(x), m.norm1.weight, m.norm1.bias, LN_EPS, LEAKY_SLOPE))
+        h = self._conv1_padded(m.conv1, x) if pending is not None else m.conv1(x)
+        h = m.conv2(ops.layer_norm_lrelu(h, m.norm1.weight, m.norm1.bias, LN_EPS, LEAKY_SLOPE))
         if last:
             return (self.head(ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)) + 1.0) / 2.0 \
                 * 255.0
@@ -273,18 +278,43 @@ class CRN(nn.Module):
         self.fused_conv_choices[self._choice_key(levels[-1])] = frozenset(chosen)
         return frozenset(chosen)
 
-    def _packed(self, conv: nn.Conv2d) -> torch.Tensor:
-        """conv's weight as the fused conv's (taps, Cin, Cout) operand, packed once per weight
-        version (re-packed after an optimizer step, a load or a move); traced as-is when compiling."""
-        from crn_fast.kernels import pack_conv_weight
+    def _derived_weight(self, conv: nn.Conv2d, kind, make) -> torch.Tensor:
+        """make(conv.weight), computed once per weight version (again after an optimizer step, a
+        load or a move); traced as-is when compiling."""
         w = conv.weight
         if torch.compiler.is_compiling():
-            return pack_conv_weight(w)
+            return make(w)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
-        hit = self._packed_weights.get(conv)
+        cache = self._packed_weights.setdefault(conv, {})
+        hit = cache.get(kind)
         if hit is None or hit[0] != key:
-            hit = self._packed_weights[conv] = (key, pack_conv_weight(w.detach()))
+            hit = cache[kind] = (key, make(w.detach()))
         return hit[1]
+
+    def _packed(self, conv: nn.Conv2d) -> torch.Tensor:
+        """conv's weight as the fused conv's (taps, Cin, Cout) operand."""
+        from crn_fast.kernels import pack_conv_weight
+        return self._derived_weight(conv, "packed", pack_conv_weight)
+
+    def _conv1_padded(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """cuDNN's conv1 on the upsample-concat output with its input channels zero-padded to a
+        multiple of CUDNN_CHANNELS (1044 -> 1048, 532 -> 536, 148 -> 152) and zero weights for
+        them: the same sums, and on an H100 the 19 bf16 channels_last convs took 6.73 ms instead
+        of 9.46 ms (benchmarks/results/memory_format_h100.json). x must come from
+        norm_lrelu_upsample_concat with channels_multiple=CUDNN_CHANNELS; unpadded shapes, NCHW
+        and traced graphs take the plain conv."""
+        n, c, h, w = x.shape
+        cs = -(-c // CUDNN_CHANNELS) * CUDNN_CHANNELS
+        if cs == c or torch.compiler.is_compiling() or x.stride() != (h * w * cs, 1, w * cs, cs):
+            return conv(x)
+        full = x.as_strided((n, cs, h, w), x.stride())  # the whole buffer the kernel wrote into
+        full[:, c:].zero_()  # the pad channels (never written by the kernel): zeros, not stale memory
+
+        def pad(wt):
+            out = wt.new_zeros(wt.shape[0], cs, *wt.shape[2:]).contiguous(memory_format=torch.channels_last)
+            out[:, :c] = wt
+            return out
+        return F.conv2d(full, self._derived_weight(conv, ("padded", cs), pad), None, conv.stride, conv.padding)
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): packed copies of old weights go
         self._packed_weights.clear()

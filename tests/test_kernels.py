@@ -220,6 +220,27 @@ def test_generator_triton_equals_eager(memory_format, input_format):
         torch.testing.assert_close(fast(layout), ref, atol=2e-3, rtol=1e-5)
 
 
+def test_cudnn_conv1_inputs_are_zero_padded_to_8_channels():
+    """The triton inference path hands cuDNN conv1 inputs padded to a multiple of 8 channels
+    (here 30 -> 32 and 28 -> 32; 32 stays) with zero weights for the pad; the pad channels hold
+    zeros even where the buffer held NaN before, so the output is eager's."""
+    from torch.profiler import profile
+    eager, fast = tiny_pair()
+    eager, fast = eager.to(DEV), fast.to(DEV)
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(3))).to(DEV)
+    junk = torch.full((1 << 20,), float("nan"), device=DEV)  # freed memory the padded buffers may reuse
+    del junk
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        out = fast(layout)
+    conv_in = [e.input_shapes[0][1] for e in prof.events() if e.name == "aten::convolution"]
+    # conv1, conv2 per module, then the head: module 0's conv1 reads the 20-class layout itself
+    assert conv_in[0::2] == [20, 32, 32, 32, 6] and conv_in[1::2] == [12, 10, 8, 6], conv_in
+    with torch.no_grad():
+        torch.testing.assert_close(out, eager(layout), atol=2e-3, rtol=1e-5)
+    padded = [v for d in fast._packed_weights.values() for k, v in d.items() if k[0] == "padded"]
+    assert padded and all(w[:, -1].abs().max() == 0 for _, w in padded)
+
+
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_generator_triton_gradients_match_eager(memory_format):
     eager, fast = tiny_pair(k=1, seed=1, memory_format=memory_format)
