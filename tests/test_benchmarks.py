@@ -119,34 +119,55 @@ def test_targets_missing_results_folder_is_one_line(tmp_path):
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_gpu_session_script_full_mode_runs_every_step(tmp_path):
-    """The GPU branch of benchmarks/gpu_session.sh (not the CPU smoke branch) with its programs
-    replaced by recorders: every step runs, with the 1024x2048 arguments, and nothing in the
-    script itself fails (an unset variable under `set -u` once ended it at step 3)."""
+def _session_with_recorders(tmp_path, **env_extra):
+    """benchmarks/gpu_session.sh with python3 and nvidia-smi replaced by programs that record
+    their arguments: (completed process, the session log, the recorded command lines)."""
     bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "out"
     bin_dir.mkdir()
     recorder = f'#!/bin/sh\necho "$(basename "$0") $*" >> {calls}\ncase "$*" in *device_label*) echo h100;; esac\n'
     for name in ("python3", "nvidia-smi"):
         (bin_dir / name).write_text(recorder)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "CRN_GPU_SMOKE"}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out))
+    env = {k: v for k, v in os.environ.items() if k not in ("CRN_GPU_SMOKE", "CRN_GPU_FOLLOWUP")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out), **env_extra)
     r = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
-    log = (out / "gpu_session.log").read_text()
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "unbound" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "unbound" not in r.stderr, r.stderr[-2000:]
+    assert (out / "gpu_results.tar.gz").stat().st_size > 0
+    return r, (out / "gpu_session.log").read_text(), calls.read_text().splitlines()
+
+
+def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
+    """CRN_GPU_FOLLOWUP=1: the race against every compile mode, the profile and the remaining
+    compiled tests; every row it names is one run.py accepts."""
+    _, log, lines = _session_with_recorders(tmp_path, CRN_GPU_FOLLOWUP="1")
+    for step in ("F1. the race at 1024x2048", "F2. per-module profile", "F3. compiled tests", "F4. the targets",
+                 "== done"):
+        assert step in log, (step, log)
+    assert "1. compiled tests (" not in log  # the first session's steps do not run
+    race = [line for line in lines if "benchmarks/run.py" in line]
+    assert len(race) == 1 and "compile-max-autotune:bf16:channels_last" in race[0] and "--iters" not in race[0]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as run_py
+    argv = race[0].split()[2:]
+    argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
+    run_py.parse_args(argv)
+
+
+def test_gpu_session_script_full_mode_runs_every_step(tmp_path):
+    """The GPU branch of benchmarks/gpu_session.sh (not the CPU smoke branch) with its programs
+    replaced by recorders: every step runs, with the 1024x2048 arguments, and nothing in the
+    script itself fails (an unset variable under `set -u` once ended it at step 3)."""
+    _, log, lines = _session_with_recorders(tmp_path)
     for step in ("1. compiled tests", "2. kernel benchmark", "3. the race at 1024x2048", "3b. fp32", "4. per-module",
                  "5. training at 1024x2048", "6. memory format", "7. the targets", "== done"):
         assert step in log, (step, log)
-    lines = calls.read_text().splitlines()
     race = [line for line in lines if "benchmarks/run.py" in line and "--rows" in line and "--allow-tf32" not in line]
     assert len(race) == 1 and "--res 1024x2048" in race[0] and "--iters" not in race[0], race
     assert "compile-max-autotune:bf16:channels_last" in race[0] and "triton-autoconv-cudagraph" in race[0]
     assert any("memory_format.py --res 1024x2048" in line for line in lines)
     assert any("targets.py" in line and "--device h100" in line for line in lines)
     assert any("pytest" in line and "gpu or tensorrt" in line for line in lines)
-    assert (out / "gpu_results.tar.gz").stat().st_size > 0
     # every row, training backend and profile variant the script names is one the scripts accept
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import profile_stages
