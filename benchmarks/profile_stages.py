@@ -159,10 +159,10 @@ def main(argv=None):
         md = f"### Per-module profile: {title}\n\n{markdown(results)}" + \
             "".join(f"\n{v}: not profiled ({e})\n" for v, e in errors.items())
         done = len(results) + len(errors) == len(variants)
+        write_text_atomic(stem.with_suffix(".md"), md)  # first: a JSON on disk always has its table
         write_text_atomic(stem.with_suffix(".json"), json.dumps(
             {"machine": machine_info(device), "title": title, "profile_ms": results, "errors": errors,
              "kernels": kernels, **({} if done else {"partial": True})}, indent=2))
-        write_text_atomic(stem.with_suffix(".md"), md)
     print(md)
     print(f"wrote {stem}.json/.md", file=sys.stderr)
     return 1 if errors and not results else 0

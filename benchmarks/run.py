@@ -562,10 +562,11 @@ def main(argv=None):
             print(f"\n{title}\n\n{md}")
         if args.no_save:
             return
-        write_text_atomic(args.json, json.dumps({**result, **({} if final else {"partial": True})}, indent=2,
-                                                default=float))
+        # the markdown first: a JSON on disk always has its table beside it
         write_text_atomic(args.markdown or args.json.with_suffix(".md"),
                           f"### {title}{'' if final else ' (partial: the run was cut short)'}\n\n{md}")
+        write_text_atomic(args.json, json.dumps({**result, **({} if final else {"partial": True})}, indent=2,
+                                                default=float))
         if final:
             if not args.train:
                 plot(result["rows"], args.plot or args.json.with_suffix(".png"), result["compute_floor_ms"], title)
