@@ -226,8 +226,8 @@ class CRN(nn.Module):
                                  LEAKY_SLOPE, stats=False, head=True)
             return h, mean, rstd, m.norm2.weight, m.norm2.bias
         ops = self._ops
-        h = self._conv1_padded(m.conv1, x) if pending is not None else m.conv1(x)
-        h = m.conv2(ops.layer_norm_lrelu(h, m.norm1.weight, m.norm1.bias, LN_EPS, LEAKY_SLOPE))
+        h = m.conv2(ops.layer_norm_lrelu(self._conv1_padded(m.conv1, x), m.norm1.weight, m.norm1.bias, LN_EPS,
+                                         LEAKY_SLOPE))
         if last:
             return (self.head(ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)) + 1.0) / 2.0 \
                 * 255.0
@@ -301,8 +301,8 @@ class CRN(nn.Module):
         multiple of CUDNN_CHANNELS (1044 -> 1048, 532 -> 536, 148 -> 152) and zero weights for
         them: the same sums, and on an H100 the 19 bf16 channels_last convs took 6.73 ms instead
         of 9.46 ms (benchmarks/results/memory_format_h100.json). x must come from
-        norm_lrelu_upsample_concat with channels_multiple=CUDNN_CHANNELS; unpadded shapes, NCHW
-        and traced graphs take the plain conv."""
+        norm_lrelu_upsample_concat with channels_multiple=CUDNN_CHANNELS; anything else (module
+        0's layout, channel counts already a multiple, NCHW, traced graphs) takes the plain conv."""
         n, c, h, w = x.shape
         cs = -(-c // CUDNN_CHANNELS) * CUDNN_CHANNELS
         if cs == c or torch.compiler.is_compiling() or x.stride() != (h * w * cs, 1, w * cs, cs):
