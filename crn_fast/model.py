@@ -301,14 +301,14 @@ class CRN(nn.Module):
         multiple of CUDNN_CHANNELS (1044 -> 1048, 532 -> 536, 148 -> 152) and zero weights for
         them: the same sums, and on an H100 the 19 bf16 channels_last convs took 6.73 ms instead
         of 9.46 ms (benchmarks/results/memory_format_h100.json). x must come from
-        norm_lrelu_upsample_concat with channels_multiple=CUDNN_CHANNELS; anything else (module
+        norm_lrelu_upsample_concat with channels_multiple=CUDNN_CHANNELS, which writes the pad
+        channels' zeros; anything else (module
         0's layout, channel counts already a multiple, NCHW, traced graphs) takes the plain conv."""
         n, c, h, w = x.shape
         cs = -(-c // CUDNN_CHANNELS) * CUDNN_CHANNELS
         if cs == c or torch.compiler.is_compiling() or x.stride() != (h * w * cs, 1, w * cs, cs):
             return conv(x)
-        full = x.as_strided((n, cs, h, w), x.stride())  # the whole buffer the kernel wrote into
-        full[:, c:].zero_()  # the pad channels (never written by the kernel): zeros, not stale memory
+        full = x.as_strided((n, cs, h, w), x.stride())  # the whole buffer: the kernel wrote zero pad channels
 
         def pad(wt):
             out = wt.new_zeros(wt.shape[0], cs, *wt.shape[2:]).contiguous(memory_format=torch.channels_last)

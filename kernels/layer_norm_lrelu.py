@@ -12,12 +12,23 @@ Backward:
     _bwd_dx_kernel     reads x, dy -> writes dx
 Only x, mean and rstd are saved for backward; the normalised value is recomputed.
 
-Each sample is cut into [BLOCK_C, BLOCK_HW] tiles; each of P programs per sample walks a
-contiguous run of tiles, so the grid is (P, N) with P sized to the device, not to N. Partial
-statistics are merged with Chan's parallel rule relative to a pivot (the sample's first element;
+Statistics do not depend on the memory format: a sample is one dense run of M elements in NCHW
+and in channels_last alike, so _stats_kernel reads it as flat FLAT_BLOCK-element tiles, each of the
+P programs per sample a contiguous run of them. Every lane keeps its own Welford (mean, M2) over
+its elements of the run's full tiles (the count is the tile index, the same for all lanes), so
+the loop is loads and fused multiply-adds with no reduction, barrier or layout change; the lanes
+are merged once at the end (Chan's rule), and the sample's partial last tile is reduced on its
+own and merged into the last program.
+The apply pass needs each element's channel. NCHW: [BLOCK_C, BLOCK_HW] tiles (rows of one
+channel). channels_last: _apply_cl_kernel's [BLOCK_HW pixels, BLOCK_C channels] tiles hold whole
+pixels (all channels up to 4096), so weight and bias are loaded once per program, and each
+pixel's channels are one contiguous vector. The backward kernels walk [BLOCK_C, BLOCK_HW] tiles of
+either format (by strides), cut the same way: the grid is (P, N) with P sized to the device, not
+to N. Partial statistics are merged with Chan's parallel rule relative to a pivot (the sample's first element;
 x - pivot is exact for values near it, and the apply pass normalises (x - pivot) - mean), so a
 large mean with a tiny spread keeps its precision and a constant input gives exactly ``bias``.
-Accumulation is fp32 (fp64 for fp64 inputs, which is what gradcheck uses). Offsets are 64-bit.
+Accumulation is fp32 (fp64 for fp64 inputs, which is what gradcheck uses). Offsets are 64-bit
+(per tile: a 64-bit tile start plus 32-bit offsets inside the tile).
 """
 from __future__ import annotations
 
@@ -60,11 +71,34 @@ NUM_WARPS = 8
 
 
 
+# Elements per flat statistics tile: 16 per thread on GPUs; 256 under the interpreter, so that the
+# tests' small samples span several tiles and programs.
+FLAT_BLOCK = {"cuda": 4096, "cpu": 256}
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
+
+
+def _programs(x: torch.Tensor, tiles: int, num_programs: int | None) -> tuple[int, int]:
+    """(programs per sample, tiles per program) for ``tiles`` tiles per sample: 8 programs per SM
+    across the batch (4 on CPU), at most 1024, each a contiguous run of tiles."""
+    if num_programs is None:
+        if x.is_cuda:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            num_programs = max(1, (8 * sms) // x.shape[0])
+        else:
+            num_programs = 4
+    p = max(1, min(tiles, num_programs, 1024))
+    tpp = cdiv(tiles, p)
+    return cdiv(tiles, tpp) if tiles else 1, tpp
+
+
 def _plan(x: torch.Tensor, num_programs: int | None):
-    """Tile shape and programs per sample for x (N, C, H, W)."""
+    """[BLOCK_C, BLOCK_HW] tiles of x (N, C, H, W) and programs per sample (NCHW apply, backward)."""
     n, c, h, w = x.shape
     hw = h * w
-    channels_last = x.dim() == 4 and c > 1 and x.stride(1) == 1 and not x.is_contiguous()
+    channels_last = _is_channels_last(x)
     if channels_last:  # C is contiguous: make it the wide side of the tile
         block_c = min(next_pow2(c), 256)
         block_hw = min(next_pow2(hw), max(1, 4096 // block_c))
@@ -73,18 +107,31 @@ def _plan(x: torch.Tensor, num_programs: int | None):
         block_c = min(next_pow2(c), max(1, 4096 // block_hw))
     n_ct, n_hwt = cdiv(c, block_c), cdiv(hw, block_hw)
     tiles = n_ct * n_hwt
-    if num_programs is None:
-        if x.is_cuda:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            num_programs = max(1, (8 * sms) // n)
-        else:
-            num_programs = 4
-    p = max(1, min(tiles, num_programs, 1024))
-    tpp = cdiv(tiles, p)
-    p = cdiv(tiles, tpp)
+    p, tpp = _programs(x, tiles, num_programs)
     strides = (x.stride(0), x.stride(1), 1 if channels_last is False and x.is_contiguous() else x.stride(3))
     return dict(block_c=block_c, block_hw=block_hw, n_hwt=n_hwt, tiles=tiles, tpp=tpp, p=p,
                 block_p=next_pow2(p), strides=strides)
+
+
+def _apply_cl_plan(x: torch.Tensor, num_programs: int | None):
+    """channels_last apply: [BLOCK_HW, BLOCK_C] tiles of whole pixels (channel blocks only past
+    4096 channels; past 32 under the interpreter, so that tests cover them), 4096 elements each."""
+    n, c, h, w = x.shape
+    block_c = min(next_pow2(c), 4096 if x.is_cuda else 32)
+    block_hw = min(next_pow2(h * w), max(1, 4096 // block_c))
+    n_ct = cdiv(c, block_c)
+    tiles = n_ct * cdiv(h * w, block_hw)
+    p, tpp = _programs(x, tiles, num_programs)
+    return dict(block_c=block_c, block_hw=block_hw, n_ct=n_ct, tiles=tiles, tpp=tpp, p=p)
+
+
+def _stats_plan(x: torch.Tensor, num_programs: int | None):
+    """Flat statistics: full FLAT_BLOCK tiles per sample split over P programs; the last program
+    also reduces the partial tile."""
+    block = FLAT_BLOCK["cuda" if x.is_cuda else "cpu"]
+    full, tail = divmod(x[0].numel(), block)
+    p, tpp = _programs(x, full, num_programs)
+    return dict(block=block, full=full, tail=tail, tpp=tpp, p=p, block_p=next_pow2(p))
 
 
 if HAS_TRITON:
@@ -116,33 +163,45 @@ if HAS_TRITON:
         return total, mean, m2
 
     @triton.jit
-    def _stats_kernel(X, Cnt, Mean, M2, C, HW, sN, sC, sHW, T, n_hwt, TPP, P,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, FP64: tl.constexpr):
+    def _merge(cnt, mean, m2, n_b, mean_b, m2_b):
+        """Chan's rule: (cnt, mean, m2) merged with another part's (n_b, mean_b, m2_b)."""
+        total = cnt + n_b
+        delta = mean_b - mean
+        frac = tl.where(total > 0, n_b / tl.maximum(total, 1.0), 0.0)
+        return total, mean + delta * frac, m2 + m2_b + delta * delta * cnt * frac
+
+    @triton.jit
+    def _stats_kernel(X, Cnt, Mean, M2, sN, FULL, TAIL, TPP, P, BLOCK: tl.constexpr, FP64: tl.constexpr):
+        """Program (p, n): (count, mean relative to the pivot, M2) of full tiles [p*TPP, p*TPP+TPP)
+        of sample n read as a flat run of elements, plus the partial tile after them (last program)."""
         ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         p = tl.program_id(0)
         n = tl.program_id(1)
         base = X + n.to(tl.int64) * sN
         pivot = tl.load(base).to(ACC)  # the sample's first element: partial means are relative to it
-        cnt = tl.zeros((), ACC)
-        mean = tl.zeros((), ACC)
-        m2 = tl.zeros((), ACC)
-        t_end = tl.minimum(p * TPP + TPP, T)
-        for t in range(p * TPP, t_end):
-            c, offs, mask, ht = _tile(base, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
-            x = tl.load(base + offs, mask=mask, other=0.0).to(ACC)
-            c0 = (t // n_hwt) * BLOCK_C
-            hw0 = ht * BLOCK_HW
-            d = tl.where(mask, x - pivot, 0.0)
-            n_t = (tl.minimum(C - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(ACC)
-            dm = tl.sum(tl.sum(d, axis=1), axis=0) / n_t
-            e = tl.where(mask, d - dm, 0.0)
-            m2_t = tl.sum(tl.sum(e * e, axis=1), axis=0)
-            mean_t = dm  # relative to the pivot
-            new_cnt = cnt + n_t
-            delta = mean_t - mean
-            mean = mean + delta * (n_t / new_cnt)
-            m2 = m2 + m2_t + delta * delta * (cnt * n_t / new_cnt)
-            cnt = new_cnt
+        i = tl.arange(0, BLOCK)
+        lane_mean = tl.zeros([BLOCK], ACC)
+        lane_m2 = tl.zeros([BLOCK], ACC)
+        t0 = p * TPP
+        t1 = tl.minimum(t0 + TPP, FULL)
+        for t in range(t0, t1):  # per-lane Welford: no cross-lane work inside the loop
+            d = tl.load(base + tl.cast(t, tl.int64) * BLOCK + i).to(ACC) - pivot
+            delta = d - lane_mean
+            lane_mean += delta * (1.0 / tl.cast(t - t0 + 1, ACC))
+            lane_m2 += delta * (d - lane_mean)
+        k = tl.cast(tl.maximum(t1 - t0, 0), ACC)  # elements per lane
+        mean = tl.sum(lane_mean, axis=0) / BLOCK
+        e = lane_mean - mean
+        cnt = k * BLOCK
+        m2 = tl.sum(lane_m2, axis=0) + k * tl.sum(e * e, axis=0)
+        if (p == P - 1) & (TAIL > 0):  # the sample's last, partial tile
+            m = i < TAIL
+            tail = base + tl.cast(FULL, tl.int64) * BLOCK
+            d = tl.where(m, tl.load(tail + i, mask=m, other=0.0).to(ACC) - pivot, 0.0)
+            n_t = tl.cast(TAIL, ACC)
+            dm = tl.sum(d, axis=0) / n_t
+            e = tl.where(m, d - dm, 0.0)
+            cnt, mean, m2 = _merge(cnt, mean, m2, n_t, dm, tl.sum(e * e, axis=0))
         tl.store(Cnt + n * P + p, cnt)
         tl.store(Mean + n * P + p, mean)
         tl.store(M2 + n * P + p, m2)
@@ -186,6 +245,41 @@ if HAS_TRITON:
             z = ((x - pivot) - mean) * rstd * w[:, None] + b[:, None]  # x - pivot is exact near the mean
             y = tl.where(z > 0, z, z * slope)
             tl.store(Y + base_off + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _apply_cl_kernel(X, Y, W, B, Cnt, Mean, M2, MeanOut, RstdOut, C, HW, sN, T, n_ct, TPP, P, eps, slope,
+                         BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FP64: tl.constexpr):
+        """channels_last apply: tile t of a sample is pixels [(t // n_ct) * BLOCK_HW, ...) x channel
+        block t % n_ct, channels fastest; with one channel block (C <= BLOCK_C) weight and bias
+        are loaded once."""
+        p = tl.program_id(0)
+        n = tl.program_id(1)
+        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P)
+        rstd = _rstd(m2 / total, eps, FP64)
+        pivot = tl.load(X + n.to(tl.int64) * sN).to(mean.dtype)
+        if p == 0:
+            tl.store(MeanOut + n, pivot + mean)
+            tl.store(RstdOut + n, rstd)
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+        hw = tl.arange(0, BLOCK_HW)
+        cc = tl.arange(0, BLOCK_C)
+        offs = hw[:, None] * C + cc[None, :]  # inside the tile: 32-bit
+        wv = tl.load(W + cc, mask=cc < C, other=0.0).to(ACC)[None, :] * rstd
+        bv = tl.load(B + cc, mask=cc < C, other=0.0).to(ACC)[None, :]
+        t_end = tl.minimum(p * TPP + TPP, T)
+        for t in range(p * TPP, t_end):
+            c0 = (t % n_ct) * BLOCK_C
+            hw0 = (t // n_ct) * BLOCK_HW
+            if n_ct > 1:
+                cm = c0 + cc < C
+                wv = tl.load(W + c0 + cc, mask=cm, other=0.0).to(ACC)[None, :] * rstd
+                bv = tl.load(B + c0 + cc, mask=cm, other=0.0).to(ACC)[None, :]
+            mask = (hw0 + hw < HW)[:, None] & (c0 + cc < C)[None, :]
+            start = n.to(tl.int64) * sN + hw0.to(tl.int64) * C + c0
+            x = tl.load(X + start + offs, mask=mask, other=0.0).to(ACC)
+            z = ((x - pivot) - mean) * wv + bv
+            y = tl.where(z > 0, z, z * slope)
+            tl.store(Y + start + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, FP64: tl.constexpr):
@@ -264,14 +358,14 @@ def _stats_torch(x, eps):
     return mean, torch.rsqrt(var + eps)
 
 
-def _launch_stats(x, plan):
-    n, c, h, w = x.shape
+def _launch_stats(x, num_programs):
+    """P partial (count, mean, M2) per sample, stacked (3, N, P)."""
+    n = x.shape[0]
     acc = _acc_dtype(x)
+    plan = _stats_plan(x, num_programs)
     part = torch.empty((3, n, plan["p"]), device=x.device, dtype=acc)
-    sN, sC, sHW = plan["strides"]
-    launch(_stats_kernel, (plan["p"], n), x, part[0], part[1], part[2], c, h * w, sN, sC, sHW, plan["tiles"],
-           plan["n_hwt"], plan["tpp"], plan["p"], BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"],
-           FP64=acc == torch.float64, num_warps=NUM_WARPS)
+    launch(_stats_kernel, (plan["p"], n), x, part[0], part[1], part[2], x.stride(0), plan["full"], plan["tail"],
+           plan["tpp"], plan["p"], BLOCK=plan["block"], FP64=acc == torch.float64, num_warps=NUM_WARPS)
     return part
 
 
@@ -292,17 +386,25 @@ def _layer_norm_lrelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         y = F.leaky_relu(z * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), negative_slope)
         return y.to(x.dtype).contiguous(memory_format=_format_of(x)), mean, rstd
     n, c, h, w = x.shape
-    plan = _plan(x, num_programs)
-    part = _launch_stats(x, plan)
-    acc = part.dtype
+    part = _launch_stats(x, num_programs)
+    acc, n_part = part.dtype, part.shape[2]
     mean = torch.empty(n, device=x.device, dtype=acc)
     rstd = torch.empty(n, device=x.device, dtype=acc)
     y = torch.empty_like(x)
+    fp64 = acc == torch.float64
+    if _is_channels_last(x):
+        plan = _apply_cl_plan(x, num_programs)
+        launch(_apply_cl_kernel, (plan["p"], n), x, y, weight, bias, part[0], part[1], part[2], mean, rstd, c, h * w,
+               x.stride(0), plan["tiles"], plan["n_ct"], plan["tpp"], n_part, eps, negative_slope,
+               BLOCK_HW=plan["block_hw"], BLOCK_C=plan["block_c"], BLOCK_P=next_pow2(n_part), FP64=fp64,
+               num_warps=NUM_WARPS)
+        return y, mean, rstd
+    plan = _plan(x, num_programs)
     sN, sC, sHW = plan["strides"]
     launch(_apply_kernel, (plan["p"], n), x, y, weight, bias, part[0], part[1], part[2], mean, rstd, c, h * w, sN,
-           sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], plan["p"], eps, negative_slope,
-           BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=plan["block_p"],
-           FP64=acc == torch.float64, num_warps=NUM_WARPS)
+           sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], n_part, eps, negative_slope,
+           BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=next_pow2(n_part), FP64=fp64,
+           num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
@@ -369,12 +471,11 @@ def _layer_norm_stats_op(x: torch.Tensor, eps: float, num_programs: Optional[int
     if not can_run(x):
         return _stats_torch(x, eps)
     n = x.shape[0]
-    plan = _plan(x, num_programs)
-    part = _launch_stats(x, plan)
+    part = _launch_stats(x, num_programs)
     mean = torch.empty(n, device=x.device, dtype=part.dtype)
     rstd = torch.empty(n, device=x.device, dtype=part.dtype)
-    launch(_finalize_kernel, (n,), x, part[0], part[1], part[2], mean, rstd, x.stride(0), plan["p"], eps, BLOCK_P=plan["block_p"],
-           FP64=part.dtype == torch.float64)
+    launch(_finalize_kernel, (n,), x, part[0], part[1], part[2], mean, rstd, x.stride(0), part.shape[2], eps,
+           BLOCK_P=next_pow2(part.shape[2]), FP64=part.dtype == torch.float64)
     return mean, rstd
 
 

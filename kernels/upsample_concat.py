@@ -4,10 +4,15 @@ inference-only variant that also applies the previous layer's norm + leaky ReLU 
     out = cat([interpolate(features, size=label.shape[-2:], mode="bilinear", align_corners=True), label], 1)
 
 Memory plan (the output's memory format picks the forward kernel):
-    _fwd_cl_kernel  channels_last: one program per (sample*output row, column block, channel block)
-                 writes a [BLOCK_W pixels, BLOCK_C channels] tile: each of the 4 bilinear taps is a
-                 contiguous channel vector of the source pixel, and the tile is stored as contiguous
-                 channel rows; the last channel block copies the label's channels.
+    _fwd_cl_kernel  channels_last: one program per (sample, block of ROWS output rows, column block,
+                 channel block) walks down its rows writing [BLOCK_W pixels, BLOCK_C channels] tiles,
+                 channels fastest (each bilinear tap is a contiguous channel vector). Interpolation is
+                 separable: it keeps the two source rows, already interpolated along x (and, fused,
+                 normalised), that the current output row blends, and loads the next one only when
+                 the walk reaches it: a source row serves about two output rows, so the taps are
+                 loaded and normalised half as often as per output pixel, and the x taps, weights
+                 and in-row offsets are computed once per program. Blocks past the features copy the
+                 label and write zeros into pad channels (a padded output, see channels_multiple).
     _fwd_kernel  NCHW: one program per (sample*channel, row block, column block): a feature channel
                  reads 4 taps per pixel from two source rows (cached; features are 4x smaller), a
                  label channel copies its row -> out written once, NCHW or channels_last (by
@@ -109,52 +114,85 @@ if HAS_TRITON:
             tl.store(optr, lv.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
-                       os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr,
+    def _hrow(Fe, row, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr, out_ty: tl.constexpr):
+        """Source row ``row`` (a scalar pointer) interpolated along x: a [BLOCK_W, BLOCK_C] fp32 tile,
+        each tap normalised first when APPLY_NORM."""
+        v0 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
+        v1 = tl.load(row + x1o, mask=mask, other=0.0).to(tl.float32)
+        if APPLY_NORM:
+            v0 = _norm_lrelu(v0, mu, g, bb, slope, out_ty)
+            v1 = _norm_lrelu(v1, mu, g, bb, slope, out_ty)
+        return (1.0 - lx) * v0 + lx * v1
+
+    @triton.jit
+    def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, CP, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
+                       os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CL: tl.constexpr):
-        """Program (n*H + y, column block, channel block): a [BLOCK_W, BLOCK_C] tile of output row y,
-        channels fastest. Channel blocks 0..cdiv(C, BLOCK_C)-1 interpolate features; the last copies
-        the label (BLOCK_CL channels)."""
-        ny = tl.program_id(0)
-        n = ny // H
-        y = ny % H
+        """Program (n*cdiv(H, ROWS) + row block, column block, channel block): ROWS output rows of a
+        [BLOCK_W pixels, BLOCK_C channels] tile, channels fastest. Feature blocks walk down the
+        rows keeping the two x-interpolated source rows the current row blends; a source row is
+        loaded (and normalised) only when the walk reaches it, about once per two output rows.
+        Blocks past the features copy the label, then write zeros into the CP pad channels."""
+        n_rb = tl.cdiv(H, ROWS)
+        n = tl.program_id(0) // n_rb
+        y_first = (tl.program_id(0) % n_rb) * ROWS
         cb = tl.program_id(2)
         x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         xm = x < W
-        orow = O + n.to(tl.int64) * os0 + y.to(tl.int64) * os2 + x.to(tl.int64)[:, None] * os3
-        if cb * BLOCK_C < C:
+        obase = O + n.to(tl.int64) * os0
+        n_fb = tl.cdiv(C, BLOCK_C)
+        if cb < n_fb:
             c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask = xm[:, None] & (c < C)[None, :]
-            y0, y1, ly = _taps(y, scale_h, h)
+            cm = c < C
+            mask = xm[:, None] & cm[None, :]
             x0, x1, lx = _taps(x, scale_w, w)
             lx = lx[:, None]
-            fb = Fe + n.to(tl.int64) * fs0 + c.to(tl.int64)[None, :] * fs1
-            r0 = fb + y0.to(tl.int64) * fs2
-            r1 = fb + y1.to(tl.int64) * fs2
-            c0 = x0.to(tl.int64)[:, None] * fs3
-            c1 = x1.to(tl.int64)[:, None] * fs3
-            v00 = tl.load(r0 + c0, mask=mask, other=0.0).to(tl.float32)
-            v01 = tl.load(r0 + c1, mask=mask, other=0.0).to(tl.float32)
-            v10 = tl.load(r1 + c0, mask=mask, other=0.0).to(tl.float32)
-            v11 = tl.load(r1 + c1, mask=mask, other=0.0).to(tl.float32)
+            x0o = x0[:, None] * fs3 + c[None, :] * fs1  # in-row offsets: int32, the row base is int64
+            x1o = x1[:, None] * fs3 + c[None, :] * fs1
+            oo = x[:, None] * os3 + c[None, :] * os1
+            fbase = Fe + n.to(tl.int64) * fs0
+            mu = 0.0
+            g = tl.zeros([1, BLOCK_C], tl.float32)
+            bb = tl.zeros([1, BLOCK_C], tl.float32)
             if APPLY_NORM:
                 mu = tl.load(Mean + n)
-                cm = c < C
                 g = (tl.load(Wn + c, mask=cm, other=0.0).to(tl.float32) * tl.load(Rstd + n))[None, :]
                 bb = tl.load(Bn + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-                v00 = _norm_lrelu(v00, mu, g, bb, slope, O.dtype.element_ty)
-                v01 = _norm_lrelu(v01, mu, g, bb, slope, O.dtype.element_ty)
-                v10 = _norm_lrelu(v10, mu, g, bb, slope, O.dtype.element_ty)
-                v11 = _norm_lrelu(v11, mu, g, bb, slope, O.dtype.element_ty)
-            up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-            tl.store(orow + c.to(tl.int64)[None, :] * os1, up.to(O.dtype.element_ty), mask=mask)
+            h0 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+            h1 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+            s0 = tl.zeros((), tl.int32) - 1  # source rows held in h0, h1
+            s1 = tl.zeros((), tl.int32) - 1
+            for r in range(ROWS):
+                y = y_first + r
+                if y < H:
+                    i0, i1, ly = _taps(y, scale_h, h)
+                    if i0 != s0:  # rows only move down: the new top row is the old bottom one or below
+                        if i0 == s1:
+                            h0 = h1
+                        else:
+                            h0 = _hrow(Fe, fbase + i0.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope,
+                                       APPLY_NORM, O.dtype.element_ty)
+                        if i1 == i0:
+                            h1 = h0
+                        else:
+                            h1 = _hrow(Fe, fbase + i1.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope,
+                                       APPLY_NORM, O.dtype.element_ty)
+                        s0 = i0
+                        s1 = i1
+                    up = (1.0 - ly) * h0 + ly * h1
+                    tl.store(obase + y.to(tl.int64) * os2 + oo, up.to(O.dtype.element_ty), mask=mask)
         else:
-            k = tl.arange(0, BLOCK_CL)
-            lmask = xm[:, None] & (k < CL)[None, :]
-            lptr = L + n.to(tl.int64) * ls0 + y.to(tl.int64) * ls2 + x.to(tl.int64)[:, None] * ls3 + \
-                k.to(tl.int64)[None, :] * ls1
-            lv = tl.load(lptr, mask=lmask, other=0.0)
-            tl.store(orow + (C + k).to(tl.int64)[None, :] * os1, lv.to(O.dtype.element_ty), mask=lmask)
+            k = (cb - n_fb) * BLOCK_CL + tl.arange(0, BLOCK_CL)
+            lm = xm[:, None] & (k < CL)[None, :]  # label channels; CL <= k < CL + CP: zeros
+            om = xm[:, None] & (k < CL + CP)[None, :]
+            lo = x[:, None] * ls3 + k[None, :] * ls1
+            lo_out = x[:, None] * os3 + (C + k)[None, :] * os1
+            lbase = L + n.to(tl.int64) * ls0
+            for r in range(ROWS):
+                y = y_first + r
+                if y < H:
+                    lv = tl.load(lbase + y.to(tl.int64) * ls2 + lo, mask=lm, other=0.0)
+                    tl.store(obase + y.to(tl.int64) * os2 + lo_out, lv.to(O.dtype.element_ty), mask=om)
 
     @triton.jit
     def _first_out(src, inv):
@@ -238,13 +276,24 @@ def _tile_shape(rows: int, cols: int, device) -> tuple[int, int]:
 def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget: int = 2048
                    ) -> tuple[int, int, int]:
     """[BLOCK_W, BLOCK_C] of the channels_last kernels (``budget`` elements on GPUs, at most 64
-    channels: 128-byte bf16 channel vectors per pixel), and BLOCK_CL covering every label channel."""
+    channels: 128-byte bf16 channel vectors per pixel), and BLOCK_CL for the label (+ pad) blocks."""
     budget = budget if device.type == "cuda" else 8192
     bc = min(next_pow2(channels), 64)
     bw = max(1, min(next_pow2(cols), budget // bc))
-    return bw, bc, next_pow2(label_channels)
+    return bw, bc, min(next_pow2(label_channels), 64)
 
 
+def _rows_per_program(rows: int, programs_per_row_block: int, device) -> int:
+    """Output rows one channels_last forward program walks: 16 (a source row is then loaded about
+    9 times per 16 output rows instead of 16), fewer where the grid would not fill the GPU four
+    times over; 4 under the interpreter, so that small test shapes cross row blocks."""
+    if device.type != "cuda":
+        return min(next_pow2(rows), 4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    r = min(next_pow2(rows), 16)
+    while r > 2 and cdiv(rows, r) * programs_per_row_block < 4 * sms:
+        r //= 2
+    return r
 
 
 def _check(features, label):
@@ -253,12 +302,13 @@ def _check(features, label):
                          f"{tuple(features.shape)} and {tuple(label.shape)}")
 
 
-def _padded_channels_last(n, c, h, w, multiple, like):
+def _padded_channels_last(n, c, h, w, multiple, like, zeros=False):
     """(n, c, h, w) channels_last view of a buffer whose pixels hold c rounded up to ``multiple``
-    channels: each pixel's row then starts 16-byte aligned for the conv that reads it; the pad
-    channels are never written or read."""
+    channels: each pixel's row then starts 16-byte aligned for the conv that reads it. The forward
+    kernel writes zeros into the pad channels (a conv may read them, with zero weights)."""
     cs = cdiv(c, multiple) * multiple
-    return torch.empty((n, h, w, cs), device=like.device, dtype=like.dtype).permute(0, 3, 1, 2)[:, :c]
+    alloc = torch.zeros if zeros else torch.empty
+    return alloc((n, h, w, cs), device=like.device, dtype=like.dtype).permute(0, 3, 1, 2)[:, :c]
 
 
 def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
@@ -266,16 +316,21 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
     cl, H, W = label.shape[1:]
     channels_last = _out_channels_last(features, label)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    pad = 0
     if channels_last and multiple > 1:
         out = _padded_channels_last(n, c + cl, H, W, multiple, features)
+        pad = out.stride(3) - (c + cl)
     else:
         out = torch.empty((n, c + cl, H, W), device=features.device, dtype=features.dtype, memory_format=fmt)
     mean, rstd, wn, bn = norm if norm is not None else (features,) * 4
-    args = (features, label, out, mean, rstd, wn, bn, c, cl, H, W, h, w, *features.stride(), *label.stride(),
+    sizes = (c, cl, pad, H, W, h, w) if channels_last else (c, cl, H, W, h, w)
+    args = (features, label, out, mean, rstd, wn, bn, *sizes, *features.stride(), *label.stride(),
             *out.stride(), _scale(h, H), _scale(w, W), slope)
     if channels_last:
-        bw, bc, bcl = _tile_shape_cl(W, c, cl, features.device)
-        launch(_fwd_cl_kernel, (n * H, cdiv(W, bw), cdiv(c, bc) + 1), *args, APPLY_NORM=norm is not None,
+        bw, bc, bcl = _tile_shape_cl(W, c, cl + pad, features.device)
+        blocks = (cdiv(W, bw), cdiv(c, bc) + cdiv(cl + pad, bcl))
+        rows = _rows_per_program(H, blocks[0] * blocks[1], features.device)
+        launch(_fwd_cl_kernel, (n * cdiv(H, rows), *blocks), *args, APPLY_NORM=norm is not None, ROWS=rows,
                BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, num_warps=4)
     else:
         bh, bw = _tile_shape(H, W, features.device)
@@ -357,13 +412,14 @@ def _norm_lrelu_upsample_concat_op(x: torch.Tensor, mean: torch.Tensor, rstd: to
                                    channels_multiple: int = 1) -> torch.Tensor:
     """Inference only: upsample_concat(leaky_relu(layer_norm(x) * weight + bias), label) with the
     norm applied to each bilinear tap, from per-sample mean/rstd (layer_norm_stats). A channels_last
-    output's pixel stride is the channel count rounded up to ``channels_multiple``."""
+    output's pixel stride is the channel count rounded up to ``channels_multiple``, and the pad
+    channels (in memory past the view's last channel) hold zeros."""
     _check(x, label)
     if not can_run(x):
         ref = norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)
         if not _out_channels_last(x, label):
             return ref.contiguous()
-        out = _padded_channels_last(*ref.shape, max(1, channels_multiple), ref)
+        out = _padded_channels_last(*ref.shape, max(1, channels_multiple), ref, zeros=True)
         return out.copy_(ref)
     return _launch_fwd(x, label, (mean.float(), rstd.float(), weight, bias), negative_slope, max(1, channels_multiple))
 
@@ -378,8 +434,8 @@ def norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, negative_slop
                                channels_multiple: int = 1):
     """Inference-only fusion of module i's last norm + leaky ReLU with module i+1's upsample +
     concat: reads x (the raw conv output) at low resolution and writes the next module's input
-    (channels_last: each pixel's channels padded to ``channels_multiple`` in memory, for aligned
-    conv loads). With autograd recording, it runs the differentiable reference instead."""
+    (channels_last: each pixel's channels padded with zeros to ``channels_multiple`` in memory, for
+    aligned conv loads). With autograd recording, it runs the differentiable reference instead."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)
     return torch.ops.crn_fast.norm_lrelu_upsample_concat(x, mean, rstd, weight, bias, label, float(negative_slope),

@@ -64,11 +64,14 @@ def main(arch: int = 90) -> int:
         a = "fp32"
         ln = dict(BLOCK_C=4, BLOCK_HW=1024, FP64=False)
         kernels = [
-            (L._stats_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a}, [], ln),
+            (L._stats_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a}, [], dict(BLOCK=4096, FP64=False)),
             (L._finalize_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a, "RstdOut": a}, ["eps"],
              dict(BLOCK_P=1024, FP64=False)),
             (L._apply_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a,
                                "RstdOut": a}, ["eps", "slope"], dict(ln, BLOCK_P=1024)),
+            *[(L._apply_cl_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a,
+                                    "RstdOut": a}, ["eps", "slope"], dict(BLOCK_HW=hw, BLOCK_C=4096 // hw, BLOCK_P=1024,
+                                                                          FP64=False)) for hw in (4, 128)],
             (L._bwd_reduce_kernel, {"X": dt, "DY": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a, "S2": a,
                                     "DWp": a, "DBp": a}, ["slope"], ln),
             (L._bwd_dx_kernel, {"X": dt, "DY": dt, "DX": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a,
@@ -80,7 +83,7 @@ def main(arch: int = 90) -> int:
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_H=1, BLOCK_W=1024)) for norm in (False, True)] \
           + [(U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
-              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32))
+              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32))
              for norm in (False, True)]
         for fn, ptrs, floats, const in kernels:
             warps = L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched

@@ -117,7 +117,11 @@ def test_layer_norm_backward_is_deterministic():
     assert all(torch.equal(a, c) for a, c in zip(g1, g2))
 
 
-UP_CASES = [(1, 3, 4, 8, 8, 16), (2, 5, 3, 5, 6, 10), (1, 4, 5, 7, 9, 13), (2, 2, 1, 2, 2, 4), (1, 6, 7, 3, 14, 6)]
+# (n, c, h, w, H, W). The channels_last forward walks blocks of 4 output rows on CPU: the cases
+# cross row blocks, end in partial ones, keep one source row (h=1), skip source rows (H < h), map
+# rows 1:1 (H = h) and put 3 output rows between two source rows (17 from 3).
+UP_CASES = [(1, 3, 4, 8, 8, 16), (2, 5, 3, 5, 6, 10), (1, 4, 5, 7, 9, 13), (2, 2, 1, 2, 2, 4), (1, 6, 7, 3, 14, 6),
+            (1, 3, 9, 6, 5, 4), (1, 2, 6, 5, 6, 5), (1, 3, 3, 4, 17, 9)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -182,6 +186,26 @@ def test_fused_norm_lrelu_upsample_concat(dtype, channels_last):
     ref = K.upsample_concat_reference(K.layer_norm_lrelu_reference(x.float(), w.float(), b.float()), lab.float())
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(out.float(), ref, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_padded_output_has_zero_pad_channels(multiple):
+    """channels_multiple pads each pixel's channels in memory; the kernel writes the pad's zeros
+    (cuDNN's conv1 reads them with zero weights), whatever the buffer held before."""
+    x, w, b = ln_inputs((1, 70, 3, 5), torch.float32, True, seed=4)
+    lab = one_hot(torch.randint(0, 20, (1, 6, 10), generator=torch.Generator().manual_seed(4))).to(DEV)
+    mean, rstd = K.layer_norm_stats(x)
+    for _ in range(3):  # freed NaN memory of the buffer's size, for the allocator to hand back
+        junk = torch.full((6 * 10 * 96,), float("nan"), device=DEV)
+        del junk
+        with torch.no_grad():
+            out = K.norm_lrelu_upsample_concat(x, mean, rstd, w, b, lab, channels_multiple=multiple)
+        cs = -(-90 // multiple) * multiple
+        assert out.shape == (1, 90, 6, 10) and out.stride() == (60 * cs, 1, 10 * cs, cs)
+        full = out.as_strided((1, cs, 6, 10), out.stride())
+        assert torch.equal(full[:, 90:], torch.zeros_like(full[:, 90:]))
+        ref = K.norm_lrelu_upsample_concat_reference(x, mean, rstd, w, b, lab)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
 def test_channels_last_upsample_with_nchw_label_and_wide_features():
