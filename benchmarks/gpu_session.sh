@@ -13,7 +13,8 @@
 # Each step has its own time limit (x scale); after every step all results are packed into
 # $OUT/gpu_results.tar.gz (the device tool returns at most 8 files) beside the log.
 # Usage: bash benchmarks/gpu_session.sh [scale]          (about 8.5 minutes at scale 1 on an H100)
-#        CRN_GPU_FOLLOWUP=1 bash benchmarks/gpu_session.sh  (what the first H100 session left: ~8.5 min)
+#        CRN_GPU_FOLLOWUP=1 bash benchmarks/gpu_session.sh  (what the first H100 session left and the
+#                                                           kernels built after it: ~8.5 min)
 #        CRN_GPU_SMOKE=1 bash benchmarks/gpu_session.sh  (CPU: every step at tiny sizes, to test the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,23 +45,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
 
 if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
-  # What the first H100 session (2026-11-28) left unmeasured: the padded conv1 path end to end, and
-  # max-autotune (its conv autotuning took > 185 s) and NCHW compile in the same run; then the
-  # profile's kernel sequence and the compiled tests from the AOTInductor package on.
-  step "F1. the race at $R: crn_fast vs every torch.compile mode"
-  race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,compile:bf16:nchw"
+  # What the first H100 session (2026-11-28) left, and what was built after it without a GPU:
+  # the rewritten channels_last kernels (upsample-concat row walk, flat layer-norm statistics,
+  # whole-pixel apply tiles) and the zero-padded conv1 path, measured kernel by kernel and end to
+  # end; max-autotune and NCHW compile in the same race; the profile split by module ranges; the
+  # compiled tests. Most informative first: each step packs its files before the next starts.
+  step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
+  timeout $((60 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile --no-conv \
+    --json "$res/kernels_${gpu}.json" 2>&1 | tail -70 >> "$log"; pack
+  step "F2. the race at $R: crn_fast vs every torch.compile mode"
+  race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton:bf16:channels_last"
   race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
-  race+=",compile-max-autotune:bf16:channels_last,triton-cudagraph:bf16:nchw"
+  race+=",compile-max-autotune:bf16:channels_last,compile:bf16:nchw,triton-cudagraph:bf16:nchw"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
-  timeout $((330 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((320 * s)) \
+  timeout $((300 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((290 * s)) \
     --json "$res/${gpu}_${R}.json" 2>&1 | grep -v "^  triton_\|AUTOTUNE\|strides:\|dtypes:" | tail -30 >> "$log"; pack
-  step "F2. per-module profile, kernel sequence saved"
+  step "F3. per-module profile (module ranges), kernel sequence saved"
   timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton \
     --out "$res/profile_${gpu}_${R}" 2>&1 | tail -20 >> "$log"; pack
-  step "F3. compiled tests from the AOTInductor package on"
-  CRN_FAST_CONV_TUNE=0 timeout $((120 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
-    tests/test_export.py tests/test_kernels.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
-  step "F4. the targets"
+  step "F4. compiled tests: kernels first, then the AOTInductor package on"
+  CRN_FAST_CONV_TUNE=0 timeout $((110 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
+    tests/test_kernels.py tests/test_export.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
+  step "F5. the targets"
   python3 benchmarks/targets.py --results "$res" --device "$gpu" --res $R --out "$res/targets_${gpu}.md" >> "$log" 2>&1
   step "done"
   cp "$log" "$res/${gpu}_gpu_session.log"; pack

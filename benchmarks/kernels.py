@@ -6,8 +6,11 @@ shape of a preset (default: 1024p at 1024x2048, batch 1).
 
 Bytes moved (the roofline denominator):
     layer_norm_lrelu         2 reads + 1 write of x (stats pass, apply pass)
+    layer_norm_stats         1 read of x (the statistics of a conv2 output, inference path)
     upsample_concat          read features + read label + write the concatenated output
     norm_lrelu_upsample_cat  read the raw conv output twice (stats, gather) + label + write output
+                             (channels_last: padded to 8 channels per pixel, as the triton
+                             inference path hands it to cuDNN; the pad's zeros are written too)
 Achieved GB/s is compared with the measured device-to-device copy bandwidth (read + write).
 On a GPU, each module's convs: cuDNN (+ the triton layer norm) against the fused conv kernel
 (kernels/conv_norm.py), in TFLOP/s.
@@ -61,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default=None, help="default: bf16,fp32 on GPU, fp32 on CPU")
     ap.add_argument("--iters", type=int, default=5, help="CPU timing repeats (GPU uses do_bench)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--no-conv", action="store_true", help="skip the conv rows (GPU)")
     ap.add_argument("--formats", default="nchw,channels_last", help="memory formats (default: both)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -87,10 +91,14 @@ def main(argv=None):
             impls = {"eager": lambda: ln_ref(x, wt, bs, LN_EPS, LEAKY_SLOPE)}
             if ln_c:
                 impls["compile"] = lambda: ln_c(x, wt, bs, LN_EPS, LEAKY_SLOPE)
-            if cuda:
+            triton_ok = K.can_run(x)  # a GPU, or CPU tensors under TRITON_INTERPRET=1 (the test's smoke run)
+            if triton_ok:
                 impls["triton"] = lambda: K.layer_norm_lrelu(x, wt, bs)
             nbytes = 3 * x.numel() * x.element_size()
             rows += _measure("layer_norm_lrelu", i, (1, c, h, w), dname, impls, nbytes, bw, device, args.iters, fname)
+            if triton_ok:
+                rows += _measure("layer_norm_stats", i, (1, c, h, w), dname, {"triton": lambda: K.layer_norm_stats(x)},
+                                 x.numel() * x.element_size(), bw, device, args.iters, fname)
             if prev is None:
                 continue
             f = torch.randn(1, *prev, device=device, dtype=dt).contiguous(memory_format=fmt)
@@ -98,17 +106,19 @@ def main(argv=None):
             impls = {"eager": lambda: up_ref(f, lab)}
             if up_c:
                 impls["compile"] = lambda: up_c(f, lab)
-            if cuda:
+            if triton_ok:
                 impls["triton"] = lambda: K.upsample_concat(f, lab)
             nbytes = (f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
             rows += _measure("upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw, device, args.iters,
                              fname)
-            if cuda:  # inference fusion: module i-1's norm + lrelu inside module i's upsample + concat
-                mean, rstd = K.layer_norm_stats(f)
+            if triton_ok:  # inference fusion: module i-1's norm + lrelu inside module i's upsample + concat
                 wp, bp = torch.ones(prev[0], device=device, dtype=dt), torch.zeros(prev[0], device=device, dtype=dt)
+                cm = 8 if fname == "channels_last" else 1  # the model's CUDNN_CHANNELS padding
                 impls = {"unfused (triton ln + upsample)": lambda: K.upsample_concat(K.layer_norm_lrelu(f, wp, bp), lab),
-                         "triton fused": lambda: K.norm_lrelu_upsample_concat(f, *K.layer_norm_stats(f), wp, bp, lab)}
-                nbytes = (2 * f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
+                         "triton fused": lambda: K.norm_lrelu_upsample_concat(f, *K.layer_norm_stats(f), wp, bp, lab,
+                                                                              channels_multiple=cm)}
+                out_c = -(-(f.shape[1] + lab.shape[1]) // cm) * cm
+                nbytes = (2 * f.numel() + lab.numel() + out_c * h * w) * f.element_size()
                 rows += _measure("norm_lrelu_upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw,
                                  device, args.iters, fname)
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"kernels_{device_label(device)}_{args.preset}.json")
@@ -119,7 +129,7 @@ def main(argv=None):
                                            "preset": args.preset, "resolution": list(size), "rows": rows,
                                            **({} if final else {"partial": True})}, indent=2))
     save()
-    if cuda and "channels_last" in args.formats.split(","):
+    if cuda and "channels_last" in args.formats.split(",") and not args.no_conv:
         for dname in dtypes:
             conv_rows(config, size, DTYPES[dname], dname, device, rows, on_module=save)
     save(final=True)
@@ -180,7 +190,7 @@ def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nc
             except Exception as e:  # e.g. compile failing on a shape: report, keep going
                 print(f"{op} {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
     rows = []
-    base = res.get("eager") or res.get("unfused (triton ln + upsample)")
+    base = res.get("eager") or res.get("unfused (triton ln + upsample)") or next(iter(res.values()), None)
     for name, ms in res.items():
         gbs = nbytes / (ms / 1e3) / 1e9
         row = {"op": op, "module": module, "shape": list(shape), "dtype": dname, "format": fmt, "impl": name, "ms": ms,

@@ -3,15 +3,22 @@
     python benchmarks/profile_stages.py --res 1024x2048 --dtype bf16          # GPU: triton and the best compile mode
     python benchmarks/profile_stages.py --preset tiny --res 64x128 --variants eager   # CPU smoke
 
-Every device kernel (GPU) or top-level aten op (CPU) of one profiled forward is put in a stage by
-its name: conv (cuDNN / CUTLASS / oneDNN convolutions and GEMMs), norm (layer-norm statistics,
-apply, Inductor's reductions), upsample/concat (the bilinear gather, cat, Inductor's fused
-upsample kernels) or other (casts, copies, the head's epilogue). Each kernel is charged to the
-module of the most recent convolution (every module runs exactly two convs, then the head one; a
-run of consecutive conv kernels counts as one), so a module's upsample-concat is charged to the
-module that reads its output, and Inductor's fused kernels land where they run. Inductor's
-pointwise/reduction kernels are named after the ops they read (``triton_red_fused_convolution_...``):
-only its templates (``triton_tem_``) count as convs. Writes results/profile_<device>_<res>.{json,md}.
+Every device kernel (GPU) or top-level aten / crn_fast op (CPU) of one profiled forward is put in
+a stage by its name: conv (cuDNN / CUTLASS / oneDNN convolutions and GEMMs), norm (layer-norm
+statistics, apply, Inductor's reductions), upsample/concat (the bilinear gather, cat, Inductor's
+fused upsample kernels) or other (casts, copies, the head's epilogue).
+
+Modules: crn_fast's own variants (eager, triton*) run each refinement module, and the head conv,
+inside a profiler range (``crn_module_<i>``, ``crn_module_head``; hooks added here, nothing in the
+model): a kernel is charged to the innermost range around the op that launched it (torch links
+each kernel to that op), so a module's upsample-concat is charged to the module that reads its
+output, and the fused conv's head lands in the last module; "outside" is the layout's cast and
+area pyramid and the head's 0..255 epilogue (eager). Compiled graphs have no module
+boundaries left: their kernels are charged to the module of the most recent convolution (every
+module runs exactly two convs, then the head one; a run of consecutive conv kernels counts as
+one). Inductor's pointwise/reduction kernels are named after the ops they read
+(``triton_red_fused_convolution_...``): only its templates (``triton_tem_``) count as convs.
+Writes results/profile_<device>_<res>.{json,md}.
 """
 from __future__ import annotations
 
@@ -54,19 +61,46 @@ VARIANTS = ("eager", "triton", "triton-fusedconv", "compile", "compile-max-autot
             "compile-reduce-overhead")
 
 
+ANNOTATION = "crn_module_"
+
+
+def annotate_modules(model: CRN) -> CRN:
+    """Run each refinement module (eager path: RefinementModule.forward; triton inference path:
+    CRN._inference_step) and the head conv inside a profiler range named ANNOTATION + index/head."""
+    from torch.autograd.profiler import record_function
+
+    def ranged(label, fn):
+        def call(*args, **kwargs):
+            with record_function(f"{ANNOTATION}{label}"):
+                return fn(*args, **kwargs)
+        return call
+    for i, module in enumerate(model.refine):
+        module.forward = ranged(i, module.forward)
+    model.head.forward = ranged("head", model.head.forward)
+    step = model._inference_step
+    model._inference_step = lambda i, *args, **kwargs: ranged(i, step)(i, *args, **kwargs)
+    return model
+
+
 def build(variant, config, device, dtype):
     m = CRN(config).to(device, dtype).eval()
     if variant == "eager":
-        return m
+        return annotate_modules(m)
     if variant in ("triton", "triton-fusedconv"):
         m.fused_conv = variant == "triton-fusedconv"  # its convs carry the norms: "conv" includes them
-        return m.set_backend("triton")
+        return annotate_modules(m.set_backend("triton"))
     from crn_fast.export import compile_generator
     mode = variant.removeprefix("compile-") if variant != "compile" else "default"
     return compile_generator(m, mode=mode, freezing=True)
 
 
+_OPS = ("aten::", "crn_fast::")
+
+
 def profile_once(fn, x, cuda):
+    """(events, modules): events = [(start, name, ms)] of every kernel (GPU) or top-level op (CPU),
+    in order; modules = the module label of each event from the profiler ranges, or None when the
+    forward has none (compiled graphs)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
@@ -78,22 +112,54 @@ def profile_once(fn, x, cuda):
             fn(x)
             if cuda:
                 torch.cuda.synchronize()
-    events = []
+    cpu = torch.autograd.DeviceType.CPU
+    all_events = prof.events()
+    ranges = [(e.time_range.start, e.time_range.end, e.name[len(ANNOTATION):]) for e in all_events
+              if e.device_type == cpu and e.name.startswith(ANNOTATION)]
+
+    def module_at(t):  # the innermost range open at time t (the latest to start)
+        inside = [r for r in ranges if r[0] <= t <= r[1]]
+        return max(inside)[2] if inside else "outside"
+    events, modules = [], []
     if cuda:
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                events.append((e.time_range.start, e.name, e.device_time / 1e3))
-    else:  # top-level aten ops (no parent op), in order
-        for e in prof.events():
-            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
+        for e in all_events:  # a kernel is linked to the innermost op that launched it
+            if e.device_type == cpu and e.kernels:
+                modules += [module_at(e.time_range.start)] * len(e.kernels)
+                events += [(e.time_range.start, k.name, k.duration / 1e3) for k in e.kernels]
+        kernels = sorted((e.time_range.start, e.name, e.device_time / 1e3) for e in all_events
+                         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(ANNOTATION)
+                         and not getattr(e, "is_user_annotation", False))
+        if not ranges:  # compiled: order kernels by their own device start time instead
+            events = kernels
+        else:  # kernels torch linked to no op are counted, not hidden
+            missing = sum(ms for *_, ms in kernels) - sum(ms for *_, ms in events)
+            if missing > 1e-3:
+                events.append((float("inf"), "kernels linked to no op", missing))
+                modules.append("unlinked")
+    else:  # top-level ops (no parent op), in order
+        for e in all_events:
+            if e.name.startswith(_OPS) and (e.cpu_parent is None or not e.cpu_parent.name.startswith(_OPS)):
                 events.append((e.time_range.start, e.name, e.cpu_time_total / 1e3))
-    return sorted(events)
+                modules.append(module_at(e.time_range.start))
+    order = sorted(range(len(events)), key=lambda i: events[i][0])
+    events = [events[i] for i in order]
+    return events, ([modules[i] for i in order] if ranges else None)
+
+
+def attribute_by_module(events, modules, n_modules):
+    """{module: {stage: ms}} from each event's module label (profile_once), modules in order."""
+    labels = [str(i) for i in range(n_modules)] + ["head"]
+    table = {}
+    for (_, name, ms), mod in zip(events, modules):
+        table.setdefault(mod, dict.fromkeys(STAGES, 0.0))[stage_of(name)] += ms
+    return {k: table[k] for k in labels + sorted(set(table) - set(labels)) if k in table}
 
 
 def attribute(events, n_modules):
-    """{module: {stage: ms}} with modules 0..n-1 and 'head'. A run of consecutive conv kernels is
-    one convolution (cuDNN may launch a layout transform, the GEMM and a split-K reduction for one
-    conv); a CRN never runs two convs without a norm between them."""
+    """{module: {stage: ms}} with modules 0..n-1 and 'head', by counting convolutions (compiled
+    graphs). A run of consecutive conv kernels is one convolution (cuDNN may launch a layout
+    transform, the GEMM and a split-K reduction for one conv); a CRN never runs two convs without
+    a norm between them."""
     table, convs, prev = {}, 0, None
     for _, name, ms in events:
         stage = stage_of(name)
@@ -148,10 +214,12 @@ def main(argv=None):
     for v in variants:  # saved after each: a run cut short by a time limit keeps the variants it finished
         try:
             fn = build(v, config, device, dtype)
-            events = profile_once(fn, x, cuda)
-            results[v] = attribute(events, config.num_modules)
-            # the kernel sequence itself (name, stage, ms), so a wrong module split can be traced
-            kernels[v] = [[name, stage_of(name), round(ms, 5)] for _, name, ms in events]
+            events, modules = profile_once(fn, x, cuda)
+            results[v] = attribute(events, config.num_modules) if modules is None else \
+                attribute_by_module(events, modules, config.num_modules)
+            # the kernel sequence itself (name, stage, ms, module), so the split can be checked
+            kernels[v] = [[name, stage_of(name), round(ms, 5), *([] if modules is None else [modules[i]])]
+                          for i, (_, name, ms) in enumerate(events)]
         except Exception as e:  # one variant that breaks is recorded, the others still run
             errors[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"{v}: {errors[v]}", file=sys.stderr)

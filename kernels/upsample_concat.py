@@ -128,15 +128,17 @@ if HAS_TRITON:
     def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, CP, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
                        os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CL: tl.constexpr):
-        """Program (n*cdiv(H, ROWS) + row block, column block, channel block): ROWS output rows of a
+        """Program (channel block, column block, n*cdiv(H, ROWS) + row block): ROWS output rows of a
         [BLOCK_W pixels, BLOCK_C channels] tile, channels fastest. Feature blocks walk down the
         rows keeping the two x-interpolated source rows the current row blends; a source row is
         loaded (and normalised) only when the walk reaches it, about once per two output rows.
-        Blocks past the features copy the label, then write zeros into the CP pad channels."""
+        Blocks past the features copy the label, then write zeros into the CP pad channels.
+        The channel block is the fastest grid axis: the programs writing the same pixels run
+        together, so L2 merges the sectors they share before they reach DRAM."""
         n_rb = tl.cdiv(H, ROWS)
-        n = tl.program_id(0) // n_rb
-        y_first = (tl.program_id(0) % n_rb) * ROWS
-        cb = tl.program_id(2)
+        n = tl.program_id(2) // n_rb
+        y_first = (tl.program_id(2) % n_rb) * ROWS
+        cb = tl.program_id(0)
         x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         xm = x < W
         obase = O + n.to(tl.int64) * os0
@@ -283,16 +285,20 @@ def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget
     return bw, bc, min(next_pow2(label_channels), 64)
 
 
-def _rows_per_program(rows: int, programs_per_row_block: int, device) -> int:
+def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device) -> int:
     """Output rows one channels_last forward program walks: 16 (a source row is then loaded about
     9 times per 16 output rows instead of 16), fewer where the grid would not fill the GPU four
-    times over; 4 under the interpreter, so that small test shapes cross row blocks."""
+    times over; 4 under the interpreter, so that small test shapes cross row blocks. More where
+    batch x row blocks would pass the grid's 65535 limit."""
     if device.type != "cuda":
-        return min(next_pow2(rows), 4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    r = min(next_pow2(rows), 16)
-    while r > 2 and cdiv(rows, r) * programs_per_row_block < 4 * sms:
-        r //= 2
+        r = min(next_pow2(rows), 4)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        r = min(next_pow2(rows), 16)
+        while r > 2 and batch * cdiv(rows, r) * programs_per_row_block < 4 * sms:
+            r //= 2
+    while batch * cdiv(rows, r) > 65535 and r < rows:
+        r *= 2
     return r
 
 
@@ -328,9 +334,9 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
             *out.stride(), _scale(h, H), _scale(w, W), slope)
     if channels_last:
         bw, bc, bcl = _tile_shape_cl(W, c, cl + pad, features.device)
-        blocks = (cdiv(W, bw), cdiv(c, bc) + cdiv(cl + pad, bcl))
-        rows = _rows_per_program(H, blocks[0] * blocks[1], features.device)
-        launch(_fwd_cl_kernel, (n * cdiv(H, rows), *blocks), *args, APPLY_NORM=norm is not None, ROWS=rows,
+        blocks = (cdiv(c, bc) + cdiv(cl + pad, bcl), cdiv(W, bw))
+        rows = _rows_per_program(H, n, blocks[0] * blocks[1], features.device)
+        launch(_fwd_cl_kernel, (*blocks, n * cdiv(H, rows)), *args, APPLY_NORM=norm is not None, ROWS=rows,
                BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, num_warps=4)
     else:
         bh, bw = _tile_shape(H, W, features.device)
