@@ -102,10 +102,10 @@ if HAS_TRITON:
                 mu = tl.load(Mean + n)
                 g = tl.load(Wn + c).to(tl.float32) * tl.load(Rstd + n)
                 bb = tl.load(Bn + c).to(tl.float32)
-                v00 = _norm_lrelu(v00, mu, g, bb, slope, O.dtype.element_ty)
-                v01 = _norm_lrelu(v01, mu, g, bb, slope, O.dtype.element_ty)
-                v10 = _norm_lrelu(v10, mu, g, bb, slope, O.dtype.element_ty)
-                v11 = _norm_lrelu(v11, mu, g, bb, slope, O.dtype.element_ty)
+                v00 = _norm_lrelu(v00, mu, g, bb, slope)
+                v01 = _norm_lrelu(v01, mu, g, bb, slope)
+                v10 = _norm_lrelu(v10, mu, g, bb, slope)
+                v11 = _norm_lrelu(v11, mu, g, bb, slope)
             up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
             tl.store(optr, up.to(O.dtype.element_ty), mask=mask)
         else:
@@ -114,14 +114,14 @@ if HAS_TRITON:
             tl.store(optr, lv.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _hrow(Fe, row, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr, out_ty: tl.constexpr):
+    def _hrow(Fe, row, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr):
         """Source row ``row`` (a scalar pointer) interpolated along x: a [BLOCK_W, BLOCK_C] fp32 tile,
         each tap normalised first when APPLY_NORM."""
         v0 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
         v1 = tl.load(row + x1o, mask=mask, other=0.0).to(tl.float32)
         if APPLY_NORM:
-            v0 = _norm_lrelu(v0, mu, g, bb, slope, out_ty)
-            v1 = _norm_lrelu(v1, mu, g, bb, slope, out_ty)
+            v0 = _norm_lrelu(v0, mu, g, bb, slope)
+            v1 = _norm_lrelu(v1, mu, g, bb, slope)
         return (1.0 - lx) * v0 + lx * v1
 
     @triton.jit
@@ -173,12 +173,12 @@ if HAS_TRITON:
                             h0 = h1
                         else:
                             h0 = _hrow(Fe, fbase + i0.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope,
-                                       APPLY_NORM, O.dtype.element_ty)
+                                       APPLY_NORM)
                         if i1 == i0:
                             h1 = h0
                         else:
                             h1 = _hrow(Fe, fbase + i1.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope,
-                                       APPLY_NORM, O.dtype.element_ty)
+                                       APPLY_NORM)
                         s0 = i0
                         s1 = i1
                     up = (1.0 - ly) * h0 + ly * h1
@@ -210,9 +210,11 @@ if HAS_TRITON:
         return tl.where(pos < size_out, wgt, 0.0)
 
     @triton.jit
-    def _norm_lrelu(v, mu, g, b, slope, out_ty: tl.constexpr):
+    def _norm_lrelu(v, mu, g, b, slope):
+        """The previous layer's norm + leaky ReLU of a tap, kept in fp32 (not rounded to the
+        features' dtype first: one rounding fewer than storing it, as Inductor's fusion does)."""
         z = (v - mu) * g + b
-        return tl.where(z > 0, z, z * slope).to(out_ty).to(tl.float32)  # rounded as if stored
+        return tl.where(z > 0, z, z * slope)
 
     @triton.jit
     def _gather_taps(gb, sy, sx, mask, acc, gs2, gs3, H, W, h, w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w):
