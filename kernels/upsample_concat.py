@@ -127,14 +127,19 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, CP, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
                        os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CL: tl.constexpr):
+                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CL: tl.constexpr, PIX: tl.constexpr,
+                       LPIX: tl.constexpr):
         """Program (channel block, column block, n*cdiv(H, ROWS) + row block): ROWS output rows of a
         [BLOCK_W pixels, BLOCK_C channels] tile, channels fastest. Feature blocks walk down the
         rows keeping the two x-interpolated source rows the current row blends; a source row is
         loaded (and normalised) only when the walk reaches it, about once per two output rows.
         Blocks past the features copy the label, then write zeros into the CP pad channels.
         The channel block is the fastest grid axis: the programs writing the same pixels run
-        together, so L2 merges the sectors they share before they reach DRAM."""
+        together, so L2 merges the sectors they share before they reach DRAM. PIX: a power of two
+        dividing the output's pixel stride os3, written as a factor so the compiler can prove
+        16-byte-aligned channel vectors and store them whole (Triton only learns divisibility by
+        16 from an argument, and padded strides such as 1048, 536 and 152 are multiples of 8);
+        LPIX the same for the label's pixel stride ls3 (20 classes: 4)."""
         n_rb = tl.cdiv(H, ROWS)
         n = tl.program_id(2) // n_rb
         y_first = (tl.program_id(2) % n_rb) * ROWS
@@ -151,7 +156,8 @@ if HAS_TRITON:
             lx = lx[:, None]
             x0o = x0[:, None] * fs3 + c[None, :] * fs1  # in-row offsets: int32, the row base is int64
             x1o = x1[:, None] * fs3 + c[None, :] * fs1
-            oo = x[:, None] * os3 + c[None, :] * os1
+            px = x * (os3 // PIX) * PIX
+            oo = px[:, None] + c[None, :] * os1
             fbase = Fe + n.to(tl.int64) * fs0
             mu = 0.0
             g = tl.zeros([1, BLOCK_C], tl.float32)
@@ -187,8 +193,8 @@ if HAS_TRITON:
             k = (cb - n_fb) * BLOCK_CL + tl.arange(0, BLOCK_CL)
             lm = xm[:, None] & (k < CL)[None, :]  # label channels; CL <= k < CL + CP: zeros
             om = xm[:, None] & (k < CL + CP)[None, :]
-            lo = x[:, None] * ls3 + k[None, :] * ls1
-            lo_out = x[:, None] * os3 + (C + k)[None, :] * os1
+            lo = (x * (ls3 // LPIX) * LPIX)[:, None] + k[None, :] * ls1
+            lo_out = (x * (os3 // PIX) * PIX)[:, None] + (C + k)[None, :] * os1
             lbase = L + n.to(tl.int64) * ls0
             for r in range(ROWS):
                 y = y_first + r
@@ -339,7 +345,8 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
         blocks = (cdiv(c, bc) + cdiv(cl + pad, bcl), cdiv(W, bw))
         rows = _rows_per_program(H, n, blocks[0] * blocks[1], features.device)
         launch(_fwd_cl_kernel, (*blocks, n * cdiv(H, rows)), *args, APPLY_NORM=norm is not None, ROWS=rows,
-               BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, num_warps=4)
+               BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, PIX=math.gcd(out.stride(3), 16),
+               LPIX=math.gcd(label.stride(3), 16), num_warps=4)
     else:
         bh, bw = _tile_shape(H, W, features.device)
         launch(_fwd_kernel, (n * (c + cl), cdiv(H, bh), cdiv(W, bw)), *args, APPLY_NORM=norm is not None,

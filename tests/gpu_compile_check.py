@@ -83,7 +83,8 @@ def main(arch: int = 90) -> int:
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_H=1, BLOCK_W=1024)) for norm in (False, True)] \
           + [(U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
-              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32))
+              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32, PIX=8,
+                                                    LPIX=4))
              for norm in (False, True)]
         for fn, ptrs, floats, const in kernels:
             warps = L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
