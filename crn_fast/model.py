@@ -6,8 +6,8 @@
       3. applies twice: 3x3 conv (no bias) -> layer norm over (C,H,W) -> leaky ReLU 0.2.
     A 1x1 conv (with bias) maps the top features to 3k channels, then (x + 1) / 2 * 255.
 
-The two non-conv steps go through ``crn_fast.kernels``; ``backend`` picks torch ("eager") or the
-fused Triton kernels ("triton"). Both use the same parameters and state dict. With the triton
+The non-conv steps (the layout's area pyramid, upsample + concat, layer norm + leaky ReLU) go
+through ``crn_fast.kernels``; ``backend`` picks torch ("eager") or the fused Triton kernels ("triton"). Both use the same parameters and state dict. With the triton
 backend and no grad, ``fused_conv=True`` also runs the convs as Triton kernels that carry the layer
 norms (kernels/conv_norm.py).
 """
@@ -33,10 +33,8 @@ BACKENDS = ("eager", "triton")
 def layout_pyramid(layout: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """The layout at every module's size, coarsest first: each level is the 2x2 area average of
     the level above (TF ``resize_area`` at exactly half size, applied recursively)."""
-    pyramid = [layout]
-    for _ in range(levels - 1):
-        pyramid.append(F.avg_pool2d(pyramid[-1], 2))
-    return pyramid[::-1]
+    from crn_fast.kernels.area_pyramid import area_pyramid_reference
+    return area_pyramid_reference(layout, levels)[::-1]
 
 
 def resolve_backend(backend: str) -> str:
@@ -158,9 +156,14 @@ class CRN(nn.Module):
         return self
 
     def use_ops(self, ops) -> "CRN":
-        """Swap in another implementation of the two module ops: the ONNX exporter's
-        LayerNormalization pattern is the one user (the Triton ones are ``torch.ops.crn_fast``
-        operators that torch.compile and torch.export see through)."""
+        """Swap in another implementation of the non-conv ops (a namespace with layer_norm_lrelu,
+        upsample_concat and area_pyramid, like ``crn_fast.kernels.REFERENCE_OPS``): the ONNX
+        exporter's LayerNormalization pattern is the one user (the Triton ones are
+        ``torch.ops.crn_fast`` operators that torch.compile and torch.export see through)."""
+        missing = [f for f in ("layer_norm_lrelu", "upsample_concat", "area_pyramid") if not hasattr(ops, f)]
+        if missing:
+            raise CRNError(f"use_ops: the ops namespace has no {', '.join(missing)}; it needs layer_norm_lrelu, "
+                           f"upsample_concat and area_pyramid (see crn_fast.kernels.REFERENCE_OPS)")
         self._ops = ops
         return self
 
@@ -188,7 +191,7 @@ class CRN(nn.Module):
             self.check_input(layout)
         # the model's dtype and one memory format end to end (a one-hot layout is exact in any float)
         layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
-        levels = layout_pyramid(layout, len(self.refine))
+        levels = self._ops.area_pyramid(layout, len(self.refine))[::-1]  # coarsest first
         if self.backend == "triton" and not torch.is_grad_enabled() and (self.fuse_inference or self.fused_conv):
             fused, out = self._fused_modules(levels), None
             for i, level in enumerate(levels):
@@ -262,7 +265,7 @@ class CRN(nn.Module):
             raise CRNError("tune_fused_conv needs backend='triton' (the fused conv is a Triton kernel)")
         if levels is None:
             layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
-            levels = layout_pyramid(layout, len(self.refine))
+            levels = self._ops.area_pyramid(layout, len(self.refine))[::-1]
         if timer is None:
             from crn_fast.kernels._runtime import cuda_time
 

@@ -55,7 +55,8 @@ def _layer_norm_lrelu_onnx(x, weight, bias, eps, slope):
 
 
 ONNX_OPS = types.SimpleNamespace(name="onnx", layer_norm_lrelu=_layer_norm_lrelu_onnx,
-                                 upsample_concat=REFERENCE_OPS.upsample_concat)
+                                 upsample_concat=REFERENCE_OPS.upsample_concat,
+                                 area_pyramid=REFERENCE_OPS.area_pyramid)
 
 
 class _HeadToFloat(torch.nn.Module):

@@ -6,6 +6,7 @@ Set TRITON_INTERPRET=1 before importing to run them on CPU tensors (how the test
 from types import SimpleNamespace
 
 from ._runtime import HAS_TRITON, can_run, interpreter_enabled, triton_unavailable_reason
+from .area_pyramid import area_pyramid, area_pyramid_reference
 from .conv_norm import (conv_norm, conv_norm_reference, pack_conv_weight, pinned_config, tuned_configs,
                         unpack_conv_weight)
 from .layer_norm_lrelu import layer_norm_lrelu, layer_norm_lrelu_reference, layer_norm_stats
@@ -13,8 +14,9 @@ from .upsample_concat import (norm_lrelu_upsample_concat, norm_lrelu_upsample_co
                               upsample_concat_reference)
 
 REFERENCE_OPS = SimpleNamespace(name="eager", layer_norm_lrelu=layer_norm_lrelu_reference,
-                                upsample_concat=upsample_concat_reference)
-TRITON_OPS = SimpleNamespace(name="triton", layer_norm_lrelu=layer_norm_lrelu, upsample_concat=upsample_concat)
+                                upsample_concat=upsample_concat_reference, area_pyramid=area_pyramid_reference)
+TRITON_OPS = SimpleNamespace(name="triton", layer_norm_lrelu=layer_norm_lrelu, upsample_concat=upsample_concat,
+                             area_pyramid=area_pyramid)
 
 
 def ops_for(backend: str) -> SimpleNamespace:
@@ -25,4 +27,4 @@ __all__ = ["HAS_TRITON", "can_run", "interpreter_enabled", "triton_unavailable_r
            "layer_norm_lrelu_reference", "layer_norm_stats", "upsample_concat", "upsample_concat_reference",
            "norm_lrelu_upsample_concat", "norm_lrelu_upsample_concat_reference", "ops_for", "REFERENCE_OPS",
            "TRITON_OPS", "conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight", "pinned_config",
-           "tuned_configs"]
+           "tuned_configs", "area_pyramid", "area_pyramid_reference"]

@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 L = importlib.import_module("crn_fast.kernels.layer_norm_lrelu")
 U = importlib.import_module("crn_fast.kernels.upsample_concat")
 C = importlib.import_module("crn_fast.kernels.conv_norm")
+A = importlib.import_module("crn_fast.kernels.area_pyramid")
 
 
 def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4, num_stages=3, aligned=()):
@@ -86,6 +87,8 @@ def main(arch: int = 90) -> int:
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32, PIX=8,
                                                     LPIX=4))
              for norm in (False, True)]
+        kernels += [(A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
+                     dict(NLEV=nlev, CL=cl, C=20, BLOCK_C=32)) for nlev in (1, 4) for cl in (False, True)]
         for fn, ptrs, floats, const in kernels:
             warps = L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
             k = compile_kernel(fn, ptrs, floats, const, arch, warps)

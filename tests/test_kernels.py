@@ -218,6 +218,51 @@ def test_channels_last_upsample_with_nchw_label_and_wide_features():
     torch.testing.assert_close(out, K.upsample_concat_reference(f, lab), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("levels, size", [(3, (12, 20)), (6, (64, 96))])  # one pass; two (4 + 1 levels)
+def test_area_pyramid_equals_recursive_avg_pool(levels, size, channels_last):
+    """fp32: every level is the reference's (recursive 2x2 avg_pool2d), batch 2, either format,
+    and keeps the layout's memory format."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.rand(2, 5, *size, generator=torch.Generator().manual_seed(levels)).to(DEV).contiguous(memory_format=fmt)
+    got, ref = K.area_pyramid(x, levels), K.area_pyramid_reference(x, levels)
+    assert len(got) == levels and got[0] is x
+    for g, r in zip(got[1:], ref[1:]):
+        assert g.shape == r.shape and g.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
+
+
+def test_area_pyramid_bf16_levels_are_exactly_rounded_box_averages():
+    """A one-hot bf16 layout over 9 levels (two passes, 256 x 256 boxes): every level is the fp32
+    box average rounded once, where pooling bf16 level by bf16 level is not (deep levels are
+    rounded, then pooled and rounded again: 0.81 ulp off at level 8 here). Triton's interpreter
+    converts fp32 to bf16 by truncation, not round-to-nearest-even as GPUs do: on CPU the kernel's
+    levels are within one ulp of the box average, on a GPU equal to its correct rounding."""
+    layout = one_hot(torch.randint(0, 20, (1, 256, 512), generator=torch.Generator().manual_seed(5))).to(DEV)
+    got = K.area_pyramid(layout.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), 9)
+    box = [torch.nn.functional.avg_pool2d(layout.double(), 1 << k) for k in range(9)]
+    for g, e in zip(got, box):
+        if DEV == "cuda":
+            assert torch.equal(g, e.to(torch.bfloat16))
+        else:
+            ulp = torch.exp2(torch.floor(torch.log2(e.clamp_min(1e-30))) - 7)
+            assert ((g.double() - e).abs() < ulp).all()
+    recursive = K.area_pyramid_reference(layout.to(torch.bfloat16), 9)
+    assert not all(torch.equal(r, e.to(torch.bfloat16)) for r, e in zip(recursive, box))
+
+
+def test_area_pyramid_falls_back_where_the_kernel_does_not_apply():
+    """Sizes not divisible by 2**(levels-1) (avg_pool2d floors them) and layouts that need a
+    gradient take the reference; one level is the layout itself."""
+    x = torch.rand(1, 3, 6, 10, device=DEV)
+    for g, r in zip(K.area_pyramid(x, 3), K.area_pyramid_reference(x, 3)):
+        torch.testing.assert_close(g, r)
+    assert K.area_pyramid(x, 1) == [x]
+    xg = torch.rand(1, 3, 8, 8, device=DEV, requires_grad=True)
+    K.area_pyramid(xg, 3)[-1].sum().backward()
+    torch.testing.assert_close(xg.grad, torch.full_like(xg, 1 / 16))
+
+
 def tiny_pair(k=2, seed=0, memory_format=torch.channels_last):
     torch.manual_seed(seed)
     eager = CRN(CRNConfig(widths=(12, 10, 8, 6), k=k))
@@ -371,6 +416,7 @@ def _op_cases(channels_last):
         (ops.upsample_concat.default, (grad_in[0], lab)),
         (ops.upsample_concat_backward.default, (torch.randn(2, 9, 8, 16, device=DEV), [2, 6, 4, 8])),
         (ops.norm_lrelu_upsample_concat.default, (x, mean, rstd, w, b, lab, 0.2, 16 if channels_last else 1)),
+        (ops.area_pyramid.default, (lab, 3)),
         (ops.conv_norm.default, (x, K.pack_conv_weight(torch.randn(5, 6, 3, 3, device=DEV)), None, mean, rstd, w, b,
                                  0.2, 1e-12, True, False)),
         (ops.conv_norm.default, (x, K.pack_conv_weight(torch.randn(3, 6, 1, 1, device=DEV)),
@@ -414,8 +460,8 @@ def test_compiled_triton_generator_has_no_graph_break():
     eager, fast = tiny_pair(k=1, seed=3)
     eager, fast = eager.to(DEV).eval(), fast.to(DEV).eval()
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(2))).to(DEV)
-    for grad, wanted in ((True, {"layer_norm_lrelu", "upsample_concat"}),
-                         (False, {"layer_norm_lrelu", "layer_norm_stats", "norm_lrelu_upsample_concat"})):
+    for grad, wanted in ((True, {"area_pyramid", "layer_norm_lrelu", "upsample_concat"}),
+                         (False, {"area_pyramid", "layer_norm_lrelu", "layer_norm_stats", "norm_lrelu_upsample_concat"})):
         torch._dynamo.reset()
         with torch.set_grad_enabled(grad):
             explain = torch._dynamo.explain(fast)(layout)
@@ -433,6 +479,6 @@ def test_compiled_triton_generator_has_no_graph_break():
         assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
         ops = {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
                if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
-        assert ops == {"conv_norm", "norm_lrelu_upsample_concat"}, ops
+        assert ops == {"area_pyramid", "conv_norm", "norm_lrelu_upsample_concat"}, ops
         compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
         torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)

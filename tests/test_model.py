@@ -65,6 +65,16 @@ def test_layout_pyramid_is_recursive_2x2_average():
     torch.testing.assert_close(pyr[0], x.view(1, 3, 1, 8, 2, 8).mean((3, 5)))
 
 
+def test_use_ops_names_what_an_ops_namespace_lacks():
+    from types import SimpleNamespace
+    from crn_fast.kernels import REFERENCE_OPS
+    m = CRN.from_preset("tiny")
+    partial = SimpleNamespace(layer_norm_lrelu=REFERENCE_OPS.layer_norm_lrelu, upsample_concat=REFERENCE_OPS.upsample_concat)
+    with pytest.raises(CRNError, match="has no area_pyramid; it needs layer_norm_lrelu, upsample_concat and area_pyramid"):
+        m.use_ops(partial)
+    assert m.use_ops(REFERENCE_OPS) is m
+
+
 @pytest.mark.parametrize("name,params", [("1024p", 98.67e6), ("512p", 98.62e6), ("256p", 97.88e6)])
 def test_preset_parameter_counts(name, params):
     n = sum(p.numel() for p in CRN.from_preset(name).parameters())
