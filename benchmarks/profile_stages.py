@@ -43,7 +43,7 @@ STAGES = ("conv", "norm", "upsample/concat", "other")
 _CONV = re.compile(r"conv|cudnn|xmma|cutlass|gemm|implicit|sm\d+_|wgrad|dgrad|fprop|mkldnn", re.I)
 _NORM = re.compile(r"layer_norm|group_norm|_stats|_apply|_finalize|var_mean|native_group|red_fused|per_fused"
                    r"|welford|mean|rsqrt|leaky|relu", re.I)
-_UP = re.compile(r"upsample|_fwd_cl_kernel|_fwd_kernel|cat|interp|bilinear|avg_pool", re.I)
+_UP = re.compile(r"upsample|_fwd_cl_kernel|_fwd_kernel|cat|interp|bilinear|avg_pool|pyramid", re.I)
 
 
 def stage_of(name: str) -> str:

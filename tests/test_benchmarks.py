@@ -200,6 +200,7 @@ def test_profile_attribution_counts_a_multi_kernel_conv_once():
     assert stage_of("triton_tem_fused_convolution_0") == "conv"
     assert stage_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32") == "conv"
     assert stage_of("_conv_kernel") == "conv" and stage_of("_finalize_kernel") == "norm"
+    assert stage_of("_pyramid_kernel") == "upsample/concat"
     names = ["sm90_xmma_fprop_implicit_gemm", "cutlass_splitk_gemm_reduce", "_stats_kernel",  # m0 conv1 (2 kernels)
              "sm90_xmma_fprop_implicit_gemm", "_apply_kernel",                                  # m0 conv2
              "_fwd_cl_kernel", "sm90_xmma_fprop_implicit_gemm", "_stats_kernel",                # m1 conv1
