@@ -10,6 +10,21 @@ import time
 import torch
 
 
+def error_text(e: BaseException, limit: int = 4000) -> tuple[str, str]:
+    """(summary, detail) of a failed row: the type and first line, plus the last line that names
+    an error when the message is a nested traceback (Inductor's SubprocException carries its
+    worker's traceback: the first line alone says only that a subprocess failed); the detail is
+    the whole formatted exception, its last ``limit`` characters."""
+    import traceback
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    summary = f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+    cause = next((ln for ln in reversed(lines[1:]) if "Error" in ln or "Exception" in ln), None)
+    if cause and cause != lines[0]:
+        summary += f" ... {cause[:300]}"
+    detail = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return summary, detail[-limit:]
+
+
 def write_text_atomic(path, text: str) -> None:
     """Results written after every row: a reader (or a time limit's kill) never sees half a file."""
     from crn_fast.checkpoint import atomic_path

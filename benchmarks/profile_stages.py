@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info, write_text_atomic  # noqa: E402
+from _util import device_label, error_text, machine_info, write_text_atomic  # noqa: E402
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
@@ -210,7 +210,7 @@ def main(argv=None):
     title = f"{config.name} at {size[0]}x{size[1]}, {args.dtype if cuda else 'fp32'}, batch 1, on {device_label(device)}"
     stem = Path(args.out or ROOT / "benchmarks" / "results" / f"profile_{device_label(device)}_{size[0]}x{size[1]}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    results, errors, kernels = {}, {}, {}
+    results, errors, details, kernels = {}, {}, {}, {}
     for v in variants:  # saved after each: a run cut short by a time limit keeps the variants it finished
         try:
             fn = build(v, config, device, dtype)
@@ -221,7 +221,7 @@ def main(argv=None):
             kernels[v] = [[name, stage_of(name), round(ms, 5), *([] if modules is None else [modules[i]])]
                           for i, (_, name, ms) in enumerate(events)]
         except Exception as e:  # one variant that breaks is recorded, the others still run
-            errors[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            errors[v], details[v] = error_text(e)
             print(f"{v}: {errors[v]}", file=sys.stderr)
         fn = None
         md = f"### Per-module profile: {title}\n\n{markdown(results)}" + \
@@ -230,6 +230,7 @@ def main(argv=None):
         write_text_atomic(stem.with_suffix(".md"), md)  # first: a JSON on disk always has its table
         write_text_atomic(stem.with_suffix(".json"), json.dumps(
             {"machine": machine_info(device), "title": title, "profile_ms": results, "errors": errors,
+             "error_details": details,
              "kernels": kernels, **({} if done else {"partial": True})}, indent=2))
     print(md)
     print(f"wrote {stem}.json/.md", file=sys.stderr)

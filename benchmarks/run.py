@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import (PeakMemory, device_label, machine_info, matmul_peak_tflops, summarize, sync, time_fn,  # noqa: E402
-                   write_text_atomic)
+from _util import (PeakMemory, device_label, error_text, machine_info, matmul_peak_tflops, summarize,  # noqa: E402
+                   sync, time_fn, write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
@@ -292,7 +292,7 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
             row["skipped"] = str(e)
             print(f"skipped: {e}", file=sys.stderr)
         except Exception as e:  # a backend that breaks gets a row with the reason, never a crash
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row["error"], row["error_detail"] = error_text(e)
             print(f"error: {row['error']}", file=sys.stderr)
         finally:
             run = out = None  # frees the row's model (and any graph) before the next row
@@ -351,7 +351,7 @@ def run_training(args, config, device, layout, size, on_row=lambda rows: None):
                 except torch.cuda.OutOfMemoryError as e:
                     row["error"] = f"out of memory: {str(e).splitlines()[0][:200]}"
                 except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    row["error"], row["error_detail"] = error_text(e)
                 finally:
                     model = forward = crit = opt = None
                     if torch.device(device).type == "cuda":

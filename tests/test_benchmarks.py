@@ -118,6 +118,22 @@ def test_run_keeps_finished_rows_when_cut_short(tmp_path):
     assert "(partial: the run was cut short)" in j.with_suffix(".md").read_text()
 
 
+def test_a_failed_row_keeps_the_cause_of_a_nested_error():
+    """Inductor's SubprocException says on its first line only that a subprocess failed; the row
+    keeps the worker's own error line too, and the whole traceback as its detail."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _util import error_text
+    try:
+        raise RuntimeError("SubprocException: An exception occurred in a subprocess:\n\nTraceback (most recent "
+                           "call last):\n  File \"w.py\", line 3, in f\nNameError: name '_taps' is not defined\n")
+    except RuntimeError as e:
+        summary, detail = error_text(e)
+    assert summary == ("RuntimeError: SubprocException: An exception occurred in a subprocess: ... "
+                       "NameError: name '_taps' is not defined")
+    assert "test_a_failed_row_keeps_the_cause_of_a_nested_error" in detail and detail.endswith("defined\n\n")
+    assert error_text(ValueError("one line"))[0] == "ValueError: one line"
+
+
 def test_targets_missing_results_folder_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/targets.py", "--results", str(tmp_path / "nope"), "--device",
                         "h100"], capture_output=True, text=True, cwd=ROOT)
