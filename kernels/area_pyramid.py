@@ -42,10 +42,9 @@ if HAS_TRITON:
         return tl.sum(tl.sum(v, axis=3), axis=1) * 0.25
 
     @triton.jit
-    def _store_level(Y, v, n, ty, tx, C: tl.constexpr, H, W, CL: tl.constexpr, T: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-        """Store tile (ty, tx) of one level: v is [T, T, BLOCK_C], the level is (N, C, H, W), dense
-        channels_last (CL) or NCHW."""
+    def _tile(P, n, ty, tx, C: tl.constexpr, H, W, CL: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Pointers and mask of tile (ty, tx) of a dense (N, C, H, W) level, channels_last (CL) or
+        NCHW: a [T, T, BLOCK_C] block of pixels x channels."""
         y = ty * T + tl.arange(0, T)
         x = tx * T + tl.arange(0, T)
         c = tl.arange(0, BLOCK_C)
@@ -54,7 +53,13 @@ if HAS_TRITON:
         else:
             offs = c[None, None, :] * (H * W) + y[:, None, None] * W + x[None, :, None]
         mask = (y < H)[:, None, None] & (x < W)[None, :, None] & (c < C)[None, None, :]
-        tl.store(Y + n.to(tl.int64) * C * H * W + offs, v.to(Y.dtype.element_ty), mask=mask)
+        return P + n.to(tl.int64) * C * H * W + offs, mask
+
+    @triton.jit
+    def _store_level(Y, v, n, ty, tx, C: tl.constexpr, H, W, CL: tl.constexpr, T: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+        ptrs, mask = _tile(Y, n, ty, tx, C, H, W, CL, T, BLOCK_C)
+        tl.store(ptrs, v.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _pyramid_kernel(X, Y1, Y2, Y3, Y4, C: tl.constexpr, H, W, NLEV: tl.constexpr, CL: tl.constexpr,
@@ -67,15 +72,8 @@ if HAS_TRITON:
         tx = tl.program_id(0)
         ty = tl.program_id(1)
         n = tl.program_id(2)
-        y = ty * T + tl.arange(0, T)
-        x = tx * T + tl.arange(0, T)
-        c = tl.arange(0, BLOCK_C)
-        if CL:
-            offs = (y[:, None, None] * W + x[None, :, None]) * C + c[None, None, :]
-        else:
-            offs = c[None, None, :] * (H * W) + y[:, None, None] * W + x[None, :, None]
-        mask = (c < C)[None, None, :] & (y < H)[:, None, None] & (x < W)[None, :, None]
-        v = tl.load(X + n.to(tl.int64) * C * H * W + offs, mask=mask, other=0.0).to(tl.float32)
+        ptrs, mask = _tile(X, n, ty, tx, C, H, W, CL, T, BLOCK_C)
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         v = _halve(v, T, BLOCK_C)
         _store_level(Y1, v, n, ty, tx, C, H // 2, W // 2, CL, T // 2, BLOCK_C)
         if NLEV >= 2:
