@@ -33,6 +33,14 @@ else
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }
+# kernel_bench SECONDS [kernels.py options]; race SECONDS ROWS: each into its result file, then packed
+kernel_bench() {
+  local t=$1; shift
+  timeout $((t * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile "$@" \
+    --json "$res/kernels_${gpu}.json" 2>&1 | tail -70 >> "$log"; pack; }
+race() {
+  timeout $(($1 * s)) python3 benchmarks/run.py $P --res $R --rows "$2" $ITERS --max-seconds $((($1 - 10) * s)) \
+    --json "$res/${gpu}_${R}.json" 2>&1 | grep -v "^  triton_\|AUTOTUNE\|strides:\|dtypes:" | tail -40 >> "$log"; pack; }
 if ! python3 -c "import crn_fast.kernels" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || {
     # fallback: the installed layout (crn_fast/, crn_fast/kernels, crn_fast/export) from links
@@ -51,15 +59,13 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   # end; max-autotune and NCHW compile in the same race; the profile split by module ranges; the
   # compiled tests. Most informative first: each step packs its files before the next starts.
   step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
-  timeout $((60 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile --no-conv \
-    --json "$res/kernels_${gpu}.json" 2>&1 | tail -70 >> "$log"; pack
+  kernel_bench 60 --no-conv
   step "F2. the race at $R: crn_fast vs every torch.compile mode"
   race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton:bf16:channels_last"
   race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
   race+=",compile-max-autotune:bf16:channels_last,compile:bf16:nchw,triton-cudagraph:bf16:nchw"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
-  timeout $((300 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((290 * s)) \
-    --json "$res/${gpu}_${R}.json" 2>&1 | grep -v "^  triton_\|AUTOTUNE\|strides:\|dtypes:" | tail -30 >> "$log"; pack
+  race 300 "$race"
   step "F3. per-module profile (module ranges), kernel sequence saved"
   timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton \
     --out "$res/profile_${gpu}_${R}" 2>&1 | tail -20 >> "$log"; pack
@@ -79,8 +85,7 @@ step "1. compiled tests"
 # -v: each test's verdict is in the log as it finishes, even if the time limit cuts the run
 CRN_FAST_CONV_TUNE=0 timeout $((90 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -150 >> "$log"
 step "2. kernel benchmark, bf16, nchw + channels_last; each module's convs: cuDNN vs the fused conv"
-timeout $((90 * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile \
-  --json "$res/kernels_${gpu}.json" 2>&1 | tail -60 >> "$log"; pack
+kernel_bench 90
 step "3. the race at $R"
 # most important first (a row past the time budget is skipped, not run); the two max-autotune rows
 # side by side, so the second reuses the first's tuning from Inductor's on-disk caches
@@ -92,8 +97,7 @@ race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudag
 race+=",compile-max-autotune:bf16:channels_last"
 race+=",convs-only:bf16:nchw,triton-cudagraph:bf16:nchw,triton:bf16:nchw,compile:bf16:nchw,eager-cudagraph:bf16:channels_last"
 race+=",triton-cudagraph:fp32:channels_last,triton:fp32:nchw,compile:fp32:channels_last"
-timeout $((210 * s)) python3 benchmarks/run.py $P --res $R --rows "$race" $ITERS --max-seconds $((190 * s)) \
-  --json "$res/${gpu}_${R}.json" 2>&1 | tail -40 >> "$log"; pack
+race 210 "$race"
 step "3b. fp32 with TF32 convs, as the old fp32 numbers were measured (fp32 no slower than before?)"
 timeout $((20 * s)) python3 benchmarks/run.py $P --res $R --allow-tf32 $ITERS --max-seconds $((16 * s)) \
   --rows "triton:fp32:nchw,triton-cudagraph:fp32:channels_last" --json "$res/${gpu}_${R}_fp32_tf32.json" 2>&1 \
