@@ -66,6 +66,9 @@ def cases():
         yield (f"upsample_concat channels_last{' + norm' if norm else ''}", U._fwd_cl_kernel, up,
                ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32,
                                                      PIX=8, LPIX=4, fs1=1, ls1=1, os1=1), up_aligned, 4)
+    for norm in (False, True):  # module 8 in NCHW: 1-D row tiles of one channel
+        yield (f"upsample_concat nchw{' + norm' if norm else ''}", U._fwd_kernel, up, ["scale_h", "scale_w", "slope"],
+               dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024, fs3=1, ls3=1, os3=1), up_aligned + ["os1", "ls1", "fs1"], 4)
     yield ("area_pyramid 4 levels, 20 classes", A._pyramid_kernel, {k: bf for k in ("X", "Y1", "Y2", "Y3", "Y4")}, [],
            dict(NLEV=4, CL=True, C=20, BLOCK_C=32), ["X", "Y1", "Y2", "Y3", "Y4", "H", "W"], 4)
 

@@ -13,12 +13,9 @@ Memory plan (the output's memory format picks the forward kernel):
                  loaded and normalised half as often as per output pixel, and the x taps, weights
                  and in-row offsets are computed once per program. Blocks past the features copy the
                  label and write zeros into pad channels (a padded output, see channels_multiple).
-    _fwd_kernel  NCHW: one program per (sample*channel, row block, column block): a feature channel
-                 reads 4 taps per pixel from two source rows (cached; features are 4x smaller), a
-                 label channel copies its row -> out written once, NCHW or channels_last (by
-                 strides; the row-wise writes are coalesced for NCHW). The upsampled tensor and the
-                 cat copy never exist. Channel/row indices are per-program scalars: no per-element
-                 64-bit division.
+    _fwd_kernel  NCHW: one program per (sample*channel, block of ROWS output rows, column block):
+                 a feature channel by the same row walk (1-D row tiles), a label channel by row
+                 copies -> out written once. The upsampled tensor and the cat copy never exist.
     _bwd_cl_kernel  channels_last: one program per (sample*source row, source column block, channel
                  block) gathers [BLOCK_W, BLOCK_C] tiles of dL/dout, each row a contiguous channel
                  vector, and writes dL/dfeatures channels_last.
@@ -76,53 +73,82 @@ if HAS_TRITON:
 
     @triton.jit
     def _fwd_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
-                    os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-        """Program (n*(C+CL) + c, row block, column block) writes a [BLOCK_H, BLOCK_W] tile of channel c."""
+                    os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_W: tl.constexpr):
+        """Program (n*(C+CL) + c, row block, column block): ROWS output rows of BLOCK_W pixels of
+        channel c, a feature channel by the row walk (_walk_rows), a label channel by row copies."""
         nc = tl.program_id(0)
         n = nc // (C + CL)
         c = nc % (C + CL)
-        y = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
-        x = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
-        mask = (y < H) & (x < W)
-        optr = O + n.to(tl.int64) * os0 + c.to(tl.int64) * os1 + y.to(tl.int64) * os2 + x.to(tl.int64) * os3
+        y_first = tl.program_id(1) * ROWS
+        x = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+        mask = x < W
+        obase = O + n.to(tl.int64) * os0 + c.to(tl.int64) * os1
         if c < C:
-            y0, y1, ly = _taps(y, scale_h, h)
             x0, x1, lx = _taps(x, scale_w, w)
-            fb = Fe + n.to(tl.int64) * fs0 + c.to(tl.int64) * fs1
-            r0 = fb + y0.to(tl.int64) * fs2
-            r1 = fb + y1.to(tl.int64) * fs2
-            c0 = x0.to(tl.int64) * fs3
-            c1 = x1.to(tl.int64) * fs3
-            v00 = tl.load(r0 + c0, mask=mask, other=0.0).to(tl.float32)
-            v01 = tl.load(r0 + c1, mask=mask, other=0.0).to(tl.float32)
-            v10 = tl.load(r1 + c0, mask=mask, other=0.0).to(tl.float32)
-            v11 = tl.load(r1 + c1, mask=mask, other=0.0).to(tl.float32)
-            if APPLY_NORM:  # previous module's layer norm + leaky ReLU, applied to each tap
+            mu = 0.0
+            g = 0.0
+            bb = 0.0
+            if APPLY_NORM:  # the previous module's layer norm + leaky ReLU, applied to each tap
                 mu = tl.load(Mean + n)
                 g = tl.load(Wn + c).to(tl.float32) * tl.load(Rstd + n)
                 bb = tl.load(Bn + c).to(tl.float32)
-                v00 = _norm_lrelu(v00, mu, g, bb, slope)
-                v01 = _norm_lrelu(v01, mu, g, bb, slope)
-                v10 = _norm_lrelu(v10, mu, g, bb, slope)
-                v11 = _norm_lrelu(v11, mu, g, bb, slope)
-            up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-            tl.store(optr, up.to(O.dtype.element_ty), mask=mask)
+            _walk_rows(Fe + n.to(tl.int64) * fs0 + c.to(tl.int64) * fs1, fs2, x0 * fs3, x1 * fs3, lx, mask, mu, g,
+                       bb, slope, obase, os2, x * os3, y_first, H, h, scale_h, APPLY_NORM, ROWS)
         else:
-            lptr = L + n.to(tl.int64) * ls0 + (c - C).to(tl.int64) * ls1 + y.to(tl.int64) * ls2
-            lv = tl.load(lptr + x.to(tl.int64) * ls3, mask=mask, other=0.0)  # a row copy
-            tl.store(optr, lv.to(O.dtype.element_ty), mask=mask)
+            lbase = L + n.to(tl.int64) * ls0 + (c - C).to(tl.int64) * ls1
+            _copy_rows(lbase, ls2, x * ls3, mask, obase, os2, x * os3, mask, y_first, H, ROWS)
 
     @triton.jit
-    def _hrow(Fe, row, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr):
-        """Source row ``row`` (a scalar pointer) interpolated along x: a [BLOCK_W, BLOCK_C] fp32 tile,
-        each tap normalised first when APPLY_NORM."""
+    def _hrow(row, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr):
+        """Source row ``row`` (a scalar pointer) interpolated along x: an fp32 tile the shape of the
+        tap offsets, each tap normalised first when APPLY_NORM."""
         v0 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
         v1 = tl.load(row + x1o, mask=mask, other=0.0).to(tl.float32)
         if APPLY_NORM:
             v0 = _norm_lrelu(v0, mu, g, bb, slope)
             v1 = _norm_lrelu(v1, mu, g, bb, slope)
         return (1.0 - lx) * v0 + lx * v1
+
+    @triton.jit
+    def _walk_rows(src, fs2, x0o, x1o, lx, mask, mu, g, bb, slope, obase, os2, oo, y_first, H, h, scale_h,
+                   APPLY_NORM: tl.constexpr, ROWS: tl.constexpr):
+        """Output rows y_first .. y_first+ROWS-1 (those < H) of one tile: each row blends two source
+        rows interpolated along x (_hrow), held from the row before while they still apply; a
+        source row is loaded (and normalised) only when the walk reaches it, about once per two
+        output rows. src: the sample's (and, NCHW, channel's) first source row; x0o/x1o, oo: the
+        tile's in-row offsets of the two x taps and of the output."""
+        h0 = tl.zeros(x0o.shape, tl.float32)
+        h1 = tl.zeros(x0o.shape, tl.float32)
+        s0 = tl.zeros((), tl.int32) - 1  # source rows held in h0, h1
+        s1 = tl.zeros((), tl.int32) - 1
+        for r in range(ROWS):
+            y = y_first + r
+            if y < H:
+                i0, i1, ly = _taps(y, scale_h, h)
+                if i0 != s0:  # rows only move down: the new top row is the old bottom one or below
+                    if i0 == s1:
+                        h0 = h1
+                    else:
+                        h0 = _hrow(src + i0.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM)
+                    if i1 == i0:
+                        h1 = h0
+                    else:
+                        h1 = _hrow(src + i1.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM)
+                    s0 = i0
+                    s1 = i1
+                up = (1.0 - ly) * h0 + ly * h1
+                tl.store(obase + y.to(tl.int64) * os2 + oo, up.to(obase.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _copy_rows(src, ls2, lo, lmask, obase, os2, oo, omask, y_first, H, ROWS: tl.constexpr):
+        """Rows y_first .. y_first+ROWS-1 (those < H) of a label tile copied into the output; output
+        lanes in omask but not lmask get zeros (pad channels)."""
+        for r in range(ROWS):
+            y = y_first + r
+            if y < H:
+                lv = tl.load(src + y.to(tl.int64) * ls2 + lo, mask=lmask, other=0.0)
+                tl.store(obase + y.to(tl.int64) * os2 + oo, lv.to(obase.dtype.element_ty), mask=omask)
 
     @triton.jit
     def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, CP, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
@@ -158,7 +184,6 @@ if HAS_TRITON:
             x1o = x1[:, None] * fs3 + c[None, :] * fs1
             px = x * (os3 // PIX) * PIX
             oo = px[:, None] + c[None, :] * os1
-            fbase = Fe + n.to(tl.int64) * fs0
             mu = 0.0
             g = tl.zeros([1, BLOCK_C], tl.float32)
             bb = tl.zeros([1, BLOCK_C], tl.float32)
@@ -166,41 +191,15 @@ if HAS_TRITON:
                 mu = tl.load(Mean + n)
                 g = (tl.load(Wn + c, mask=cm, other=0.0).to(tl.float32) * tl.load(Rstd + n))[None, :]
                 bb = tl.load(Bn + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-            h0 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
-            h1 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
-            s0 = tl.zeros((), tl.int32) - 1  # source rows held in h0, h1
-            s1 = tl.zeros((), tl.int32) - 1
-            for r in range(ROWS):
-                y = y_first + r
-                if y < H:
-                    i0, i1, ly = _taps(y, scale_h, h)
-                    if i0 != s0:  # rows only move down: the new top row is the old bottom one or below
-                        if i0 == s1:
-                            h0 = h1
-                        else:
-                            h0 = _hrow(Fe, fbase + i0.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope,
-                                       APPLY_NORM)
-                        if i1 == i0:
-                            h1 = h0
-                        else:
-                            h1 = _hrow(Fe, fbase + i1.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope,
-                                       APPLY_NORM)
-                        s0 = i0
-                        s1 = i1
-                    up = (1.0 - ly) * h0 + ly * h1
-                    tl.store(obase + y.to(tl.int64) * os2 + oo, up.to(O.dtype.element_ty), mask=mask)
+            _walk_rows(Fe + n.to(tl.int64) * fs0, fs2, x0o, x1o, lx, mask, mu, g, bb, slope, obase, os2, oo, y_first,
+                       H, h, scale_h, APPLY_NORM, ROWS)
         else:
             k = (cb - n_fb) * BLOCK_CL + tl.arange(0, BLOCK_CL)
             lm = xm[:, None] & (k < CL)[None, :]  # label channels; CL <= k < CL + CP: zeros
             om = xm[:, None] & (k < CL + CP)[None, :]
             lo = (x * (ls3 // LPIX) * LPIX)[:, None] + k[None, :] * ls1
             lo_out = (x * (os3 // PIX) * PIX)[:, None] + (C + k)[None, :] * os1
-            lbase = L + n.to(tl.int64) * ls0
-            for r in range(ROWS):
-                y = y_first + r
-                if y < H:
-                    lv = tl.load(lbase + y.to(tl.int64) * ls2 + lo, mask=lm, other=0.0)
-                    tl.store(obase + y.to(tl.int64) * os2 + lo_out, lv.to(O.dtype.element_ty), mask=om)
+            _copy_rows(L + n.to(tl.int64) * ls0, ls2, lo, lm, obase, os2, lo_out, om, y_first, H, ROWS)
 
     @triton.jit
     def _first_out(src, inv):
@@ -348,9 +347,10 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
                BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, PIX=math.gcd(out.stride(3), 16),
                LPIX=math.gcd(label.stride(3), 16), num_warps=4)
     else:
-        bh, bw = _tile_shape(H, W, features.device)
-        launch(_fwd_kernel, (n * (c + cl), cdiv(H, bh), cdiv(W, bw)), *args, APPLY_NORM=norm is not None,
-               BLOCK_H=bh, BLOCK_W=bw)
+        bw = min(next_pow2(W), 1024 if features.device.type == "cuda" else 8192)
+        rows = _rows_per_program(H, 1, n * (c + cl) * cdiv(W, bw), features.device)
+        launch(_fwd_kernel, (n * (c + cl), cdiv(H, rows), cdiv(W, bw)), *args, APPLY_NORM=norm is not None,
+               ROWS=rows, BLOCK_W=bw)
     return out
 
 

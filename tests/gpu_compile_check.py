@@ -82,7 +82,7 @@ def main(arch: int = 90) -> int:
             (U._bwd_cl_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
              dict(BLOCK_W=16, BLOCK_C=64)),
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
-              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, BLOCK_H=1, BLOCK_W=1024)) for norm in (False, True)] \
+              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024)) for norm in (False, True)] \
           + [(U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32, PIX=8,
                                                     LPIX=4))
