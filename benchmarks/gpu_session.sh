@@ -55,13 +55,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   # What the first H100 session (2026-11-28) left, and what was built after it without a GPU:
   # the rewritten channels_last kernels (upsample-concat row walk, flat layer-norm statistics,
-  # whole-pixel apply tiles) and the zero-padded conv1 path, measured kernel by kernel and end to
-  # end; max-autotune and NCHW compile in the same race; the profile split by module ranges; the
-  # compiled tests. Most informative first: each step packs its files before the next starts.
+  # whole-pixel apply tiles, area pyramid), the zero-padded conv1 path and the fused head, measured
+  # kernel by kernel and end to end; max-autotune and NCHW compile in the same race; the profile
+  # split by module ranges; the compiled tests. Most informative first: each step packs its files before the next starts.
   step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
   kernel_bench 60 --no-conv
   step "F2. the race at $R: crn_fast vs every torch.compile mode"
-  race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton:bf16:channels_last"
+  race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton-fusedhead-cudagraph:bf16:channels_last"
+  race+=",triton:bf16:channels_last"
   race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
   race+=",compile-max-autotune:bf16:channels_last,compile:bf16:nchw,triton-cudagraph:bf16:nchw"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"

@@ -43,6 +43,7 @@ SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfused", "triton-cudagraph",
                 "triton-fusedconv", "triton-fusedconv-cudagraph", "triton-autoconv", "triton-autoconv-cudagraph",
+                "triton-fusedhead-cudagraph",
                 "triton-compile-reduce-overhead",
                 *(f"compile-{m}" if m != "default" else "compile" for m in COMPILE_MODES), "aoti", "onnxruntime",
                 "onnxruntime-cuda", "tensorrt")
@@ -73,12 +74,14 @@ def load_layout(args, config, size, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- backends
 # Each returns (callable taking the fp32 layout, build seconds). Raise Skip(reason) when unavailable.
-def _model(model, dtype, device, ctx, backend="eager", fused_conv=False):
+def _model(model, dtype, device, ctx, backend="eager", fused_conv=False, fused_head=False):
     """A copy of the model in the row's dtype and memory format (fused_conv: the triton backend's
     Triton convs with the layer norms folded in, True for every module or "auto" per module,
-    measured now on the row's layout; the row records the modules)."""
+    measured now on the row's layout; the row records the modules; fused_head: the last norm, the
+    head and its scaling as one kernel)."""
     m = copy.deepcopy(model).to(device, dtype).eval().to(memory_format=ctx["format"])
     m.set_backend(backend).fused_conv = fused_conv
+    m.fused_head = fused_head
     if fused_conv == "auto":
         ctx["fused_modules"] = sorted(m.tune_fused_conv(ctx["layout"].to(dtype)))
     elif fused_conv:
@@ -102,7 +105,7 @@ def _need_triton(ctx):
         raise Skip(reason)
 
 
-def _cudagraph(backend, fused_conv=False):
+def _cudagraph(backend, fused_conv=False, fused_head=False):
     """The whole generator in one CUDA graph (crn_fast.export.cuda_graph keeps the model alive)."""
     def build(model, dtype, device, ctx):
         from crn_fast.export import cuda_graph
@@ -111,7 +114,7 @@ def _cudagraph(backend, fused_conv=False):
         if backend == "triton":
             _need_triton(ctx)
         t0 = time.perf_counter()  # includes "auto"'s measurement and the kernels' tile tuning
-        run = cuda_graph(_model(model, dtype, device, ctx, backend, fused_conv), ctx["layout"].to(dtype))
+        run = cuda_graph(_model(model, dtype, device, ctx, backend, fused_conv, fused_head), ctx["layout"].to(dtype))
         return (lambda x: run(x.to(dtype))), time.perf_counter() - t0
     return build
 
@@ -238,6 +241,7 @@ BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cu
             "triton": _triton(True), "triton-unfused": _triton(False), "triton-cudagraph": _cudagraph("triton"),
             "triton-fusedconv": _triton(True, True), "triton-fusedconv-cudagraph": _cudagraph("triton", True),
             "triton-autoconv": _triton(True, "auto"), "triton-autoconv-cudagraph": _cudagraph("triton", "auto"),
+            "triton-fusedhead-cudagraph": _cudagraph("triton", fused_head=True),
             "triton-compile-reduce-overhead": _compiled("reduce-overhead", "triton"),
             **{(f"compile-{m}" if m != "default" else "compile"): _compiled(m) for m in COMPILE_MODES},
             "aoti": b_aoti, "onnxruntime": _onnx("cpu"), "onnxruntime-cuda": _onnx("cuda"), "tensorrt": b_tensorrt}

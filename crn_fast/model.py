@@ -86,7 +86,7 @@ class CRN(nn.Module):
 
     def __init__(self, config: CRNConfig | None = None, *, widths=None, num_classes: int | None = None,
                  k: int | None = None, base_size=None, backend: str = "eager", checkpointing: bool = False,
-                 fuse_inference: bool = True, fused_conv: bool = False,
+                 fuse_inference: bool = True, fused_conv: bool = False, fused_head: bool = False,
                  memory_format: torch.memory_format = torch.channels_last):
         super().__init__()
         # conv -> {kind: (weight version key, derived weight)}: the fused conv's packed operand and
@@ -116,6 +116,12 @@ class CRN(nn.Module):
         # folded in (kernels/conv_norm.py): False, True (all), module indices, or "auto" (measured)
         self.fused_conv = fused_conv
         self.fused_conv_choices: dict[tuple, frozenset] = {}  # "auto": (N, H, W, dtype, device) -> modules
+        # triton backend, no grad, cuDNN convs in the last module: its last norm + leaky ReLU, the
+        # head's 1x1 conv and the 0..255 scaling as one Triton kernel (conv_norm, head=True) that
+        # normalises h as it loads it, from layer_norm_stats(h): h is read twice (statistics,
+        # head) instead of the apply pass's read + write + cuDNN's read, and three elementwise
+        # ops go; the scaling is fp32 before the one rounding. Off until a GPU measures it.
+        self.fused_head = fused_head
         self.set_backend(backend)
 
     @property
@@ -192,7 +198,8 @@ class CRN(nn.Module):
         # the model's dtype and one memory format end to end (a one-hot layout is exact in any float)
         layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
         levels = self._ops.area_pyramid(layout, len(self.refine))[::-1]  # coarsest first
-        if self.backend == "triton" and not torch.is_grad_enabled() and (self.fuse_inference or self.fused_conv):
+        if self.backend == "triton" and not torch.is_grad_enabled() and \
+                (self.fuse_inference or self.fused_conv or self.fused_head):
             fused, out = self._fused_modules(levels), None
             for i, level in enumerate(levels):
                 out = self._inference_step(i, out, level, i in fused)
@@ -231,6 +238,10 @@ class CRN(nn.Module):
         ops = self._ops
         h = m.conv2(ops.layer_norm_lrelu(self._conv1_padded(m.conv1, x), m.norm1.weight, m.norm1.bias, LN_EPS,
                                          LEAKY_SLOPE))
+        if last and self.fused_head:
+            return conv_norm(h, self._packed(self.head), self.head.bias,
+                             (*layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias), LEAKY_SLOPE, stats=False,
+                             head=True)
         if last:
             return (self.head(ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)) + 1.0) / 2.0 \
                 * 255.0
@@ -338,6 +349,7 @@ class CRN(nn.Module):
     def extra_repr(self) -> str:
         fc = self.fused_conv
         return f"config={self.config}, backend={self.backend!r}" + \
-            (f", fused_conv={sorted(fc) if isinstance(fc, frozenset) else fc!r}" if fc else "")
+            (f", fused_conv={sorted(fc) if isinstance(fc, frozenset) else fc!r}" if fc else "") + \
+            (", fused_head=True" if self.fused_head else "")
 
 

@@ -47,6 +47,7 @@ def load_generator_for(args, device):
     model = load_generator(args.ckpt, backend=args.backend, device=device)
     if args.fused_conv != "off":  # before any capture: "auto" measures at the first batch of each size
         model.fused_conv = True if args.fused_conv == "on" else "auto"
+    model.fused_head = args.fused_head
     if args.cuda_graph:
         if device.type != "cuda":
             raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
@@ -128,6 +129,9 @@ def build_parser():
                     help="with --backend triton: the convs as Triton kernels with the layer norms folded in, in "
                          "every module (on) or where measured faster at the first batch of each size (auto); "
                          "default off")
+    ap.add_argument("--fused-head", action="store_true",
+                    help="with --backend triton: the last layer norm, the 1x1 head and its 0..255 scaling as one "
+                         "Triton kernel (default off: not yet measured faster on a GPU)")
     ap.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     ap.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=1,
                     help="layouts per forward pass (default 1)")
@@ -149,6 +153,8 @@ def main(argv=None) -> int:
     if args.fused_conv != "off" and args.backend != "triton":
         ap.error(f"--fused-conv {args.fused_conv} needs --backend triton (the fused conv is a Triton kernel), "
                  f"got --backend {args.backend}")
+    if args.fused_head and args.backend != "triton":
+        ap.error(f"--fused-head needs --backend triton (the fused head is a Triton kernel), got --backend {args.backend}")
     if not args.ckpt and args.backend != "tensorrt":
         ap.error("a checkpoint is required: crn-synthesize model.ckpt ... (convert TF checkpoints with crn-convert-tf)")
     setup_logging(args)

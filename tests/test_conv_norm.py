@@ -134,6 +134,25 @@ def test_fused_conv_generator_matches_eager(dtype):
         assert err <= max(1.0, (theirs - exact).abs().max().item()), err
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_fused_head_matches_eager(memory_format):
+    """fused_head with cuDNN convs: the last norm + leaky ReLU, the 1x1 head and the 0..255 scaling
+    are one conv_norm kernel (batch 2, either memory format); its result is eager's, and the head
+    is no longer a convolution of its own."""
+    from torch.profiler import profile
+    eager, fast = _pair(torch.float32)
+    fast.fused_conv, fast.fused_head = False, True
+    fast = fast.to(memory_format=memory_format)
+    assert "fused_head=True" in repr(fast)
+    layout = one_hot(torch.randint(0, 20, (2, 16, 32), generator=torch.Generator().manual_seed(4))).to(DEV)
+    with torch.no_grad(), profile() as prof:
+        ours = fast(layout)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::convolution") == 6 and names.count("crn_fast::conv_norm") == 1, names
+    with torch.no_grad():
+        torch.testing.assert_close(ours, eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
+
+
 def test_fused_conv_repacks_after_a_weight_change_and_trains_on_the_reference_path():
     eager, fast = _pair(torch.float32, k=1, seed=4)
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(2))).to(DEV)

@@ -182,8 +182,8 @@ def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
 
 
 def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
-    """crn-synthesize --backend triton --fused-conv on|auto (interpreter here, GPU in use) writes the
-    eager images; --fused-conv without the triton backend is one usage error."""
+    """crn-synthesize --backend triton --fused-conv on|auto and --fused-head (interpreter here, GPU
+    in use) write the eager images; either flag without the triton backend is one usage error."""
     from crn_fast.kernels import can_run
     from crn_fast.labels import PALETTE
     if not can_run(torch.zeros(1)):
@@ -195,10 +195,13 @@ def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
     common = [str(tmp_path / "g.ckpt"), "--labels", str(tmp_path / "a.png"), "--device", "cpu", "-q"]
     assert synth_main([*common, "--out", str(tmp_path / "eager")]) == 0
     ref = np.asarray(Image.open(tmp_path / "eager" / "a.png"), dtype=np.int16)
-    for mode in ("on", "auto"):
-        assert synth_main([*common, "--out", str(tmp_path / mode), "--backend", "triton", "--fused-conv", mode]) == 0
+    for mode, extra in (("on", []), ("auto", []), ("head", ["--fused-head"])):
+        flags = ["--fused-conv", mode] if not extra else extra
+        assert synth_main([*common, "--out", str(tmp_path / mode), "--backend", "triton", *flags]) == 0
         got = np.asarray(Image.open(tmp_path / mode / "a.png"), dtype=np.int16)
         assert np.abs(got - ref).max() <= 1  # fp32 on both paths: at most a rounding step of 0..255
-    with pytest.raises(SystemExit) as e:
-        synth_main([*common, "--out", str(tmp_path / "x"), "--fused-conv", "on"])
-    assert e.value.code == 2 and "--fused-conv on needs --backend triton" in capsys.readouterr().err
+    for flags, msg in ((["--fused-conv", "on"], "--fused-conv on needs --backend triton"),
+                       (["--fused-head"], "--fused-head needs --backend triton")):
+        with pytest.raises(SystemExit) as e:
+            synth_main([*common, "--out", str(tmp_path / "x"), *flags])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
