@@ -89,6 +89,21 @@ def main(arch: int = 90) -> int:
              for norm in (False, True)]
         kernels += [(A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
                      dict(NLEV=nlev, CL=cl, C=20, BLOCK_C=32)) for nlev in (1, 4) for cl in (False, True)]
+        if dt == "bf16":  # sizes, counts and strides of 1, which Triton turns into constants at run time
+            ones = dict(H=1, W=1, h=1, w=1, C=1, CL=1, fs3=1, ls3=1, os3=1)
+            kernels += [
+                (L._stats_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a}, [],
+                 dict(BLOCK=4096, FP64=False, FULL=1, TAIL=1, P=1, TPP=1)),
+                (L._apply_cl_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a,
+                                      "MeanOut": a, "RstdOut": a}, ["eps", "slope"],
+                 dict(BLOCK_HW=8, BLOCK_C=512, BLOCK_P=1, FP64=False, n_ct=1, T=1, P=1, TPP=1)),
+                (U._fwd_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
+                 ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, **ones)),
+                (U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
+                 ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, BLOCK_C=1, BLOCK_CL=1,
+                                                       PIX=1, LPIX=1, CP=1, **ones)),
+                (A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
+                 dict(NLEV=2, CL=True, C=1, BLOCK_C=1, H=1, W=1))]
         for fn, ptrs, floats, const in kernels:
             warps = L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
             k = compile_kernel(fn, ptrs, floats, const, arch, warps)

@@ -16,7 +16,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch):
     if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr.lower():
         pytest.skip("Triton's bundled ptxas is not available here")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"compiled 119 kernels for sm_{arch}, " in r.stdout, r.stdout
+    assert f"compiled 124 kernels for sm_{arch}, " in r.stdout, r.stdout
     import triton
     if arch == 90 or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9):
         assert "none spills registers" in r.stdout, r.stdout  # sm_80 with Triton < 3.9: SPILL_LIMIT
