@@ -7,9 +7,10 @@
     A 1x1 conv (with bias) maps the top features to 3k channels, then (x + 1) / 2 * 255.
 
 The non-conv steps (the layout's area pyramid, upsample + concat, layer norm + leaky ReLU) go
-through ``crn_fast.kernels``; ``backend`` picks torch ("eager") or the fused Triton kernels ("triton"). Both use the same parameters and state dict. With the triton
-backend and no grad, ``fused_conv=True`` also runs the convs as Triton kernels that carry the layer
-norms (kernels/conv_norm.py).
+through ``crn_fast.kernels``; ``backend`` picks torch ("eager") or the fused Triton kernels
+("triton"). Both use the same parameters and state dict. With the triton backend and no grad,
+``fused_conv=True`` also runs the convs as Triton kernels that carry the layer norms
+(kernels/conv_norm.py), and ``fused_head=True`` the last norm with the head.
 """
 from __future__ import annotations
 
@@ -316,8 +317,8 @@ class CRN(nn.Module):
         them: the same sums, and on an H100 the 19 bf16 channels_last convs took 6.73 ms instead
         of 9.46 ms (benchmarks/results/memory_format_h100.json). x must come from
         norm_lrelu_upsample_concat with channels_multiple=CUDNN_CHANNELS, which writes the pad
-        channels' zeros; anything else (module
-        0's layout, channel counts already a multiple, NCHW, traced graphs) takes the plain conv."""
+        channels' zeros; anything else (module 0's layout, channel counts already a multiple,
+        NCHW, traced graphs) takes the plain conv."""
         n, c, h, w = x.shape
         cs = -(-c // CUDNN_CHANNELS) * CUDNN_CHANNELS
         if cs == c or torch.compiler.is_compiling() or x.stride() != (h * w * cs, 1, w * cs, cs):

@@ -154,7 +154,8 @@ def main(argv=None) -> int:
         ap.error(f"--fused-conv {args.fused_conv} needs --backend triton (the fused conv is a Triton kernel), "
                  f"got --backend {args.backend}")
     if args.fused_head and args.backend != "triton":
-        ap.error(f"--fused-head needs --backend triton (the fused head is a Triton kernel), got --backend {args.backend}")
+        ap.error(f"--fused-head needs --backend triton (the fused head is a Triton kernel), "
+                 f"got --backend {args.backend}")
     if not args.ckpt and args.backend != "tensorrt":
         ap.error("a checkpoint is required: crn-synthesize model.ckpt ... (convert TF checkpoints with crn-convert-tf)")
     setup_logging(args)
