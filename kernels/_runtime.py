@@ -38,6 +38,14 @@ def cuda_time(fn) -> float:
     return best
 
 
+def memory_format_of(x):
+    """channels_last for a 4-D tensor dense in that format (and not also NCHW-contiguous), else
+    contiguous_format: the format a kernel's output should keep."""
+    import torch
+    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 def can_time(t) -> bool:
     """May we time kernels on t's device now: a real CUDA tensor, outside torch.compile tracing and
     CUDA graph capture (a choice made by timing is then cached for those)."""

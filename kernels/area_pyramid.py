@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, memory_format_of, next_pow2, triton, tl
 
 PASS_LEVELS = 4  # levels per pass: a 16 x 16 pixel tile
 
@@ -87,18 +87,13 @@ if HAS_TRITON:
             _store_level(Y4, v, n, ty, tx, C, H // 16, W // 16, CL, T // 16, BLOCK_C)
 
 
-def _format_of(x: torch.Tensor) -> torch.memory_format:
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
-
-
 @triton_op("crn_fast::area_pyramid", mutates_args=())
 def _area_pyramid_op(layout: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """The levels-1 coarser levels of the layout, finest first (the layout itself is not among
     them: outputs may not alias inputs)."""
     if not can_run(layout) or layout.shape[2] % (1 << (levels - 1)) or layout.shape[3] % (1 << (levels - 1)):
         return area_pyramid_reference(layout, levels)[1:]
-    fmt = _format_of(layout)
+    fmt = memory_format_of(layout)
     x = layout.contiguous(memory_format=fmt)
     n, c = x.shape[:2]
     out, done = [], 0

@@ -24,11 +24,12 @@ channel). channels_last: _apply_cl_kernel's [BLOCK_HW pixels, BLOCK_C channels] 
 pixels (all channels up to 4096), so weight and bias are loaded once per program, and each
 pixel's channels are one contiguous vector. The backward kernels walk [BLOCK_C, BLOCK_HW] tiles of
 either format (by strides), cut the same way: the grid is (P, N) with P sized to the device, not
-to N. Partial statistics are merged with Chan's parallel rule relative to a pivot (the sample's first element;
-x - pivot is exact for values near it, and the apply pass normalises (x - pivot) - mean), so a
-large mean with a tiny spread keeps its precision and a constant input gives exactly ``bias``.
-Accumulation is fp32 (fp64 for fp64 inputs, which is what gradcheck uses). Offsets are 64-bit
-(per tile: a 64-bit tile start plus 32-bit offsets inside the tile).
+to N. Partial statistics are merged with Chan's parallel rule relative to a pivot (the sample's
+first element; x - pivot is exact for values near it, and the apply pass normalises
+(x - pivot) - mean), so a large mean with a tiny spread keeps its precision and a constant input
+gives exactly ``bias``. Accumulation is fp32 (fp64 for fp64 inputs, which is what gradcheck
+uses). Offsets are 64-bit (the flat statistics and the channels_last apply: a 64-bit tile start
+plus 32-bit offsets inside the tile).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from torch.library import triton_op
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
 from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
+from ._runtime import memory_format_of as _format_of
 
 
 def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_slope: float = LEAKY_SLOPE):
@@ -56,8 +58,9 @@ def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_sl
 
 def norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope: float = LEAKY_SLOPE):
     """leaky_relu((x - mean) * rstd * weight + bias) from given per-sample mean/rstd, computed in fp32
-    and rounded to x's dtype as if stored: how the fused kernels apply a norm whose statistics
-    were reduced elsewhere (layer_norm_stats, the fused conv's epilogue)."""
+    and rounded to x's dtype as if stored: how the fused conv applies a norm whose statistics were
+    reduced elsewhere (layer_norm_stats, its own epilogue); the fused upsample-concat keeps its
+    normalised taps in fp32 (one rounding fewer, within the tests' tolerance of this)."""
     xhat = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
     return F.leaky_relu(xhat * weight.float().view(1, -1, 1, 1) + bias.float().view(1, -1, 1, 1),
                         negative_slope).to(x.dtype)
@@ -131,7 +134,7 @@ def _stats_plan(x: torch.Tensor, num_programs: int | None):
     block = FLAT_BLOCK["cuda" if x.is_cuda else "cpu"]
     full, tail = divmod(x[0].numel(), block)
     p, tpp = _programs(x, full, num_programs)
-    return dict(block=block, full=full, tail=tail, tpp=tpp, p=p, block_p=next_pow2(p))
+    return dict(block=block, full=full, tail=tail, tpp=tpp, p=p)
 
 
 if HAS_TRITON:
@@ -477,11 +480,6 @@ def _layer_norm_stats_op(x: torch.Tensor, eps: float, num_programs: Optional[int
     launch(_finalize_kernel, (n,), x, part[0], part[1], part[2], mean, rstd, x.stride(0), part.shape[2], eps,
            BLOCK_P=next_pow2(part.shape[2]), FP64=part.dtype == torch.float64)
     return mean, rstd
-
-
-def _format_of(x):
-    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def layer_norm_lrelu(x, weight, bias, eps: float = LN_EPS, negative_slope: float = LEAKY_SLOPE, num_programs=None):

@@ -293,7 +293,7 @@ def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget
 
 
 def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device) -> int:
-    """Output rows one channels_last forward program walks: 16 (a source row is then loaded about
+    """Output rows one forward program walks (either format): 16 (a source row is then loaded about
     9 times per 16 output rows instead of 16), fewer where the grid would not fill the GPU four
     times over; 4 under the interpreter, so that small test shapes cross row blocks. More where
     batch x row blocks would pass the grid's 65535 limit."""
