@@ -160,3 +160,14 @@ def matmul_peak_tflops(device, dtype: torch.dtype, n: int | None = None, repeats
     (a @ b)
     ms = time_fn(lambda: a @ b, device, warmup=1 if cuda else 0, iters=repeats * (5 if cuda else 1))
     return 2 * n ** 3 / (min(ms) / 1e3) / 1e12
+
+
+def conv_configs() -> list[dict]:
+    """The fused conv's tile configs tuned so far in this process, per shape key (N, Cin, Cout, H,
+    W, taps, dtype, norm in, stats, bias, TMA possible), with every candidate's measured ms."""
+    from crn_fast.kernels import tuned_configs
+    timings = tuned_configs(timings=True)
+    return [{"key": [str(v) for v in k], "chosen": c._asdict(),
+             "candidates_ms": [{**cfg._asdict(), "ms": ms} for cfg, ms in sorted(timings.get(k, {}).items(),
+                                                                            key=lambda t: t[1])]}
+            for k, c in tuned_configs().items()]

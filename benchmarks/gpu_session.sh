@@ -14,7 +14,7 @@
 # $OUT/gpu_results.tar.gz (the device tool returns at most 8 files) beside the log.
 # Usage: bash benchmarks/gpu_session.sh [scale]          (about 8.5 minutes at scale 1 on an H100)
 #        CRN_GPU_FOLLOWUP=1 bash benchmarks/gpu_session.sh  (what the first H100 session left and the
-#                                                           kernels built after it: ~8.5 min)
+#                                                           kernels built after it: ~8.7 min of steps)
 #        CRN_GPU_SMOKE=1 bash benchmarks/gpu_session.sh  (CPU: every step at tiny sizes, to test the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +33,11 @@ else
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }
-# kernel_bench SECONDS [kernels.py options]; race SECONDS ROWS: each into its result file, then packed
+# kernel_bench SECONDS NAME [kernels.py options]; race SECONDS ROWS: each into its result file, then packed
 kernel_bench() {
-  local t=$1; shift
+  local t=$1 name=$2; shift 2
   timeout $((t * s)) python3 benchmarks/kernels.py $P ${R:+--res $R} --dtypes bf16 --no-compile "$@" \
-    --json "$res/kernels_${gpu}.json" 2>&1 | tail -70 >> "$log"; pack; }
+    --json "$res/${name}_${gpu}.json" 2>&1 | tail -70 >> "$log"; pack; }
 race() {
   timeout $(($1 * s)) python3 benchmarks/run.py $P --res $R --rows "$2" $ITERS --max-seconds $((($1 - 10) * s)) \
     --json "$res/${gpu}_${R}.json" 2>&1 | grep -v "^  triton_\|AUTOTUNE\|strides:\|dtypes:" | tail -40 >> "$log"; pack; }
@@ -57,22 +57,25 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   # the rewritten channels_last kernels (upsample-concat row walk, flat layer-norm statistics,
   # whole-pixel apply tiles, area pyramid), the zero-padded conv1 path and the fused head, measured
   # kernel by kernel and end to end; max-autotune and NCHW compile in the same race; the profile
-  # split by module ranges; the compiled tests. Most informative first: each step packs its files before the next starts.
+  # split by module ranges; the compiled tests; the fused conv's TMA kernel, tested and timed per
+  # module against cuDNN and the pointer kernel. Most informative first: each step packs its files before the next starts.
   step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
-  kernel_bench 60 --no-conv
+  kernel_bench 60 kernels --no-conv
   step "F2. the race at $R: crn_fast vs every torch.compile mode"
   race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton-fusedhead-cudagraph:bf16:channels_last"
   race+=",triton:bf16:channels_last"
   race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
   race+=",compile-max-autotune:bf16:channels_last,compile:bf16:nchw,triton-cudagraph:bf16:nchw"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
-  race 300 "$race"
+  race 270 "$race"
   step "F3. per-module profile (module ranges), kernel sequence saved"
   timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton \
     --out "$res/profile_${gpu}_${R}" 2>&1 | tail -20 >> "$log"; pack
-  step "F4. compiled tests: kernels first, then the AOTInductor package on"
-  CRN_FAST_CONV_TUNE=0 timeout $((110 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
-    tests/test_kernels.py tests/test_export.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
+  step "F4. compiled tests: the fused conv (TMA kernel) and the kernels first, then the AOTInductor package on"
+  CRN_FAST_CONV_TUNE=0 timeout $((100 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
+    tests/test_conv_norm.py tests/test_kernels.py tests/test_export.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
+  step "F6. each module's convs, largest first: cuDNN vs the fused conv, every pointer and TMA tile timed"
+  if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else kernel_bench 50 kernels_conv --conv-only; fi
   step "F5. the targets"
   python3 benchmarks/targets.py --results "$res" --device "$gpu" --res $R --out "$res/targets_${gpu}.md" >> "$log" 2>&1
   step "done"
@@ -86,7 +89,7 @@ step "1. compiled tests"
 # -v: each test's verdict is in the log as it finishes, even if the time limit cuts the run
 CRN_FAST_CONV_TUNE=0 timeout $((90 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -150 >> "$log"
 step "2. kernel benchmark, bf16, nchw + channels_last; each module's convs: cuDNN vs the fused conv"
-kernel_bench 90
+kernel_bench 90 kernels
 step "3. the race at $R"
 # most important first (a row past the time budget is skipped, not run); the two max-autotune rows
 # side by side, so the second reuses the first's tuning from Inductor's on-disk caches

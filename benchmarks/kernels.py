@@ -13,7 +13,8 @@ Bytes moved (the roofline denominator):
                              inference path hands it to cuDNN; the pad's zeros are written too)
 Achieved GB/s is compared with the measured device-to-device copy bandwidth (read + write).
 On a GPU, each module's convs: cuDNN (+ the triton layer norm) against the fused conv kernel
-(kernels/conv_norm.py), in TFLOP/s.
+(kernels/conv_norm.py), in TFLOP/s, with every tile candidate's time (pointer and TMA kernels) in
+the "conv_norm tuned configs" row. ``--conv-only`` runs just those.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info, time_fn, write_text_atomic  # noqa: E402
+from _util import conv_configs, device_label, machine_info, time_fn, write_text_atomic  # noqa: E402
 
 from crn_fast import kernels as K  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
@@ -64,12 +65,16 @@ def main(argv=None):
     ap.add_argument("--dtypes", default=None, help="default: bf16,fp32 on GPU, fp32 on CPU")
     ap.add_argument("--iters", type=int, default=5, help="CPU timing repeats (GPU uses do_bench)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    ap.add_argument("--no-conv", action="store_true", help="skip the conv rows (GPU)")
+    conv = ap.add_mutually_exclusive_group()
+    conv.add_argument("--no-conv", action="store_true", help="skip the conv rows (GPU)")
+    conv.add_argument("--conv-only", action="store_true", help="only the conv rows (GPU; largest module first)")
     ap.add_argument("--formats", default="nchw,channels_last", help="memory formats (default: both)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device == "cuda"
+    if args.conv_only and not cuda:
+        ap.error("--conv-only needs a CUDA device: the conv rows time cuDNN against the Triton conv kernels")
     config = get_preset(args.preset)
     size = parse_resolution(args.res) if args.res else config.resolution
     dtypes = (args.dtypes or ("bf16,fp32" if cuda else "fp32")).split(",")
@@ -81,7 +86,7 @@ def main(argv=None):
     up_c = None if args.no_compile else torch.compile(up_ref)
     rows = []
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    for fname, dname in ((f, d) for f in args.formats.split(",") for d in dtypes):
+    for fname, dname in ((f, d) for f in args.formats.split(",") for d in dtypes if not args.conv_only):
         if fname not in formats:
             ap.error(f"--formats: {fname!r} is not one of {', '.join(formats)}")
         fmt, dt = formats[fname], DTYPES[dname]
@@ -177,8 +182,7 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None):
                       f"{row['tflops']:7.1f} TFLOP/s", file=sys.stderr)
             if on_module:
                 on_module()
-    rows.append({"op": "conv_norm tuned configs", "configs": [[str(v) for v in k] + [list(c)]
-                                                            for k, c in K.tuned_configs().items()]})
+    rows.append({"op": "conv_norm tuned configs", "configs": conv_configs()})
 
 
 def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nchw"):

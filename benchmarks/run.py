@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import (PeakMemory, device_label, error_text, machine_info, matmul_peak_tflops, summarize,  # noqa: E402
-                   sync, time_fn, write_text_atomic)
+from _util import (PeakMemory, conv_configs, device_label, error_text, machine_info,  # noqa: E402
+                   matmul_peak_tflops, summarize, sync, time_fn, write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
@@ -514,12 +514,6 @@ def parse_args(argv=None):
             except OSError as e:
                 ap.error(f"cannot write results to {folder}: {e.strerror or e}")
     return args
-
-
-def conv_configs() -> list[dict]:
-    """The fused conv's tile configs tuned so far in this process, per shape."""
-    from crn_fast.kernels import tuned_configs
-    return [{"key": [str(v) for v in k], "block_m_n_k_warps_stages": list(c)} for k, c in tuned_configs().items()]
 
 
 @contextlib.contextmanager

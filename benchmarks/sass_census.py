@@ -1,5 +1,7 @@
 """What the channels_last kernels compile to, without a GPU: registers, SASS instructions per
-program, barriers, and the width of every global load and store, for sm_90 at the 1024p shapes.
+program, barriers, and the width of every global load and store, for sm_90 at the 1024p shapes;
+for the fused conv's two kernels also the tensor-core mainloop (instructions from the loop's label
+to its back-edge, per K step), TMA loads and wgmma instructions.
 
     python benchmarks/sass_census.py            # a table; --json FILE to keep it
 
@@ -38,6 +40,32 @@ def sass(kernel) -> str:
 _INSTR = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+
+
+def mainloop(code: str) -> dict | None:
+    """The innermost loop around the first tensor-core instruction (HGMMA, else HMMA): from a label
+    before it to a later branch back to that label. Its instruction count is the issue cost of one K
+    step for each warp; None in a kernel without one."""
+    lines = code.splitlines()
+    first = next((i for i, line in enumerate(lines) if "HGMMA" in line or "HMMA" in line), None)
+    if first is None:
+        return None
+    labels = {m.group(1): i for i, line in enumerate(lines[:first]) if (m := _LABEL.match(line.strip()))}
+    loops = [(labels[m.group(1)], j) for j, line in enumerate(lines[first:], first)
+             if (m := _BRANCH.search(line)) and m.group(1) in labels]
+    if not loops:
+        return None
+    # the innermost: the shortest such span (a wait-retry block placed after the kernel's end also
+    # jumps back into the loop, and spans far more)
+    start, end = min(loops, key=lambda se: se[1] - se[0])
+    body = [m.group(1) for m in map(_INSTR.match, lines[start:end + 1]) if m]
+    kinds = collections.Counter(op.split(".")[0] for op in body)
+    return {"instructions": len(body), "mma": kinds["HGMMA"] + kinds["HMMA"], "tma_loads": kinds["UTMALDG"],
+            "async_copies": kinds["LDGSTS"], "barriers": kinds["BAR"]}
+
+
 def census(kernel) -> dict:
     from gpu_compile_check import spill_bytes
     code = sass(kernel)
@@ -45,14 +73,18 @@ def census(kernel) -> dict:
     kinds = collections.Counter(op.split(".")[0] for op in ops)
     memory = collections.Counter(op for op in ops if op.startswith(("LDG", "STG")))
     regs = re.findall(r"Used (\d+) registers", spill_bytes(kernel.asm["ptx"], 90)[2])
-    return {"registers": int(regs[0]) if regs else None, "instructions": len(ops), "barriers": kinds["BAR"],
-            "global_memory": dict(sorted(memory.items()))}
+    row = {"registers": int(regs[0]) if regs else None, "instructions": len(ops), "barriers": kinds["BAR"],
+           "global_memory": dict(sorted(memory.items()))}
+    loop = mainloop(code)
+    if loop:
+        row["mainloop"] = loop
+    return row
 
 
 def cases():
-    """(name, kernel, pointer dtypes, float args, constexprs, args divisible by 16, warps) at the
-    1024p channels_last shapes."""
-    from gpu_compile_check import A, L, U
+    """(name, kernel, pointer dtypes, float args, constexprs, args divisible by 16, warps[, stages,
+    tensor descriptors]) at the 1024p channels_last shapes."""
+    from gpu_compile_check import A, C, L, U
     bf, f = "bf16", "fp32"
     ln = {"X": bf, "Y": bf, "W": bf, "B": bf, "Cnt": f, "Mean": f, "M2": f, "MeanOut": f, "RstdOut": f}
     up = {"Fe": bf, "L": bf, "O": bf, "Mean": f, "Rstd": f, "Wn": bf, "Bn": bf}
@@ -71,6 +103,16 @@ def cases():
                dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024, fs3=1, ls3=1, os3=1), up_aligned + ["os1", "ls1", "fs1"], 4)
     yield ("area_pyramid 4 levels, 20 classes", A._pyramid_kernel, {k: bf for k in ("X", "Y1", "Y2", "Y3", "Y4")}, [],
            dict(NLEV=4, CL=True, C=20, BLOCK_C=32), ["X", "Y1", "Y2", "Y3", "Y4", "H", "W"], 4)
+    # the fused conv's 128x128x64 tile (8 warps, 3 stages), as conv1 and as conv2 (input norm)
+    conv = {"Y": bf, "Bias": bf, "MeanIn": f, "RstdIn": f, "Gamma": bf, "Beta": bf, "PCnt": f, "PMean": f, "PM2": f}
+    flags = dict(KSIZE=3, STATS=True, HAS_BIAS=False, HEAD=False, DOT_F32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+    aligned = ["Y", "Bias", "Gamma", "Beta", "PCnt", "PMean", "PM2", "Cin", "Cout", "P"]
+    for norm in (False, True):
+        layer = "conv2 (norm in)" if norm else "conv1"
+        yield (f"conv_norm pointer loads, {layer}", C._conv_kernel, {**conv, "X": bf, "Wp": bf}, ["slope"],
+               dict(flags, NORM_IN=norm, IEEE=False), aligned + ["X", "Wp", "sxn", "sxh", "sxw"], 8, 3)
+        yield (f"conv_norm TMA, {layer}", C._conv_tma_kernel, conv, ["slope"], dict(flags, NORM_IN=norm), aligned, 8, 3,
+               {"Xd": (bf, [1, 1, 128, 64]), "Wd": (bf, [1, 64, 128])})
 
 
 def main(argv=None) -> int:
@@ -79,12 +121,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from gpu_compile_check import compile_kernel
     rows = []
-    print("| kernel | registers | SASS instr | barriers | global loads/stores |\n|---|---:|---:|---:|---|")
-    for name, fn, ptrs, floats, const, aligned, warps in cases():
-        row = {"kernel": name, **census(compile_kernel(fn, ptrs, floats, const, 90, warps, aligned=aligned))}
+    print("| kernel | registers | SASS instr | barriers | global loads/stores | mainloop per K step |\n"
+          "|---|---:|---:|---:|---|---|")
+    for name, fn, ptrs, floats, const, aligned, warps, *more in cases():
+        stages, descs = (more + [3, None][len(more):])[:2]
+        row = {"kernel": name, **census(compile_kernel(fn, ptrs, floats, const, 90, warps, stages, aligned, descs))}
         rows.append(row)
         mem = ", ".join(f"{k} x{v}" for k, v in row["global_memory"].items())
-        print(f"| {name} | {row['registers']} | {row['instructions']} | {row['barriers']} | {mem} |")
+        loop = row.get("mainloop")
+        loop = f"{loop['instructions']} instr: {loop['mma']} MMA, {loop['tma_loads']} TMA, " \
+            f"{loop['async_copies']} cp.async, {loop['barriers']} BAR" if loop else ""
+        print(f"| {name} | {row['registers']} | {row['instructions']} | {row['barriers']} | {mem} | {loop} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": "sm_90", "rows": rows}, indent=2))
     return 0

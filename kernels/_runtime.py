@@ -12,6 +12,10 @@ try:
 except ImportError:  # triton is optional: the torch reference ops always work
     triton = tl = None
     HAS_TRITON = False
+try:  # host-side tensor-memory-accelerator descriptors (Triton 3.4+)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 def cdiv(a: int, b: int) -> int:
@@ -96,7 +100,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                 "Triton's interpreter (TRITON_INTERPRET=1) cannot be traced by AOTAutograd: compile the "
                 "crn_fast operators on a CUDA device, or trace them on CPU without TRITON_INTERPRET "
                 "(they then run their torch implementation)")
-        if any(is_fake(a) for a in args if hasattr(a, "device")):
+        tensors = [getattr(a, "base", a) for a in args]  # a TensorDescriptor's tensor is its base
+        if any(is_fake(a) for a in tensors if hasattr(a, "device")):
             return
         kernel[grid](*args, **kwargs)  # torch <= 2.11's wrap_triton refuses an interpreted function
         return

@@ -7,8 +7,8 @@
                   (x + 1) / 2 * 255 in fp32                           for the generator's head
 
 Memory plan, per refinement module (channels_last, Cin the fast dimension):
-    _conv_kernel      reads x (raw conv output of the layer before, or the upsample-concat output)
-                      and the packed weight -> writes y once, plus P partial statistics per sample
+    _conv_kernel or   reads x (raw conv output of the layer before, or the upsample-concat output)
+    _conv_tma_kernel  and the packed weight -> writes y once, plus P partial statistics per sample
     _finalize_kernel  reads the P partials -> per-sample mean, rstd (Chan's parallel merge)
 So the normalised activations are never stored, and nothing re-reads y to find its statistics:
 conv1 -> finalize -> conv2 (normalises conv1's output on load) -> finalize -> the next module's
@@ -16,11 +16,25 @@ norm_lrelu_upsample_concat (upsample_concat.py) or the head.
 
 The GEMM: M = output pixels of one sample (BLOCK_M per program), N = output channels (BLOCK_N),
 K = taps x input channels, walked as one flat loop of (tap, BLOCK_K channel block) steps so that
-Triton pipelines the loads across taps. Each A tile is BLOCK_M pixel rows of BLOCK_K contiguous
-channels (a shifted window of x, masked at the image border); each B tile is BLOCK_K rows of the
-weight packed as [tap, Cin, Cout] (Cout contiguous). Rows of x are 16-byte aligned when the
-pixel stride is a multiple of 8 elements: the upsample-concat output is allocated with its
-channel count rounded up to 16 (``channels_multiple``), the pad channels never read.
+Triton pipelines the loads across taps. Each A tile is BLOCK_M pixels of BLOCK_K contiguous
+channels (a shifted window of x, zero outside the image); each B tile is BLOCK_K rows of the
+weight packed as [tap, Cin, Cout] (Cout contiguous). Two kernels load them:
+    _conv_kernel      pointer loads (cp.async), BLOCK_M pixels in raster order, masks computed per
+                      element: any GPU, any dtype, any pixel stride
+    _conv_tma_kernel  the tensor memory accelerator (sm_90+, 16-bit, 16-byte strides and Cout % 8):
+                      BLOCK_M pixels of one image row; the hardware fills the conv's zero padding,
+                      so the mainloop is the loads, the wgmma and its barriers (~114 SASS
+                      instructions per 128x128x64 step where the pointer kernel issues ~231)
+The tuner times both kinds of tile on the GPU (``tma_unavailable_reason`` says when the TMA kernel
+cannot run). Rows of x are 16-byte aligned when the pixel stride is a multiple of 8 elements: the
+upsample-concat output is allocated with its channel count rounded up to 16
+(``channels_multiple``), the pad channels never read.
+
+An input norm costs ~12 instructions per loaded element, and each element is loaded once per tap
+(9 times). With a 128-row tile the TMA mainloop then issues about as long as its wgmma runs at
+256 output channels per tile, and 2-8x longer at 128-16 (benchmarks/sass_census.py): a fused
+conv2 is likely slower than cuDNN + the apply pass at modules 7-8 (Cout 128, 32), which
+``CRN(fused_conv="auto")`` measures per module.
 
 fp32 inputs use IEEE fp32 products (never TF32); bf16/fp16 use tensor cores with fp32 accumulation.
 The statistics are those of y as stored (rounded to its dtype), like the unfused path's.
@@ -31,7 +45,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +53,7 @@ from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton, tl
+from ._runtime import HAS_TRITON, TensorDescriptor, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton, tl
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
@@ -66,19 +80,96 @@ def unpack_conv_weight(packed: torch.Tensor) -> torch.Tensor:
     return packed.reshape(k, k, cin, cout).permute(3, 2, 0, 1)
 
 
+class Tile(NamedTuple):
+    """One launch config of the fused conv. ``tma``: the tensor-memory-accelerator kernel
+    (``_conv_tma_kernel``: BLOCK_M pixels of one image row, sm_90+, 16-bit) instead of pointer loads
+    (``_conv_kernel``: BLOCK_M pixels in raster order, any GPU and dtype)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+
+
 # The candidates the tuner times on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), each
 # with 2-4 pipelined stages of bf16 A/B tiles within the 228 KB of an H100 SM's shared memory.
 CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3),
            (128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (256, 32, 32, 4, 3), (128, 32, 32, 4, 4),
            (128, 16, 64, 4, 3), (256, 16, 32, 4, 3), (128, 16, 32, 4, 3)]  # the last three: the head (3k outputs)
+# The TMA kernel's candidates (16-bit on sm_90+): 64-128 rows per warpgroup (wgmma's M is 64 per
+# warpgroup), 3-4 stages of A and B tiles in 64-144 KB of shared memory (tests/gpu_compile_check.py
+# holds the sizes, the TMA loads and the wgmma). Its mainloop is about 115 SASS instructions per
+# 128x128x64 step with 8 warps where the pointer kernel's is about 270 (benchmarks/sass_census.py).
+TMA_CONFIGS = [Tile(128, 128, 64, 8, 3, True), Tile(128, 256, 64, 8, 3, True), Tile(256, 128, 64, 8, 3, True),
+               Tile(128, 64, 64, 4, 4, True), Tile(64, 64, 64, 4, 4, True), Tile(128, 32, 64, 4, 4, True),
+               Tile(256, 32, 64, 8, 3, True), Tile(128, 16, 64, 4, 4, True),
+               Tile(128, 32, 32, 4, 4, True), Tile(256, 32, 32, 8, 3, True)]  # the last two: 32 input channels
 # fp32 (IEEE products on CUDA cores, never TF32) holds 4-byte tiles: smaller ones, or registers spill
 # and the larger 16-bit configs would exceed an A100's 164 KB of shared memory.
 FP32_CONFIGS = [(64, 64, 32, 4, 2), (128, 32, 32, 8, 3), (32, 32, 32, 4, 2)]
 # where no config above fits (few channels: tiny presets, a head on 16 channels), either dtype
 SMALL_CONFIGS = [(32, 32, 32, 4, 2), (64, 16, 32, 4, 2), (64, 32, 16, 4, 2), (64, 16, 16, 4, 2)]
-_INTERPRETER_CONFIG = (32, 16, 16, 4, 1)  # small tiles: fewer masked lanes per interpreted program
+# under the interpreter: small tiles (fewer masked lanes per interpreted program), with TMA loads
+# where they can run, so the CPU tests take the path a Hopper GPU takes
+_INTERPRETER_CONFIGS = (Tile(16, 16, 16, 4, 1, True), Tile(32, 16, 16, 4, 1))
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _norm_tile(a, ci, km, inb, Gamma, Beta, mu, rs, slope):
+        """The previous layer's norm + leaky ReLU on a loaded [pixels, channels] window, rounded to
+        the input's dtype as the unfused path stores it; zero where the window is outside the image
+        (padding pads the normalised tensor) and in channels past Cin."""
+        g = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32) * rs
+        b = tl.load(Beta + ci, mask=km, other=0.0).to(tl.float32)
+        z = (a.to(tl.float32) - mu) * g[None, :] + b[None, :]
+        z = tl.where(z > 0, z, z * slope)
+        return tl.where(inb[:, None] & km[None, :], z, 0.0).to(a.dtype)
+
+    @triton.jit
+    def _norm_tile_folded(a, ci, km, inb, Gamma, Beta, mu, rs, slope):
+        """``_norm_tile`` in fewer instructions per element, for 16-bit inputs: the per-sample norm
+        and the affine folded per channel into one scale and shift (x * s + t, s = gamma * rstd,
+        t = beta - mean * s: fp32 rounding differences far below a bf16/fp16 ulp), the leaky ReLU as
+        max(z, slope * z) (0 <= slope <= 1, checked by the caller), and channels past Cin zero
+        through s = t = 0 (no mask)."""
+        s = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32) * rs
+        t = tl.load(Beta + ci, mask=km, other=0.0).to(tl.float32) - mu * s
+        z = a.to(tl.float32) * s[None, :] + t[None, :]
+        z = tl.maximum(z, z * slope)
+        return tl.where(inb[:, None], z, 0.0).to(a.dtype)
+
+    @triton.jit
+    def _mma(a, wt, acc, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+        if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly: exact fp32 products instead
+            return tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            return tl.dot(a, wt, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, wt, acc)
+
+    @triton.jit
+    def _epilogue(acc, Y, Bias, PCnt, PMean, PM2, yrow, pm, co, cm, idx,
+                  STATS: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD: tl.constexpr):
+        """Bias, the head's 0..255 scaling, the store of y (channels_last: ``yrow`` is each pixel's
+        first element), and this tile's (count, mean, M2) of y as stored, centred on the tile's own
+        mean, into partial slot ``idx``."""
+        if HAS_BIAS:
+            acc += tl.load(Bias + co, mask=cm, other=0.0).to(tl.float32)[None, :]
+        if HEAD:
+            acc = (acc + 1.0) / 2.0 * 255.0
+        yv = acc.to(Y.dtype.element_ty)
+        omask = pm[:, None] & cm[None, :]
+        tl.store(Y + yrow[:, None] + co[None, :], yv, mask=omask)
+        if STATS:
+            v = tl.where(omask, yv.to(tl.float32), 0.0)
+            cnt = tl.sum(pm.to(tl.float32), axis=0) * tl.sum(cm.to(tl.float32), axis=0)
+            mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / cnt
+            e = tl.where(omask, v - mean_t, 0.0)
+            tl.store(PCnt + idx, cnt)
+            tl.store(PMean + idx, mean_t)
+            tl.store(PM2 + idx, tl.sum(tl.sum(e * e, axis=1), axis=0))
 
     @triton.jit
     def _conv_kernel(X, Wp, Y, Bias, MeanIn, RstdIn, Gamma, Beta, PCnt, PMean, PM2,
@@ -86,9 +177,10 @@ if HAS_TRITON:
                      KSIZE: tl.constexpr, NORM_IN: tl.constexpr, STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HEAD: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (tile, sample): a [BLOCK_M, BLOCK_N] tile of y. The output-channel block varies
-        fastest, so the programs that read the same input pixels run together and share them in L2
-        (the weights, at most 19 MB per conv in bf16, stay in an H100's 50 MB L2 anyway)."""
+        """Pointer loads (any GPU, any dtype, any pixel stride). Program (tile, sample): a
+        [BLOCK_M, BLOCK_N] tile of y. The output-channel block varies fastest, so the programs that
+        read the same input pixels run together and share them in L2 (the weights, at most 19 MB
+        per conv in bf16, stay in an H100's 50 MB L2 anyway)."""
         pid = tl.program_id(0)
         n = tl.program_id(1)
         n_nt = tl.cdiv(Cout, BLOCK_N)
@@ -115,40 +207,61 @@ if HAS_TRITON:
             dy = tap // KSIZE - KSIZE // 2
             dx = tap % KSIZE - KSIZE // 2
             inb = pm & (py + dy >= 0) & (py + dy < H) & (px + dx >= 0) & (px + dx < W)
-            amask = inb[:, None] & km[None, :]
             rows = xb + pix_off + (dy.to(tl.int64) * sxh + dx * sxw)
-            a = tl.load(rows[:, None] + ci[None, :], mask=amask, other=0.0)
-            if NORM_IN:  # the previous layer's norm + leaky ReLU, on the loaded window
-                g = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32) * rs
-                b = tl.load(Beta + ci, mask=km, other=0.0).to(tl.float32)
-                z = (a.to(tl.float32) - mu) * g[None, :] + b[None, :]
-                z = tl.where(z > 0, z, z * slope)
-                a = tl.where(amask, z, 0.0).to(X.dtype.element_ty)  # zero padding of the normalised input
+            a = tl.load(rows[:, None] + ci[None, :], mask=inb[:, None] & km[None, :], other=0.0)
+            if NORM_IN:
+                a = _norm_tile(a, ci, km, inb, Gamma, Beta, mu, rs, slope)
             wrow = (tap * Cin + ci).to(tl.int64) * Cout
             wt = tl.load(Wp + wrow[:, None] + co[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-            if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly: exact fp32 products instead
-                acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(a, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, wt, acc)
-        if HAS_BIAS:
-            acc += tl.load(Bias + co, mask=cm, other=0.0).to(tl.float32)[None, :]
-        if HEAD:
-            acc = (acc + 1.0) / 2.0 * 255.0
-        yv = acc.to(Y.dtype.element_ty)
-        omask = pm[:, None] & cm[None, :]
+            acc = _mma(a, wt, acc, IEEE, DOT_F32)
         yrow = (n.to(tl.int64) * HW + pix.to(tl.int64)) * Cout  # y is channels_last contiguous
-        tl.store(Y + yrow[:, None] + co[None, :], yv, mask=omask)
-        if STATS:  # this tile's (count, mean, M2) of y as stored, centred on the tile's own mean
-            v = tl.where(omask, yv.to(tl.float32), 0.0)
-            cnt = tl.sum(pm.to(tl.float32), axis=0) * tl.sum(cm.to(tl.float32), axis=0)
-            mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / cnt
-            e = tl.where(omask, v - mean_t, 0.0)
-            idx = n * P + pid
-            tl.store(PCnt + idx, cnt)
-            tl.store(PMean + idx, mean_t)
-            tl.store(PM2 + idx, tl.sum(tl.sum(e * e, axis=1), axis=0))
+        _epilogue(acc, Y, Bias, PCnt, PMean, PM2, yrow, pm, co, cm, n * P + pid, STATS, HAS_BIAS, HEAD)
+
+    @triton.jit
+    def _conv_tma_kernel(Xd, Wd, Y, Bias, MeanIn, RstdIn, Gamma, Beta, PCnt, PMean, PM2,
+                         Cin, Cout, H, W, n_tw, P, slope,
+                         KSIZE: tl.constexpr, NORM_IN: tl.constexpr, STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HEAD: tl.constexpr, DOT_F32: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Tensor-memory-accelerator loads (sm_90+, 16-bit, 16-byte strides). Program (tile,
+        sample): BLOCK_M pixels of one image row by BLOCK_N output channels. Xd describes x as
+        [N, H, W, Cin] and each (tap, channel block) step loads the box [1, 1, BLOCK_M, BLOCK_K] at
+        (n, y + dy, x0 + dx, c0): the hardware fills whatever lies outside the image or past Cin with
+        zeros, which is exactly the conv's zero padding, so no thread computes an address or a mask.
+        Wd describes the packed weight as [taps, Cin, Cout] (box [1, BLOCK_K, BLOCK_N]). Both tiles
+        land in shared memory in the layout wgmma reads; a one-row box keeps the A tile 2-D there
+        (a taller box would be reshaped through registers)."""
+        pid = tl.program_id(0)
+        n = tl.program_id(1)
+        n_nt = tl.cdiv(Cout, BLOCK_N)
+        pid_m = pid // n_nt
+        pid_n = pid - pid_m * n_nt
+        row = pid_m // n_tw
+        x0 = (pid_m - row * n_tw) * BLOCK_M
+        co0 = pid_n * BLOCK_N
+        if NORM_IN:
+            mu = tl.load(MeanIn + n)
+            rs = tl.load(RstdIn + n)
+            px = x0 + tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        n_kb = tl.cdiv(Cin, BLOCK_K)
+        for kk in range(0, KSIZE * KSIZE * n_kb):
+            tap = kk // n_kb
+            c0 = (kk - tap * n_kb) * BLOCK_K
+            dy = tap // KSIZE - KSIZE // 2
+            dx = tap % KSIZE - KSIZE // 2
+            a = Xd.load([n, row + dy, x0 + dx, c0]).reshape(BLOCK_M, BLOCK_K)
+            if NORM_IN:  # the hardware's zeros are raw zeros: the norm needs the padding mask
+                ci = c0 + tl.arange(0, BLOCK_K)
+                inb = (px + dx >= 0) & (px + dx < W) & (row + dy >= 0) & (row + dy < H)
+                a = _norm_tile_folded(a, ci, ci < Cin, inb, Gamma, Beta, mu, rs, slope)
+            wt = Wd.load([tap, c0, co0]).reshape(BLOCK_K, BLOCK_N)
+            acc = _mma(a, wt, acc, False, DOT_F32)
+        px_out = x0 + tl.arange(0, BLOCK_M)
+        co = co0 + tl.arange(0, BLOCK_N)
+        yrow = ((n * H + row).to(tl.int64) * W + px_out) * Cout
+        _epilogue(acc, Y, Bias, PCnt, PMean, PM2, yrow, px_out < W, co, co < Cout, n * P + pid,
+                  STATS, HAS_BIAS, HEAD)
 
     @triton.jit
     def _finalize_kernel(PCnt, PMean, PM2, MeanOut, RstdOut, P, eps, BLOCK_P: tl.constexpr):
@@ -177,68 +290,110 @@ if HAS_TRITON:
         tl.store(RstdOut + n, 1.0 / tl.sqrt_rn(m2 / total + eps))
 
 
-def _candidates(cin: int, cout: int, dtype: torch.dtype) -> list[tuple]:
+def tma_unavailable_reason(x: torch.Tensor, packed_weight: torch.Tensor,
+                           negative_slope: float = LEAKY_SLOPE) -> Optional[str]:
+    """None when the TMA kernel can run this conv, else why not. A tensor map needs 16-byte aligned
+    strides and base: x's pixel stride a multiple of 8 16-bit elements (conv outputs of 8k channels;
+    upsample-concat outputs padded with ``channels_multiple``) and Cout a multiple of 8. Its input
+    norm's leaky ReLU is max(z, slope * z), so the slope must lie in [0, 1]. Inside torch.compile /
+    torch.export tracing the pointer kernel runs (a descriptor over a strided view is not a traced
+    argument this project has verified)."""
+    from torch._subclasses.fake_tensor import is_fake
+    if TensorDescriptor is None:
+        return "this Triton has no host-side TensorDescriptor (Triton 3.4+)"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"{x.dtype} input: the TMA kernel multiplies 16-bit tiles on tensor cores"
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "TMA needs compute capability 9.0 or newer"
+    if torch.compiler.is_compiling() or is_fake(x) or is_fake(packed_weight):
+        return "traced (torch.compile / export): the pointer kernel is traced instead"
+    strides = (x.stride(0), x.stride(2), x.stride(3))
+    if x.stride(1) != 1 or any(s % 8 for s in strides) or x.storage_offset() % 8:
+        return f"x's strides {tuple(x.stride())} (offset {x.storage_offset()}) are not 16-byte multiples " \
+               "with contiguous channels"
+    if not 0.0 <= negative_slope <= 1.0:
+        return f"negative_slope {negative_slope} is outside [0, 1] (the TMA kernel's leaky ReLU is max(z, slope * z))"
+    if packed_weight.shape[2] % 8 or not packed_weight.is_contiguous():
+        return f"Cout {packed_weight.shape[2]} is not a multiple of 8 (or the packed weight is not contiguous)"
+    return None
+
+
+def _candidates(cin: int, cout: int, dtype: torch.dtype, width: int = 0, tma: bool = False) -> list[Tile]:
     """The configs worth timing for this shape (each costs a compile on first use): no tile wider
     than the channels it covers, and none narrower than 64 output channels where Cout allows (a
-    narrow N tile re-reads the input once per tile)."""
+    narrow N tile re-reads the input once per tile); TMA tiles (first, when ``tma``) no wider than
+    the image row ``width`` they cover."""
     n_cap, k_cap = max(16, next_pow2(cout)), max(16, next_pow2(cin))
-    configs = FP32_CONFIGS if dtype == torch.float32 else CONFIGS
-    fits = [c for c in configs if min(n_cap, 64) <= c[1] <= n_cap and c[2] <= k_cap]
-    return fits or [next(c for c in SMALL_CONFIGS if c[1] <= n_cap and c[2] <= k_cap)]
+    configs = [Tile(*c) for c in (FP32_CONFIGS if dtype == torch.float32 else CONFIGS)]
+    if tma:
+        configs = [c for c in TMA_CONFIGS if c.block_m <= width] + configs
+    fits = [c for c in configs if min(n_cap, 64) <= c.block_n <= n_cap and c.block_k <= k_cap]
+    return fits or [next(Tile(*c) for c in SMALL_CONFIGS if c[1] <= n_cap and c[2] <= k_cap)]
 
 
-def _heuristic(cin: int, cout: int, dtype: torch.dtype) -> tuple:
-    """Untuned choice: the widest N tile the channels fill."""
-    return _candidates(cin, cout, dtype)[0]
+def _heuristic(cin: int, cout: int, dtype: torch.dtype, width: int = 0, tma: bool = False) -> Tile:
+    """Untuned choice: the widest N tile the channels fill, with TMA loads where they can run (the
+    shorter mainloop; the tuner measures it on the GPU)."""
+    return _candidates(cin, cout, dtype, width, tma)[0]
 
 
-# Tuned choices per (N, Cin, Cout, H, W, taps, dtype, norm, stats, bias): measured once per process
-# on the GPU (CUDA events, best of 3 after a warm-up), outside torch.compile tracing and CUDA graph
-# capture; CRN_FAST_CONV_TUNE=0 keeps the heuristic.
-_TUNED: dict[tuple, tuple] = {}
+# Tuned choices per (N, Cin, Cout, H, W, taps, dtype, norm, stats, bias, TMA possible): measured once
+# per process on the GPU (CUDA events, best of 3 after a warm-up), outside torch.compile tracing and
+# CUDA graph capture; CRN_FAST_CONV_TUNE=0 keeps the heuristic.
+_TUNED: dict[tuple, Tile] = {}
+_TIMINGS: dict[tuple, dict[Tile, float]] = {}
 
 
-_PINNED: list[tuple] = []
+_PINNED: list[Tile] = []
 
 
 @contextlib.contextmanager
 def pinned_config(config: tuple):
     """Run every fused conv inside the block with one tile config (BLOCK_M, BLOCK_N, BLOCK_K,
-    num_warps, num_stages) instead of the tuned one: to time or debug a tile, and how the tests
-    check each tuning candidate's results under the interpreter."""
-    ok = isinstance(config, tuple) and len(config) == 5 and all(isinstance(v, int) and v > 0 for v in config)
+    num_warps, num_stages[, tma]) instead of the tuned one: to time or debug a tile, and how the
+    tests check each tuning candidate's results under the interpreter. A TMA tile on a conv the
+    TMA kernel cannot run (``tma_unavailable_reason``) is an error, not a silent fallback."""
+    ok = isinstance(config, tuple) and len(config) in (5, 6) and \
+        all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in config[:5]) and \
+        (len(config) == 5 or isinstance(config[5], bool))
     if not ok or any(b < 16 or b & (b - 1) for b in config[:3]):
-        raise ValueError(f"pinned_config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) with the blocks "
-                         f"powers of two >= 16 (tensor-core tiles), got {config!r}")
-    _PINNED.append(config)
+        raise ValueError(f"pinned_config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, tma]) with the "
+                         f"blocks powers of two >= 16 (tensor-core tiles) and tma a bool, got {config!r}")
+    _PINNED.append(Tile(*config))
     try:
         yield
     finally:
         _PINNED.pop()
 
 
-def _choose(key, x, cin, cout, run) -> tuple:
+def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
     """A pinned config if any; interpreter: small fixed tiles; GPU: the tuned config for ``key``,
     tuning it now if allowed, else the heuristic's."""
+    tma = tma_reason is None
     if _PINNED:
+        if _PINNED[-1].tma and not tma:
+            raise ValueError(f"pinned_config {tuple(_PINNED[-1])}: the TMA kernel cannot run this conv: {tma_reason}")
         return _PINNED[-1]
     if x.device.type == "cpu":  # Triton's interpreter
-        return _INTERPRETER_CONFIG
+        return _INTERPRETER_CONFIGS[0] if tma and x.shape[3] >= _INTERPRETER_CONFIGS[0].block_m \
+            else _INTERPRETER_CONFIGS[1]
     if key in _TUNED:
         return _TUNED[key]
     if os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or not can_time(x):
-        return _heuristic(cin, cout, x.dtype)
+        return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
     t0 = time.perf_counter()
-    timed = {cfg: cuda_time(lambda: run(cfg)) for cfg in _candidates(cin, cout, x.dtype)}  # warm-up compiles
+    timed = {cfg: cuda_time(lambda: run(cfg)) for cfg in _candidates(cin, cout, x.dtype, x.shape[3], tma)}
     _TUNED[key] = min(timed, key=timed.get)
+    _TIMINGS[key] = timed
     logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], timed,
                                                 time.perf_counter() - t0)
     return _TUNED[key]
 
 
-def tuned_configs() -> dict[tuple, tuple]:
-    """The configs chosen so far in this process, per shape key (benchmarks record them)."""
-    return dict(_TUNED)
+def tuned_configs(timings: bool = False) -> dict[tuple, Tile] | dict[tuple, dict[Tile, float]]:
+    """The configs chosen so far in this process, per shape key, or with ``timings`` every
+    candidate's measured ms per key (benchmarks record them)."""
+    return {k: dict(v) for k, v in _TIMINGS.items()} if timings else dict(_TUNED)
 
 
 def _check(x, packed, norm):
@@ -275,20 +430,29 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
     flags = dict(KSIZE=3 if taps == 9 else 1, NORM_IN=norm is not None, STATS=stats, HAS_BIAS=bias is not None,
                  HEAD=head, IEEE=x.dtype == torch.float32, DOT_F32=x.device.type == "cpu" and x.dtype == torch.bfloat16)
 
-    def run(cfg):
-        bm, bn, bk, warps, stages = cfg
-        p = cdiv(h * w, bm) * cdiv(cout, bn)
+    def run(cfg: Tile):
+        bm, bn, bk, warps, stages, tma = cfg
+        n_tw = cdiv(w, bm)
+        p = (h * n_tw if tma else cdiv(h * w, bm)) * cdiv(cout, bn)
         grid = (p, n)
         part = torch.empty((3, n, p), device=x.device, dtype=torch.float32) if stats else None
         pc, pmn, pm2 = part.unbind(0) if stats else (dummy,) * 3
-        launch(_conv_kernel, grid, x, packed_weight, y, bias if bias is not None else dummy,
-               *(t if t is not None else dummy for t in (mean, rstd, gamma, beta)), pc, pmn, pm2,
-               cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3), p, negative_slope, **flags,
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        ptrs = (y, *(t if t is not None else dummy for t in (bias, mean, rstd, gamma, beta)), pc, pmn, pm2)
+        if tma:  # x as [N, H, W, Cin] (a view: the pixel stride may be padded), boxes of one row
+            xd = TensorDescriptor.from_tensor(x.permute(0, 2, 3, 1), [1, 1, bm, bk])
+            wd = TensorDescriptor.from_tensor(packed_weight, [1, bk, bn])
+            launch(_conv_tma_kernel, grid, xd, wd, *ptrs, cin, cout, h, w, n_tw, p, negative_slope,
+                   **{k: v for k, v in flags.items() if k != "IEEE"}, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                   num_warps=warps, num_stages=stages)
+        else:
+            launch(_conv_kernel, grid, x, packed_weight, *ptrs, cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3),
+                   p, negative_slope, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                   num_stages=stages)
         return part
 
-    key = (n, cin, cout, h, w, taps, x.dtype, norm is not None, stats, bias is not None)
-    part = run(_choose(key, x, cin, cout, run))
+    tma_reason = tma_unavailable_reason(x, packed_weight, negative_slope)
+    key = (n, cin, cout, h, w, taps, x.dtype, norm is not None, stats, bias is not None, tma_reason is None)
+    part = run(_choose(key, x, cin, cout, run, tma_reason))
     if not stats:
         return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
     y_mean = torch.empty(n, device=x.device, dtype=torch.float32)
@@ -312,4 +476,4 @@ def conv_norm(x, packed_weight, bias=None, norm=None, negative_slope: float = LE
 
 
 __all__ = ["conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight", "tuned_configs", "CONFIGS",
-           "FP32_CONFIGS", "SMALL_CONFIGS", "pinned_config"]
+           "TMA_CONFIGS", "FP32_CONFIGS", "SMALL_CONFIGS", "Tile", "pinned_config", "tma_unavailable_reason"]

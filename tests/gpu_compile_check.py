@@ -20,11 +20,14 @@ C = importlib.import_module("crn_fast.kernels.conv_norm")
 A = importlib.import_module("crn_fast.kernels.area_pyramid")
 
 
-def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4, num_stages=3, aligned=()):
+def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4, num_stages=3, aligned=(), descs=None):
     """``aligned``: arguments Triton would see divisible by 16 at run time (it specializes on that):
-    pointers and the pixel strides of 16-channel-aligned activations."""
-    sig = {n: "constexpr" if n in constexprs else "*" + ptrs[n] if n in ptrs else "fp32" if n in floats else "i32"
-           for n in fn.arg_names}
+    pointers and the pixel strides of 16-channel-aligned activations. ``descs``: tensor-descriptor
+    arguments, name -> (dtype, block shape)."""
+    descs = descs or {}
+    sig = {n: "constexpr" if n in constexprs else "*" + ptrs[n] if n in ptrs else
+           f"tensordesc<{descs[n][0]}[{','.join(map(str, descs[n][1]))}]>" if n in descs else
+           "fp32" if n in floats else "i32" for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32),
@@ -148,10 +151,29 @@ def check_conv_norm(arch: int) -> int:
         worst = max(worst, check_spills(what, ptx, arch))
         smem_kb = {80: 163, 90: 227}.get(arch, 99)  # the opt-in shared memory per block
         assert k.metadata.shared <= smem_kb * 1024, f"{what} needs {k.metadata.shared} B of shared memory"
+    # the TMA kernel (run on sm_90+ only): TMA loads of both tiles, wgmma, no spills
+    # (and the small tile the tests pin, which a GPU runs compiled: mma.sync under 64 rows)
+    tma_cases = [(cfg, layer) for cfg in C.TMA_CONFIGS for layer in (conv1, conv2)] + [(C.TMA_CONFIGS[0], head)] \
+        + [(C._INTERPRETER_CONFIGS[0], layer) for layer in (conv1, conv2, head)] if arch >= 90 else []
+    for (bm, bn, bk, warps, stages, _), (ksize, norm, stats, is_head) in tma_cases:
+        ptrs = {"Y": "bf16", "Bias": "bf16", "MeanIn": a, "RstdIn": a, "Gamma": "bf16", "Beta": "bf16",
+                "PCnt": a, "PMean": a, "PM2": a}
+        const = dict(KSIZE=ksize, NORM_IN=norm, STATS=stats, HAS_BIAS=is_head, HEAD=is_head, DOT_F32=False,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        descs = {"Xd": ("bf16", [1, 1, bm, bk]), "Wd": ("bf16", [1, bk, bn])}
+        k = compile_kernel(C._conv_tma_kernel, ptrs, ["slope"], const, arch, warps, stages,
+                           [n for n in ptrs if n not in ("MeanIn", "RstdIn")] + ["Cin", "Cout", "P"], descs)
+        ptx = k.asm["ptx"]
+        what = f"_conv_tma_kernel (bf16, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, {ksize}x{ksize}, " \
+            f"norm={norm}, sm_{arch})"
+        assert "cp.async.bulk.tensor.4d" in ptx and "cp.async.bulk.tensor.3d" in ptx, f"{what}: no TMA loads"
+        assert ("wgmma.mma_async" if bm >= 64 else "mma.sync") in ptx, f"{what} does not use tensor cores"
+        worst = max(worst, check_spills(what, ptx, arch))
+        assert k.metadata.shared <= 227 * 1024, f"{what} needs {k.metadata.shared} B of shared memory"
     k = compile_kernel(C._finalize_kernel, {"PCnt": a, "PMean": a, "PM2": a, "MeanOut": a, "RstdOut": a}, ["eps"],
                        dict(BLOCK_P=1024), arch)
     worst = max(worst, check_spills("_finalize_kernel", k.asm["ptx"], arch))
-    return len(cases) + 1, worst
+    return len(cases) + len(tma_cases) + 1, worst
 
 
 if __name__ == "__main__":

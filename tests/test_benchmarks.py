@@ -160,14 +160,19 @@ def _session_with_recorders(tmp_path, **env_extra):
 
 def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     """CRN_GPU_FOLLOWUP=1: the kernel benchmark without conv rows, the race against every compile
-    mode, the profile and the compiled tests; every row it names is one run.py accepts."""
+    mode, the profile, the compiled tests (the fused conv's first) and the conv rows alone, each
+    kernel benchmark into its own file; every row it names is one run.py accepts."""
     _, log, lines = _session_with_recorders(tmp_path, CRN_GPU_FOLLOWUP="1")
     for step in ("F1. kernel benchmark", "F2. the race at 1024x2048", "F3. per-module profile", "F4. compiled tests",
-                 "F5. the targets", "== done"):
+                 "F6. each module's convs", "F5. the targets", "== done"):
         assert step in log, (step, log)
     assert "1. compiled tests (" not in log  # the first session's steps do not run
     kern = [line for line in lines if "benchmarks/kernels.py" in line]
-    assert len(kern) == 1 and "--no-conv" in kern[0] and "--res 1024x2048" in kern[0], kern
+    assert len(kern) == 2 and all("--res 1024x2048" in line for line in kern), kern
+    assert "--no-conv" in kern[0] and "kernels_h100.json" in kern[0], kern
+    assert "--conv-only" in kern[1] and "kernels_conv_h100.json" in kern[1], kern
+    tests = next(line for line in lines if "pytest" in line)
+    assert tests.index("test_conv_norm.py") < tests.index("test_conv_tiles.py"), tests
     sys.path.insert(0, str(ROOT / "benchmarks"))
     race = [line for line in lines if "benchmarks/run.py" in line]
     assert len(race) == 1 and "compile-max-autotune:bf16:channels_last" in race[0] and "--iters" not in race[0]

@@ -93,6 +93,75 @@ def test_conv_norm_rejects_mismatched_shapes():
     assert torch.equal(K.unpack_conv_weight(K.pack_conv_weight(wt)), wt)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k, with_norm, head", [(3, False, False), (3, True, False), (1, True, True)])
+def test_tma_kernel_matches_reference(dtype, k, with_norm, head):
+    """The TMA kernel (16-bit, 16-byte strides): batch 2, rows of 40 pixels in 16-pixel boxes (the
+    last one partly past the row: the hardware's zero fill and the masked store), Cin 40 in 16-wide
+    blocks, Cout 24 in 16-wide tiles, a padded pixel stride, every border tap."""
+    x, wt, norm, bias = inputs(2, 40, 24, 5, 40, k, dtype, seed=11, pad_to=48)
+    assert K.tma_unavailable_reason(x, K.pack_conv_weight(wt)) is None
+    norm = norm if with_norm else None
+    bias = bias if head else None
+    with K.pinned_config((16, 16, 16, 4, 1, True)):
+        y, mean, _ = K.conv_norm(x, K.pack_conv_weight(wt), bias, norm, head=head)
+    ref = K.conv_norm_reference(x, wt, bias, norm, head=head)
+    assert y.shape == (2, 24, 5, 40) and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.float() - ref).abs().max().item() <= ulps(ref, dtype)
+    torch.testing.assert_close(mean, y.float().mean(dim=(1, 2, 3)), atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_tma_kernel_is_the_untuned_choice_where_it_can_run(monkeypatch):
+    """Where the TMA kernel can run, the untuned choice (the interpreter's small tile on CPU, the
+    heuristic's on a GPU) launches it; rows narrower than every TMA tile, and 32-bit inputs, keep
+    the pointer kernel."""
+    import importlib
+    C = importlib.import_module("crn_fast.kernels.conv_norm")
+    monkeypatch.setenv("CRN_FAST_CONV_TUNE", "0")
+    launched = []
+    real_launch = C.launch
+    monkeypatch.setattr(C, "launch", lambda kernel, *a, **kw: (launched.append(kernel.__name__),
+                                                              real_launch(kernel, *a, **kw)))
+    wide = 32 if DEV == "cpu" else 128  # as wide as the smallest TMA tile for 16 output channels
+    for w, dtype, kernel in ((wide, torch.bfloat16, "_conv_tma_kernel"), (8, torch.bfloat16, "_conv_kernel"),
+                             (wide, torch.float32, "_conv_kernel")):
+        x, wt, norm, _ = inputs(1, 32, 16, 4, w, 3, dtype, seed=12)
+        launched.clear()
+        y = K.conv_norm(x, K.pack_conv_weight(wt), None, norm)[0]
+        ref = K.conv_norm_reference(x, wt, None, norm)
+        assert (y.float() - ref).abs().max().item() <= ulps(ref, dtype)
+        assert launched == [kernel, "_finalize_kernel"], (w, dtype, launched)
+    assert C._heuristic(1044, 1024, torch.bfloat16, 2048, tma=True).tma
+    assert not C._heuristic(1044, 1024, torch.bfloat16, 2048, tma=False).tma
+    assert not C._heuristic(148, 32, torch.bfloat16, 32, tma=True).tma  # rows narrower than every TMA tile
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("fp32", "float32 input"), ("stride", r"strides \(1320, 1, 264, 44\).*not 16-byte multiples"),
+    ("offset", "offset 4"), ("cout", "Cout 12 is not a multiple of 8"), ("slope", r"negative_slope 1.5 is outside \[0, 1\]")])
+def test_tma_kernel_says_why_it_cannot_run(case, reason):
+    """Each condition of a tensor map, named; a pinned TMA tile there is that error, not a silent
+    fallback to pointer loads."""
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    cout, pad = 12 if case == "cout" else 16, 44 if case == "stride" else 48
+    x, wt, _, _ = inputs(1, 40, cout, 5, 6, 3, dtype, seed=13, pad_to=pad)
+    if case == "offset":
+        x, wt = x[:, 4:], wt[:, 4:]
+    packed = K.pack_conv_weight(wt)
+    slope = 1.5 if case == "slope" else 0.2
+    why = K.tma_unavailable_reason(x, packed, slope)
+    import re
+    assert why is not None and re.search(reason, why), why
+    norm = (torch.zeros(1, device=DEV), torch.ones(1, device=DEV), torch.ones(x.shape[1], device=DEV, dtype=dtype),
+            torch.zeros(x.shape[1], device=DEV, dtype=dtype))
+    with pytest.raises(ValueError, match="the TMA kernel cannot run this conv: .*" + reason):
+        with K.pinned_config((16, 16, 16, 4, 1, True)):
+            K.conv_norm(x, packed, norm=norm, negative_slope=slope)
+    y = K.conv_norm(x, packed, norm=norm, negative_slope=slope)[0]  # untuned: the pointer kernel
+    ref = K.conv_norm_reference(x, wt, norm=norm, negative_slope=slope)
+    assert (y.float() - ref).abs().max().item() <= ulps(ref, dtype)
+
+
 def test_upsample_concat_pads_the_pixel_stride_on_request():
     g = torch.Generator().manual_seed(3)
     f = torch.randn(1, 6, 4, 8, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
@@ -106,9 +175,9 @@ def test_upsample_concat_pads_the_pixel_stride_on_request():
     assert torch.equal(padded, plain)
 
 
-def _pair(dtype, k=2, seed=0):
+def _pair(dtype, k=2, seed=0, widths=(12, 10, 8)):
     torch.manual_seed(seed)
-    eager = CRN(CRNConfig(widths=(12, 10, 8), k=k)).eval()
+    eager = CRN(CRNConfig(widths=widths, k=k)).eval()
     with torch.no_grad():  # non-trivial norm parameters
         for p in eager.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -118,20 +187,46 @@ def _pair(dtype, k=2, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_conv_generator_matches_eager(dtype):
-    """At most eager's own error in that dtype (bf16: ~5 on 0..255) against the fp64 model; fp32 to 2e-3."""
+def test_fused_conv_generator_matches_eager(dtype, monkeypatch):
+    """At most eager's own error in that dtype (bf16: ~5 on 0..255) against the fp64 model; fp32 to 2e-3.
+    In bf16 the convs of the module with 8 channels and rows of 32 pixels run the TMA kernel."""
+    import importlib
+    C = importlib.import_module("crn_fast.kernels.conv_norm")
+    launched = []
+    real_launch = C.launch
+    monkeypatch.setattr(C, "launch", lambda kernel, *a, **kw: (launched.append(kernel.__name__),
+                                                              real_launch(kernel, *a, **kw)))
     eager, fast = _pair(dtype)
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         exact = eager.double()(layout.double())
         ours = fast(layout.to(DEV)).double().cpu()
         theirs = eager.to(dtype)(layout.to(dtype)).double()
+    if DEV == "cpu":  # TMA: both bf16 convs of the last module (8 channels, rows of 32 pixels)
+        assert launched.count("_conv_tma_kernel") == 2 * (dtype == torch.bfloat16), launched
     assert ours.shape == (1, 6, 16, 32)
     err = (ours - exact).abs().max().item()
     if dtype == torch.float32:
         assert err < 2e-3, err
     else:
         assert err <= max(1.0, (theirs - exact).abs().max().item()), err
+
+
+def test_tma_and_pointer_kernels_give_the_same_generator():
+    """A bf16 generator with 16/16/8 channels: on CPU four of its convs run the TMA kernel by
+    default (a GPU's TMA tiles are wider than these rows); pinned to the pointer kernel, the output
+    is the same (on CPU bit for bit: same products, same K order; compiled, within a bf16 ulp of
+    the 0..255 output)."""
+    _, fast = _pair(torch.bfloat16, widths=(16, 16, 8))
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(1))).to(DEV)
+    with torch.no_grad():
+        tma = fast(layout)
+        with K.pinned_config((32, 16, 16, 4, 1)):
+            pointer = fast(layout)
+    if DEV == "cpu":
+        assert torch.equal(tma, pointer)
+    else:
+        assert (tma.float() - pointer.float()).abs().max().item() <= 2.0
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
