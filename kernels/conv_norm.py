@@ -305,8 +305,9 @@ def tma_unavailable_reason(x: torch.Tensor, packed_weight: torch.Tensor,
         return f"{x.dtype} input: the TMA kernel multiplies 16-bit tiles on tensor cores"
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
         return "TMA needs compute capability 9.0 or newer"
-    if torch.compiler.is_compiling() or is_fake(x) or is_fake(packed_weight):
-        return "traced (torch.compile / export): the pointer kernel is traced instead"
+    if torch.compiler.is_compiling() or any(is_fake(t) or type(t) not in (torch.Tensor, torch.nn.Parameter)
+                                            for t in (x, packed_weight)):
+        return "traced (torch.compile / export / AOTAutograd): the pointer kernel is traced instead"
     strides = (x.stride(0), x.stride(2), x.stride(3))
     if x.stride(1) != 1 or any(s % 8 for s in strides) or x.storage_offset() % 8:
         return f"x's strides {tuple(x.stride())} (offset {x.storage_offset()}) are not 16-byte multiples " \

@@ -406,6 +406,7 @@ def _op_cases(channels_last):
     x, w, b = ln_inputs((2, 6, 4, 8), torch.float32, channels_last, seed=11)
     lab = torch.rand(2, 3, 8, 16, device=DEV).contiguous(memory_format=fmt)
     mean, rstd = K.layer_norm_stats(x)
+    xt, wt, bt = ln_inputs((1, 8, 2, 64), torch.bfloat16, True, seed=12)
     ops = torch.ops.crn_fast
     grad_in = (x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(),
                b.detach().clone().requires_grad_())
@@ -421,6 +422,9 @@ def _op_cases(channels_last):
                                  0.2, 1e-12, True, False)),
         (ops.conv_norm.default, (x, K.pack_conv_weight(torch.randn(3, 6, 1, 1, device=DEV)),
                                  torch.randn(3, device=DEV), None, None, None, None, 0.2, 1e-12, False, True)),
+        # bf16 with 8 channels and rows of 64 pixels: the TMA kernel where it runs, traced as the pointer one
+        (ops.conv_norm.default, (xt, K.pack_conv_weight(torch.randn(8, 8, 3, 3, device=DEV, dtype=torch.bfloat16)),
+                                 None, *K.layer_norm_stats(xt), wt, bt, 0.2, 1e-12, True, False)),
     ]
 
 
