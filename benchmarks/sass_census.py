@@ -133,7 +133,8 @@ def main(argv=None) -> int:
             f"{loop['async_copies']} cp.async, {loop['barriers']} BAR" if loop else ""
         print(f"| {name} | {row['registers']} | {row['instructions']} | {row['barriers']} | {mem} | {loop} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"arch": "sm_90", "rows": rows}, indent=2))
+        import triton
+        Path(args.json).write_text(json.dumps({"arch": "sm_90", "triton": triton.__version__, "rows": rows}, indent=2))
     return 0
 
 
