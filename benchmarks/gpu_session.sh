@@ -67,6 +67,7 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
   race+=",compile-max-autotune:bf16:channels_last,compile:bf16:nchw,triton-cudagraph:bf16:nchw"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
+  race+=",triton-autoconv-cudagraph:bf16:channels_last"  # last: tunes every conv tile, TMA ones included
   race 270 "$race"
   step "F3. per-module profile (module ranges), kernel sequence saved"
   timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton \

@@ -177,6 +177,7 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     race = [line for line in lines if "benchmarks/run.py" in line]
     assert len(race) == 1 and "compile-max-autotune:bf16:channels_last" in race[0] and "--iters" not in race[0]
     assert "triton-fusedhead-cudagraph:bf16:channels_last" in race[0]
+    assert race[0].split("--rows ")[1].split()[0].endswith(",triton-autoconv-cudagraph:bf16:channels_last")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run as run_py
     argv = race[0].split()[2:]
