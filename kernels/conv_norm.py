@@ -23,7 +23,7 @@ weight packed as [tap, Cin, Cout] (Cout contiguous). Two kernels load them:
                       element: any GPU, any dtype, any pixel stride
     _conv_tma_kernel  the tensor memory accelerator (sm_90+, 16-bit, 16-byte strides and Cout % 8):
                       BLOCK_M pixels of one image row; the hardware fills the conv's zero padding,
-                      so the mainloop is the loads, the wgmma and its barriers (~114 SASS
+                      so the mainloop is the loads, the wgmma and its barriers (~94 SASS
                       instructions per 128x128x64 step where the pointer kernel issues ~231)
 The tuner times both kinds of tile on the GPU (``tma_unavailable_reason`` says when the TMA kernel
 cannot run). Rows of x are 16-byte aligned when the pixel stride is a multiple of 8 elements: the
@@ -99,8 +99,8 @@ CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 
            (128, 16, 64, 4, 3), (256, 16, 32, 4, 3), (128, 16, 32, 4, 3)]  # the last three: the head (3k outputs)
 # The TMA kernel's candidates (16-bit on sm_90+): 64-128 rows per warpgroup (wgmma's M is 64 per
 # warpgroup), 3-4 stages of A and B tiles in 64-144 KB of shared memory (tests/gpu_compile_check.py
-# holds the sizes, the TMA loads and the wgmma). Its mainloop is about 115 SASS instructions per
-# 128x128x64 step with 8 warps where the pointer kernel's is about 270 (benchmarks/sass_census.py).
+# holds the sizes, the TMA loads and the wgmma). Its mainloop is about 94 SASS instructions per
+# 128x128x64 step with 8 warps where the pointer kernel's is about 231 (benchmarks/sass_census.py).
 TMA_CONFIGS = [Tile(128, 128, 64, 8, 3, True), Tile(128, 256, 64, 8, 3, True), Tile(256, 128, 64, 8, 3, True),
                Tile(128, 64, 64, 4, 4, True), Tile(64, 64, 64, 4, 4, True), Tile(128, 32, 64, 4, 4, True),
                Tile(256, 32, 64, 8, 3, True), Tile(128, 16, 64, 4, 4, True),
@@ -139,6 +139,14 @@ if HAS_TRITON:
         z = a.to(tl.float32) * s[None, :] + t[None, :]
         z = tl.maximum(z, z * slope)
         return tl.where(inb[:, None], z, 0.0).to(a.dtype)
+
+    @triton.jit
+    def _next_k(tap, c0, Cin, BLOCK_K: tl.constexpr):
+        """The K walk's next (tap, channel offset): the next channel block, or the next tap's first
+        (the TMA kernel's; in the pointer kernel the extra live registers spill 4 bytes on sm_80)."""
+        c0 += BLOCK_K
+        wrap = c0 >= Cin
+        return tap + wrap.to(tl.int32), tl.where(wrap, 0, c0)
 
     @triton.jit
     def _mma(a, wt, acc, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
@@ -245,9 +253,9 @@ if HAS_TRITON:
             px = x0 + tl.arange(0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         n_kb = tl.cdiv(Cin, BLOCK_K)
+        tap = 0  # (tap, channel offset) carried through the flat loop (_next_k): no division per step
+        c0 = 0
         for kk in range(0, KSIZE * KSIZE * n_kb):
-            tap = kk // n_kb
-            c0 = (kk - tap * n_kb) * BLOCK_K
             dy = tap // KSIZE - KSIZE // 2
             dx = tap % KSIZE - KSIZE // 2
             a = Xd.load([n, row + dy, x0 + dx, c0]).reshape(BLOCK_M, BLOCK_K)
@@ -257,6 +265,7 @@ if HAS_TRITON:
                 a = _norm_tile_folded(a, ci, ci < Cin, inb, Gamma, Beta, mu, rs, slope)
             wt = Wd.load([tap, c0, co0]).reshape(BLOCK_K, BLOCK_N)
             acc = _mma(a, wt, acc, False, DOT_F32)
+            tap, c0 = _next_k(tap, c0, Cin, BLOCK_K)
         px_out = x0 + tl.arange(0, BLOCK_M)
         co = co0 + tl.arange(0, BLOCK_N)
         yrow = ((n * H + row).to(tl.int64) * W + px_out) * Cout
