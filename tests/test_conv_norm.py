@@ -138,7 +138,8 @@ def test_tma_kernel_is_the_untuned_choice_where_it_can_run(monkeypatch):
 
 @pytest.mark.parametrize("case, reason", [
     ("fp32", "float32 input"), ("stride", r"strides \(1320, 1, 264, 44\).*not 16-byte multiples"),
-    ("offset", "offset 4"), ("cout", "Cout 12 is not a multiple of 8"), ("slope", r"negative_slope 1.5 is outside \[0, 1\]")])
+    ("offset", "offset 4"), ("cout", "Cout 12 is not a multiple of 8"),
+    ("slope", r"negative_slope 1.5 is outside \[0, 1\]")])
 def test_tma_kernel_says_why_it_cannot_run(case, reason):
     """Each condition of a tensor map, named; a pinned TMA tile there is that error, not a silent
     fallback to pointer loads."""
