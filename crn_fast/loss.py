@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import CRNError
-from .model import layout_pyramid
+from crn_fast.kernels.area_pyramid import area_pyramid_reference
 from .vgg import FEATURE_STRIDES, VGG19Features
 
 # The authors' hand-picked lambdas: pixels, conv1_2, conv2_2, conv3_2, conv4_2, conv5_2.
@@ -48,7 +48,7 @@ def class_layer_errors(fake: list[torch.Tensor], real: list[torch.Tensor], layou
     """Per-class errors for Eq. 3: (N, k, P, L) with entry mean_hw(M_l^p * mean_c |Phi_l(I) - Phi_l(g_u)|),
     where M_l^p is layout channel p area-downsampled to layer l's size."""
     n = layout.shape[0]
-    levels = layout_pyramid(layout, max(FEATURE_STRIDES).bit_length())[::-1]  # finest first
+    levels = area_pyramid_reference(layout, max(FEATURE_STRIDES).bit_length())  # finest first
     cols = []
     for f, r in zip(fake, real):
         k = f.shape[0] // n

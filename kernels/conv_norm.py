@@ -307,15 +307,16 @@ def tma_unavailable_reason(x: torch.Tensor, packed_weight: torch.Tensor,
     norm's leaky ReLU is max(z, slope * z), so the slope must lie in [0, 1]. Inside torch.compile /
     torch.export tracing the pointer kernel runs (a descriptor over a strided view is not a traced
     argument this project has verified)."""
-    from torch._subclasses.fake_tensor import is_fake
     if TensorDescriptor is None:
         return "this Triton has no host-side TensorDescriptor (Triton 3.4+)"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"{x.dtype} input: the TMA kernel multiplies 16-bit tiles on tensor cores"
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
         return "TMA needs compute capability 9.0 or newer"
-    if torch.compiler.is_compiling() or any(is_fake(t) or type(t) not in (torch.Tensor, torch.nn.Parameter)
-                                            for t in (x, packed_weight)):
+    # only plain tensors: fake and functional ones (AOTAutograd, opcheck) are subclasses or wrappers
+    traced = any(type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._is_functional_tensor(t)
+                 for t in (x, packed_weight))
+    if traced or torch.compiler.is_compiling():
         return "traced (torch.compile / export / AOTAutograd): the pointer kernel is traced instead"
     strides = (x.stride(0), x.stride(2), x.stride(3))
     if x.stride(1) != 1 or any(s % 8 for s in strides) or x.storage_offset() % 8:
@@ -438,7 +439,7 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
     y = torch.empty((n, cout, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     dummy = y  # stands in for absent pointers (never read: their constexpr flag is off)
     flags = dict(KSIZE=3 if taps == 9 else 1, NORM_IN=norm is not None, STATS=stats, HAS_BIAS=bias is not None,
-                 HEAD=head, IEEE=x.dtype == torch.float32, DOT_F32=x.device.type == "cpu" and x.dtype == torch.bfloat16)
+                 HEAD=head, DOT_F32=x.device.type == "cpu" and x.dtype == torch.bfloat16)
 
     def run(cfg: Tile):
         bm, bn, bk, warps, stages, tma = cfg
@@ -452,12 +453,11 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
             xd = TensorDescriptor.from_tensor(x.permute(0, 2, 3, 1), [1, 1, bm, bk])
             wd = TensorDescriptor.from_tensor(packed_weight, [1, bk, bn])
             launch(_conv_tma_kernel, grid, xd, wd, *ptrs, cin, cout, h, w, n_tw, p, negative_slope,
-                   **{k: v for k, v in flags.items() if k != "IEEE"}, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                   num_warps=warps, num_stages=stages)
+                   **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         else:
             launch(_conv_kernel, grid, x, packed_weight, *ptrs, cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3),
-                   p, negative_slope, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                   num_stages=stages)
+                   p, negative_slope, **flags, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                   num_warps=warps, num_stages=stages)
         return part
 
     tma_reason = tma_unavailable_reason(x, packed_weight, negative_slope)
