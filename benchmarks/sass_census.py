@@ -1,7 +1,8 @@
 """What the channels_last kernels compile to, without a GPU: registers, SASS instructions per
 program, barriers, and the width of every global load and store, for sm_90 at the 1024p shapes;
 for the fused conv's two kernels also the tensor-core mainloop (instructions from the loop's label
-to its back-edge, per K step), TMA loads and wgmma instructions.
+to its back-edge, per K step; the hot path leaves out blocks that only border tiles run), TMA
+loads and wgmma instructions.
 
     python benchmarks/sass_census.py            # a table; --json FILE to keep it
 
@@ -41,7 +42,7 @@ _INSTR = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
 _LABEL = re.compile(r"^(\.L_x_\d+):")
-_BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+_BRANCH = re.compile(r"\bBRA\s+(?:U?!?P\w+,\s*)?`\((\.L_x_\d+)\)")
 
 
 def mainloop(code: str) -> dict | None:
@@ -62,8 +63,17 @@ def mainloop(code: str) -> dict | None:
     start, end = min(loops, key=lambda se: se[1] - se[0])
     body = [m.group(1) for m in map(_INSTR.match, lines[start:end + 1]) if m]
     kinds = collections.Counter(op.split(".")[0] for op in body)
-    return {"instructions": len(body), "mma": kinds["HGMMA"] + kinds["HMMA"], "tma_loads": kinds["UTMALDG"],
-            "async_copies": kinds["LDGSTS"], "barriers": kinds["BAR"]}
+    # a forward branch to a label inside the loop skips a conditional block (the input norm's
+    # padding mask, run only by tiles at the image border): the hot path is the loop without them
+    inner = {m.group(1): i for i, line in enumerate(lines[start:end + 1], start) if (m := _LABEL.match(line.strip()))}
+    skipped = set()
+    for j in range(start, end + 1):
+        m = _BRANCH.search(lines[j])
+        if m and j < inner.get(m.group(1), -1):
+            skipped.update(range(j + 1, inner[m.group(1)]))
+    hot = sum(1 for j in range(start, end + 1) if j not in skipped and _INSTR.match(lines[j]))
+    return {"instructions": len(body), "hot_path": hot, "mma": kinds["HGMMA"] + kinds["HMMA"],
+            "tma_loads": kinds["UTMALDG"], "async_copies": kinds["LDGSTS"], "barriers": kinds["BAR"]}
 
 
 def census(kernel) -> dict:
@@ -129,7 +139,8 @@ def main(argv=None) -> int:
         rows.append(row)
         mem = ", ".join(f"{k} x{v}" for k, v in row["global_memory"].items())
         loop = row.get("mainloop")
-        loop = f"{loop['instructions']} instr: {loop['mma']} MMA, {loop['tma_loads']} TMA, " \
+        hot = f" ({loop['hot_path']} on the hot path)" if loop and loop["hot_path"] != loop["instructions"] else ""
+        loop = f"{loop['instructions']} instr{hot}: {loop['mma']} MMA, {loop['tma_loads']} TMA, " \
             f"{loop['async_copies']} cp.async, {loop['barriers']} BAR" if loop else ""
         print(f"| {name} | {row['registers']} | {row['instructions']} | {row['barriers']} | {mem} | {loop} |")
     if args.json:

@@ -30,10 +30,13 @@ cannot run). Rows of x are 16-byte aligned when the pixel stride is a multiple o
 upsample-concat output is allocated with its channel count rounded up to 16
 (``channels_multiple``), the pad channels never read.
 
-An input norm costs ~12 instructions per loaded element, and each element is loaded once per tap
-(9 times). With a 128-row tile the TMA mainloop then issues about as long as its wgmma runs at
-256 output channels per tile, and 2-8x longer at 128-16 (benchmarks/sass_census.py): a fused
-conv2 is likely slower than cuDNN + the apply pass at modules 7-8 (Cout 128, 32), which
+An input norm costs ~9 instructions per loaded element (unpack, scale and shift, leaky ReLU,
+repack), and each element is loaded once per tap (9 times). The TMA kernel applies the padding
+mask only in tiles whose window crosses the image border (a branch the others skip): its
+mainloop is 379 SASS instructions per 128x128x64 step on that hot path (Triton 3.9; 389 with 3.6)
+against 459 with the mask. That still issues ~1.5x longer than the step's wgmma at 128 output
+channels per tile, and 3-6x at 32-16 (benchmarks/sass_census.py): a fused conv2 is likely
+slower than cuDNN + the apply pass at modules 7-8 (Cout 128, 32), which
 ``CRN(fused_conv="auto")`` measures per module.
 
 fp32 inputs use IEEE fp32 products (never TF32); bf16/fp16 use tensor cores with fp32 accumulation.
@@ -128,7 +131,7 @@ if HAS_TRITON:
         return tl.where(inb[:, None] & km[None, :], z, 0.0).to(a.dtype)
 
     @triton.jit
-    def _norm_tile_folded(a, ci, km, inb, Gamma, Beta, mu, rs, slope):
+    def _norm_tile_folded(a, ci, km, Gamma, Beta, mu, rs, slope):
         """``_norm_tile`` in fewer instructions per element, for 16-bit inputs: the per-sample norm
         and the affine folded per channel into one scale and shift (x * s + t, s = gamma * rstd,
         t = beta - mean * s: fp32 rounding differences far below a bf16/fp16 ulp), the leaky ReLU as
@@ -137,8 +140,7 @@ if HAS_TRITON:
         s = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32) * rs
         t = tl.load(Beta + ci, mask=km, other=0.0).to(tl.float32) - mu * s
         z = a.to(tl.float32) * s[None, :] + t[None, :]
-        z = tl.maximum(z, z * slope)
-        return tl.where(inb[:, None], z, 0.0).to(a.dtype)
+        return tl.maximum(z, z * slope).to(a.dtype)
 
     @triton.jit
     def _next_k(tap, c0, Cin, BLOCK_K: tl.constexpr):
@@ -261,8 +263,10 @@ if HAS_TRITON:
             a = Xd.load([n, row + dy, x0 + dx, c0]).reshape(BLOCK_M, BLOCK_K)
             if NORM_IN:  # the hardware's zeros are raw zeros: the norm needs the padding mask
                 ci = c0 + tl.arange(0, BLOCK_K)
-                inb = (px + dx >= 0) & (px + dx < W) & (row + dy >= 0) & (row + dy < H)
-                a = _norm_tile_folded(a, ci, ci < Cin, inb, Gamma, Beta, mu, rs, slope)
+                a = _norm_tile_folded(a, ci, ci < Cin, Gamma, Beta, mu, rs, slope)
+                if (x0 + dx < 0) | (x0 + dx + BLOCK_M > W) | (row + dy < 0) | (row + dy >= H):
+                    inb = (px + dx >= 0) & (px + dx < W) & (row + dy >= 0) & (row + dy < H)
+                    a = tl.where(inb[:, None], a, 0.0)
             wt = Wd.load([tap, c0, co0]).reshape(BLOCK_K, BLOCK_N)
             acc = _mma(a, wt, acc, False, DOT_F32)
             tap, c0 = _next_k(tap, c0, Cin, BLOCK_K)
