@@ -13,7 +13,7 @@ Bytes moved (the roofline denominator):
                              inference path hands it to cuDNN; the pad's zeros are written too)
 Achieved GB/s is compared with the measured device-to-device copy bandwidth (read + write).
 On a GPU, each module's convs: cuDNN (+ the triton layer norm) against the fused conv kernel
-(kernels/conv_norm.py), in TFLOP/s, with every tile candidate's time (pointer and TMA kernels) in
+(kernels/conv_norm.py; conv2 also split: apply pass + conv), in TFLOP/s, with every tile candidate's time (pointer and TMA kernels) in
 the "conv_norm tuned configs" row. ``--conv-only`` runs just those.
 """
 from __future__ import annotations
@@ -145,7 +145,8 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None):
     """Each module's two convs (channels_last, GPU), largest module first: cuDNN alone and with the
     triton layer norm after it (the triton backend's work per layer) against crn_fast's fused conv
     kernel with its epilogue (the output's statistics) and, for conv2, its prologue (the input's
-    norm); the conv1 row is nearly the bare GEMM (the epilogue reads its own tile). Appends to
+    norm) or, as CRN's "split" mode runs it, after one norm_lrelu apply pass; the conv1 row is
+    nearly the bare GEMM (the epilogue reads its own tile). Appends to
     ``rows``; ``on_module`` runs after each conv (saving what was measured so far)."""
     import torch.nn.functional as F
     g = torch.Generator(device=device).manual_seed(0)
@@ -162,8 +163,11 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None):
                     torch.ones(cin, device=device, dtype=dt), torch.zeros(cin, device=device, dtype=dt))
             impls = {"cudnn": lambda: F.conv2d(x_cl, wt, padding=1),
                      "cudnn + triton ln": lambda: K.layer_norm_lrelu(F.conv2d(x_cl, wt, padding=1), ones, zeros)}
-            impls["fused conv + stats" if layer == "conv1" else "fused conv norm-in + stats"] = \
-                (lambda: K.conv_norm(x, packed)) if layer == "conv1" else (lambda: K.conv_norm(x, packed, norm=norm))
+            if layer == "conv1":
+                impls["fused conv + stats"] = lambda: K.conv_norm(x, packed)
+            else:  # CRN's "fused" and "split" conv2: norm on load, or one apply pass (x is dense here)
+                impls["fused conv norm-in + stats"] = lambda: K.conv_norm(x, packed, norm=norm)
+                impls["split: norm_lrelu + fused conv + stats"] = lambda: K.conv_norm(K.norm_lrelu(x, *norm), packed)
             flops = 2 * 9 * cin * c * h * w
             res = {}
             with torch.no_grad():

@@ -76,16 +76,18 @@ def load_layout(args, config, size, device) -> torch.Tensor:
 # Each returns (callable taking the fp32 layout, build seconds). Raise Skip(reason) when unavailable.
 def _model(model, dtype, device, ctx, backend="eager", fused_conv=False, fused_head=False):
     """A copy of the model in the row's dtype and memory format (fused_conv: the triton backend's
-    Triton convs with the layer norms folded in, True for every module or "auto" per module,
-    measured now on the row's layout; the row records the modules; fused_head: the last norm, the
-    head and its scaling as one kernel)."""
+    Triton convs with the layer norms folded in, CRN.fused_conv's setting, "auto" measured now on
+    the row's layout; the row records each module's mode; fused_head: the last norm, the head and
+    its scaling as one kernel)."""
     m = copy.deepcopy(model).to(device, dtype).eval().to(memory_format=ctx["format"])
     m.set_backend(backend).fused_conv = fused_conv
     m.fused_head = fused_head
     if fused_conv == "auto":
-        ctx["fused_modules"] = sorted(m.tune_fused_conv(ctx["layout"].to(dtype)))
-    elif fused_conv:
-        ctx["fused_modules"] = list(range(len(m.refine)))
+        plan = m.tune_fused_conv(ctx["layout"].to(dtype))
+    else:
+        plan = m._conv_plan([])  # not "auto": the setting alone decides
+    if fused_conv:
+        ctx["conv_modes"] = {str(i): plan[i] for i in sorted(plan)}
     return m
 
 
@@ -289,8 +291,8 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
             row.update(stats, images_per_s=args.batch / (stats["median_ms"] / 1e3), peak_memory_mib=mem.mib,
                        build_s=build_s, max_abs_err=err["max_abs"], psnr_db=err["psnr_db"], tflops=tflops,
                        pct_of_peak=100 * tflops / peak[dname] if peak.get(dname) else None)
-            if "fused_modules" in ctx:
-                row["fused_modules"] = ctx["fused_modules"]
+            if "conv_modes" in ctx:
+                row["conv_modes"] = ctx["conv_modes"]
             print(f"{stats['median_ms']:.2f} ms", file=sys.stderr)
         except Skip as e:
             row["skipped"] = str(e)
@@ -391,7 +393,11 @@ def markdown_table(rows, training=False) -> str:
 def _note(row) -> str:
     if row.get("skipped") or row.get("error"):
         return row.get("skipped") or row.get("error")
-    return f"fused conv in modules {row['fused_modules']}" if "fused_modules" in row else ""
+    if "conv_modes" in row:  # {module: "fused" | "split"}; the other modules ran cuDNN convs
+        by_mode = {mode: [int(i) for i, m in row["conv_modes"].items() if m == mode] for mode in ("fused", "split")}
+        return "conv_norm: " + (", ".join(f"{mode} in modules {ms}" for mode, ms in by_mode.items() if ms)
+                                or "none (cuDNN everywhere)")
+    return f"fused conv in modules {row['fused_modules']}" if "fused_modules" in row else ""  # older results
 
 
 def plot(rows, path, floor_ms, title):

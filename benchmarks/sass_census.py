@@ -103,7 +103,8 @@ def cases():
            dict(BLOCK=4096, FP64=False), ["X", "sN"], 8)
     for c, hw in ((512, 8), (32, 128)):
         yield (f"layer_norm apply channels_last C={c}", L._apply_cl_kernel, ln, ["eps", "slope"],
-               dict(BLOCK_HW=hw, BLOCK_C=c, BLOCK_P=1024, FP64=False, n_ct=1), ["X", "Y", "C", "HW", "sN"], 8)
+               dict(BLOCK_HW=hw, BLOCK_C=c, BLOCK_P=1024, FP64=False, n_ct=1, GIVEN=False), ["X", "Y", "C", "HW", "sN"],
+               8)
     for norm in (False, True):  # module 8: 128 feature channels, output pixel stride 152 (padded to 8)
         yield (f"upsample_concat channels_last{' + norm' if norm else ''}", U._fwd_cl_kernel, up,
                ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32,

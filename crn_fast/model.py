@@ -9,8 +9,9 @@
 The non-conv steps (the layout's area pyramid, upsample + concat, layer norm + leaky ReLU) go
 through ``crn_fast.kernels``; ``backend`` picks torch ("eager") or the fused Triton kernels
 ("triton"). Both use the same parameters and state dict. With the triton backend and no grad,
-``fused_conv=True`` also runs the convs as Triton kernels that carry the layer norms
-(kernels/conv_norm.py), and ``fused_head=True`` the last norm with the head.
+``fused_conv`` also runs the convs as Triton kernels that carry the layer norms
+(kernels/conv_norm.py), per module ("fused" or "split", CONV_MODES), and ``fused_head=True``
+the last norm with the head.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ from .errors import CRNError
 CUDNN_CHANNELS = 8  # conv1 inputs of the triton inference path are zero-padded to this many channels
 
 BACKENDS = ("eager", "triton")
+# how a module of the triton inference path runs its convs (CRN.fused_conv): cuDNN convs with the
+# triton layer norm; "fused": both convs as the conv_norm kernel, conv2 normalising its input as
+# it loads it; "split": both as conv_norm, conv1's output normalised by one apply pass in between
+CONV_MODES = ("cudnn", "fused", "split")
 
 
 def layout_pyramid(layout: torch.Tensor, levels: int) -> list[torch.Tensor]:
@@ -114,9 +119,10 @@ class CRN(nn.Module):
         # triton backend, no grad: fuse each module's last norm + lrelu into the next module's upsample
         self.fuse_inference = fuse_inference
         # triton backend, no grad: which modules run their convs as Triton kernels with the layer norms
-        # folded in (kernels/conv_norm.py): False, True (all), module indices, or "auto" (measured)
+        # folded in (kernels/conv_norm.py), and how: False, True (all "fused"), module indices
+        # ("fused"), {module: mode}, or "auto" (measured)
         self.fused_conv = fused_conv
-        self.fused_conv_choices: dict[tuple, frozenset] = {}  # "auto": (N, H, W, dtype, device) -> modules
+        self.fused_conv_choices: dict[tuple, dict] = {}  # "auto": (N, H, W, dtype, device) -> {module: mode}
         # triton backend, no grad, cuDNN convs in the last module: its last norm + leaky ReLU, the
         # head's 1x1 conv and the 0..255 scaling as one Triton kernel (conv_norm, head=True) that
         # normalises h as it loads it, from layer_norm_stats(h): h is read twice (statistics,
@@ -127,25 +133,36 @@ class CRN(nn.Module):
 
     @property
     def fused_conv(self):
-        """False, True (every module), a frozenset of module indices, or "auto": each module's convs
-        as cuDNN + the triton layer norm or as the fused conv kernel, whichever measured faster at
-        the first no-grad CUDA forward of each (batch, H, W, dtype, device); see tune_fused_conv."""
+        """How the triton backend's no-grad forward runs each module's convs (CONV_MODES): False
+        (cuDNN everywhere), True or "fused" (every module "fused"), "split" (every module split),
+        a frozenset of module indices (those "fused"), a {module: mode} dict, or "auto": per
+        module whichever of cuDNN, "fused" and "split" measured fastest at the first no-grad CUDA
+        forward of each (batch, H, W, dtype, device); see tune_fused_conv."""
         return self._fused_conv
 
     @fused_conv.setter
     def fused_conv(self, value):
         n = len(self.refine)
+        valid = f"True, False, 'auto', 'fused', 'split', module indices 0..{n - 1} or {{module: mode}} with modes " \
+            f"{CONV_MODES}"
         if isinstance(value, str):
-            if value != "auto":
-                raise CRNError(f"fused_conv must be True, False, 'auto' or module indices 0..{n - 1}, got {value!r}")
+            if value not in ("auto", "fused", "split"):
+                raise CRNError(f"fused_conv must be {valid}, got {value!r}")
+        elif isinstance(value, dict):
+            bad = {k: v for k, v in value.items() if v not in CONV_MODES}
+            if bad:
+                raise CRNError(f"fused_conv: unknown mode in {bad}; the modes are {', '.join(CONV_MODES)}")
+            try:
+                value = {int(i): m for i, m in value.items() if m != "cudnn"}
+            except (TypeError, ValueError):
+                raise CRNError(f"fused_conv must be {valid}, got {value!r}") from None
         elif not isinstance(value, bool):
             try:
                 value = frozenset(int(i) for i in value)
             except (TypeError, ValueError):
-                raise CRNError(f"fused_conv must be True, False, 'auto' or module indices 0..{n - 1}, "
-                               f"got {value!r}") from None
-            if any(not 0 <= i < n for i in value):
-                raise CRNError(f"fused_conv: module indices must be in 0..{n - 1}, got {sorted(value)}")
+                raise CRNError(f"fused_conv must be {valid}, got {value!r}") from None
+        if isinstance(value, (dict, frozenset)) and any(not 0 <= i < n for i in value):
+            raise CRNError(f"fused_conv: module indices must be in 0..{n - 1}, got {sorted(value)}")
         self._fused_conv = value
 
     @classmethod
@@ -201,9 +218,9 @@ class CRN(nn.Module):
         levels = self._ops.area_pyramid(layout, len(self.refine))[::-1]  # coarsest first
         if self.backend == "triton" and not torch.is_grad_enabled() and \
                 (self.fuse_inference or self.fused_conv or self.fused_head):
-            fused, out = self._fused_modules(levels), None
+            plan, out = self._conv_plan(levels), None
             for i, level in enumerate(levels):
-                out = self._inference_step(i, out, level, i in fused)
+                out = self._inference_step(i, out, level, plan.get(i, "cudnn"))
             return out
         x = None
         for module, level in zip(self.refine, levels):
@@ -213,25 +230,30 @@ class CRN(nn.Module):
                 x = module(x, level, self._ops)
         return (self.head(x) + 1.0) / 2.0 * 255.0
 
-    def _inference_step(self, i: int, pending, level: torch.Tensor, fused: bool):
+    def _inference_step(self, i: int, pending, level: torch.Tensor, mode: str):
         """Module i of the triton backend's inference path (the head too, after the last module).
 
         ``pending`` is module i-1's raw conv2 output with its layer norm's (mean, rstd, weight,
         bias): the norm + leaky ReLU is applied inside module i's upsample-concat kernel, so
         normalised features are never stored. Returns module i's pending tuple, or the images.
-        fused: both convs are the fused conv kernel, which normalises its input as it loads it
-        and reduces its output to statistics in its epilogue (the upsample-concat output then has
-        its pixel rows padded to 16 channels, 16-byte aligned for the kernel's loads); else cuDNN
-        convs with the triton layer norm. The head is fused when the last module is.
+        ``mode`` (CONV_MODES): "fused", both convs are the conv_norm kernel, which reduces its
+        output to statistics in its epilogue, and conv2 normalises conv1's output as it loads it
+        (each element once per tap); "split", the same but conv1's output is normalised once by an
+        apply pass (norm_lrelu) that conv2 reads; in both the upsample-concat output has its pixel
+        rows padded to 16 channels, 16-byte aligned for the kernel's loads. "cudnn": cuDNN convs
+        with the triton layer norm. The head is fused when the last module's convs are.
         """
-        from crn_fast.kernels import conv_norm, layer_norm_stats, norm_lrelu_upsample_concat
-        m, last = self.refine[i], i == len(self.refine) - 1
+        from crn_fast.kernels import conv_norm, layer_norm_stats, norm_lrelu, norm_lrelu_upsample_concat
+        m, last, fused = self.refine[i], i == len(self.refine) - 1, mode != "cudnn"
         x = level if pending is None else \
             norm_lrelu_upsample_concat(*pending, level, LEAKY_SLOPE, channels_multiple=16 if fused else CUDNN_CHANNELS)
         if fused:
             h, mean, rstd = conv_norm(x, self._packed(m.conv1), eps=LN_EPS)
-            h, mean, rstd = conv_norm(h, self._packed(m.conv2), None, (mean, rstd, m.norm1.weight, m.norm1.bias),
-                                      LEAKY_SLOPE, LN_EPS)
+            norm1 = (mean, rstd, m.norm1.weight, m.norm1.bias)
+            if mode == "split":
+                h, mean, rstd = conv_norm(norm_lrelu(h, *norm1, LEAKY_SLOPE), self._packed(m.conv2), eps=LN_EPS)
+            else:
+                h, mean, rstd = conv_norm(h, self._packed(m.conv2), None, norm1, LEAKY_SLOPE, LN_EPS)
             if last:
                 return conv_norm(h, self._packed(self.head), self.head.bias, (mean, rstd, m.norm2.weight, m.norm2.bias),
                                  LEAKY_SLOPE, stats=False, head=True)
@@ -248,17 +270,20 @@ class CRN(nn.Module):
                 * 255.0
         return h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias
 
-    def _fused_modules(self, levels: list[torch.Tensor]) -> frozenset:
+    def _conv_plan(self, levels: list[torch.Tensor]) -> dict[int, str]:
+        """{module: "fused" | "split"} for this forward; modules not in it run cuDNN convs."""
         setting, n = self.fused_conv, len(self.refine)
-        if setting is True:
-            return frozenset(range(n))
+        if setting is True or setting in ("fused", "split"):
+            return dict.fromkeys(range(n), "fused" if setting is True else setting)
+        if isinstance(setting, frozenset):
+            return dict.fromkeys(setting, "fused")
         if setting != "auto":
-            return setting or frozenset()
+            return setting or {}
         key = self._choice_key(levels[-1])
         if key not in self.fused_conv_choices:
             from crn_fast.kernels._runtime import can_time
             if not can_time(levels[-1]):
-                return frozenset()  # unmeasured (CPU, tracing, capturing): cuDNN convs
+                return {}  # unmeasured (CPU, tracing, capturing): cuDNN convs
             self.tune_fused_conv(levels=levels)
         return self.fused_conv_choices[key]
 
@@ -266,13 +291,17 @@ class CRN(nn.Module):
     def _choice_key(layout: torch.Tensor) -> tuple:
         return (layout.shape[0], *layout.shape[2:], layout.dtype, layout.device)
 
-    def tune_fused_conv(self, layout: torch.Tensor | None = None, timer=None, levels=None) -> frozenset:
-        """Measure, module by module, cuDNN convs + the triton layer norm against the fused conv
-        kernel on this layout's shapes (each step timed with its own upsample-concat; the last with
-        the head), and record the faster set for ``fused_conv="auto"``. ``timer(fn, module, fused)
-        -> ms`` defaults to CUDA events (best of 3 after a warm-up that also tunes the kernel's
-        tiles). ``levels``: the layout pyramid, when forward has built it already. Returns the
-        fused modules."""
+    def tune_fused_conv(self, layout: torch.Tensor | None = None, timer=None, levels=None,
+                        modes=CONV_MODES) -> dict[int, str]:
+        """Measure, module by module, each of ``modes`` (CONV_MODES: cuDNN convs + the triton layer
+        norm, the "fused" and the "split" conv_norm kernels) on this layout's shapes (each step
+        timed with its own upsample-concat; the last with the head), and record the fastest for
+        ``fused_conv="auto"``. ``timer(fn, module, mode) -> ms`` defaults to CUDA events (best of
+        3 after a warm-up that also tunes the kernel's tiles). ``levels``: the layout pyramid,
+        when forward has built it already. Returns {module: mode} for the modules that do not run
+        cuDNN convs."""
+        if not modes or any(m not in CONV_MODES for m in modes):
+            raise CRNError(f"tune_fused_conv: modes must be a non-empty subset of {CONV_MODES}, got {modes!r}")
         if self.backend != "triton":
             raise CRNError("tune_fused_conv needs backend='triton' (the fused conv is a Triton kernel)")
         if levels is None:
@@ -281,17 +310,18 @@ class CRN(nn.Module):
         if timer is None:
             from crn_fast.kernels._runtime import cuda_time
 
-            def timer(fn, module, fused):
+            def timer(fn, module, mode):
                 return cuda_time(fn)
-        chosen, pending = set(), None
+        chosen, pending = {}, None
         with torch.no_grad():
             for i, level in enumerate(levels):
-                ms = {f: timer(lambda: self._inference_step(i, pending, level, f), i, f) for f in (False, True)}
-                if ms[True] < ms[False]:
-                    chosen.add(i)
-                pending = self._inference_step(i, pending, level, i in chosen)
-        self.fused_conv_choices[self._choice_key(levels[-1])] = frozenset(chosen)
-        return frozenset(chosen)
+                ms = {mode: timer(lambda: self._inference_step(i, pending, level, mode), i, mode) for mode in modes}
+                best = min(ms, key=ms.get)  # ties: the first of modes
+                if best != "cudnn":
+                    chosen[i] = best
+                pending = self._inference_step(i, pending, level, best)
+        self.fused_conv_choices[self._choice_key(levels[-1])] = chosen
+        return dict(chosen)
 
     def _derived_weight(self, conv: nn.Conv2d, kind, make) -> torch.Tensor:
         """make(conv.weight), computed once per weight version (again after an optimizer step, a

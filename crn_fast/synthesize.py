@@ -46,7 +46,7 @@ def load_generator_for(args, device):
     from .checkpoint import load_generator
     model = load_generator(args.ckpt, backend=args.backend, device=device)
     if args.fused_conv != "off":  # before any capture: "auto" measures at the first batch of each size
-        model.fused_conv = True if args.fused_conv == "on" else "auto"
+        model.fused_conv = True if args.fused_conv == "on" else args.fused_conv
     model.fused_head = args.fused_head
     if args.cuda_graph:
         if device.type != "cuda":
@@ -125,10 +125,11 @@ def build_parser():
     ap.add_argument("--backend", default="eager", choices=("eager", "triton", "tensorrt"))
     ap.add_argument("--engine", help="TensorRT engine (with --backend tensorrt)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the whole generator as a CUDA graph (GPU)")
-    ap.add_argument("--fused-conv", default="off", choices=("off", "on", "auto"),
+    ap.add_argument("--fused-conv", default="off", choices=("off", "on", "split", "auto"),
                     help="with --backend triton: the convs as Triton kernels with the layer norms folded in, in "
-                         "every module (on) or where measured faster at the first batch of each size (auto); "
-                         "default off")
+                         "every module (on: conv2 normalises its input as it loads it; split: one apply pass "
+                         "between the convs instead) or per module whichever of cuDNN, on and split measured "
+                         "fastest at the first batch of each size (auto); default off")
     ap.add_argument("--fused-head", action="store_true",
                     help="with --backend triton: the last layer norm, the 1x1 head and its 0..255 scaling as one "
                          "Triton kernel (default off: not yet measured faster on a GPU)")

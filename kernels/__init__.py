@@ -9,7 +9,8 @@ from ._runtime import HAS_TRITON, can_run, interpreter_enabled, triton_unavailab
 from .area_pyramid import area_pyramid, area_pyramid_reference
 from .conv_norm import (Tile, conv_norm, conv_norm_reference, pack_conv_weight, pinned_config,
                         tma_unavailable_reason, tuned_configs, unpack_conv_weight)
-from .layer_norm_lrelu import layer_norm_lrelu, layer_norm_lrelu_reference, layer_norm_stats
+from .layer_norm_lrelu import (layer_norm_lrelu, layer_norm_lrelu_reference, layer_norm_stats, norm_lrelu,
+                               norm_lrelu_reference)
 from .upsample_concat import (norm_lrelu_upsample_concat, norm_lrelu_upsample_concat_reference, upsample_concat,
                               upsample_concat_reference)
 
@@ -24,7 +25,8 @@ def ops_for(backend: str) -> SimpleNamespace:
 
 
 __all__ = ["HAS_TRITON", "can_run", "interpreter_enabled", "triton_unavailable_reason", "layer_norm_lrelu",
-           "layer_norm_lrelu_reference", "layer_norm_stats", "upsample_concat", "upsample_concat_reference",
-           "norm_lrelu_upsample_concat", "norm_lrelu_upsample_concat_reference", "ops_for", "REFERENCE_OPS",
-           "TRITON_OPS", "conv_norm", "conv_norm_reference", "pack_conv_weight", "unpack_conv_weight", "pinned_config",
-           "tuned_configs", "Tile", "tma_unavailable_reason", "area_pyramid", "area_pyramid_reference"]
+           "layer_norm_lrelu_reference", "layer_norm_stats", "norm_lrelu", "norm_lrelu_reference", "upsample_concat",
+           "upsample_concat_reference", "norm_lrelu_upsample_concat", "norm_lrelu_upsample_concat_reference",
+           "ops_for", "REFERENCE_OPS", "TRITON_OPS", "conv_norm", "conv_norm_reference", "pack_conv_weight",
+           "unpack_conv_weight", "pinned_config", "tuned_configs", "Tile", "tma_unavailable_reason", "area_pyramid",
+           "area_pyramid_reference"]

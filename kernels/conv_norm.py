@@ -36,8 +36,10 @@ mask only in tiles whose window crosses the image border (a branch the others sk
 mainloop is 379 SASS instructions per 128x128x64 step on that hot path (Triton 3.9; 389 with 3.6)
 against 459 with the mask. That still issues ~1.5x longer than the step's wgmma at 128 output
 channels per tile, and 3-6x at 32-16 (benchmarks/sass_census.py): a fused conv2 is likely
-slower than cuDNN + the apply pass at modules 7-8 (Cout 128, 32), which
-``CRN(fused_conv="auto")`` measures per module.
+slower than cuDNN + the apply pass at modules 7-8 (Cout 128, 32). So the model can also run a
+module "split": conv1 -> one apply pass with conv1's statistics (layer_norm_lrelu.norm_lrelu) ->
+conv2 without an input norm, at the cost of writing and re-reading the normalised features once.
+``CRN(fused_conv="auto")`` times cuDNN, fused and split per module.
 
 fp32 inputs use IEEE fp32 products (never TF32); bf16/fp16 use tensor cores with fp32 accumulation.
 The statistics are those of y as stored (rounded to its dtype), like the unfused path's.

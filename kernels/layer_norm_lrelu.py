@@ -5,7 +5,8 @@
 Memory plan (forward, per sample n of M = C*H*W elements):
     _stats_kernel   reads x once          -> writes P partial (count, mean, M2) per sample
     _apply_kernel   reads x once, partials -> writes y; program 0 also writes mean, rstd
-    (_finalize_kernel replaces the apply pass when only mean/rstd are wanted: layer_norm_stats)
+    (_finalize_kernel replaces the apply pass when only mean/rstd are wanted: layer_norm_stats;
+     norm_lrelu is the apply pass alone, GIVEN the statistics that a conv's epilogue reduced)
 Backward:
     _bwd_reduce_kernel reads x, dy -> P partial sums of dxhat and dxhat*xhat per sample, and one
                                       partial dweight/dbias row per (sample, hw-tile): no atomics
@@ -58,11 +59,12 @@ def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_sl
 
 def norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope: float = LEAKY_SLOPE):
     """leaky_relu((x - mean) * rstd * weight + bias) from given per-sample mean/rstd, computed in fp32
-    and rounded to x's dtype as if stored: how the fused conv applies a norm whose statistics were
+    (fp64 for fp64 x) and rounded to x's dtype as if stored: how the fused conv applies a norm whose statistics were
     reduced elsewhere (layer_norm_stats, its own epilogue); the fused upsample-concat keeps its
     normalised taps in fp32 (one rounding fewer, within the tests' tolerance of this)."""
-    xhat = (x.float() - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
-    return F.leaky_relu(xhat * weight.float().view(1, -1, 1, 1) + bias.float().view(1, -1, 1, 1),
+    acc = _acc_dtype(x)
+    xhat = (x.to(acc) - mean.to(acc).view(-1, 1, 1, 1)) * rstd.to(acc).view(-1, 1, 1, 1)
+    return F.leaky_relu(xhat * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1),
                         negative_slope).to(x.dtype)
 
 
@@ -226,17 +228,33 @@ if HAS_TRITON:
         tl.store(RstdOut + n, rstd)
 
     @triton.jit
+    def _sample_stats(X, Cnt, Mean, M2, MeanOut, RstdOut, n, sN, P, eps, store, BLOCK_P: tl.constexpr,
+                      FP64: tl.constexpr, GIVEN: tl.constexpr):
+        """Sample n's (pivot, mean relative to it, rstd) for an apply pass: merged from the P
+        partials (``store``: the program that also writes mean and rstd out), or with GIVEN read
+        from MeanOut / RstdOut (statistics reduced elsewhere: a conv's epilogue), pivot 0."""
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+        if GIVEN:
+            pivot = tl.zeros((), ACC)
+            mean = tl.load(MeanOut + n).to(ACC)
+            rstd = tl.load(RstdOut + n).to(ACC)
+        else:
+            total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P)
+            rstd = _rstd(m2 / total, eps, FP64)  # IEEE-rounded, like torch
+            pivot = tl.load(X + n.to(tl.int64) * sN).to(mean.dtype)
+            if store:
+                tl.store(MeanOut + n, pivot + mean)
+                tl.store(RstdOut + n, rstd)
+        return pivot, mean, rstd
+
+    @triton.jit
     def _apply_kernel(X, Y, W, B, Cnt, Mean, M2, MeanOut, RstdOut, C, HW, sN, sC, sHW, T, n_hwt, TPP, P,
                       eps, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr,
-                      FP64: tl.constexpr):
+                      FP64: tl.constexpr, GIVEN: tl.constexpr):
         p = tl.program_id(0)
         n = tl.program_id(1)
-        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P)
-        rstd = _rstd(m2 / total, eps, FP64)  # IEEE-rounded, like torch
-        pivot = tl.load(X + n.to(tl.int64) * sN).to(mean.dtype)
-        if p == 0:
-            tl.store(MeanOut + n, pivot + mean)
-            tl.store(RstdOut + n, rstd)
+        pivot, mean, rstd = _sample_stats(X, Cnt, Mean, M2, MeanOut, RstdOut, n, sN, P, eps, p == 0, BLOCK_P, FP64,
+                                          GIVEN)
         ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         base_off = n.to(tl.int64) * sN
         t_end = tl.minimum(p * TPP + TPP, T)
@@ -251,18 +269,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _apply_cl_kernel(X, Y, W, B, Cnt, Mean, M2, MeanOut, RstdOut, C, HW, sN, T, n_ct, TPP, P, eps, slope,
-                         BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FP64: tl.constexpr):
+                         BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FP64: tl.constexpr,
+                         GIVEN: tl.constexpr):
         """channels_last apply: tile t of a sample is pixels [(t // n_ct) * BLOCK_HW, ...) x channel
         block t % n_ct, channels fastest; with one channel block (C <= BLOCK_C) weight and bias
         are loaded once."""
         p = tl.program_id(0)
         n = tl.program_id(1)
-        total, mean, m2 = _combine(Cnt, Mean, M2, n, P, BLOCK_P)
-        rstd = _rstd(m2 / total, eps, FP64)
-        pivot = tl.load(X + n.to(tl.int64) * sN).to(mean.dtype)
-        if p == 0:
-            tl.store(MeanOut + n, pivot + mean)
-            tl.store(RstdOut + n, rstd)
+        pivot, mean, rstd = _sample_stats(X, Cnt, Mean, M2, MeanOut, RstdOut, n, sN, P, eps, p == 0, BLOCK_P, FP64,
+                                          GIVEN)
         ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         hw = tl.arange(0, BLOCK_HW)
         cc = tl.arange(0, BLOCK_C)
@@ -388,27 +403,34 @@ def _layer_norm_lrelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         z = (x.to(mean.dtype) - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
         y = F.leaky_relu(z * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), negative_slope)
         return y.to(x.dtype).contiguous(memory_format=_format_of(x)), mean, rstd
-    n, c, h, w = x.shape
+    n = x.shape[0]
     part = _launch_stats(x, num_programs)
-    acc, n_part = part.dtype, part.shape[2]
-    mean = torch.empty(n, device=x.device, dtype=acc)
-    rstd = torch.empty(n, device=x.device, dtype=acc)
+    mean = torch.empty(n, device=x.device, dtype=part.dtype)
+    rstd = torch.empty(n, device=x.device, dtype=part.dtype)
+    return _launch_apply(x, weight, bias, part, mean, rstd, eps, negative_slope, num_programs), mean, rstd
+
+
+def _launch_apply(x, weight, bias, part, mean, rstd, eps, negative_slope, num_programs):
+    """y = leaky_relu((x - mean) * rstd * weight + bias) in x's format: mean and rstd merged from the
+    (3, N, P) partials and written out, or with ``part`` None read from the given mean and rstd."""
+    n, c, h, w = x.shape
+    given = part is None
+    n_part = 1 if given else part.shape[2]
+    cnt, pmean, pm2 = (mean,) * 3 if given else part.unbind(0)  # unread when given
     y = torch.empty_like(x)
-    fp64 = acc == torch.float64
+    common = dict(BLOCK_P=next_pow2(n_part), FP64=mean.dtype == torch.float64, GIVEN=given, num_warps=NUM_WARPS)
     if _is_channels_last(x):
         plan = _apply_cl_plan(x, num_programs)
-        launch(_apply_cl_kernel, (plan["p"], n), x, y, weight, bias, part[0], part[1], part[2], mean, rstd, c, h * w,
+        launch(_apply_cl_kernel, (plan["p"], n), x, y, weight, bias, cnt, pmean, pm2, mean, rstd, c, h * w,
                x.stride(0), plan["tiles"], plan["n_ct"], plan["tpp"], n_part, eps, negative_slope,
-               BLOCK_HW=plan["block_hw"], BLOCK_C=plan["block_c"], BLOCK_P=next_pow2(n_part), FP64=fp64,
-               num_warps=NUM_WARPS)
-        return y, mean, rstd
+               BLOCK_HW=plan["block_hw"], BLOCK_C=plan["block_c"], **common)
+        return y
     plan = _plan(x, num_programs)
     sN, sC, sHW = plan["strides"]
-    launch(_apply_kernel, (plan["p"], n), x, y, weight, bias, part[0], part[1], part[2], mean, rstd, c, h * w, sN,
+    launch(_apply_kernel, (plan["p"], n), x, y, weight, bias, cnt, pmean, pm2, mean, rstd, c, h * w, sN,
            sC, sHW, plan["tiles"], plan["n_hwt"], plan["tpp"], n_part, eps, negative_slope,
-           BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], BLOCK_P=next_pow2(n_part), FP64=fp64,
-           num_warps=NUM_WARPS)
-    return y, mean, rstd
+           BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], **common)
+    return y
 
 
 @triton_op("crn_fast::layer_norm_lrelu_backward", mutates_args=())
@@ -480,6 +502,32 @@ def _layer_norm_stats_op(x: torch.Tensor, eps: float, num_programs: Optional[int
     launch(_finalize_kernel, (n,), x, part[0], part[1], part[2], mean, rstd, x.stride(0), part.shape[2], eps,
            BLOCK_P=next_pow2(part.shape[2]), FP64=part.dtype == torch.float64)
     return mean, rstd
+
+
+@triton_op("crn_fast::norm_lrelu", mutates_args=())
+def _norm_lrelu_op(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, negative_slope: float, num_programs: Optional[int] = None) -> torch.Tensor:
+    """leaky_relu((x - mean) * rstd * weight + bias) with per-sample statistics reduced elsewhere
+    (inference only): one read of x, one write of y, in x's memory format and dtype."""
+    x = _prepare(x)
+    n, c = x.shape[:2]
+    if mean.shape != (n,) or rstd.shape != (n,) or weight.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"norm_lrelu: x {tuple(x.shape)} needs mean and rstd of shape ({n},) and weight and bias of "
+                         f"shape ({c},), got {tuple(mean.shape)}, {tuple(rstd.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    if not can_run(x):
+        return norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope).contiguous(
+            memory_format=_format_of(x))
+    acc = _acc_dtype(x)
+    return _launch_apply(x, weight, bias, None, mean.to(acc).contiguous(), rstd.to(acc).contiguous(), 0.0,
+                         negative_slope, num_programs)
+
+
+def norm_lrelu(x, mean, rstd, weight, bias, negative_slope: float = LEAKY_SLOPE, num_programs=None):
+    """The apply pass alone, from given per-sample (mean, rstd) (``torch.ops.crn_fast.norm_lrelu``,
+    inference only): a conv whose epilogue reduced its output's statistics (conv_norm) has its
+    output normalised in one read and one write. Same result as :func:`norm_lrelu_reference`."""
+    return torch.ops.crn_fast.norm_lrelu(x, mean, rstd, weight, bias, float(negative_slope), num_programs)
 
 
 def layer_norm_lrelu(x, weight, bias, eps: float = LN_EPS, negative_slope: float = LEAKY_SLOPE, num_programs=None):

@@ -71,11 +71,13 @@ def main(arch: int = 90) -> int:
             (L._stats_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a}, [], dict(BLOCK=4096, FP64=False)),
             (L._finalize_kernel, {"X": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a, "RstdOut": a}, ["eps"],
              dict(BLOCK_P=1024, FP64=False)),
-            (L._apply_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a,
-                               "RstdOut": a}, ["eps", "slope"], dict(ln, BLOCK_P=1024)),
+            *[(L._apply_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a,
+                                 "RstdOut": a}, ["eps", "slope"], dict(ln, BLOCK_P=1024, GIVEN=given))
+              for given in (False, True)],  # GIVEN: norm_lrelu, the statistics reduced elsewhere
             *[(L._apply_cl_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a, "MeanOut": a,
                                     "RstdOut": a}, ["eps", "slope"], dict(BLOCK_HW=hw, BLOCK_C=4096 // hw, BLOCK_P=1024,
-                                                                          FP64=False)) for hw in (4, 128)],
+                                                                          FP64=False, GIVEN=given))
+              for hw in (4, 128) for given in (False, True)],
             (L._bwd_reduce_kernel, {"X": dt, "DY": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a, "S2": a,
                                     "DWp": a, "DBp": a}, ["slope"], ln),
             (L._bwd_dx_kernel, {"X": dt, "DY": dt, "DX": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a,
@@ -99,7 +101,7 @@ def main(arch: int = 90) -> int:
                  dict(BLOCK=4096, FP64=False, FULL=1, TAIL=1, P=1, TPP=1)),
                 (L._apply_cl_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "Cnt": a, "Mean": a, "M2": a,
                                       "MeanOut": a, "RstdOut": a}, ["eps", "slope"],
-                 dict(BLOCK_HW=8, BLOCK_C=512, BLOCK_P=1, FP64=False, n_ct=1, T=1, P=1, TPP=1)),
+                 dict(BLOCK_HW=8, BLOCK_C=512, BLOCK_P=1, FP64=False, n_ct=1, T=1, P=1, TPP=1, GIVEN=False)),
                 (U._fwd_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
                  ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, **ones)),
                 (U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},

@@ -277,6 +277,18 @@ def test_kernel_benchmark_conv_rows_run_through_the_interpreter():
     mod.conv_rows(get_preset("tiny"), (16, 32), torch.float32, "fp32", "cpu", rows, on_module=lambda: saved.append(1))
     timed = [r for r in rows if "impl" in r]
     assert len(saved) == 2 * 5 and {r["impl"] for r in timed} == {
-        "cudnn", "cudnn + triton ln", "fused conv + stats", "fused conv norm-in + stats"}
+        "cudnn", "cudnn + triton ln", "fused conv + stats", "fused conv norm-in + stats",
+        "split: norm_lrelu + fused conv + stats"}
     assert [r["module"] for r in timed][0] == 4 and all(r["ms"] > 0 and r["speedup_vs_cudnn"] > 0 for r in timed)
     assert rows[-1]["op"] == "conv_norm tuned configs"
+
+
+def test_race_rows_name_each_modules_conv_mode():
+    """A row with conv_norm modules says which ran "fused" and which "split" (CRN.fused_conv);
+    rows of older result files (fused_modules) keep their note."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as run_py
+    assert run_py._note({"conv_modes": {"0": "fused", "1": "fused", "7": "split", "8": "split"}}) == \
+        "conv_norm: fused in modules [0, 1], split in modules [7, 8]"
+    assert run_py._note({"conv_modes": {}}) == "conv_norm: none (cuDNN everywhere)"
+    assert run_py._note({"fused_modules": [0, 3]}) == "fused conv in modules [0, 3]"

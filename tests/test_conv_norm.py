@@ -187,10 +187,12 @@ def _pair(dtype, k=2, seed=0, widths=(12, 10, 8)):
     return eager, fast.to(DEV, dtype)
 
 
+@pytest.mark.parametrize("mode", ["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_conv_generator_matches_eager(dtype, monkeypatch):
+def test_fused_conv_generator_matches_eager(dtype, mode, monkeypatch):
     """At most eager's own error in that dtype (bf16: ~5 on 0..255) against the fp64 model; fp32 to 2e-3.
-    In bf16 the convs of the module with 8 channels and rows of 32 pixels run the TMA kernel."""
+    In bf16 the convs of the module with 8 channels and rows of 32 pixels run the TMA kernel.
+    "split": conv1's output normalised by one norm_lrelu pass, conv2 without an input norm."""
     import importlib
     C = importlib.import_module("crn_fast.kernels.conv_norm")
     launched = []
@@ -198,10 +200,15 @@ def test_fused_conv_generator_matches_eager(dtype, monkeypatch):
     monkeypatch.setattr(C, "launch", lambda kernel, *a, **kw: (launched.append(kernel.__name__),
                                                               real_launch(kernel, *a, **kw)))
     eager, fast = _pair(dtype)
+    fast.fused_conv = mode
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        ours = fast(layout.to(DEV)).double().cpu()
+    names = [e.name for e in prof.events()]
+    assert names.count("crn_fast::conv_norm") == 7 and "aten::convolution" not in names, names
+    assert names.count("crn_fast::norm_lrelu") == (3 if mode == "split" else 0), names
     with torch.no_grad():
         exact = eager.double()(layout.double())
-        ours = fast(layout.to(DEV)).double().cpu()
         theirs = eager.to(dtype)(layout.to(dtype)).double()
     if DEV == "cpu":  # TMA: both bf16 convs of the last module (8 channels, rows of 32 pixels)
         assert launched.count("_conv_tma_kernel") == 2 * (dtype == torch.bfloat16), launched
@@ -319,10 +326,10 @@ def test_fused_conv_in_an_nchw_model_with_a_batch():
     assert not torch.allclose(ours[0], ours[1])
 
 
-@pytest.mark.parametrize("modules", [{1}, {0, 2}])
+@pytest.mark.parametrize("modules", [{1}, {0, 2}, {0: "split", 2: "fused"}, {1: "split", 2: "split"}])
 def test_some_modules_fused_match_eager(modules):
-    """Any mix of fused and cuDNN modules: the norm of a fused module's output is applied in a
-    cuDNN module's upsample and the other way round; the head is fused with the last module."""
+    """Any mix of fused, split and cuDNN modules: the norm of a fused module's output is applied in
+    a cuDNN module's upsample and the other way round; the head is fused with the last module."""
     eager, fast = _pair(torch.float32, k=1, seed=7)
     fast.fused_conv = modules
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(8)))
@@ -331,33 +338,43 @@ def test_some_modules_fused_match_eager(modules):
 
 
 def test_auto_picks_the_faster_variant_per_module_and_uses_it():
-    """fused_conv='auto': tune_fused_conv times each module both ways (here with a given timer:
-    the fused kernel 'wins' at modules 1 and 2 only) and forward then runs that mix, equal to eager.
-    Unmeasured shapes on CPU run the cuDNN convs (nothing to time there)."""
+    """fused_conv='auto': tune_fused_conv times each module three ways (here with a given timer:
+    "split" 'wins' at module 1, "fused" at module 2, cuDNN at module 0) and forward then runs that
+    mix, equal to eager. Unmeasured shapes on CPU run the cuDNN convs (nothing to time there)."""
     eager, fast = _pair(torch.float32, k=1, seed=9)
     fast.fused_conv = "auto"
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(10))).to(DEV)
     calls = []
+    fastest = {1: "split", 2: "fused"}
 
-    def timer(fn, module, fused):
+    def timer(fn, module, mode):
         fn()
-        calls.append((module, fused))
-        return 1.0 if fused and module in (1, 2) else 2.0 if fused else 1.5
-    assert fast.tune_fused_conv(layout, timer=timer) == frozenset({1, 2})
-    assert calls == [(i, f) for i in range(3) for f in (False, True)]
-    assert fast.fused_conv_choices == {(1, 16, 32, torch.float32, layout.device): frozenset({1, 2})}
+        calls.append((module, mode))
+        return 1.0 if fastest.get(module, "cudnn") == mode else 2.0
+    assert fast.tune_fused_conv(layout, timer=timer) == fastest
+    assert calls == [(i, m) for i in range(3) for m in ("cudnn", "fused", "split")]
+    assert fast.fused_conv_choices == {(1, 16, 32, torch.float32, layout.device): fastest}
     with torch.no_grad():
-        torch.testing.assert_close(fast(layout), eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
+        with torch.profiler.profile() as prof:
+            ours = fast(layout)
+        torch.testing.assert_close(ours, eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
+        names = [e.name for e in prof.events()]  # module 0: cuDNN convs
+        assert names.count("aten::convolution") == 2 and names.count("crn_fast::norm_lrelu") == 1, names
         other = one_hot(torch.randint(0, 20, (1, 32, 64), generator=torch.Generator().manual_seed(11))).to(DEV)
         fast(other)  # not measured: cuDNN everywhere, no choice recorded on CPU
     assert len(fast.fused_conv_choices) == (2 if DEV == "cuda" else 1)
     assert "fused_conv='auto'" in repr(fast)
+    assert fast.tune_fused_conv(layout, timer=timer, modes=("cudnn", "fused")) == {2: "fused"}
 
 
-@pytest.mark.parametrize("bad, msg", [("fast", "True, False, 'auto' or module indices 0..2"),
+@pytest.mark.parametrize("bad, msg", [("fast", "True, False, 'auto', 'fused', 'split', module indices 0..2 or"),
                                       ({0, 3}, r"module indices must be in 0..2, got \[0, 3\]"),
+                                      ({3: "split"}, r"module indices must be in 0..2, got \[3\]"),
+                                      ({0: "fast"}, r"unknown mode in \{0: 'fast'\}; the modes are cudnn, fused, split"),
                                       (1.5, "got 1.5")])
 def test_bad_fused_conv_setting_is_one_clear_error(bad, msg):
     from crn_fast import CRNError
     with pytest.raises(CRNError, match=msg):
         CRN(CRNConfig(widths=(4, 4, 4)), fused_conv=bad)
+    with pytest.raises(CRNError, match="modes must be a non-empty subset of"):
+        CRN(CRNConfig(widths=(4, 4, 4)), backend="triton").tune_fused_conv(torch.zeros(1, 20, 16, 32), modes=("x",))

@@ -392,6 +392,29 @@ def test_gpu_more_than_2_31_elements():
         torch.testing.assert_close(y[(0, *idx)].float(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 40, 3, 4)])  # 40 channels: two channel blocks on CPU
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_norm_lrelu_with_given_statistics(shape, dtype, channels_last):
+    """The apply pass alone (CRN's "split" modules: a conv's epilogue reduced the statistics):
+    layer_norm_lrelu's result when given layer_norm_stats' mean and rstd, the reference's in every
+    dtype, in x's memory format; per sample (a batch keeps each sample's own statistics)."""
+    x, w, b = ln_inputs(shape, dtype, channels_last, seed=13)
+    mean, rstd = K.layer_norm_stats(x)
+    y = K.norm_lrelu(x, mean, rstd, w, b, num_programs=3)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last if channels_last else
+                                                torch.contiguous_format)
+    torch.testing.assert_close(y, K.norm_lrelu_reference(x, mean, rstd, w, b), **TOL[dtype])
+    torch.testing.assert_close(y, K.layer_norm_lrelu(x, w, b), **TOL[dtype])
+
+
+def test_norm_lrelu_rejects_statistics_of_the_wrong_shape():
+    x, w, b = ln_inputs((2, 6, 4, 4), torch.float32)
+    mean, rstd = K.layer_norm_stats(x)
+    with pytest.raises(ValueError, match=r"mean and rstd of shape \(2,\) and weight and bias of shape \(6,\)"):
+        K.norm_lrelu(x, mean[:1], rstd, w, b)
+
+
 def test_layer_norm_stats_match_torch():
     x, _, _ = ln_inputs((3, 7, 5, 9), torch.float32, seed=8)
     mean, rstd = K.layer_norm_stats(x, 1e-12, num_programs=3)
@@ -434,6 +457,7 @@ def _op_cases(channels_last):
         (ops.layer_norm_lrelu.default, (*grad_in, 1e-12, 0.2, 2)),
         (ops.layer_norm_lrelu_backward.default, (torch.randn_like(x), x, w, b, mean, rstd, 0.2, None)),
         (ops.layer_norm_stats.default, (x, 1e-12, 3)),
+        (ops.norm_lrelu.default, (x, mean, rstd, w, b, 0.2, 2)),
         (ops.upsample_concat.default, (grad_in[0], lab)),
         (ops.upsample_concat_backward.default, (torch.randn(2, 9, 8, 16, device=DEV), [2, 6, 4, 8])),
         (ops.norm_lrelu_upsample_concat.default, (x, mean, rstd, w, b, lab, 0.2, 16 if channels_last else 1)),
