@@ -164,10 +164,12 @@ def matmul_peak_tflops(device, dtype: torch.dtype, n: int | None = None, repeats
 
 def conv_configs() -> list[dict]:
     """The fused conv's tile configs tuned so far in this process, per shape key (N, Cin, Cout, H,
-    W, taps, dtype, norm in, stats, bias, TMA possible), with every candidate's measured ms."""
+    W, taps, dtype, norm in, stats, bias, TMA possible), with every candidate's measured ms and the
+    candidates that could not run on this GPU (with their errors)."""
     from crn_fast.kernels import tuned_configs
-    timings = tuned_configs(timings=True)
+    timings, failures = tuned_configs(timings=True), tuned_configs(failures=True)
     return [{"key": [str(v) for v in k], "chosen": c._asdict(),
              "candidates_ms": [{**cfg._asdict(), "ms": ms} for cfg, ms in sorted(timings.get(k, {}).items(),
-                                                                            key=lambda t: t[1])]}
+                                                                            key=lambda t: t[1])],
+             "failed": [{**cfg._asdict(), "error": err} for cfg, err in failures.get(k, {}).items()]}
             for k, c in tuned_configs().items()]

@@ -13,8 +13,9 @@ Bytes moved (the roofline denominator):
                              inference path hands it to cuDNN; the pad's zeros are written too)
 Achieved GB/s is compared with the measured device-to-device copy bandwidth (read + write).
 On a GPU, each module's convs: cuDNN (+ the triton layer norm) against the fused conv kernel
-(kernels/conv_norm.py; conv2 also split: apply pass + conv), in TFLOP/s, with every tile candidate's time (pointer and TMA kernels) in
-the "conv_norm tuned configs" row. ``--conv-only`` runs just those.
+(kernels/conv_norm.py; conv2 also split: apply pass + conv), in TFLOP/s, with every tile
+candidate's time (pointer and TMA kernels) in the "conv_norm tuned configs" row. ``--conv-only``
+runs just those.
 """
 from __future__ import annotations
 

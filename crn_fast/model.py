@@ -298,8 +298,9 @@ class CRN(nn.Module):
         timed with its own upsample-concat; the last with the head), and record the fastest for
         ``fused_conv="auto"``. ``timer(fn, module, mode) -> ms`` defaults to CUDA events (best of
         3 after a warm-up that also tunes the kernel's tiles). ``levels``: the layout pyramid,
-        when forward has built it already. Returns {module: mode} for the modules that do not run
-        cuDNN convs."""
+        when forward has built it already. A Triton mode that fails on this GPU is skipped with a
+        RuntimeWarning naming the module and the error (cuDNN's failure is raised). Returns
+        {module: mode} for the modules that do not run cuDNN convs."""
         if not modes or any(m not in CONV_MODES for m in modes):
             raise CRNError(f"tune_fused_conv: modes must be a non-empty subset of {CONV_MODES}, got {modes!r}")
         if self.backend != "triton":
@@ -315,7 +316,18 @@ class CRN(nn.Module):
         chosen, pending = {}, None
         with torch.no_grad():
             for i, level in enumerate(levels):
-                ms = {mode: timer(lambda: self._inference_step(i, pending, level, mode), i, mode) for mode in modes}
+                ms, error = {}, None
+                for mode in modes:
+                    try:
+                        ms[mode] = timer(lambda: self._inference_step(i, pending, level, mode), i, mode)
+                    except Exception as e:  # a Triton mode that cannot run here is not chosen, loudly
+                        if mode == "cudnn" or len(modes) == 1:
+                            raise
+                        error = e
+                        warnings.warn(f"tune_fused_conv: module {i} cannot run {mode!r} convs here, so it is not "
+                                      f"chosen: {type(e).__name__}: {str(e)[:300]}", RuntimeWarning, stacklevel=2)
+                if not ms:
+                    raise CRNError(f"tune_fused_conv: module {i} could run none of the modes {modes}") from error
                 best = min(ms, key=ms.get)  # ties: the first of modes
                 if best != "cudnn":
                     chosen[i] = best

@@ -359,6 +359,7 @@ def _heuristic(cin: int, cout: int, dtype: torch.dtype, width: int = 0, tma: boo
 # CUDA graph capture; CRN_FAST_CONV_TUNE=0 keeps the heuristic.
 _TUNED: dict[tuple, Tile] = {}
 _TIMINGS: dict[tuple, dict[Tile, float]] = {}
+_FAILURES: dict[tuple, dict[Tile, str]] = {}
 
 
 _PINNED: list[Tile] = []
@@ -399,17 +400,41 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
     if os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or not can_time(x):
         return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
     t0 = time.perf_counter()
-    timed = {cfg: cuda_time(lambda: run(cfg)) for cfg in _candidates(cin, cout, x.dtype, x.shape[3], tma)}
-    _TUNED[key] = min(timed, key=timed.get)
-    _TIMINGS[key] = timed
-    logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], timed,
+    _TUNED[key], _TIMINGS[key], failed = _tune(_candidates(cin, cout, x.dtype, x.shape[3], tma), run, cuda_time)
+    if failed:
+        _FAILURES[key] = failed
+    logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], _TIMINGS[key],
                                                 time.perf_counter() - t0)
     return _TUNED[key]
 
 
-def tuned_configs(timings: bool = False) -> dict[tuple, Tile] | dict[tuple, dict[Tile, float]]:
-    """The configs chosen so far in this process, per shape key, or with ``timings`` every
-    candidate's measured ms per key (benchmarks record them)."""
+def _tune(candidates: list[Tile], run, timer) -> tuple[Tile, dict[Tile, float], dict[Tile, str]]:
+    """(fastest tile, each tile's ms, each failed tile's error): ``timer(lambda: run(tile))`` for
+    every candidate. A tile this GPU cannot compile or launch (Triton's OutOfResources: shared
+    memory or registers; a ptxas error) is skipped with one warning, as Triton's own autotuner
+    skips it; when every tile fails, the first failure is raised."""
+    timed, failed, first = {}, {}, None
+    for cfg in candidates:
+        try:
+            timed[cfg] = timer(lambda: run(cfg))
+        except triton.runtime.errors.TritonError as e:
+            failed[cfg] = f"{type(e).__name__}: {e}"
+            first = first or e
+    if not timed:
+        raise first
+    if failed:
+        logging.getLogger("crn_fast.kernels").warning(
+            "conv_norm: %d of %d tile configs cannot run on this GPU and were skipped: %s", len(failed),
+            len(candidates), "; ".join(f"{tuple(c)}: {m[:200]}" for c, m in failed.items()))
+    return min(timed, key=timed.get), timed, failed
+
+
+def tuned_configs(timings: bool = False, failures: bool = False) -> dict:
+    """The configs chosen so far in this process, per shape key; with ``timings`` every
+    candidate's measured ms per key (benchmarks record them); with ``failures`` the candidates
+    that could not run, with their errors."""
+    if failures:
+        return {k: dict(v) for k, v in _FAILURES.items()}
     return {k: dict(v) for k, v in _TIMINGS.items()} if timings else dict(_TUNED)
 
 

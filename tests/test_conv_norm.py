@@ -6,6 +6,8 @@ bf16/fp16 within 2 ulps of the output's magnitude (the kernel rounds once, from 
 the reference is fp32 evaluated on the same rounded inputs). Statistics: fp32 rounding of the
 merge, relative 1e-5 (fp32) or of y's rounding (bf16).
 """
+import importlib
+
 import pytest
 import torch
 
@@ -115,7 +117,6 @@ def test_tma_kernel_is_the_untuned_choice_where_it_can_run(monkeypatch):
     """Where the TMA kernel can run, the untuned choice (the interpreter's small tile on CPU, the
     heuristic's on a GPU) launches it; rows narrower than every TMA tile, and 32-bit inputs, keep
     the pointer kernel."""
-    import importlib
     C = importlib.import_module("crn_fast.kernels.conv_norm")
     monkeypatch.setenv("CRN_FAST_CONV_TUNE", "0")
     launched = []
@@ -193,7 +194,6 @@ def test_fused_conv_generator_matches_eager(dtype, mode, monkeypatch):
     """At most eager's own error in that dtype (bf16: ~5 on 0..255) against the fp64 model; fp32 to 2e-3.
     In bf16 the convs of the module with 8 channels and rows of 32 pixels run the TMA kernel.
     "split": conv1's output normalised by one norm_lrelu pass, conv2 without an input norm."""
-    import importlib
     C = importlib.import_module("crn_fast.kernels.conv_norm")
     launched = []
     real_launch = C.launch
@@ -367,10 +367,49 @@ def test_auto_picks_the_faster_variant_per_module_and_uses_it():
     assert fast.tune_fused_conv(layout, timer=timer, modes=("cudnn", "fused")) == {2: "fused"}
 
 
+def test_auto_skips_a_mode_that_fails_here_with_a_warning():
+    """A Triton mode that raises on this GPU (here: "split" at module 1, from the timer) is not
+    chosen and says so; the other modes are still compared. cuDNN failing is raised."""
+    _, fast = _pair(torch.float32, k=1, seed=9)
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(10))).to(DEV)
+
+    def timer(fn, module, mode):
+        if mode == "split" and module == 1:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return {"cudnn": 2.0, "fused": 3.0, "split": 1.0}[mode]
+    with pytest.warns(RuntimeWarning, match="module 1 cannot run 'split' convs here.*OutOfResources"):
+        assert fast.tune_fused_conv(layout, timer=timer) == {0: "split", 2: "split"}
+
+    def broken(fn, module, mode):
+        raise RuntimeError("cuDNN is broken")
+    with pytest.raises(RuntimeError, match="cuDNN is broken"):
+        fast.tune_fused_conv(layout, timer=broken)
+
+
+def test_tile_tuning_skips_tiles_this_gpu_cannot_run():
+    """The tile tuner times every candidate; one that Triton cannot launch here (OutOfResources:
+    more shared memory than the SM has; a ptxas error) is skipped with its error kept, as Triton's
+    autotuner does, instead of failing the forward. If every candidate fails, the first error is
+    raised."""
+    C = importlib.import_module("crn_fast.kernels.conv_norm")
+    tiles = [C.Tile(256, 128, 64, 8, 3, True), C.Tile(128, 128, 64, 8, 3, True), C.Tile(64, 64, 64, 4, 3)]
+
+    def run(tile):
+        if tile.block_m == 256:
+            raise triton.runtime.errors.OutOfResources(270336, 232448, "shared memory")
+        return tile
+    best, timed, failed = C._tune(tiles, run, lambda fn: float(fn().block_n))
+    assert best == tiles[2] and timed == {tiles[1]: 128.0, tiles[2]: 64.0}
+    assert list(failed) == [tiles[0]] and "OutOfResources" in failed[tiles[0]] and "shared memory" in failed[tiles[0]]
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        C._tune(tiles[:1], run, lambda fn: fn())
+
+
 @pytest.mark.parametrize("bad, msg", [("fast", "True, False, 'auto', 'fused', 'split', module indices 0..2 or"),
                                       ({0, 3}, r"module indices must be in 0..2, got \[0, 3\]"),
                                       ({3: "split"}, r"module indices must be in 0..2, got \[3\]"),
-                                      ({0: "fast"}, r"unknown mode in \{0: 'fast'\}; the modes are cudnn, fused, split"),
+                                      ({0: "fast"}, r"unknown mode in \{0: 'fast'\}; the modes are cudnn, fused, "
+                                                    "split"),
                                       (1.5, "got 1.5")])
 def test_bad_fused_conv_setting_is_one_clear_error(bad, msg):
     from crn_fast import CRNError
