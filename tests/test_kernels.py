@@ -520,13 +520,15 @@ def test_compiled_triton_generator_has_no_graph_break():
     compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
     with torch.no_grad():
         torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)
-    fast.fused_conv = True  # every conv a crn_fast operator too, the weights packed inside the graph
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explain = torch._dynamo.explain(fast)(layout)
-        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
-        ops = {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
-               if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
-        assert ops == {"area_pyramid", "conv_norm", "norm_lrelu_upsample_concat"}, ops
-        compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
-        torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)
+    # every conv a crn_fast operator too, the weights packed inside the graph; split: + norm_lrelu
+    for mode, extra in (("fused", set()), ("split", {"norm_lrelu"})):
+        fast.fused_conv = mode
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explain = torch._dynamo.explain(fast)(layout)
+            assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+            ops = {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
+                   if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
+            assert ops == {"area_pyramid", "conv_norm", "norm_lrelu_upsample_concat"} | extra, ops
+            compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
+            torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)
