@@ -59,6 +59,9 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   # kernel by kernel and end to end; max-autotune and NCHW compile in the same race; the profile
   # split by module ranges; the compiled tests; the fused conv's TMA kernel, tested and timed per
   # module against cuDNN and the pointer kernel. Most informative first: each step packs its files before the next starts.
+  # the conv tiles tuned in the race (F2) are stored and read again by the profile (F3), which then
+  # measures only its modes; the file is a result too. F6 times every tile, so it runs without it.
+  export CRN_FAST_CONV_TUNING="$res/conv_tuning_${gpu}.json"
   step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
   kernel_bench 60 kernels --no-conv
   step "F2. the race at $R: crn_fast vs every torch.compile mode"
@@ -69,14 +72,15 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
   race+=",triton-autoconv-cudagraph:bf16:channels_last"  # last: tunes every conv tile, TMA ones included
   race 270 "$race"
-  step "F3. per-module profile (module ranges), kernel sequence saved"
-  timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton \
-    --out "$res/profile_${gpu}_${R}" 2>&1 | tail -20 >> "$log"; pack
+  step "F3. per-module profile (module ranges), kernel sequence saved; auto: the conv modes the race chose"
+  timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton,triton-autoconv \
+    --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
   step "F4. compiled tests: the fused conv (TMA kernel) and the kernels first, then the AOTInductor package on"
   CRN_FAST_CONV_TUNE=0 timeout $((100 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
     tests/test_conv_norm.py tests/test_kernels.py tests/test_export.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
-  step "F6. each module's convs, largest first: cuDNN vs the fused conv, every pointer and TMA tile timed"
-  if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else kernel_bench 50 kernels_conv --conv-only; fi
+  step "F6. each module's convs, largest first: cuDNN vs the fused and split conv, every pointer and TMA tile timed"
+  if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
+    CRN_FAST_CONV_TUNING= kernel_bench 50 kernels_conv --conv-only; fi
   step "F5. the targets"
   python3 benchmarks/targets.py --results "$res" --device "$gpu" --res $R --out "$res/targets_${gpu}.md" >> "$log" 2>&1
   step "done"

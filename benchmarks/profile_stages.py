@@ -57,8 +57,9 @@ def stage_of(name: str) -> str:
     return "other"
 
 
-VARIANTS = ("eager", "triton", "triton-fusedconv", "compile", "compile-max-autotune", "compile-max-autotune-no-cudagraphs",
-            "compile-reduce-overhead")
+VARIANTS = ("eager", "triton", "triton-fusedconv", "triton-splitconv", "triton-autoconv", "compile", "compile-max-autotune",
+            "compile-max-autotune-no-cudagraphs", "compile-reduce-overhead")
+FUSED_CONV = {"triton": False, "triton-fusedconv": "fused", "triton-splitconv": "split", "triton-autoconv": "auto"}
 
 
 ANNOTATION = "crn_module_"
@@ -86,8 +87,8 @@ def build(variant, config, device, dtype):
     m = CRN(config).to(device, dtype).eval()
     if variant == "eager":
         return annotate_modules(m)
-    if variant in ("triton", "triton-fusedconv"):
-        m.fused_conv = variant == "triton-fusedconv"  # its convs carry the norms: "conv" includes them
+    if variant in FUSED_CONV:  # conv_norm kernels carry the norms: "conv" includes them ("auto": tuned by
+        m.fused_conv = FUSED_CONV[variant]  # the warm-up calls, per module the fastest of cuDNN, fused, split)
         return annotate_modules(m.set_backend("triton"))
     from crn_fast.export import compile_generator
     mode = variant.removeprefix("compile-") if variant != "compile" else "default"
@@ -210,7 +211,7 @@ def main(argv=None):
     title = f"{config.name} at {size[0]}x{size[1]}, {args.dtype if cuda else 'fp32'}, batch 1, on {device_label(device)}"
     stem = Path(args.out or ROOT / "benchmarks" / "results" / f"profile_{device_label(device)}_{size[0]}x{size[1]}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    results, errors, details, kernels = {}, {}, {}, {}
+    results, errors, details, kernels, modes = {}, {}, {}, {}, {}
     for v in variants:  # saved after each: a run cut short by a time limit keeps the variants it finished
         try:
             fn = build(v, config, device, dtype)
@@ -220,17 +221,21 @@ def main(argv=None):
             # the kernel sequence itself (name, stage, ms, module), so the split can be checked
             kernels[v] = [[name, stage_of(name), round(ms, 5), *([] if modules is None else [modules[i]])]
                           for i, (_, name, ms) in enumerate(events)]
+            if isinstance(fn, CRN) and fn.fused_conv:  # which modules ran conv_norm kernels, and how
+                plan = fn.conv_plan(x)
+                modes[v] = {str(i): plan[i] for i in sorted(plan)}
         except Exception as e:  # one variant that breaks is recorded, the others still run
             errors[v], details[v] = error_text(e)
             print(f"{v}: {errors[v]}", file=sys.stderr)
         fn = None
         md = f"### Per-module profile: {title}\n\n{markdown(results)}" + \
+            "".join(f"{v}: conv_norm modes by module {m}\n" for v, m in modes.items()) + \
             "".join(f"\n{v}: not profiled ({e})\n" for v, e in errors.items())
         done = len(results) + len(errors) == len(variants)
         write_text_atomic(stem.with_suffix(".md"), md)  # first: a JSON on disk always has its table
         write_text_atomic(stem.with_suffix(".json"), json.dumps(
-            {"machine": machine_info(device), "title": title, "profile_ms": results, "errors": errors,
-             "error_details": details,
+            {"machine": machine_info(device), "title": title, "profile_ms": results, "conv_modes": modes,
+             "errors": errors, "error_details": details,
              "kernels": kernels, **({} if done else {"partial": True})}, indent=2))
     print(md)
     print(f"wrote {stem}.json/.md", file=sys.stderr)

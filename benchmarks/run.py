@@ -82,10 +82,7 @@ def _model(model, dtype, device, ctx, backend="eager", fused_conv=False, fused_h
     m = copy.deepcopy(model).to(device, dtype).eval().to(memory_format=ctx["format"])
     m.set_backend(backend).fused_conv = fused_conv
     m.fused_head = fused_head
-    if fused_conv == "auto":
-        plan = m.tune_fused_conv(ctx["layout"].to(dtype))
-    else:
-        plan = m._conv_plan([])  # not "auto": the setting alone decides
+    plan = m.tune_fused_conv(ctx["layout"].to(dtype)) if fused_conv == "auto" else m.conv_plan()
     if fused_conv:
         ctx["conv_modes"] = {str(i): plan[i] for i in sorted(plan)}
     return m

@@ -270,6 +270,17 @@ class CRN(nn.Module):
                 * 255.0
         return h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias
 
+    def conv_plan(self, layout: torch.Tensor | None = None) -> dict[int, str]:
+        """{module: "fused" | "split"} that a no-grad triton forward runs (the other modules: cuDNN
+        convs). With fused_conv="auto" it is the choice measured for this layout's batch, size,
+        dtype and device, {} while none is (nothing is measured here)."""
+        if self.fused_conv != "auto":
+            return dict(self._conv_plan([]))
+        if layout is None:
+            raise CRNError("conv_plan: fused_conv='auto' chooses per layout size; pass the layout")
+        key = (layout.shape[0], *layout.shape[2:], self.refine[0].conv1.weight.dtype, layout.device)
+        return dict(self.fused_conv_choices.get(key, {}))
+
     def _conv_plan(self, levels: list[torch.Tensor]) -> dict[int, str]:
         """{module: "fused" | "split"} for this forward; modules not in it run cuDNN convs."""
         setting, n = self.fused_conv, len(self.refine)

@@ -145,7 +145,8 @@ def _session_with_recorders(tmp_path, **env_extra):
     their arguments: (completed process, the session log, the recorded command lines)."""
     bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "out"
     bin_dir.mkdir()
-    recorder = f'#!/bin/sh\necho "$(basename "$0") $*" >> {calls}\ncase "$*" in *device_label*) echo h100;; esac\n'
+    recorder = f'#!/bin/sh\necho "$(basename "$0") $*" >> {calls}\necho "${{CRN_FAST_CONV_TUNING-unset}}" >> {calls}.env\n' \
+        'case "$*" in *device_label*) echo h100;; esac\n'
     for name in ("python3", "nvidia-smi"):
         (bin_dir / name).write_text(recorder)
         (bin_dir / name).chmod(0o755)
@@ -178,6 +179,12 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     assert len(race) == 1 and "compile-max-autotune:bf16:channels_last" in race[0] and "--iters" not in race[0]
     assert "triton-fusedhead-cudagraph:bf16:channels_last" in race[0]
     assert race[0].split("--rows ")[1].split()[0].endswith(",triton-autoconv-cudagraph:bf16:channels_last")
+    # the race's tuned conv tiles are stored for the profile (auto included); the conv rows time every tile
+    tuning = dict(zip(lines, (tmp_path / "calls.txt.env").read_text().splitlines()))
+    assert tuning[race[0]].endswith("/conv_tuning_h100.json"), tuning[race[0]]
+    profile = next(line for line in lines if "profile_stages.py" in line)
+    assert "triton,triton-autoconv" in profile and tuning[profile] == tuning[race[0]], profile
+    assert tuning[kern[1]] == "", tuning[kern[1]]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run as run_py
     argv = race[0].split()[2:]

@@ -7,6 +7,7 @@ the reference is fp32 evaluated on the same rounded inputs). Statistics: fp32 ro
 merge, relative 1e-5 (fp32) or of y's rounding (bf16).
 """
 import importlib
+import os
 
 import pytest
 import torch
@@ -293,6 +294,26 @@ def test_gpu_real_module_shapes(cin, cout, h, w):
 
 
 @pytest.mark.gpu
+def test_gpu_second_process_reads_its_tiles_from_the_tuning_file(tmp_path):
+    """Two fresh processes with CRN_FAST_CONV_TUNING set: the first tunes a conv (times its
+    candidates) and stores the tile; the second takes the stored tile without timing any."""
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from crn_fast import kernels as K\n"
+            "x = torch.randn(1, 64, 32, 128, device='cuda', dtype=torch.bfloat16)"
+            ".contiguous(memory_format=torch.channels_last)\n"
+            "K.conv_norm(x, K.pack_conv_weight(torch.randn(64, 64, 3, 3, device='cuda', dtype=torch.bfloat16)))\n"
+            "torch.cuda.synchronize()\n"
+            "print(len(K.tuned_configs()), len(K.tuned_configs(timings=True)))\n")
+    env = {**os.environ, "CRN_FAST_CONV_TUNING": str(tmp_path / "tiles.json"), "CRN_FAST_CONV_TUNE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert [r.stdout.split()[-2:] for r in runs] == [["1", "1"], ["1", "0"]], [r.stdout for r in runs]
+
+
+@pytest.mark.gpu
 def test_gpu_fused_conv_1024p_generator_is_as_accurate_as_eager_bf16():
     from crn_fast.config import get_preset
     torch.manual_seed(0)
@@ -332,6 +353,7 @@ def test_some_modules_fused_match_eager(modules):
     a cuDNN module's upsample and the other way round; the head is fused with the last module."""
     eager, fast = _pair(torch.float32, k=1, seed=7)
     fast.fused_conv = modules
+    assert fast.conv_plan() == (modules if isinstance(modules, dict) else dict.fromkeys(modules, "fused"))
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(8)))
     with torch.no_grad():
         torch.testing.assert_close(fast(layout.to(DEV)).cpu(), eager(layout), atol=2e-3, rtol=1e-5)
@@ -345,6 +367,7 @@ def test_auto_picks_the_faster_variant_per_module_and_uses_it():
     fast.fused_conv = "auto"
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(10))).to(DEV)
     calls = []
+    from crn_fast import CRNError
     fastest = {1: "split", 2: "fused"}
 
     def timer(fn, module, mode):
@@ -354,6 +377,9 @@ def test_auto_picks_the_faster_variant_per_module_and_uses_it():
     assert fast.tune_fused_conv(layout, timer=timer) == fastest
     assert calls == [(i, m) for i in range(3) for m in ("cudnn", "fused", "split")]
     assert fast.fused_conv_choices == {(1, 16, 32, torch.float32, layout.device): fastest}
+    assert fast.conv_plan(layout) == fastest and fast.conv_plan(layout[:, :, :8, :16]) == {}
+    with pytest.raises(CRNError, match="chooses per layout size; pass the layout"):
+        fast.conv_plan()
     with torch.no_grad():
         with torch.profiler.profile() as prof:
             ours = fast(layout)
@@ -403,6 +429,46 @@ def test_tile_tuning_skips_tiles_this_gpu_cannot_run():
     assert list(failed) == [tiles[0]] and "OutOfResources" in failed[tiles[0]] and "shared memory" in failed[tiles[0]]
     with pytest.raises(triton.runtime.errors.OutOfResources):
         C._tune(tiles[:1], run, lambda fn: fn())
+
+
+def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch, caplog):
+    """CRN_FAST_CONV_TUNING=FILE: each tile tuned on a GPU is added to the file (merged with what
+    other processes stored, replaced atomically), and a later process reads it instead of tuning
+    again, per GPU model and Triton version. A corrupt, foreign or unwritable file is one warning,
+    never a failed forward."""
+    import json
+    C = importlib.import_module("crn_fast.kernels.conv_norm")
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv(C.TUNING_FILE_ENV, str(path))
+    monkeypatch.setattr(C, "_FILE_TILES", {})
+    monkeypatch.setattr(C, "_FILE_WARNED", set())
+    key = (1, 532, 128, 512, 1024, 9, torch.bfloat16, True, True, False, True)
+    h100, h200 = "NVIDIA H100 80GB HBM3 | triton 3.6.0", "NVIDIA H200 | triton 3.6.0"
+    C._store_tile(key, h100, C.Tile(128, 128, 64, 8, 3, True))
+    C._store_tile(key[:1] + (148,) + key[2:], h100, C.Tile(64, 64, 64, 4, 3))
+    C._store_tile(key, h200, C.Tile(256, 128, 64, 8, 3, True))
+    data = json.loads(path.read_text())
+    assert data["format"] == 1 and len(data["devices"][h100]) == 2
+    assert data["devices"][h100]["1|532|128|512|1024|9|torch.bfloat16|True|True|False|True"] == [128, 128, 64, 8, 3,
+                                                                                                 True]
+    monkeypatch.setattr(C, "_FILE_TILES", {})  # a new process
+    assert C._file_tile(key, h100) == C.Tile(128, 128, 64, 8, 3, True)
+    assert C._file_tile(key, h200) == C.Tile(256, 128, 64, 8, 3, True)
+    assert C._file_tile(key, "NVIDIA A100 | triton 3.6.0") is None
+    assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
+    for bad, what in (("{not json", "cannot be read"), ('{"format": 0, "devices": {}}', "is not a crn_fast conv")):
+        path.write_text(bad)
+        monkeypatch.setattr(C, "_FILE_TILES", {})
+        monkeypatch.setattr(C, "_FILE_WARNED", set())
+        with caplog.at_level("WARNING", logger="crn_fast.kernels"):
+            caplog.clear()
+            assert C._file_tile(key, h100) is None and C._file_tile(key, h100) is None
+        assert [r.getMessage() for r in caplog.records if what in r.getMessage()] and len(caplog.records) == 1
+    monkeypatch.setenv(C.TUNING_FILE_ENV, str(tmp_path / "missing_dir" / "t.json"))
+    with caplog.at_level("WARNING", logger="crn_fast.kernels"):
+        caplog.clear()
+        C._store_tile(key, h100, C.Tile(64, 64, 64, 4, 3))  # cannot be written: a warning, no exception
+    assert "cannot be written" in caplog.text
 
 
 @pytest.mark.parametrize("bad, msg", [("fast", "True, False, 'auto', 'fused', 'split', module indices 0..2 or"),
