@@ -122,8 +122,11 @@ def cases():
         layer = "conv2 (norm in)" if norm else "conv1"
         yield (f"conv_norm pointer loads, {layer}", C._conv_kernel, {**conv, "X": bf, "Wp": bf}, ["slope"],
                dict(flags, NORM_IN=norm, IEEE=False), aligned + ["X", "Wp", "sxn", "sxh", "sxw"], 8, 3)
-        yield (f"conv_norm TMA, {layer}", C._conv_tma_kernel, conv, ["slope"], dict(flags, NORM_IN=norm), aligned, 8, 3,
-               {"Xd": (bf, [1, 1, 128, 64]), "Wd": (bf, [1, 64, 128])})
+        # bf16 with an input norm: x, gamma and beta read as int32 channel pairs, as it runs
+        pairs = {"Gamma": "i32", "Beta": "i32"} if norm else {}
+        yield (f"conv_norm TMA, {layer}", C._conv_tma_kernel, {**conv, **pairs}, ["slope"],
+               dict(flags, NORM_IN=norm, BF16_PAIRS=norm), aligned, 8, 3,
+               {"Xd": ("i32", [1, 1, 128, 32]) if norm else (bf, [1, 1, 128, 64]), "Wd": (bf, [1, 64, 128])})
 
 
 def main(argv=None) -> int:

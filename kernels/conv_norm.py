@@ -30,13 +30,15 @@ cannot run). Rows of x are 16-byte aligned when the pixel stride is a multiple o
 upsample-concat output is allocated with its channel count rounded up to 16
 (``channels_multiple``), the pad channels never read.
 
-An input norm costs ~9 instructions per loaded element (unpack, scale and shift, leaky ReLU,
-repack), and each element is loaded once per tap (9 times). The TMA kernel applies the padding
-mask only in tiles whose window crosses the image border (a branch the others skip): its
-mainloop is 379 SASS instructions per 128x128x64 step on that hot path (Triton 3.9; 389 with 3.6)
-against 459 with the mask. That still issues ~1.5x longer than the step's wgmma at 128 output
-channels per tile, and 3-6x at 32-16 (benchmarks/sass_census.py): a fused conv2 is likely
-slower than cuDNN + the apply pass at modules 7-8 (Cout 128, 32). So the model can also run a
+An input norm costs ~8 instructions per loaded element (unpack, scale and shift, leaky ReLU,
+repack), and each element is loaded once per tap (9 times). The TMA kernel keeps that low: in
+bf16 it reads x (and gamma, beta) as int32 pairs of channels, unpacked by one shift and one mask
+(``BF16_PAIRS``: a bf16 is the high half of an fp32), and it applies the padding mask only in
+tiles whose window crosses the image border (a branch the others skip). Its mainloop is then 354
+SASS instructions per 128x128x64 step on that hot path (Triton 3.9; 365 with 3.6), from 453
+(464) with a mask and a conversion per element. That still issues ~1.4x longer than the step's
+wgmma at 128 output channels per tile, and ~4x at 32 (benchmarks/sass_census.py): a fused conv2
+is likely slower than cuDNN + the apply pass at modules 7-8 (Cout 128, 32). So the model can also run a
 module "split": conv1 -> one apply pass with conv1's statistics (layer_norm_lrelu.norm_lrelu) ->
 conv2 without an input norm, at the cost of writing and re-reading the normalised features once.
 ``CRN(fused_conv="auto")`` times cuDNN, fused and split per module.
@@ -145,6 +147,30 @@ if HAS_TRITON:
         return tl.maximum(z, z * slope).to(a.dtype)
 
     @triton.jit
+    def _bf16_halves(p):
+        """The two bf16 packed in each int32 of p as fp32 (a bf16 is the high half of an fp32):
+        one shift and one mask, where a per-element conversion extracts each half first."""
+        return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _norm_pairs(p, c0, Cin, Gamma2, Beta2, mu, rs, slope, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``_norm_tile_folded`` on bf16 channels loaded as int32 pairs p [BLOCK_M, BLOCK_K // 2] (gamma
+        and beta too: Gamma2, Beta2 point at them as int32 pairs); the normalised halves are joined
+        back into the [BLOCK_M, BLOCK_K] bf16 tile."""
+        cp = c0 // 2 + tl.arange(0, BLOCK_K // 2)
+        km = cp < Cin // 2
+        g_lo, g_hi = _bf16_halves(tl.load(Gamma2 + cp, mask=km, other=0))
+        b_lo, b_hi = _bf16_halves(tl.load(Beta2 + cp, mask=km, other=0))
+        s_lo, s_hi = g_lo * rs, g_hi * rs
+        t_lo, t_hi = b_lo - mu * s_lo, b_hi - mu * s_hi
+        x_lo, x_hi = _bf16_halves(p)
+        z_lo = x_lo * s_lo[None, :] + t_lo[None, :]
+        z_hi = x_hi * s_hi[None, :] + t_hi[None, :]
+        z_lo = tl.maximum(z_lo, z_lo * slope).to(tl.bfloat16)
+        z_hi = tl.maximum(z_hi, z_hi * slope).to(tl.bfloat16)
+        return tl.join(z_lo, z_hi).reshape(BLOCK_M, BLOCK_K)
+
+    @triton.jit
     def _next_k(tap, c0, Cin, BLOCK_K: tl.constexpr):
         """The K walk's next (tap, channel offset): the next channel block, or the next tap's first
         (the TMA kernel's; in the pointer kernel the extra live registers spill 4 bytes on sm_80)."""
@@ -233,14 +259,16 @@ if HAS_TRITON:
     def _conv_tma_kernel(Xd, Wd, Y, Bias, MeanIn, RstdIn, Gamma, Beta, PCnt, PMean, PM2,
                          Cin, Cout, H, W, n_tw, P, slope,
                          KSIZE: tl.constexpr, NORM_IN: tl.constexpr, STATS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HEAD: tl.constexpr, DOT_F32: tl.constexpr,
+                         HEAD: tl.constexpr, DOT_F32: tl.constexpr, BF16_PAIRS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Tensor-memory-accelerator loads (sm_90+, 16-bit, 16-byte strides). Program (tile,
         sample): BLOCK_M pixels of one image row by BLOCK_N output channels. Xd describes x as
         [N, H, W, Cin] and each (tap, channel block) step loads the box [1, 1, BLOCK_M, BLOCK_K] at
         (n, y + dy, x0 + dx, c0): the hardware fills whatever lies outside the image or past Cin with
         zeros, which is exactly the conv's zero padding, so no thread computes an address or a mask.
-        Wd describes the packed weight as [taps, Cin, Cout] (box [1, BLOCK_K, BLOCK_N]). Both tiles
+        Wd describes the packed weight as [taps, Cin, Cout] (box [1, BLOCK_K, BLOCK_N]). BF16_PAIRS
+        (bf16 with an input norm): Xd describes x as int32 pairs of channels, [N, H, W, Cin / 2],
+        and Gamma, Beta point at int32 pairs too (_norm_pairs). Both tiles
         land in shared memory in the layout wgmma reads; a one-row box keeps the A tile 2-D there
         (a taller box would be reshaped through registers)."""
         pid = tl.program_id(0)
@@ -262,10 +290,15 @@ if HAS_TRITON:
         for kk in range(0, KSIZE * KSIZE * n_kb):
             dy = tap // KSIZE - KSIZE // 2
             dx = tap % KSIZE - KSIZE // 2
-            a = Xd.load([n, row + dy, x0 + dx, c0]).reshape(BLOCK_M, BLOCK_K)
+            if BF16_PAIRS:  # x described as int32 pairs of bf16 channels: unpacked by bit masks
+                a = _norm_pairs(Xd.load([n, row + dy, x0 + dx, c0 // 2]).reshape(BLOCK_M, BLOCK_K // 2), c0, Cin,
+                                Gamma, Beta, mu, rs, slope, BLOCK_M, BLOCK_K)
+            else:
+                a = Xd.load([n, row + dy, x0 + dx, c0]).reshape(BLOCK_M, BLOCK_K)
+                if NORM_IN:
+                    ci = c0 + tl.arange(0, BLOCK_K)
+                    a = _norm_tile_folded(a, ci, ci < Cin, Gamma, Beta, mu, rs, slope)
             if NORM_IN:  # the hardware's zeros are raw zeros: the norm needs the padding mask
-                ci = c0 + tl.arange(0, BLOCK_K)
-                a = _norm_tile_folded(a, ci, ci < Cin, Gamma, Beta, mu, rs, slope)
                 if (x0 + dx < 0) | (x0 + dx + BLOCK_M > W) | (row + dy < 0) | (row + dy >= H):
                     inb = (px + dx >= 0) & (px + dx < W) & (row + dy >= 0) & (row + dy < H)
                     a = tl.where(inb[:, None], a, 0.0)
@@ -333,6 +366,17 @@ def tma_unavailable_reason(x: torch.Tensor, packed_weight: torch.Tensor,
     if packed_weight.shape[2] % 8 or not packed_weight.is_contiguous():
         return f"Cout {packed_weight.shape[2]} is not a multiple of 8 (or the packed weight is not contiguous)"
     return None
+
+
+# The TMA kernel's input norm reads bf16 channels as int32 pairs (BF16_PAIRS; tests switch it off)
+PAIRS = True
+
+
+def _bf16_pairs(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> bool:
+    """Can the TMA kernel read this bf16 input and its norm's gamma and beta as int32 pairs of
+    channels: an even channel count, and gamma and beta dense bf16 on 4-byte boundaries."""
+    return PAIRS and x.dtype == torch.bfloat16 and x.shape[1] % 2 == 0 and all(
+        t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 4 == 0 for t in (gamma, beta))
 
 
 def _candidates(cin: int, cout: int, dtype: torch.dtype, width: int = 0, tma: bool = False) -> list[Tile]:
@@ -567,10 +611,15 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
         pc, pmn, pm2 = part.unbind(0) if stats else (dummy,) * 3
         ptrs = (y, *(t if t is not None else dummy for t in (bias, mean, rstd, gamma, beta)), pc, pmn, pm2)
         if tma:  # x as [N, H, W, Cin] (a view: the pixel stride may be padded), boxes of one row
-            xd = TensorDescriptor.from_tensor(x.permute(0, 2, 3, 1), [1, 1, bm, bk])
+            nhwc = x.permute(0, 2, 3, 1)
+            if pairs:  # bf16 channel pairs as int32 (and gamma, beta): the norm unpacks them by bit masks
+                xd = TensorDescriptor.from_tensor(nhwc.view(torch.int32), [1, 1, bm, bk // 2])
+                ptrs = ptrs[:4] + (gamma.view(torch.int32), beta.view(torch.int32)) + ptrs[6:]
+            else:
+                xd = TensorDescriptor.from_tensor(nhwc, [1, 1, bm, bk])
             wd = TensorDescriptor.from_tensor(packed_weight, [1, bk, bn])
             launch(_conv_tma_kernel, grid, xd, wd, *ptrs, cin, cout, h, w, n_tw, p, negative_slope,
-                   **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                   **flags, BF16_PAIRS=pairs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         else:
             launch(_conv_kernel, grid, x, packed_weight, *ptrs, cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3),
                    p, negative_slope, **flags, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -578,6 +627,7 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
         return part
 
     tma_reason = tma_unavailable_reason(x, packed_weight, negative_slope)
+    pairs = norm is not None and tma_reason is None and _bf16_pairs(x, gamma, beta)
     key = (n, cin, cout, h, w, taps, x.dtype, norm is not None, stats, bias is not None, tma_reason is None)
     part = run(_choose(key, x, cin, cout, run, tma_reason))
     if not stats:

@@ -155,18 +155,21 @@ def check_conv_norm(arch: int) -> int:
         assert k.metadata.shared <= smem_kb * 1024, f"{what} needs {k.metadata.shared} B of shared memory"
     # the TMA kernel (run on sm_90+ only): TMA loads of both tiles, wgmma, no spills
     # (and the small tile the tests pin, which a GPU runs compiled: mma.sync under 64 rows)
-    tma_cases = [(cfg, layer) for cfg in C.TMA_CONFIGS for layer in (conv1, conv2)] + [(C.TMA_CONFIGS[0], head)] \
-        + [(C._INTERPRETER_CONFIGS[0], layer) for layer in (conv1, conv2, head)] if arch >= 90 else []
-    for (bm, bn, bk, warps, stages, _), (ksize, norm, stats, is_head) in tma_cases:
-        ptrs = {"Y": "bf16", "Bias": "bf16", "MeanIn": a, "RstdIn": a, "Gamma": "bf16", "Beta": "bf16",
-                "PCnt": a, "PMean": a, "PM2": a}
+    # bf16 with an input norm reads x, gamma and beta as int32 channel pairs (BF16_PAIRS), fp16 per element
+    tma_cases = [("bf16", cfg, layer) for cfg in C.TMA_CONFIGS for layer in (conv1, conv2)] \
+        + [("bf16", C.TMA_CONFIGS[0], head), ("fp16", C.TMA_CONFIGS[0], conv2)] \
+        + [("bf16", C._INTERPRETER_CONFIGS[0], layer) for layer in (conv1, conv2, head)] if arch >= 90 else []
+    for dt, (bm, bn, bk, warps, stages, _), (ksize, norm, stats, is_head) in tma_cases:
+        pairs = norm and dt == "bf16"
+        ptrs = {"Y": dt, "Bias": dt, "MeanIn": a, "RstdIn": a, "Gamma": "i32" if pairs else dt,
+                "Beta": "i32" if pairs else dt, "PCnt": a, "PMean": a, "PM2": a}
         const = dict(KSIZE=ksize, NORM_IN=norm, STATS=stats, HAS_BIAS=is_head, HEAD=is_head, DOT_F32=False,
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        descs = {"Xd": ("bf16", [1, 1, bm, bk]), "Wd": ("bf16", [1, bk, bn])}
+                     BF16_PAIRS=pairs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        descs = {"Xd": ("i32", [1, 1, bm, bk // 2]) if pairs else (dt, [1, 1, bm, bk]), "Wd": (dt, [1, bk, bn])}
         k = compile_kernel(C._conv_tma_kernel, ptrs, ["slope"], const, arch, warps, stages,
                            [n for n in ptrs if n not in ("MeanIn", "RstdIn")] + ["Cin", "Cout", "P"], descs)
         ptx = k.asm["ptx"]
-        what = f"_conv_tma_kernel (bf16, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, {ksize}x{ksize}, " \
+        what = f"_conv_tma_kernel ({dt}, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, {ksize}x{ksize}, " \
             f"norm={norm}, sm_{arch})"
         assert "cp.async.bulk.tensor.4d" in ptx and "cp.async.bulk.tensor.3d" in ptx, f"{what}: no TMA loads"
         assert ("wgmma.mma_async" if bm >= 64 else "mma.sync") in ptx, f"{what} does not use tensor cores"

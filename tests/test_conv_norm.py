@@ -114,6 +114,32 @@ def test_tma_kernel_matches_reference(dtype, k, with_norm, head):
     torch.testing.assert_close(mean, y.float().mean(dim=(1, 2, 3)), atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("k", [3, 1])
+def test_tma_norm_reads_bf16_channel_pairs_exactly(k, monkeypatch):
+    """In bf16 the TMA kernel's input norm reads x, gamma and beta as int32 pairs of channels and
+    unpacks them with a shift and a mask (BF16_PAIRS): the same bits as the per-element
+    conversion; a padded pixel stride, partial K blocks and both border branches included. An odd
+    channel count, or a gamma that is not dense, keeps the per-element path."""
+    C = importlib.import_module("crn_fast.kernels.conv_norm")
+    flags = []
+    real_launch = C.launch
+    monkeypatch.setattr(C, "launch", lambda kernel, *a, **kw: (flags.append(kw.get("BF16_PAIRS")),
+                                                              real_launch(kernel, *a, **kw)))
+    x, wt, norm, _ = inputs(2, 40, 24, 5, 40, k, torch.bfloat16, seed=13, pad_to=48)
+    packed = K.pack_conv_weight(wt)
+    with K.pinned_config((16, 16, 16, 4, 1, True)):
+        paired = K.conv_norm(x, packed, None, norm)
+        monkeypatch.setattr(C, "PAIRS", False)
+        single = K.conv_norm(x, packed, None, norm)
+    assert flags == [True, None, False, None]  # each conv, then its statistics' finalize
+    for a, b in zip(paired, single):
+        assert torch.equal(a, b)
+    gamma = torch.stack([norm[2], norm[2]], 1)[:, 0]  # strided: not one run of pairs
+    assert not C._bf16_pairs(x, gamma, norm[3]) and not C._bf16_pairs(x[:, :39], norm[2][:39], norm[3][:39])
+    monkeypatch.setattr(C, "PAIRS", True)
+    assert C._bf16_pairs(x, norm[2], norm[3]) and not C._bf16_pairs(x.half(), norm[2], norm[3])
+
+
 def test_tma_kernel_is_the_untuned_choice_where_it_can_run(monkeypatch):
     """Where the TMA kernel can run, the untuned choice (the interpreter's small tile on CPU, the
     heuristic's on a GPU) launches it; rows narrower than every TMA tile, and 32-bit inputs, keep
