@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfused", "triton-cudagraph",
-                "triton-fusedconv", "triton-fusedconv-cudagraph", "triton-autoconv", "triton-autoconv-cudagraph",
+                "triton-fusedconv", "triton-fusedconv-cudagraph", "triton-splitconv", "triton-splitconv-cudagraph",
+                "triton-autoconv", "triton-autoconv-cudagraph",
                 "triton-fusedhead-cudagraph",
                 "triton-compile-reduce-overhead",
                 *(f"compile-{m}" if m != "default" else "compile" for m in COMPILE_MODES), "aoti", "onnxruntime",
@@ -239,6 +240,7 @@ def b_tensorrt(model, dtype, device, ctx):
 BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cudagraph("eager"),
             "triton": _triton(True), "triton-unfused": _triton(False), "triton-cudagraph": _cudagraph("triton"),
             "triton-fusedconv": _triton(True, True), "triton-fusedconv-cudagraph": _cudagraph("triton", True),
+            "triton-splitconv": _triton(True, "split"), "triton-splitconv-cudagraph": _cudagraph("triton", "split"),
             "triton-autoconv": _triton(True, "auto"), "triton-autoconv-cudagraph": _cudagraph("triton", "auto"),
             "triton-fusedhead-cudagraph": _cudagraph("triton", fused_head=True),
             "triton-compile-reduce-overhead": _compiled("reduce-overhead", "triton"),
