@@ -358,11 +358,14 @@ def test_gpu_second_process_reads_its_tiles_from_the_tuning_file(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_fused_conv_1024p_generator_is_as_accurate_as_eager_bf16():
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_gpu_fused_conv_1024p_generator_is_as_accurate_as_eager_bf16(mode):
+    """Every module's convs as conv_norm kernels (on sm_90 the TMA kernel, its bf16 input norm
+    reading channel pairs; "split": with the norm_lrelu pass), at 1024p's widths."""
     from crn_fast.config import get_preset
     torch.manual_seed(0)
     eager = CRN(get_preset("1024p")).to(DEV).eval()
-    fast = CRN(get_preset("1024p"), backend="triton", fused_conv=True).to(DEV).eval()
+    fast = CRN(get_preset("1024p"), backend="triton", fused_conv=mode).to(DEV).eval()
     fast.load_state_dict(eager.state_dict())
     layout = one_hot(torch.randint(0, 20, (1, 256, 512), generator=torch.Generator().manual_seed(1))).to(DEV)
     tf32 = torch.backends.cudnn.allow_tf32
