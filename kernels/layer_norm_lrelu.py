@@ -59,9 +59,10 @@ def layer_norm_lrelu_reference(x, weight, bias, eps: float = LN_EPS, negative_sl
 
 def norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope: float = LEAKY_SLOPE):
     """leaky_relu((x - mean) * rstd * weight + bias) from given per-sample mean/rstd, computed in fp32
-    (fp64 for fp64 x) and rounded to x's dtype as if stored: how the fused conv applies a norm whose statistics were
-    reduced elsewhere (layer_norm_stats, its own epilogue); the fused upsample-concat keeps its
-    normalised taps in fp32 (one rounding fewer, within the tests' tolerance of this)."""
+    (fp64 for fp64 x) and rounded to x's dtype as if stored: how the fused conv and norm_lrelu apply
+    a norm whose statistics were reduced elsewhere (layer_norm_stats, a conv's epilogue); the fused
+    upsample-concat keeps its normalised taps in fp32 (one rounding fewer, within the tests'
+    tolerance of this)."""
     acc = _acc_dtype(x)
     xhat = (x.to(acc) - mean.to(acc).view(-1, 1, 1, 1)) * rstd.to(acc).view(-1, 1, 1, 1)
     return F.leaky_relu(xhat * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1),
