@@ -141,10 +141,17 @@ if HAS_TRITON:
         t = beta - mean * s: fp32 rounding differences far below a bf16/fp16 ulp), the leaky ReLU as
         max(z, slope * z) (0 <= slope <= 1, checked by the caller), and channels past Cin zero
         through s = t = 0 (no mask)."""
-        s = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32) * rs
-        t = tl.load(Beta + ci, mask=km, other=0.0).to(tl.float32) - mu * s
-        z = a.to(tl.float32) * s[None, :] + t[None, :]
-        return tl.maximum(z, z * slope).to(a.dtype)
+        g = tl.load(Gamma + ci, mask=km, other=0.0).to(tl.float32)
+        b = tl.load(Beta + ci, mask=km, other=0.0).to(tl.float32)
+        return _scale_shift_lrelu(a.to(tl.float32), g, b, mu, rs, slope).to(a.dtype)
+
+    @triton.jit
+    def _scale_shift_lrelu(x, g, b, mu, rs, slope):
+        """max(z, slope * z) for z = x * s + t, with the channels' s = g * rstd, t = b - mean * s (fp32)."""
+        s = g * rs
+        t = b - mu * s
+        z = x * s[None, :] + t[None, :]
+        return tl.maximum(z, z * slope)
 
     @triton.jit
     def _bf16_halves(p):
@@ -161,13 +168,9 @@ if HAS_TRITON:
         km = cp < Cin // 2
         g_lo, g_hi = _bf16_halves(tl.load(Gamma2 + cp, mask=km, other=0))
         b_lo, b_hi = _bf16_halves(tl.load(Beta2 + cp, mask=km, other=0))
-        s_lo, s_hi = g_lo * rs, g_hi * rs
-        t_lo, t_hi = b_lo - mu * s_lo, b_hi - mu * s_hi
         x_lo, x_hi = _bf16_halves(p)
-        z_lo = x_lo * s_lo[None, :] + t_lo[None, :]
-        z_hi = x_hi * s_hi[None, :] + t_hi[None, :]
-        z_lo = tl.maximum(z_lo, z_lo * slope).to(tl.bfloat16)
-        z_hi = tl.maximum(z_hi, z_hi * slope).to(tl.bfloat16)
+        z_lo = _scale_shift_lrelu(x_lo, g_lo, b_lo, mu, rs, slope).to(tl.bfloat16)
+        z_hi = _scale_shift_lrelu(x_hi, g_hi, b_hi, mu, rs, slope).to(tl.bfloat16)
         return tl.join(z_lo, z_hi).reshape(BLOCK_M, BLOCK_K)
 
     @triton.jit
@@ -609,14 +612,14 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
         grid = (p, n)
         part = torch.empty((3, n, p), device=x.device, dtype=torch.float32) if stats else None
         pc, pmn, pm2 = part.unbind(0) if stats else (dummy,) * 3
-        ptrs = (y, *(t if t is not None else dummy for t in (bias, mean, rstd, gamma, beta)), pc, pmn, pm2)
+        # bf16 channel pairs as int32 (x, gamma, beta): the TMA kernel's norm unpacks them by bit masks
+        as_pairs = tma and pairs
+        affine = (gamma.view(torch.int32), beta.view(torch.int32)) if as_pairs else (gamma, beta)
+        ptrs = (y, *(t if t is not None else dummy for t in (bias, mean, rstd, *affine)), pc, pmn, pm2)
         if tma:  # x as [N, H, W, Cin] (a view: the pixel stride may be padded), boxes of one row
             nhwc = x.permute(0, 2, 3, 1)
-            if pairs:  # bf16 channel pairs as int32 (and gamma, beta): the norm unpacks them by bit masks
-                xd = TensorDescriptor.from_tensor(nhwc.view(torch.int32), [1, 1, bm, bk // 2])
-                ptrs = ptrs[:4] + (gamma.view(torch.int32), beta.view(torch.int32)) + ptrs[6:]
-            else:
-                xd = TensorDescriptor.from_tensor(nhwc, [1, 1, bm, bk])
+            xd = TensorDescriptor.from_tensor(nhwc.view(torch.int32), [1, 1, bm, bk // 2]) if as_pairs else \
+                TensorDescriptor.from_tensor(nhwc, [1, 1, bm, bk])
             wd = TensorDescriptor.from_tensor(packed_weight, [1, bk, bn])
             launch(_conv_tma_kernel, grid, xd, wd, *ptrs, cin, cout, h, w, n_tw, p, negative_slope,
                    **flags, BF16_PAIRS=pairs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
