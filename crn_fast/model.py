@@ -36,6 +36,17 @@ BACKENDS = ("eager", "triton")
 CONV_MODES = ("cudnn", "fused", "split")
 
 
+def to_pixels(y: torch.Tensor) -> torch.Tensor:
+    """The head's scaling (y + 1) / 2 * 255, from the 1x1 conv's output to the authors' 0..255.
+    fp32 and fp64 compute it as written. A 16-bit y is scaled in fp32 and rounded once to its
+    dtype, as Inductor's fused pointwise kernel and the fused head's epilogue do: three bf16 ops
+    round three times (y + 1 alone to steps of 1/128, 1 on the 0..255 scale), and on CPU that
+    raised the max error of random bf16 models against fp64 by 0-0.9 of 255."""
+    if y.dtype in (torch.float16, torch.bfloat16):
+        return ((y.float() + 1.0) / 2.0 * 255.0).to(y.dtype)
+    return (y + 1.0) / 2.0 * 255.0
+
+
 def layout_pyramid(layout: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """The layout at every module's size, coarsest first: each level is the 2x2 area average of
     the level above (TF ``resize_area`` at exactly half size, applied recursively)."""
@@ -126,8 +137,8 @@ class CRN(nn.Module):
         # triton backend, no grad, cuDNN convs in the last module: its last norm + leaky ReLU, the
         # head's 1x1 conv and the 0..255 scaling as one Triton kernel (conv_norm, head=True) that
         # normalises h as it loads it, from layer_norm_stats(h): h is read twice (statistics,
-        # head) instead of the apply pass's read + write + cuDNN's read, and three elementwise
-        # ops go; the scaling is fp32 before the one rounding. Off until a GPU measures it.
+        # head) instead of the apply pass's read + write + cuDNN's read, and to_pixels' four
+        # elementwise passes go (the same one rounding, in the epilogue). Off until a GPU measures it.
         self.fused_head = fused_head
         self.set_backend(backend)
 
@@ -228,7 +239,7 @@ class CRN(nn.Module):
                 x = checkpoint(module, x, level, self._ops, use_reentrant=False)
             else:
                 x = module(x, level, self._ops)
-        return (self.head(x) + 1.0) / 2.0 * 255.0
+        return to_pixels(self.head(x))
 
     def _inference_step(self, i: int, pending, level: torch.Tensor, mode: str):
         """Module i of the triton backend's inference path (the head too, after the last module).
@@ -266,8 +277,7 @@ class CRN(nn.Module):
                              (*layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias), LEAKY_SLOPE, stats=False,
                              head=True)
         if last:
-            return (self.head(ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)) + 1.0) / 2.0 \
-                * 255.0
+            return to_pixels(self.head(ops.layer_norm_lrelu(h, m.norm2.weight, m.norm2.bias, LN_EPS, LEAKY_SLOPE)))
         return h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias
 
     def conv_plan(self, layout: torch.Tensor | None = None) -> dict[int, str]:

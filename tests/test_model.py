@@ -57,6 +57,24 @@ def test_no_conv_bias_and_head_bias():
     assert model.head.bias is not None and model.head.kernel_size == (1, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_head_scaling_rounds_once(dtype):
+    """(y + 1) / 2 * 255 of the head's output: as written in fp32; a 16-bit y is scaled in fp32 and
+    rounded once (three 16-bit ops would round y + 1 to steps of 1/128 in bf16 first)."""
+    torch.manual_seed(0)
+    model = CRN(CRNConfig(widths=(8, 6), k=1)).to(dtype)
+    heads = []
+    model.head.register_forward_hook(lambda mod, args, out: heads.append(out))
+    with torch.no_grad():
+        out = model(random_layout(1, 8, 16).to(dtype))
+    y = heads[0]
+    assert out.dtype == dtype
+    expect = ((y.float() + 1.0) / 2.0 * 255.0).to(dtype)
+    assert torch.equal(out, expect)
+    if dtype == torch.bfloat16:  # on this scale the difference is visible: whole steps at 128..255
+        assert not torch.equal(out, (y + 1.0) / 2.0 * 255.0)
+
+
 def test_layout_pyramid_is_recursive_2x2_average():
     x = torch.rand(1, 3, 8, 16)
     pyr = layout_pyramid(x, 4)
