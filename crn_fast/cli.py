@@ -25,10 +25,27 @@ def add_logging_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not the stream it was at setup: a
+    CLI main() called in-process (a notebook, a test harness that swaps sys.stderr) never writes
+    to a stream that has since been replaced or closed."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_logging(args) -> None:
     level = logging.WARNING if getattr(args, "quiet", False) else \
         logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)

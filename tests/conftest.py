@@ -91,6 +91,27 @@ def pytest_configure(config):
         _interpreter_rounds_bf16_like_gpus()
 
 
+def _logger_state():
+    import logging
+    log = logging.getLogger("crn_fast")
+    return log.handlers[:], log.level, log.propagate
+
+
+_LOGGER_AT_START = _logger_state()  # before any test or fixture runs a CLI
+
+
+@pytest.fixture(autouse=True)
+def _restore_crn_fast_logger():
+    """A CLI main() run in-process (crn_fast.cli.setup_logging), in a test or in a module-scoped
+    fixture, gives the "crn_fast" logger its own handler and stops propagation; each test starts
+    from the state the session began with, so caplog sees the package's warnings whatever order
+    the tests run in."""
+    import logging
+    log = logging.getLogger("crn_fast")
+    log.handlers[:], log.level, log.propagate = _LOGGER_AT_START[0][:], *_LOGGER_AT_START[1:]
+    yield
+
+
 @pytest.fixture(scope="session")
 def shared():
     if not SHARED.is_dir():

@@ -434,3 +434,20 @@ def test_benchmark_bad_options_are_one_line_before_any_work(tmp_path, args, msg,
         args = ["--layout", tmp_path / "x.png", "--preset", "tiny", "--res", "32x64", "--no-save"]
     rc, err = cli(ROOT / "benchmarks" / "run.py", *args)
     assert rc == code and msg in err and "Traceback" not in err, err
+
+
+def test_cli_logging_in_process_follows_the_current_stderr():
+    """A CLI main() called in-process (a notebook; a harness that swaps sys.stderr) logs to whatever
+    sys.stderr is when it logs, not to the stream it found at setup, which may be closed by then."""
+    import argparse
+    import contextlib
+    import io
+    import logging
+    from crn_fast.cli import setup_logging
+    first, later = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(first):
+        setup_logging(argparse.Namespace(quiet=False, verbose=False))
+    first.close()  # the stream the handler was set up with is gone
+    with contextlib.redirect_stderr(later):
+        logging.getLogger("crn_fast.train").info("step 1")
+    assert later.getvalue() == "step 1\n"
