@@ -15,6 +15,8 @@
 # Usage: bash benchmarks/gpu_session.sh [scale]          (about 8.5 minutes at scale 1 on an H100)
 #        CRN_GPU_FOLLOWUP=1 bash benchmarks/gpu_session.sh  (what the first H100 session left and the
 #                                                           kernels built after it: ~8.7 min of steps)
+#        CRN_GPU_TRAIN=1 bash benchmarks/gpu_session.sh     (~3 min: the training rows alone, triton vs
+#                                                           torch.compile; a second call while the machine is warm)
 #        CRN_GPU_SMOKE=1 bash benchmarks/gpu_session.sh  (CPU: every step at tiny sizes, to test the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +43,10 @@ kernel_bench() {
 race() {
   timeout $(($1 * s)) python3 benchmarks/run.py $P --res $R --rows "$2" $ITERS --max-seconds $((($1 - 10) * s)) \
     --json "$res/${gpu}_${R}.json" 2>&1 | grep -v "^  triton_\|AUTOTUNE\|strides:\|dtypes:" | tail -40 >> "$log"; pack; }
+# train_rows SECONDS BACKENDS ITERS: one training step (generator + VGG-19 loss, bf16 autocast), checkpointing off and on
+train_rows() {
+  timeout $(($1 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters $3 --warmup 1 \
+    --train-backends "$2" --max-seconds $((($1 - 5) * s)) --json "$res/${gpu}_${R}_train.json" 2>&1 | tail -14 >> "$log"; pack; }
 if ! python3 -c "import crn_fast.kernels" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || {
     # fallback: the installed layout (crn_fast/, crn_fast/kernels, crn_fast/export) from links
@@ -51,6 +57,18 @@ fi
 gpu=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from _util import device_label; print(device_label('cuda' if __import__('torch').cuda.is_available() else 'cpu'))")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
+
+if [ "${CRN_GPU_TRAIN:-0}" = 1 ]; then
+  # A second, short call on a machine still warm from the follow-up (which has no training step):
+  # the issue's training rows, triton against torch.compile in one run. The H100 session's step 5
+  # measured triton and ran out of time while compiling the compile rows.
+  step "T. training at $R, bf16: triton vs torch.compile of the generator, checkpointing off and on"
+  train_rows 170 triton,compile 3
+  step "done"
+  cp "$log" "$res/${gpu}_gpu_session_train.log"; pack
+  ls -la "$out"
+  exit 0
+fi
 
 if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   # What the first H100 session (2026-11-28) left, and what was built after it without a GPU:
@@ -65,12 +83,15 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
   kernel_bench 60 kernels --no-conv
   step "F2. the race at $R: crn_fast vs every torch.compile mode"
+  # crn_fast's rows first, "auto" (which tunes ~90 conv tile compiles, TMA ones included, ~1 min)
+  # before the compile rows; max-autotune last: its conv autotuning (~9 s per conv shape, 19
+  # shapes) outlasted both of the H100 session's calls, so whatever it leaves is cut, not ours
   race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton-fusedhead-cudagraph:bf16:channels_last"
+  race+=",triton-autoconv-cudagraph:bf16:channels_last"
+  race+=",compile-reduce-overhead:bf16:channels_last,triton-cudagraph:bf16:nchw,compile:bf16:nchw"
   race+=",triton:bf16:channels_last"
-  race+=",compile-reduce-overhead:bf16:channels_last,compile-max-autotune-no-cudagraphs:bf16:channels_last"
-  race+=",compile-max-autotune:bf16:channels_last,compile:bf16:nchw,triton-cudagraph:bf16:nchw"
+  race+=",compile-max-autotune-no-cudagraphs:bf16:channels_last,compile-max-autotune:bf16:channels_last"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
-  race+=",triton-autoconv-cudagraph:bf16:channels_last"  # last: tunes every conv tile, TMA ones included
   race 270 "$race"
   step "F3. per-module profile (module ranges), kernel sequence saved; auto: the conv modes the race chose"
   timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton,triton-autoconv \
@@ -115,9 +136,7 @@ step "4. per-module profile"
 timeout $((45 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
   --variants "triton,triton-fusedconv,compile-max-autotune-no-cudagraphs" --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
 step "5. training at $R, bf16"
-timeout $((45 * s)) python3 benchmarks/run.py --train $P --res $R --dtypes bf16 --iters 2 --warmup 1 \
-  --train-backends triton,compile,triton-compile --max-seconds $((40 * s)) \
-  --json "$res/${gpu}_${R}_train.json" 2>&1 | tail -14 >> "$log"; pack
+train_rows 45 triton,compile,triton-compile 2
 step "6. memory format / channel padding of the convs"
 if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
   timeout $((30 * s)) python3 benchmarks/memory_format.py --res $R --json "$res/memory_format_${gpu}.json" 2>&1 \

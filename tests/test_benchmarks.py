@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def _session_with_recorders(tmp_path, **env_extra):
     for name in ("python3", "nvidia-smi"):
         (bin_dir / name).write_text(recorder)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("CRN_GPU_SMOKE", "CRN_GPU_FOLLOWUP")}
+    env = {k: v for k, v in os.environ.items() if k not in ("CRN_GPU_SMOKE", "CRN_GPU_FOLLOWUP", "CRN_GPU_TRAIN")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out), **env_extra)
     r = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
@@ -178,7 +179,11 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     race = [line for line in lines if "benchmarks/run.py" in line]
     assert len(race) == 1 and "compile-max-autotune:bf16:channels_last" in race[0] and "--iters" not in race[0]
     assert "triton-fusedhead-cudagraph:bf16:channels_last" in race[0]
-    assert race[0].split("--rows ")[1].split()[0].endswith(",triton-autoconv-cudagraph:bf16:channels_last")
+    rows = race[0].split("--rows ")[1].split()[0].split(",")
+    # crn_fast's rows ("auto" included) before every compile row; max-autotune, the slowest to build, last
+    first_compile = next(i for i, r in enumerate(rows) if r.startswith("compile"))
+    assert rows.index("triton-autoconv-cudagraph:bf16:channels_last") < first_compile, rows
+    assert all(r.startswith("compile-max-autotune") for r in rows[-3:]), rows
     # the race's tuned conv tiles are stored for the profile (auto included); the conv rows time every tile
     tuning = dict(zip(lines, (tmp_path / "calls.txt.env").read_text().splitlines()))
     assert tuning[race[0]].endswith("/conv_tuning_h100.json"), tuning[race[0]]
@@ -190,6 +195,23 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     argv = race[0].split()[2:]
     argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
     run_py.parse_args(argv)
+
+
+def test_gpu_session_script_training_mode_races_triton_against_compile(tmp_path):
+    """CRN_GPU_TRAIN=1: only the training rows, triton and torch.compile in one run (their ratio is
+    measured in the same process), into the training results file, with its own log."""
+    _, log, lines = _session_with_recorders(tmp_path, CRN_GPU_TRAIN="1")
+    assert "T. training at 1024x2048" in log and "== done" in log and "F2." not in log and "1. compiled" not in log
+    runs = [line for line in lines if "benchmarks/run.py" in line]
+    assert len(runs) == 1 and "--train " in runs[0] and "--train-backends triton,compile " in runs[0], runs
+    assert "--dtypes bf16" in runs[0] and runs[0].split("--json ")[1].split()[0].endswith("h100_1024x2048_train.json")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as run_py
+    argv = runs[0].split()[2:]
+    argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
+    run_py.parse_args(argv)
+    with tarfile.open(tmp_path / "out" / "gpu_results.tar.gz") as tar:
+        assert "./h100_gpu_session_train.log" in tar.getnames()
 
 
 def test_gpu_session_script_full_mode_runs_every_step(tmp_path):
