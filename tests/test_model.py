@@ -75,6 +75,21 @@ def test_head_scaling_rounds_once(dtype):
         assert not torch.equal(out, (y + 1.0) / 2.0 * 255.0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_head_scaling_is_the_fp32_formula_rounded_once_for_every_16_bit_value(device):
+    """to_pixels' one-pass form (addcmul) gives the bits of ((y + 1) / 2 * 255 in fp32, rounded
+    once) for every finite bf16 value in [-4, 4] and a dense sweep of fp16, on CPU and CUDA, in
+    channels_last as the head's output comes."""
+    from crn_fast.model import to_pixels
+    every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for y in (every_bf16[torch.isfinite(every_bf16) & (every_bf16.abs() <= 4)],
+              torch.linspace(-4, 4, 300001).to(torch.float16)):
+        y = y[: y.numel() // 6 * 6].reshape(1, 3, 2, -1).to(device).contiguous(memory_format=torch.channels_last)
+        out = to_pixels(y)
+        assert out.dtype == y.dtype and out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, ((y.float() + 1.0) / 2.0 * 255.0).to(y.dtype)), y.dtype
+
+
 def test_layout_pyramid_is_recursive_2x2_average():
     x = torch.rand(1, 3, 8, 16)
     pyr = layout_pyramid(x, 4)
