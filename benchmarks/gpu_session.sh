@@ -31,7 +31,7 @@ if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
 else
   R=1024x2048; P=""; ITERS=""
   # shortest first; the ~50 compiles of every conv tile candidate last
-  TESTS=(-m "gpu or tensorrt" tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py tests/test_conv_tiles.py)
+  TESTS=(-m "gpu or tensorrt" tests/test_model.py tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py tests/test_conv_tiles.py)
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }
@@ -98,7 +98,7 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
     --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
   step "F4. compiled tests: the fused conv (TMA kernel) and the kernels first, then the AOTInductor package on"
   CRN_FAST_CONV_TUNE=0 timeout $((100 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
-    tests/test_conv_norm.py tests/test_kernels.py tests/test_export.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
+    tests/test_model.py tests/test_conv_norm.py tests/test_kernels.py tests/test_export.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
   step "F6. each module's convs, largest first: cuDNN vs the fused and split conv, every pointer and TMA tile timed"
   if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
     CRN_FAST_CONV_TUNING= kernel_bench 50 kernels_conv --conv-only; fi

@@ -174,7 +174,7 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     assert "--no-conv" in kern[0] and "kernels_h100.json" in kern[0], kern
     assert "--conv-only" in kern[1] and "kernels_conv_h100.json" in kern[1], kern
     tests = next(line for line in lines if "pytest" in line)
-    assert tests.index("test_conv_norm.py") < tests.index("test_conv_tiles.py"), tests
+    assert tests.index("test_model.py") < tests.index("test_conv_norm.py") < tests.index("test_conv_tiles.py"), tests
     sys.path.insert(0, str(ROOT / "benchmarks"))
     race = [line for line in lines if "benchmarks/run.py" in line]
     assert len(race) == 1 and "compile-max-autotune:bf16:channels_last" in race[0] and "--iters" not in race[0]
