@@ -305,10 +305,16 @@ def test_kernel_benchmark_conv_rows_run_through_the_interpreter():
     saved = []
     mod.conv_rows(get_preset("tiny"), (16, 32), torch.float32, "fp32", "cpu", rows, on_module=lambda: saved.append(1))
     timed = [r for r in rows if "impl" in r]
+    # conv1's input channels (tiny: 20, 52, 44) are also padded to 8 for cuDNN, as the model runs them
+    padded = {f"cudnn, Cin padded to {c}{ln}" for c in (24, 56, 48) for ln in ("", " + triton ln")}
     assert len(saved) == 2 * 5 and {r["impl"] for r in timed} == {
         "cudnn", "cudnn + triton ln", "fused conv + stats", "fused conv norm-in + stats",
-        "split: norm_lrelu + fused conv + stats"}
+        "split: norm_lrelu + fused conv + stats"} | padded, {r["impl"] for r in timed}
     assert [r["module"] for r in timed][0] == 4 and all(r["ms"] > 0 and r["speedup_vs_cudnn"] > 0 for r in timed)
+    # each conv1's speedups are against its padded cuDNN conv
+    m0 = {r["impl"]: r for r in timed if r["module"] == 0 and r["op"] == "conv1"}
+    base = m0["cudnn, Cin padded to 24"]["ms"]
+    assert m0["fused conv + stats"]["speedup_vs_cudnn"] == pytest.approx(base / m0["fused conv + stats"]["ms"])
     assert rows[-1]["op"] == "conv_norm tuned configs"
 
 
