@@ -141,8 +141,8 @@ class CRN(nn.Module):
         # triton backend, no grad, cuDNN convs in the last module: its last norm + leaky ReLU, the
         # head's 1x1 conv and the 0..255 scaling as one Triton kernel (conv_norm, head=True) that
         # normalises h as it loads it, from layer_norm_stats(h): h is read twice (statistics,
-        # head) instead of the apply pass's read + write + cuDNN's read, and to_pixels' four
-        # elementwise passes go (the same one rounding, in the epilogue). Off until a GPU measures it.
+        # head) instead of the apply pass's read + write + cuDNN's read, and to_pixels' pass over
+        # the images goes (the same one rounding, in the epilogue). Off until a GPU measures it.
         self.fused_head = fused_head
         self.set_backend(backend)
 
