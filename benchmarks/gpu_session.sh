@@ -83,13 +83,13 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
   kernel_bench 60 kernels --no-conv
   step "F2. the race at $R: crn_fast vs every torch.compile mode"
-  # crn_fast's rows first, "auto" (which tunes ~90 conv tile compiles, TMA ones included, ~1 min)
-  # before the compile rows; max-autotune last: its conv autotuning (~9 s per conv shape, 19
-  # shapes) outlasted both of the H100 session's calls, so whatever it leaves is cut, not ours
+  # max-autotune last: its conv autotuning (~9 s per conv shape, 19 shapes) outlasted both of the
+  # H100 session's calls, so the rows it leaves no time for are its own. "auto" (~90 conv tile
+  # compiles, ~1 min) just before it, after the rows the targets compare: it is the first run of
+  # the TMA kernel on hardware, and a CUDA fault there would end every later row of the process
   race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton-fusedhead-cudagraph:bf16:channels_last"
-  race+=",triton-autoconv-cudagraph:bf16:channels_last"
   race+=",compile-reduce-overhead:bf16:channels_last,triton-cudagraph:bf16:nchw,compile:bf16:nchw"
-  race+=",triton:bf16:channels_last"
+  race+=",triton:bf16:channels_last,triton-autoconv-cudagraph:bf16:channels_last"
   race+=",compile-max-autotune-no-cudagraphs:bf16:channels_last,compile-max-autotune:bf16:channels_last"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
   race 270 "$race"
