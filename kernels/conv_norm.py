@@ -341,6 +341,9 @@ if HAS_TRITON:
         tl.store(RstdOut + n, 1.0 / tl.sqrt_rn(m2 / total + eps))
 
 
+TMA_ENV = "CRN_FAST_CONV_TMA"
+
+
 def tma_unavailable_reason(x: torch.Tensor, packed_weight: torch.Tensor,
                            negative_slope: float = LEAKY_SLOPE) -> Optional[str]:
     """None when the TMA kernel can run this conv, else why not. A tensor map needs 16-byte aligned
@@ -348,7 +351,10 @@ def tma_unavailable_reason(x: torch.Tensor, packed_weight: torch.Tensor,
     upsample-concat outputs padded with ``channels_multiple``) and Cout a multiple of 8. Its input
     norm's leaky ReLU is max(z, slope * z), so the slope must lie in [0, 1]. Inside torch.compile /
     torch.export tracing the pointer kernel runs (a descriptor over a strided view is not a traced
-    argument this project has verified)."""
+    argument this project has verified). ``CRN_FAST_CONV_TMA=0`` turns the TMA kernel off (the
+    pointer kernel then runs every tile), e.g. to rule it out when a GPU misbehaves."""
+    if os.environ.get(TMA_ENV, "1") == "0":
+        return f"{TMA_ENV}=0 turns the TMA kernel off"
     if TensorDescriptor is None:
         return "this Triton has no host-side TensorDescriptor (Triton 3.4+)"
     if x.dtype not in (torch.bfloat16, torch.float16):

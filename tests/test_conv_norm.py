@@ -167,10 +167,12 @@ def test_tma_kernel_is_the_untuned_choice_where_it_can_run(monkeypatch):
 @pytest.mark.parametrize("case, reason", [
     ("fp32", "float32 input"), ("stride", r"strides \(1320, 1, 264, 44\).*not 16-byte multiples"),
     ("offset", "offset 4"), ("cout", "Cout 12 is not a multiple of 8"),
-    ("slope", r"negative_slope 1.5 is outside \[0, 1\]")])
-def test_tma_kernel_says_why_it_cannot_run(case, reason):
-    """Each condition of a tensor map, named; a pinned TMA tile there is that error, not a silent
-    fallback to pointer loads."""
+    ("slope", r"negative_slope 1.5 is outside \[0, 1\]"), ("off", "CRN_FAST_CONV_TMA=0 turns the TMA kernel off")])
+def test_tma_kernel_says_why_it_cannot_run(case, reason, monkeypatch):
+    """Each condition of a tensor map, named, and the switch that turns the TMA kernel off; a
+    pinned TMA tile there is that error, not a silent fallback to pointer loads."""
+    if case == "off":
+        monkeypatch.setenv("CRN_FAST_CONV_TMA", "0")
     dtype = torch.float32 if case == "fp32" else torch.bfloat16
     cout, pad = 12 if case == "cout" else 16, 44 if case == "stride" else 48
     x, wt, _, _ = inputs(1, 40, cout, 5, 6, 3, dtype, seed=13, pad_to=pad)
