@@ -147,11 +147,14 @@ def _session_with_recorders(tmp_path, **env_extra):
     bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "out"
     bin_dir.mkdir()
     recorder = f'#!/bin/sh\necho "$(basename "$0") $*" >> {calls}\necho "${{CRN_FAST_CONV_TUNING-unset}}" >> {calls}.env\n' \
-        'case "$*" in *device_label*) echo h100;; esac\n'
+        f'echo "${{CRN_FAST_CONV_TMA-unset}}" >> {calls}.tma\n' \
+        'case "$*" in *device_label*) echo h100;; esac\n' \
+        'case "$*" in *"tma or real_module_shapes"*) exit ${TMA_TESTS_RC:-0};; esac\n'
     for name in ("python3", "nvidia-smi"):
         (bin_dir / name).write_text(recorder)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("CRN_GPU_SMOKE", "CRN_GPU_FOLLOWUP", "CRN_GPU_TRAIN")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CRN_GPU_SMOKE", "CRN_GPU_FOLLOWUP", "CRN_GPU_TRAIN", "CRN_FAST_CONV_TMA")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out), **env_extra)
     r = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
@@ -173,7 +176,7 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     assert len(kern) == 2 and all("--res 1024x2048" in line for line in kern), kern
     assert "--no-conv" in kern[0] and "kernels_h100.json" in kern[0], kern
     assert "--conv-only" in kern[1] and "kernels_conv_h100.json" in kern[1], kern
-    tests = next(line for line in lines if "pytest" in line)
+    tests = next(line for line in lines if "pytest" in line and "gpu or tensorrt" in line)
     assert tests.index("test_model.py") < tests.index("test_conv_norm.py") < tests.index("test_conv_tiles.py"), tests
     sys.path.insert(0, str(ROOT / "benchmarks"))
     race = [line for line in lines if "benchmarks/run.py" in line]
@@ -194,6 +197,20 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     argv = race[0].split()[2:]
     argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
     run_py.parse_args(argv)
+
+
+@pytest.mark.parametrize("tests_rc, tma_after", [(0, "unset"), (1, "0"), (134, "0"), (124, "unset")])
+def test_gpu_session_followup_turns_the_tma_kernel_off_when_its_first_tests_fail(tmp_path, tests_rc, tma_after):
+    """F0 runs the TMA kernel's tests before anything else; when they fail or crash (a sticky CUDA
+    fault), every later step runs with CRN_FAST_CONV_TMA=0 and the log says so; passing, or only
+    running out of time (124), leaves it on."""
+    _, log, lines = _session_with_recorders(tmp_path, CRN_GPU_FOLLOWUP="1", TMA_TESTS_RC=str(tests_rc))
+    assert log.index("F0. the TMA conv kernel") < log.index("F1. kernel benchmark")
+    f0 = next(i for i, line in enumerate(lines) if "tma or real_module_shapes" in line)
+    assert "tests/test_conv_norm.py" in lines[f0] and "-x" in lines[f0].split()
+    tma = (tmp_path / "calls.txt.tma").read_text().splitlines()
+    assert tma[f0] == "unset" and set(tma[f0 + 1:]) == {tma_after}, tma
+    assert ("CRN_FAST_CONV_TMA=0 from here on" in log) == (tma_after == "0")
 
 
 def test_gpu_session_script_training_mode_races_triton_against_compile(tmp_path):
