@@ -167,14 +167,16 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None):
                     torch.ones(cin, device=device, dtype=dt), torch.zeros(cin, device=device, dtype=dt))
             impls = {"cudnn": lambda: F.conv2d(x_cl, wt, padding=1),
                      "cudnn + triton ln": lambda: K.layer_norm_lrelu(F.conv2d(x_cl, wt, padding=1), ones, zeros)}
+            base_name = "cudnn"  # the cuDNN conv the model runs, which the speedups are against
             if layer == "conv1" and cin % CUDNN_CHANNELS:  # what the triton backend's "cudnn" mode runs
                 cp = -(-cin // CUDNN_CHANNELS) * CUDNN_CHANNELS
                 x_pad = torch.zeros(1, h, w, cp, device=device, dtype=dt).permute(0, 3, 1, 2)
                 x_pad[:, :cin] = x
                 w_pad = torch.zeros(c, cp, 3, 3, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
                 w_pad[:, :cin] = wt
-                impls[f"cudnn, Cin padded to {cp}"] = lambda: F.conv2d(x_pad, w_pad, padding=1)
-                impls[f"cudnn, Cin padded to {cp} + triton ln"] = \
+                base_name = f"cudnn, Cin padded to {cp}"
+                impls[base_name] = lambda: F.conv2d(x_pad, w_pad, padding=1)
+                impls[f"{base_name} + triton ln"] = \
                     lambda: K.layer_norm_lrelu(F.conv2d(x_pad, w_pad, padding=1), ones, zeros)
             if layer == "conv1":
                 impls["fused conv + stats"] = lambda: K.conv_norm(x, packed)
@@ -190,8 +192,7 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None):
                         res[name] = bench(fn, device, 1)
                     except Exception as e:
                         print(f"{layer} m{i} {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-            # against the cuDNN conv the model runs (conv1: its input channels padded to CUDNN_CHANNELS)
-            base = next((res[k] for k in res if k.startswith("cudnn, Cin padded") and "ln" not in k), res.get("cudnn"))
+            base = res.get(base_name)
             for name, ms in res.items():
                 row = {"op": layer, "module": i, "shape": [1, cin, c, h, w], "dtype": dname,
                        "format": "channels_last", "impl": name, "ms": ms, "tflops": flops / (ms / 1e3) / 1e12,
