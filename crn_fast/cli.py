@@ -138,3 +138,68 @@ def torch_device(text: str):
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
+
+
+# ----------------------------------------------------------------------------- progress
+class Progress:
+    """A progress report that suits where stderr goes. On a terminal: a tqdm bar. On a pipe or a
+    file (a batch job's log, ``nohup``, CI): no carriage-return redraws, which would fill the log
+    with ~10 redraws a second for the whole run, but one log line at most every ``every_s``
+    seconds and one at the end, each with the count, the rate, the time left and the latest
+    values given to ``update``. ``enabled=False`` reports nothing."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, enabled: bool = True,
+                 every_s: float = 30.0, terminal: bool | None = None):
+        import time
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.start_n = self.n = initial
+        self.postfix: dict = {}
+        self._clock = time.perf_counter
+        self.t0 = self.t_line = self._clock()
+        self.bar = None
+        self.lines = False
+        if not enabled:
+            return
+        if terminal is None:
+            try:
+                terminal = sys.stderr.isatty()
+            except (AttributeError, ValueError):  # replaced or closed stderr
+                terminal = False
+        if terminal:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+        else:
+            self.lines = True
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.n += n
+        self.postfix = postfix
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+        elif self.lines and self.n < self.total and self._clock() - self.t_line >= self.every_s:
+            self._line()
+
+    def _line(self) -> None:
+        self.t_line = now = self._clock()
+        elapsed = now - self.t0
+        rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+        left = f", {_hms((self.total - self.n) / rate)} left" if rate > 0 and self.n < self.total else ""
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        log.info(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.3g} {self.unit}/s, "
+                 f"{_hms(elapsed)} elapsed{left}{extra}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.lines:
+            if self.n > self.start_n:
+                self._line()
+            self.lines = False
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import add_logging_options, log, positive_int, resolution, run_tool, setup_logging, torch_device
+from .cli import Progress, add_logging_options, log, positive_int, resolution, run_tool, setup_logging, torch_device
 from .data import _open_header, decode_label, label_files, resize_pair
 from .errors import CRNError, UsageError
 from .images import output_row, save_png
@@ -89,10 +89,7 @@ def synthesize(args) -> list[Path]:
     for f in remove_stale_temporaries(out_dir, "*.png"):
         log.info(f"removed {f} (left by an interrupted crn-synthesize)")
     written = []
-    bar = None
-    if args.progress and len(todo) > 1:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="synthesize", unit="image", dynamic_ncols=True, file=sys.stderr)
+    bar = Progress(len(todo), "synthesize", "image", enabled=args.progress and len(todo) > 1)
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
         by_shape: dict[tuple, list] = {}
@@ -108,10 +105,8 @@ def synthesize(args) -> list[Path]:
                     raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights finite?); "
                                    f"stopped after {len(written)} image(s)")
                 written.append(save_png(output_row(o), out_dir / f"{f.stem}.png"))
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+        bar.update(len(chunk))
+    bar.close()
     return written
 
 
@@ -140,7 +135,8 @@ def build_parser():
                     help="resize layouts to HxW (nearest neighbour) first")
     ap.add_argument("--unknown-colors", default="error", choices=("error", "void"),
                     help="label colours outside the Cityscapes table: error, or void (the authors' rule)")
-    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    ap.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress report (a bar on a terminal; in a log file or pipe, a line every 30 s)")
     add_logging_options(ap)
     return ap
 

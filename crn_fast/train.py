@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from .checkpoint import load_generator, load_train_state, remove_stale_temporaries, save_generator, \
     save_train_state
-from .cli import add_logging_options, log, non_negative_int, positive_float, positive_int, resolution, run_tool, \
-    setup_logging
+from .cli import Progress, add_logging_options, log, non_negative_int, positive_float, positive_int, resolution, \
+    run_tool, setup_logging
 from .config import get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scan-labels", default="auto", choices=SCAN_MODES,
       help=f"decode every label before training to find bad files and colours: auto (datasets of up to "
            f"{SCAN_AUTO_LIMIT} pairs), always, never (default auto)")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--no-progress", dest="progress", action="store_false",
+      help="no progress report (a bar on a terminal; in a log file or pipe, a line every 30 s)")
     add_logging_options(ap)
     return ap
 
@@ -520,10 +521,7 @@ def train(cfg: TrainConfig) -> Path:
             writer.add_image("samples", sheet, step, dataformats="HWC")
 
     # --- the loop: one optimizer step per global batch -------------------------------------------
-    bar = None
-    if rank == 0 and cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = Progress(total, "train", "step", initial=start, enabled=rank == 0 and cfg.progress)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t_last, seen, step = time.perf_counter(), 0, start
     for ids, target in batches(loader):
@@ -547,9 +545,7 @@ def train(cfg: TrainConfig) -> Path:
             raise CRNError(f"the loss is {loss_val} at step {step} (NaN/inf in the data, the weights or the "
                            f"precision); the last good checkpoint is {out / 'train_state.pt'} — try a lower --lr "
                            f"or --amp off")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}")
+        bar.update(1, loss=f"{loss_val:.3f}")
         # --- log, sample, checkpoint (rank 0) ----------------------------------------------------
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
             now = time.perf_counter()
@@ -569,8 +565,7 @@ def train(cfg: TrainConfig) -> Path:
             checkpoint(step)
 
     # --- the end ----------------------------------------------------------------------------------
-    if bar is not None:
-        bar.close()
+    bar.close()
     if rank == 0:
         metrics.close()
         if step == start:  # nothing to do (already at --steps): still leave the files in place

@@ -451,3 +451,44 @@ def test_cli_logging_in_process_follows_the_current_stderr():
     with contextlib.redirect_stderr(later):
         logging.getLogger("crn_fast.train").info("step 1")
     assert later.getvalue() == "step 1\n"
+
+
+def test_progress_in_a_log_file_is_lines_not_redraws():
+    """stderr that is not a terminal (a batch job's log, a pipe) gets a line every every_s seconds and
+    one at the end, never tqdm's carriage-return redraws; a terminal gets the bar."""
+    import argparse
+    import contextlib
+    import io
+    from crn_fast.cli import Progress, setup_logging
+    setup_logging(argparse.Namespace(quiet=False, verbose=False))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        p = Progress(10, "train", "step", initial=4, every_s=0.0)
+        assert p.bar is None and p.lines  # StringIO is not a tty
+        for _ in range(6):
+            p.update(1, loss="1.500")
+        p.close()
+        Progress(3, "train", "step", enabled=False).close()
+    lines = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue()
+    assert lines[0].startswith("train: 5/10 steps, ") and "left, loss 1.500" in lines[0]
+    assert lines[-1].startswith("train: 10/10 steps, ") and " left" not in lines[-1], lines
+    assert len(lines) == 6  # 5..9 while running (every_s=0), then the final line; nothing when disabled
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        p = Progress(2, "synthesize", "image", every_s=3600.0)
+        p.update(1)
+        p.update(1)
+        p.close()
+    assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("synthesize: 2/2 images")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        p = Progress(2, "train", "step", terminal=True)
+        p.update(2, loss="0.1")
+        p.close()
+    assert "\r" in err.getvalue() and "2/2" in err.getvalue()  # the tqdm bar
+
+
+def test_training_into_a_log_file_reports_progress_in_lines(tmp_path):
+    code, err = cli("-m", "crn_fast.train", "--out", tmp_path / "run", "--steps", "3", "--res", "32x64",
+                    "--batch-size", "2")
+    assert code == 0, err
+    assert "\r" not in err and "train: 3/3 steps, " in err, err
