@@ -54,6 +54,25 @@ def _freezing():
         yield
 
 
+@contextlib.contextmanager
+def quiet_torch_export():
+    """torch.export and torch.onnx.export without two kinds of log noise that say nothing about the
+    user's model: torch.onnx's registry warns once per torchvision op when torchvision is not
+    installed (crn_fast never uses it), and torch's own pytree code raises a FutureWarning about
+    its LeafSpec API while it exports. Every other warning and error passes."""
+    import logging
+    import warnings
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
+
+
 class CastingGenerator(torch.nn.Module):
     """fp32 layout in, fp32 images out; the generator itself runs in ``dtype``."""
 
@@ -97,7 +116,7 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
             dims[2] = s * Dim("h", min=lo[0] // s, max=hi[0] // s)
             dims[3] = s * Dim("w", min=lo[1] // s, max=hi[1] // s)
         dynamic = {"layout": dims} if dims else None
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch_export():
         program = torch.export.export(m, (example,), dynamic_shapes=dynamic)
         out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return Path(out)

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from crn_fast.kernels import REFERENCE_OPS
 
+from .compile import quiet_torch_export
+
 INPUT_NAME, OUTPUT_NAME = "layout", "images"
 MIN_OPSET = {"fp32": 17, "fp16": 17, "bf16": 22}  # LayerNormalization: 17; bf16 Conv/AveragePool: 22
 DEFAULT_OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
@@ -106,7 +108,7 @@ def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: i
     h, w = Dim("h", min=1, max=max(1, hmax // s)), Dim("w", min=1, max=max(1, wmax // s))
     example = torch.zeros(2, cfg.num_classes, *example_size)
     example[:, -1] = 1
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch_export():
         program = torch.onnx.export(m, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                                     output_names=[OUTPUT_NAME], verbose=False,
                                     dynamic_shapes={"layout": {0: batch, 2: s * h, 3: s * w}})

@@ -18,6 +18,27 @@ except ImportError:
     TensorDescriptor = None
 
 
+def triton_op(name: str, *, mutates_args):
+    """``torch.library.triton_op``. Without Triton installed (the CPU install) torch logs "Triton not
+    available, find_triton_kernels = []" for every operator it registers: nine warnings on every
+    import of crn_fast.kernels, about a fact the operators handle (they run the torch reference).
+    They are silenced here, at registration only."""
+    import logging
+    from torch.library import triton_op as register
+
+    def decorate(fn):
+        if HAS_TRITON:
+            return register(name, mutates_args=mutates_args)(fn)
+        torch_log = logging.getLogger("torch._library.triton")
+        level = torch_log.level
+        torch_log.setLevel(logging.ERROR)
+        try:
+            return register(name, mutates_args=mutates_args)(fn)
+        finally:
+            torch_log.setLevel(level)
+    return decorate
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, memory_format_of, next_pow2, triton, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, memory_format_of, next_pow2, triton, triton_op, tl
 
 PASS_LEVELS = 4  # levels per pass: a 16 x 16 pixel tile
 

@@ -56,11 +56,11 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, TensorDescriptor, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton, tl
+from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton,
+                       triton_op, tl)
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 

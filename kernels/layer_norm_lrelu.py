@@ -38,11 +38,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, triton_op, tl
 from ._runtime import memory_format_of as _format_of
 
 

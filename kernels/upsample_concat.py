@@ -32,11 +32,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op
 
 from crn_fast.constants import LEAKY_SLOPE
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, triton_op, tl
 from .layer_norm_lrelu import layer_norm_lrelu_reference, norm_lrelu_reference
 
 

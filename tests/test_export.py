@@ -53,6 +53,16 @@ def onnx_export(ckpt, tmp_path_factory):
     return out
 
 
+def test_onnx_export_shows_no_torch_internal_noise(ckpt, tmp_path):
+    """torch.onnx's per-op "torchvision is not installed" warnings and torch's own pytree
+    FutureWarning say nothing about the user's model: the export's stderr is crn_fast's lines only."""
+    pytest.importorskip("onnxruntime")
+    r = subprocess.run([sys.executable, "-m", "crn_fast.export", str(ckpt), "--onnx", "--no-verify", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "torchvision" not in r.stderr and "LeafSpec" not in r.stderr and "Warning" not in r.stderr, r.stderr
+
+
 def test_onnx_is_one_dynamic_model_matching_eager(onnx_export, ckpt):
     from crn_fast import load_generator
     from crn_fast.export.onnx import ONNXGenerator

@@ -492,3 +492,17 @@ def test_training_into_a_log_file_reports_progress_in_lines(tmp_path):
                     "--batch-size", "2")
     assert code == 0, err
     assert "\r" not in err and "train: 3/3 steps, " in err, err
+
+
+def test_without_triton_importing_and_training_print_nothing_from_torch(tmp_path):
+    """The CPU install has no Triton: the operators run their torch reference, and torch's
+    "Triton not available" warning (once per registered operator) is not shown to the user."""
+    code = ("import sys; sys.modules['triton'] = None\n"  # as if Triton were not installed
+            "import torch, crn_fast.kernels, crn_fast.train\n"
+            "from crn_fast import CRN\n"
+            "from crn_fast.labels import one_hot\n"
+            "assert not crn_fast.kernels.HAS_TRITON\n"
+            "y = CRN.from_preset('tiny')(one_hot(torch.zeros(1, 32, 64, dtype=torch.long)))\n"
+            "assert torch.ops.crn_fast.layer_norm_lrelu is not None and y.shape == (1, 3, 32, 64)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
