@@ -33,7 +33,7 @@ from _util import conv_configs, device_label, machine_info, time_fn, write_text_
 from crn_fast import kernels as K  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
 from crn_fast.constants import DTYPES, LEAKY_SLOPE, LN_EPS  # noqa: E402
-from crn_fast.model import CUDNN_CHANNELS  # noqa: E402
+from crn_fast.fast_inference import CUDNN_CHANNELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -67,7 +67,7 @@ ANNOTATION = "crn_module_"
 
 def annotate_modules(model: CRN) -> CRN:
     """Run each refinement module (eager path: RefinementModule.forward; triton inference path:
-    CRN._inference_step) and the head conv inside a profiler range named ANNOTATION + index/head."""
+    FastInference._inference_step) and the head conv inside a profiler range named ANNOTATION + index/head."""
     from torch.autograd.profiler import record_function
 
     def ranged(label, fn):
