@@ -63,6 +63,12 @@ def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
     names. Nothing is decoded or kept but (path, size)."""
     by_name: dict[str, Path] = {}
     out = []
+    if size:
+        try:
+            config.validate_input_size(*size)
+        except CRNError as e:
+            raise UsageError(f"--res {size[0]}x{size[1]}: {e} The nearest valid size is "
+                             f"{_nearest_valid(size, config.stride)}.") from None
     for f in files:
         name = f"{f.stem}.png"
         if name in by_name:
@@ -73,9 +79,15 @@ def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
         try:
             config.validate_input_size(*hw)
         except CRNError as e:
-            raise UsageError(f"{f}: {e} Pass --res to resize the layouts.") from None
+            raise UsageError(f"{f}: {e} Pass --res to resize the layouts, e.g. --res "
+                             f"{_nearest_valid(hw, config.stride)} (the nearest valid size).") from None
         out.append((f, tuple(hw)))
     return out
+
+
+def _nearest_valid(size, stride: int) -> str:
+    h, w = (max(stride, int(v / stride + 0.5) * stride) for v in size)
+    return f"{h}x{w}"
 
 
 def synthesize(args) -> list[Path]:

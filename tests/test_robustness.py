@@ -236,6 +236,9 @@ def test_a_full_disk_is_named(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["--batch-size", "0"], "must be >= 1"), (["--device", "tpu9"], "'tpu9'"),
     (["--device", "cuda"], "no CUDA GPU is available"),
+    (["--res", "30x62"], "--res 30x62: input size 30x62 cannot run"),
+    (["--res", "30x62"], "nearest valid size is 32x64"),
+    (["--res", "1x1"], "nearest valid size is 4x4"),
 ])
 def test_synthesize_options_are_usage_errors(tmp_path, tiny_ckpt, args, msg):
     if "cuda" in args and torch.cuda.is_available():
@@ -244,6 +247,14 @@ def test_synthesize_options_are_usage_errors(tmp_path, tiny_ckpt, args, msg):
     code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "l.png", "--out", tmp_path / "o",
                     *args)
     assert code == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_a_layout_the_model_cannot_run_names_the_file_and_the_nearest_res(tmp_path, tiny_ckpt):
+    Image.fromarray(np.zeros((18, 30), np.uint8)).save(tmp_path / "odd.png")
+    code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "odd.png", "--out", tmp_path / "o")
+    assert code == 2 and one_line(err), err
+    assert "odd.png: input size 18x30 cannot run" in err and "e.g. --res 20x32 (the nearest valid size)" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_malformed_checkpoint_metadata_and_state_dict_mismatch_are_explained(tmp_path, tiny_ckpt):
