@@ -85,10 +85,17 @@ class CRNConfig:
         s = self.stride
         if height % s or width % s or height < s or width < s:
             h, w = self.resolution
+            nh, nw = self.nearest_valid_size(height, width)
             raise CRNError(
                 f"input size {height}x{width} cannot run on this {self.num_modules}-module CRN: height and width "
                 f"must be positive multiples of 2^{self.num_modules - 1} = {s} (e.g. {h}x{w}, "
-                f"{h // 2}x{w // 2} or {s}x{2 * s}).")
+                f"{h // 2}x{w // 2} or {s}x{2 * s}); the nearest valid size is {nh}x{nw}.")
+
+    def nearest_valid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The input size this CRN can run that is nearest to height x width (each rounded to a
+        multiple of the stride, halves up, at least one stride)."""
+        s = self.stride
+        return max(s, (height + s // 2) // s * s), max(s, (width + s // 2) // s * s)
 
 
 def _authors(widths: list[int], k: int, name: str) -> CRNConfig:

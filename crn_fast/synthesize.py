@@ -67,8 +67,7 @@ def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
         try:
             config.validate_input_size(*size)
         except CRNError as e:
-            raise UsageError(f"--res {size[0]}x{size[1]}: {e} The nearest valid size is "
-                             f"{_nearest_valid(size, config.stride)}.") from None
+            raise UsageError(f"--res {size[0]}x{size[1]}: {e}") from None
     for f in files:
         name = f"{f.stem}.png"
         if name in by_name:
@@ -80,14 +79,9 @@ def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
             config.validate_input_size(*hw)
         except CRNError as e:
             raise UsageError(f"{f}: {e} Pass --res to resize the layouts, e.g. --res "
-                             f"{_nearest_valid(hw, config.stride)} (the nearest valid size).") from None
+                             f"{'x'.join(map(str, config.nearest_valid_size(*hw)))}.") from None
         out.append((f, tuple(hw)))
     return out
-
-
-def _nearest_valid(size, stride: int) -> str:
-    h, w = (max(stride, int(v / stride + 0.5) * stride) for v in size)
-    return f"{h}x{w}"
 
 
 def synthesize(args) -> list[Path]:

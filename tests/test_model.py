@@ -138,8 +138,9 @@ def test_flop_count_matches_conv_shapes_by_hooks():
 @pytest.mark.parametrize("bad,msg", [
     (torch.zeros(20, 64, 128), "4-D"),
     (torch.zeros(1, 19, 64, 128), "19 channels"),
-    (torch.zeros(1, 20, 60, 128), r"multiples of 2\^4 = 16"),
-    (torch.zeros(1, 20, 8, 8), "multiples"),
+    (torch.zeros(1, 20, 60, 128), r"multiples of 2\^4 = 16 .*; the nearest valid size is 64x128\.$"),
+    (torch.zeros(1, 20, 8, 8), "multiples .* the nearest valid size is 16x16"),
+    (torch.zeros(1, 20, 1023, 2040), "the nearest valid size is 1024x2048"),
     (torch.zeros(1, 20, 64, 128, dtype=torch.long), "float"),
 ])
 def test_bad_input_raises_one_clear_error(bad, msg):

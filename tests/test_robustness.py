@@ -253,7 +253,7 @@ def test_a_layout_the_model_cannot_run_names_the_file_and_the_nearest_res(tmp_pa
     Image.fromarray(np.zeros((18, 30), np.uint8)).save(tmp_path / "odd.png")
     code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "odd.png", "--out", tmp_path / "o")
     assert code == 2 and one_line(err), err
-    assert "odd.png: input size 18x30 cannot run" in err and "e.g. --res 20x32 (the nearest valid size)" in err, err
+    assert "odd.png: input size 18x30 cannot run" in err and "the nearest valid size is 20x32" in err and "e.g. --res 20x32." in err, err
     assert not (tmp_path / "o").exists()
 
 
