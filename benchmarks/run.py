@@ -399,6 +399,14 @@ def _note(row) -> str:
     return f"fused conv in modules {row['fused_modules']}" if "fused_modules" in row else ""  # older results
 
 
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(rows, path, floor_ms, title):
     """Horizontal bars on a log axis (CPU-provider rows would dwarf GPU ones on a linear scale),
     fastest first, with each compute floor as a labelled line in the legend."""
@@ -504,6 +512,9 @@ def parse_args(argv=None):
     big = args.size[0] * args.size[1] >= 512 * 1024
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else (0 if big else 1))
     args.iters = args.iters if args.iters is not None else (20 if cuda else (1 if big else 3))
+    args.chart = not args.train and not args.no_save and has_matplotlib()
+    if args.plot and not args.chart and not args.train and not args.no_save:
+        ap.error(f"--plot {args.plot}: drawing the chart needs matplotlib (pip install 'crn_fast[bench]')")
     if not args.no_save:  # find an unwritable output folder now, not after an hour of measuring
         label = device_label(args.device)
         stem = ROOT / "benchmarks" / "results" / f"{label}_{args.size[0]}x{args.size[1]}{'_train' if args.train else ''}"
@@ -571,9 +582,11 @@ def main(argv=None):
         write_text_atomic(args.json, json.dumps({**result, **({} if final else {"partial": True})}, indent=2,
                                                 default=float))
         if final:
-            if not args.train:
+            if args.chart:
                 plot(result["rows"], args.plot or args.json.with_suffix(".png"), result["compute_floor_ms"], title)
-            print(f"wrote {args.json} (+ .md{'' if args.train else ', .png'})", file=sys.stderr)
+            elif not args.train:
+                print("no chart: matplotlib is not installed (pip install 'crn_fast[bench]')", file=sys.stderr)
+            print(f"wrote {args.json} (+ .md{', .png' if args.chart else ''})", file=sys.stderr)
 
     if args.train:
         rows = run_training(args, config, device, layout, size,

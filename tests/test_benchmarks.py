@@ -39,6 +39,25 @@ def test_run_smoke_tiny(tmp_path):
     assert "| compile | fp32 |" in r.stdout
 
 
+@pytest.mark.parametrize("plot", [False, True])
+def test_run_without_matplotlib_saves_the_results_and_says_there_is_no_chart(tmp_path, plot):
+    """matplotlib is an extra (crn_fast[bench]): without it the results are written and the chart is
+    skipped with one line; asking for --plot is a usage error before any measuring."""
+    j = tmp_path / "r.json"
+    argv = ["benchmarks/run.py", "--preset", "tiny", "--res", "32x64", "--iters", "1", "--backends", "eager",
+            "--json", str(j)] + (["--plot", str(tmp_path / "r.png")] if plot else [])
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None\n"  # as if it were not installed
+            f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if plot:
+        assert r.returncode == 2 and "--plot" in r.stderr and "needs matplotlib" in r.stderr, r.stderr
+        assert not j.exists()
+    else:
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "no chart: matplotlib is not installed" in r.stderr and j.exists() and j.with_suffix(".md").exists()
+        assert not j.with_suffix(".png").exists()
+
+
 def test_training_benchmark_smoke(tmp_path):
     j = tmp_path / "t.json"
     run("benchmarks/run.py", "--train", "--preset", "tiny", "--res", "32x64", "--iters", "1", "--json", j,
