@@ -95,7 +95,8 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
   # max-autotune last: its conv autotuning (~9 s per conv shape, 19 shapes) outlasted both of the
   # H100 session's calls, so the rows it leaves no time for are its own. "auto" (~90 conv tile
   # compiles, ~1 min) just before it, after the rows the targets compare: it is the first run of
-  # the TMA kernel on hardware, and a CUDA fault there would end every later row of the process
+  # the TMA kernel on hardware: a CUDA fault there would cost the later rows a fresh process (run.py
+  # measures them in one) and ~15 s
   race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton-fusedhead-cudagraph:bf16:channels_last"
   race+=",compile-reduce-overhead:bf16:channels_last,triton-cudagraph:bf16:nchw,compile:bf16:nchw"
   race+=",triton:bf16:channels_last,triton-autoconv-cudagraph:bf16:channels_last"

@@ -18,6 +18,8 @@ import contextlib
 import copy
 import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -273,6 +275,8 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
             print("skipped (time budget)", file=sys.stderr)
             continue
         try:
+            if os.environ.get(FAULT_ENV) == backend:
+                raise RuntimeError(f"CUDA error: an illegal memory access was encountered ({FAULT_ENV} test)")
             dtype = DTYPES[dname]
             x = ctx["layout"]
             with torch.no_grad():
@@ -301,10 +305,59 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
             print(f"error: {row['error']}", file=sys.stderr)
         finally:
             run = out = None  # frees the row's model (and any graph) before the next row
-            if torch.device(device).type == "cuda":
+            if torch.device(device).type == "cuda" and not context_broken(device, backend):
                 torch.cuda.empty_cache()
         rows.append(row)
+        if "error" in row and context_broken(device, backend) and combos[i + 1:]:
+            # a CUDA fault (an illegal address, a trap) is sticky: every later CUDA call of this
+            # process fails. The rows left run in a fresh process, on the same model and layout
+            row["error"] += " (the CUDA context was unusable after it: the rows after it ran in a fresh process)"
+            on_row(rows)
+            left = args.max_seconds - (time.perf_counter() - start)
+            rows += rows_in_a_fresh_process(args, combos[i + 1:], left, tmp, after=f"{backend}:{dname}:{fname}")
+            on_row(rows)
+            return rows
         on_row(rows)
+    return rows
+
+
+FAULT_ENV = "CRN_BENCH_FAULT"  # tests: BACKEND makes that row fail as a sticky CUDA fault would
+
+
+def context_broken(device, backend: str = "") -> bool:
+    """Whether this process can still use the GPU: after a sticky CUDA error every call fails."""
+    if backend and os.environ.get(FAULT_ENV) == backend:
+        return True
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        (torch.ones(1, device=device) + 1).item()
+        return False
+    except Exception:
+        return True
+
+
+def rows_in_a_fresh_process(args, combos, seconds_left: float, tmp: str, after: str) -> list[dict]:
+    """The rows ``combos`` measured by a new run.py process (same preset, size, batch, layout, device,
+    warm-up, iterations and TF32 setting; so the same model and reference), each marked with the
+    row whose fault made it necessary. Its own faults recurse the same way."""
+    out = Path(tmp) / f"rest-{len(combos)}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--res", f"{args.size[0]}x{args.size[1]}",
+           "--preset", args.config.name, "--batch", str(args.batch), "--device", str(args.device),
+           "--warmup", str(args.warmup), "--iters", str(args.iters), "--max-seconds", f"{max(seconds_left, 1.0):.0f}",
+           "--rows", ",".join(":".join(c) for c in combos), "--json", str(out)]
+    cmd += (["--layout", str(args.layout)] if args.layout else []) + (["--allow-tf32"] if args.allow_tf32 else [])
+    print(f"running the {len(combos)} row(s) left in a fresh process", file=sys.stderr)
+    r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, timeout=max(seconds_left, 1.0) + 120)
+    try:
+        rows = json.loads(out.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return [{"backend": b, "dtype": d, "format": "any" if b in FORMAT_AGNOSTIC else f,
+                 "error": f"the fresh process for the rows after {after}'s CUDA fault ended with status "
+                          f"{r.returncode} and no results"} for b, d, f in combos]
+    for row in rows:
+        row.setdefault("fresh_process_after", after)  # a nested fault names its own row
     return rows
 
 
@@ -390,6 +443,11 @@ def markdown_table(rows, training=False) -> str:
 
 
 def _note(row) -> str:
+    fresh = f"fresh process after {row['fresh_process_after']}'s fault" if "fresh_process_after" in row else ""
+    return "; ".join(n for n in (_row_note(row), fresh) if n)
+
+
+def _row_note(row) -> str:
     if row.get("skipped") or row.get("error"):
         return row.get("skipped") or row.get("error")
     if "conv_modes" in row:  # {module: "fused" | "split"}; the other modules ran cuDNN convs

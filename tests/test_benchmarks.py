@@ -58,6 +58,24 @@ def test_run_without_matplotlib_saves_the_results_and_says_there_is_no_chart(tmp
         assert not j.with_suffix(".png").exists()
 
 
+def test_rows_after_a_sticky_cuda_fault_run_in_a_fresh_process(tmp_path):
+    """After a CUDA fault every later call of the process fails, so one crashing kernel would cost
+    every row after it. run.py measures the rows left in a new process (recursively), in order.
+    A real fault needs a GPU: CRN_BENCH_FAULT=eager makes the eager rows fail as one would."""
+    j = tmp_path / "r.json"
+    rows = "eager:fp32:channels_last,convs-only:fp32:channels_last,eager:fp32:nchw,convs-only:fp32:nchw"
+    r = run("benchmarks/run.py", "--preset", "tiny", "--res", "32x64", "--iters", "1", "--rows", rows, "--json", j,
+            env={"CRN_BENCH_FAULT": "eager"})
+    res = json.loads(j.read_text())
+    got = [(row["backend"], row["format"], row.get("fresh_process_after")) for row in res["rows"]]
+    assert got == [("eager", "channels_last", None), ("convs-only", "channels_last", "eager:fp32:channels_last"),
+                   ("eager", "nchw", "eager:fp32:channels_last"), ("convs-only", "nchw", "eager:fp32:nchw")], got
+    assert "partial" not in res and all("median_ms" in row for row in res["rows"] if row["backend"] == "convs-only")
+    assert all("the rows after it ran in a fresh process" in row["error"] for row in res["rows"][::2])
+    assert "fresh process after eager:fp32:nchw's fault" in j.with_suffix(".md").read_text()
+    assert r.stderr.count("running the 3 row(s) left in a fresh process") == 1
+
+
 def test_training_benchmark_smoke(tmp_path):
     j = tmp_path / "t.json"
     run("benchmarks/run.py", "--train", "--preset", "tiny", "--res", "32x64", "--iters", "1", "--json", j,
