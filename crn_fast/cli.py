@@ -12,6 +12,8 @@ import errno
 import logging
 import math
 import sys
+import time
+import warnings
 
 from .constants import EXIT_RUNTIME, EXIT_USAGE
 from .errors import CRNError, UsageError
@@ -43,6 +45,9 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(args) -> None:
+    """The command line tools' messages: crn_fast's log records and Python warnings (a fallback
+    to the reference ops, a deprecation) as plain lines on stderr; -q keeps warnings, -v adds
+    debug messages and says where each warning was raised."""
     level = logging.WARNING if getattr(args, "quiet", False) else \
         logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
     handler = _StderrHandler()
@@ -50,6 +55,13 @@ def setup_logging(args) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    verbose = level == logging.DEBUG
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # one line for the user, as the tool's other messages; where it came from with -v
+        where = f" ({category.__name__} at {filename}:{lineno})" if verbose else ""
+        log.warning(f"warning: {message}{where}")
+    warnings.showwarning = show_warning
 
 
 def run_tool(prog: str, fn, *args) -> int:
@@ -150,7 +162,6 @@ class Progress:
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, enabled: bool = True,
                  every_s: float = 30.0, terminal: bool | None = None):
-        import time
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.start_n = self.n = initial
         self.postfix: dict = {}

@@ -517,3 +517,20 @@ def test_without_triton_importing_and_training_print_nothing_from_torch(tmp_path
             "assert torch.ops.crn_fast.layer_norm_lrelu is not None and y.shape == (1, 3, 32, 64)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_cli_warnings_are_one_plain_line(tmp_path, tiny_ckpt, verbose):
+    """A warning (here: the triton backend falling back to the torch ops on a CPU without the
+    interpreter) reaches a CLI user as one line like the tool's others; -v says where it was raised."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the triton backend does not fall back")
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "l.png")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = ["-m", "crn_fast.synthesize", str(tiny_ckpt), "--labels", str(tmp_path / "l.png"), "--out",
+            str(tmp_path / "o"), "--backend", "triton"] + (["-v"] if verbose else [])
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "requested but" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: backend='triton' requested but"), r.stderr
+    assert ("(RuntimeWarning at " in lines[0]) == verbose and "self.set_backend" not in r.stderr, r.stderr
