@@ -63,6 +63,36 @@ def cuda_time(fn) -> float:
     return best
 
 
+PRECOMPILE_ENV = "CRN_FAST_PRECOMPILE"
+
+
+def precompile(items, compile_one) -> int:
+    """Compile the kernels of several tuning candidates at once, before they are timed one by one:
+    ``compile_one(item)`` calls the kernel's ``warmup`` (compile, no launch) inside Triton's
+    ``AsyncCompileMode`` (Triton 3.4+) with a thread pool, so the compiles overlap (their LLVM and
+    ptxas work runs outside the GIL) and tuning costs about the slowest compile instead of the sum.
+    The timing launches then find the kernels compiled. Best effort: a candidate that fails to
+    compile here fails again, with its error, when it is timed; ``CRN_FAST_PRECOMPILE=0`` turns it
+    off. Returns how many candidates were submitted."""
+    import logging
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is None or len(items) < 2 or os.environ.get(PRECOMPILE_ENV, "1") == "0":
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+    submitted = 0
+    try:
+        with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1)) as pool, mode(pool, ignore_errors=True):
+            for item in items:
+                try:
+                    compile_one(item)
+                    submitted += 1
+                except Exception as e:  # e.g. a config Triton rejects before compiling: timed (and kept) later
+                    logging.getLogger("crn_fast.kernels").debug("precompile %s: %s", item, e)
+    except Exception as e:  # never worse than compiling one by one
+        logging.getLogger("crn_fast.kernels").debug("precompile: %s: %s", type(e).__name__, e)
+    return submitted
+
+
 def memory_format_of(x):
     """channels_last for a 4-D tensor dense in that format (and not also NCHW-contiguous), else
     contiguous_format: the format a kernel's output should keep."""

@@ -59,8 +59,8 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton,
-                       triton_op, tl)
+from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, can_time, cdiv, cuda_time, launch, next_pow2,
+                       precompile, triton, triton_op, tl)
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
@@ -538,7 +538,9 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
         _TUNED[key] = stored
         return stored
     t0 = time.perf_counter()
-    _TUNED[key], _TIMINGS[key], failed = _tune(_candidates(cin, cout, x.dtype, x.shape[3], tma), run, cuda_time)
+    candidates = _candidates(cin, cout, x.dtype, x.shape[3], tma)
+    precompile(candidates, lambda cfg: run(cfg, warmup=True))
+    _TUNED[key], _TIMINGS[key], failed = _tune(candidates, run, cuda_time)
     _store_tile(key, tag, _TUNED[key])
     if failed:
         _FAILURES[key] = failed
@@ -611,7 +613,9 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
     flags = dict(KSIZE=3 if taps == 9 else 1, NORM_IN=norm is not None, STATS=stats, HAS_BIAS=bias is not None,
                  HEAD=head, DOT_F32=x.device.type == "cpu" and x.dtype == torch.bfloat16)
 
-    def run(cfg: Tile):
+    def run(cfg: Tile, warmup: bool = False):
+        """Launch the conv with tile cfg; ``warmup``: only compile it (for precompile)."""
+        go = (lambda kernel, grid, *args, **meta: kernel.warmup(*args, grid=grid, **meta)) if warmup else launch
         bm, bn, bk, warps, stages, tma = cfg
         n_tw = cdiv(w, bm)
         p = (h * n_tw if tma else cdiv(h * w, bm)) * cdiv(cout, bn)
@@ -627,10 +631,10 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
             xd = TensorDescriptor.from_tensor(nhwc.view(torch.int32), [1, 1, bm, bk // 2]) if as_pairs else \
                 TensorDescriptor.from_tensor(nhwc, [1, 1, bm, bk])
             wd = TensorDescriptor.from_tensor(packed_weight, [1, bk, bn])
-            launch(_conv_tma_kernel, grid, xd, wd, *ptrs, cin, cout, h, w, n_tw, p, negative_slope,
+            go(_conv_tma_kernel, grid, xd, wd, *ptrs, cin, cout, h, w, n_tw, p, negative_slope,
                    **flags, BF16_PAIRS=pairs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         else:
-            launch(_conv_kernel, grid, x, packed_weight, *ptrs, cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3),
+            go(_conv_kernel, grid, x, packed_weight, *ptrs, cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3),
                    p, negative_slope, **flags, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    num_warps=warps, num_stages=stages)
         return part

@@ -482,6 +482,28 @@ def test_tile_tuning_skips_tiles_this_gpu_cannot_run():
         C._tune(tiles[:1], run, lambda fn: fn())
 
 
+def test_precompile_submits_every_candidate_and_never_fails_the_tuning(monkeypatch):
+    """Before timing tiles one by one, the tuner compiles them all at once (Triton's
+    AsyncCompileMode with a thread pool; on a GPU, each candidate's kernel.warmup). Best effort:
+    a candidate that raises is left to fail when it is timed; CRN_FAST_PRECOMPILE=0 turns it off.
+    The overlap itself needs a GPU driver (the GPU session's tuning rows)."""
+    from crn_fast.kernels._runtime import PRECOMPILE_ENV, precompile
+    if not hasattr(triton, "AsyncCompileMode"):
+        pytest.skip("Triton < 3.4 has no AsyncCompileMode")
+    seen = []
+
+    def compile_one(item):
+        assert triton.runtime._async_compile.active_mode.get() is not None  # inside the mode
+        if item == "bad":
+            raise ValueError("rejected before compiling")
+        seen.append(item)
+    assert precompile(["a", "bad", "b"], compile_one) == 2 and seen == ["a", "b"]
+    assert triton.runtime._async_compile.active_mode.get() is None  # the mode is left behind
+    assert precompile(["only"], compile_one) == 0  # nothing to overlap
+    monkeypatch.setenv(PRECOMPILE_ENV, "0")
+    assert precompile(["a", "b"], compile_one) == 0 and seen == ["a", "b"]
+
+
 def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch, caplog):
     """CRN_FAST_CONV_TUNING=FILE: each tile tuned on a GPU is added to the file (merged with what
     other processes stored, replaced atomically), and a later process reads it instead of tuning
