@@ -349,13 +349,17 @@ def rows_in_a_fresh_process(args, combos, seconds_left: float, tmp: str, after: 
            "--rows", ",".join(":".join(c) for c in combos), "--json", str(out)]
     cmd += (["--layout", str(args.layout)] if args.layout else []) + (["--allow-tf32"] if args.allow_tf32 else [])
     print(f"running the {len(combos)} row(s) left in a fresh process", file=sys.stderr)
-    r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, timeout=max(seconds_left, 1.0) + 120)
     try:
-        rows = json.loads(out.read_text())["rows"]
+        r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, timeout=max(seconds_left, 1.0) + 120)
+        ended = f"status {r.returncode}"
+    except subprocess.TimeoutExpired:
+        ended = "a time-out"
+    try:
+        rows = json.loads(out.read_text())["rows"]  # what it finished, even if it was cut short
     except (OSError, ValueError, KeyError):
         return [{"backend": b, "dtype": d, "format": "any" if b in FORMAT_AGNOSTIC else f,
-                 "error": f"the fresh process for the rows after {after}'s CUDA fault ended with status "
-                          f"{r.returncode} and no results"} for b, d, f in combos]
+                 "error": f"the fresh process for the rows after {after}'s CUDA fault ended with {ended} and no "
+                          f"results"} for b, d, f in combos]
     for row in rows:
         row.setdefault("fresh_process_after", after)  # a nested fault names its own row
     return rows
