@@ -27,7 +27,7 @@ from torch import nn
 from .constants import LEAKY_SLOPE, LN_EPS
 from .errors import CRNError
 
-CUDNN_CHANNELS = 8  # conv1 inputs of the "cudnn" mode are zero-padded to this many channels
+CUDNN_CHANNELS = 8  # conv1 inputs of the "cudnn" mode are zero-padded to a multiple of this many channels
 
 # how a module of the triton inference path runs its convs (CRN.fused_conv): cuDNN convs with the
 # triton layer norm; "fused": both convs as the conv_norm kernel, conv2 normalising its input as
