@@ -305,10 +305,11 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
             print(f"error: {row['error']}", file=sys.stderr)
         finally:
             run = out = None  # frees the row's model (and any graph) before the next row
-            if torch.device(device).type == "cuda" and not context_broken(device, backend):
+            broken = "error" in row and context_broken(device, backend)
+            if torch.device(device).type == "cuda" and not broken:
                 torch.cuda.empty_cache()
         rows.append(row)
-        if "error" in row and context_broken(device, backend) and combos[i + 1:]:
+        if broken and combos[i + 1:]:
             # a CUDA fault (an illegal address, a trap) is sticky: every later CUDA call of this
             # process fails. The rows left run in a fresh process, on the same model and layout
             row["error"] += " (the CUDA context was unusable after it: the rows after it ran in a fresh process)"

@@ -3,6 +3,7 @@ TRITON_INTERPRET=1 was set before Triton was imported), and how kernels are laun
 the ``crn_fast::`` operators."""
 from __future__ import annotations
 
+import logging
 import os
 
 try:
@@ -23,15 +24,13 @@ def triton_op(name: str, *, mutates_args):
     available, find_triton_kernels = []" for every operator it registers: nine warnings on every
     import of crn_fast.kernels, about a fact the operators handle (they run the torch reference).
     They are silenced here, at registration only."""
-    import logging
     from torch.library import triton_op as register
 
     def decorate(fn):
-        if HAS_TRITON:
-            return register(name, mutates_args=mutates_args)(fn)
         torch_log = logging.getLogger("torch._library.triton")
         level = torch_log.level
-        torch_log.setLevel(logging.ERROR)
+        if not HAS_TRITON:
+            torch_log.setLevel(logging.ERROR)
         try:
             return register(name, mutates_args=mutates_args)(fn)
         finally:
@@ -74,7 +73,6 @@ def precompile(items, compile_one) -> int:
     The timing launches then find the kernels compiled. Best effort: a candidate that fails to
     compile here fails again, with its error, when it is timed; ``CRN_FAST_PRECOMPILE=0`` turns it
     off. Returns how many candidates were submitted."""
-    import logging
     mode = getattr(triton, "AsyncCompileMode", None)
     if mode is None or len(items) < 2 or os.environ.get(PRECOMPILE_ENV, "1") == "0":
         return 0

@@ -632,11 +632,11 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
                 TensorDescriptor.from_tensor(nhwc, [1, 1, bm, bk])
             wd = TensorDescriptor.from_tensor(packed_weight, [1, bk, bn])
             go(_conv_tma_kernel, grid, xd, wd, *ptrs, cin, cout, h, w, n_tw, p, negative_slope,
-                   **flags, BF16_PAIRS=pairs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+               **flags, BF16_PAIRS=pairs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         else:
             go(_conv_kernel, grid, x, packed_weight, *ptrs, cin, cout, h, w, x.stride(0), x.stride(2), x.stride(3),
-                   p, negative_slope, **flags, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                   num_warps=warps, num_stages=stages)
+               p, negative_slope, **flags, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+               num_warps=warps, num_stages=stages)
         return part
 
     tma_reason = tma_unavailable_reason(x, packed_weight, negative_slope)
