@@ -1,9 +1,12 @@
 """Shared by the benchmark scripts: timing, memory, machine facts and the measured compute peak."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,6 +26,56 @@ def error_text(e: BaseException, limit: int = 4000) -> tuple[str, str]:
         summary += f" ... {cause[:300]}"
     detail = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     return summary, detail[-limit:]
+
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}  # the memory formats raced
+
+# tests: the benchmark's units of work named here (comma-separated: a run.py backend, a kernels.py
+# part "FORMAT:DTYPE:mMODULE" or "conv:DTYPE:mMODULE", a profile_stages.py variant) fail as a sticky
+# CUDA fault would: with an error, and the process's GPU counted unusable after it
+FAULT_ENV = "CRN_BENCH_FAULT"
+
+
+def _faulty(label: str) -> bool:
+    return bool(label) and label in os.environ.get(FAULT_ENV, "").split(",")
+
+
+def inject_fault(label: str) -> None:
+    """Raise what a crashing kernel raises, when FAULT_ENV names this unit of work (tests only)."""
+    if _faulty(label):
+        raise RuntimeError(f"CUDA error: an illegal memory access was encountered ({FAULT_ENV} test)")
+
+
+def context_broken(device, label: str = "") -> bool:
+    """Whether this process can still use the GPU. A CUDA fault (an illegal address, a trap) is
+    sticky: after it every CUDA call of the process fails, so the work left must run in a fresh
+    process (fresh_process)."""
+    if _faulty(label):
+        return True
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        (torch.ones(1, device=device) + 1).item()
+        return False
+    except Exception:
+        return True
+
+
+def fresh_process(argv: list[str], out, timeout: float) -> tuple[dict | None, str]:
+    """Run ``python argv`` (a benchmark script given the work left after a CUDA fault, writing its
+    results to the JSON file ``out``), its output on this process's stderr. Returns (its results,
+    even if it was cut short; None if it wrote none) and how it ended ("status 0", "a time-out")."""
+    try:
+        r = subprocess.run([sys.executable, *map(str, argv)], stdout=sys.stderr, stderr=sys.stderr,
+                           timeout=max(timeout, 1.0))
+        ended = f"status {r.returncode}"
+    except subprocess.TimeoutExpired:
+        ended = "a time-out"
+    try:
+        return json.loads(open(out).read()), ended
+    except (OSError, ValueError):
+        return None, ended
 
 
 def write_text_atomic(path, text: str) -> None:

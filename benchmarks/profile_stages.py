@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, error_text, machine_info, write_text_atomic  # noqa: E402
+from _util import (context_broken, device_label, error_text, fresh_process, inject_fault,  # noqa: E402
+                   machine_info, write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
@@ -211,9 +212,23 @@ def main(argv=None):
     title = f"{config.name} at {size[0]}x{size[1]}, {args.dtype if cuda else 'fp32'}, batch 1, on {device_label(device)}"
     stem = Path(args.out or ROOT / "benchmarks" / "results" / f"profile_{device_label(device)}_{size[0]}x{size[1]}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    results, errors, details, kernels, modes = {}, {}, {}, {}, {}
-    for v in variants:  # saved after each: a run cut short by a time limit keeps the variants it finished
+    res = {"machine": machine_info(device), "title": title, "profile_ms": {}, "conv_modes": {}, "errors": {},
+           "error_details": {}, "kernels": {}, "fresh_process_after": {}}
+    results, errors, kernels, modes = res["profile_ms"], res["errors"], res["kernels"], res["conv_modes"]
+
+    def save(done=False):  # after each variant: a run cut short by a time limit keeps the variants it finished
+        md = f"### Per-module profile: {title}\n\n{markdown(results)}" + \
+            "".join(f"{v}: conv_norm modes by module {m}\n" for v, m in modes.items()) + \
+            "".join(f"\n{v}: not profiled ({e})\n" for v, e in errors.items()) + \
+            "".join(f"\n{v}: profiled in a fresh process after {a}'s CUDA fault\n"
+                    for v, a in res["fresh_process_after"].items())
+        write_text_atomic(stem.with_suffix(".md"), md)  # first: a JSON on disk always has its table
+        write_text_atomic(stem.with_suffix(".json"), json.dumps({**res, **({} if done else {"partial": True})},
+                                                                indent=2))
+        return md
+    for k, v in enumerate(variants):
         try:
+            inject_fault(v)
             fn = build(v, config, device, dtype)
             events, modules = profile_once(fn, x, cuda)
             results[v] = attribute(events, config.num_modules) if modules is None else \
@@ -225,21 +240,43 @@ def main(argv=None):
                 plan = fn.conv_plan(x)
                 modes[v] = {str(i): plan[i] for i in sorted(plan)}
         except Exception as e:  # one variant that breaks is recorded, the others still run
-            errors[v], details[v] = error_text(e)
+            errors[v], res["error_details"][v] = error_text(e)
             print(f"{v}: {errors[v]}", file=sys.stderr)
         fn = None
-        md = f"### Per-module profile: {title}\n\n{markdown(results)}" + \
-            "".join(f"{v}: conv_norm modes by module {m}\n" for v, m in modes.items()) + \
-            "".join(f"\n{v}: not profiled ({e})\n" for v, e in errors.items())
-        done = len(results) + len(errors) == len(variants)
-        write_text_atomic(stem.with_suffix(".md"), md)  # first: a JSON on disk always has its table
-        write_text_atomic(stem.with_suffix(".json"), json.dumps(
-            {"machine": machine_info(device), "title": title, "profile_ms": results, "conv_modes": modes,
-             "errors": errors, "error_details": details,
-             "kernels": kernels, **({} if done else {"partial": True})}, indent=2))
+        rest = variants[k + 1:]
+        if v in errors and rest and context_broken(device, v):
+            # a CUDA fault is sticky: every later call of this process fails; the variants left
+            # are profiled by a fresh process, and the files say which
+            errors[v] += " (the GPU was unusable after it: the variants after it ran in a fresh process)"
+            save()
+            variants_in_a_fresh_process(args, rest, stem, res, after=v)
+            break
+        save()
+    md = save(done=True)
     print(md)
     print(f"wrote {stem}.json/.md", file=sys.stderr)
     return 1 if errors and not results else 0
+
+
+def variants_in_a_fresh_process(args, variants, stem: Path, res: dict, after: str) -> None:
+    """Profile ``variants`` in a new profile_stages.py process (same size, preset and dtype) and merge
+    its results into ``res``, each variant marked with the one whose fault made it necessary (its
+    own faults recurse the same way)."""
+    out = stem.with_name(f"{stem.name}.after-{after}")
+    argv = [str(Path(__file__).resolve()), "--res", args.res, "--dtype", args.dtype, "--variants", ",".join(variants),
+            "--out", str(out)] + (["--preset", args.preset] if args.preset else [])
+    print(f"profiling the variants left ({', '.join(variants)}) in a fresh process", file=sys.stderr)
+    got, ended = fresh_process(argv, out.with_suffix(".json"), timeout=3600)
+    if got is None:
+        for v in variants:
+            res["errors"][v] = f"the fresh process for the variants after {after}'s CUDA fault ended with {ended} " \
+                               "and no results"
+        return
+    for key in ("profile_ms", "conv_modes", "errors", "error_details", "kernels"):
+        res[key].update(got.get(key, {}))
+    res["fresh_process_after"].update({v: got.get("fresh_process_after", {}).get(v, after) for v in variants})
+    for f in (out.with_suffix(".json"), out.with_suffix(".md")):
+        f.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import (PeakMemory, conv_configs, device_label, error_text, machine_info,  # noqa: E402
-                   matmul_peak_tflops, summarize, sync, time_fn, write_text_atomic)
+from _util import (FORMATS, PeakMemory, context_broken, conv_configs, device_label, error_text,  # noqa: E402
+                   fresh_process, inject_fault, machine_info, matmul_peak_tflops, summarize, sync, time_fn,
+                   write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
@@ -50,7 +49,6 @@ ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfu
                 "triton-compile-reduce-overhead",
                 *(f"compile-{m}" if m != "default" else "compile" for m in COMPILE_MODES), "aoti", "onnxruntime",
                 "onnxruntime-cuda", "tensorrt")
-FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 FORMAT_AGNOSTIC = ("aoti", "onnxruntime", "onnxruntime-cuda", "tensorrt")  # take any input; run once
 TRAIN_BACKENDS = ("eager", "triton", "compile", "triton-compile")
 
@@ -275,8 +273,7 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
             print("skipped (time budget)", file=sys.stderr)
             continue
         try:
-            if os.environ.get(FAULT_ENV) == backend:
-                raise RuntimeError(f"CUDA error: an illegal memory access was encountered ({FAULT_ENV} test)")
+            inject_fault(backend)
             dtype = DTYPES[dname]
             x = ctx["layout"]
             with torch.no_grad():
@@ -322,42 +319,20 @@ def _race(args, model, device, layout, size, peak, ref, flops, tmp, on_row):
     return rows
 
 
-FAULT_ENV = "CRN_BENCH_FAULT"  # tests: BACKEND makes that row fail as a sticky CUDA fault would
-
-
-def context_broken(device, backend: str = "") -> bool:
-    """Whether this process can still use the GPU: after a sticky CUDA error every call fails."""
-    if backend and os.environ.get(FAULT_ENV) == backend:
-        return True
-    if torch.device(device).type != "cuda":
-        return False
-    try:
-        torch.cuda.synchronize(device)
-        (torch.ones(1, device=device) + 1).item()
-        return False
-    except Exception:
-        return True
-
-
 def rows_in_a_fresh_process(args, combos, seconds_left: float, tmp: str, after: str) -> list[dict]:
     """The rows ``combos`` measured by a new run.py process (same preset, size, batch, layout, device,
     warm-up, iterations and TF32 setting; so the same model and reference), each marked with the
     row whose fault made it necessary. Its own faults recurse the same way."""
     out = Path(tmp) / f"rest-{len(combos)}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--res", f"{args.size[0]}x{args.size[1]}",
+    cmd = [str(Path(__file__).resolve()), "--res", f"{args.size[0]}x{args.size[1]}",
            "--preset", args.config.name, "--batch", str(args.batch), "--device", str(args.device),
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--max-seconds", f"{max(seconds_left, 1.0):.0f}",
            "--rows", ",".join(":".join(c) for c in combos), "--json", str(out)]
     cmd += (["--layout", str(args.layout)] if args.layout else []) + (["--allow-tf32"] if args.allow_tf32 else [])
     print(f"running the {len(combos)} row(s) left in a fresh process", file=sys.stderr)
-    try:
-        r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, timeout=max(seconds_left, 1.0) + 120)
-        ended = f"status {r.returncode}"
-    except subprocess.TimeoutExpired:
-        ended = "a time-out"
-    try:
-        rows = json.loads(out.read_text())["rows"]  # what it finished, even if it was cut short
-    except (OSError, ValueError, KeyError):
+    res, ended = fresh_process(cmd, out, timeout=max(seconds_left, 1.0) + 120)
+    rows = (res or {}).get("rows")  # what it finished, even if it was cut short
+    if rows is None:
         return [{"backend": b, "dtype": d, "format": "any" if b in FORMAT_AGNOSTIC else f,
                  "error": f"the fresh process for the rows after {after}'s CUDA fault ended with {ended} and no "
                           f"results"} for b, d, f in combos]

@@ -76,6 +76,43 @@ def test_rows_after_a_sticky_cuda_fault_run_in_a_fresh_process(tmp_path):
     assert r.stderr.count("running the 3 row(s) left in a fresh process") == 1
 
 
+def test_kernel_benchmark_parts_after_a_sticky_cuda_fault_run_in_a_fresh_process(tmp_path):
+    """kernels.py saves after each part (format, dtype, module); after a part that leaves the GPU
+    unusable, the parts left run in a fresh process (recursively), and the file says which part
+    faulted. CRN_BENCH_FAULT names the parts that fail as a real fault would."""
+    j = tmp_path / "k.json"
+    r = run("benchmarks/kernels.py", "--preset", "tiny", "--res", "32x64", "--iters", "1", "--no-compile",
+            "--formats", "channels_last", "--json", j,
+            env={"CRN_BENCH_FAULT": "channels_last:fp32:m1,channels_last:fp32:m3"})
+    res = json.loads(j.read_text())
+    # the fresh processes' files are merged into it
+    assert "partial" not in res and [p.name for p in tmp_path.iterdir()] == ["k.json"]
+    by_module = {}
+    for row in res["rows"]:
+        by_module.setdefault(row["module"], set()).add(row.get("fresh_process_after"))
+    assert by_module == {0: {None}, 1: {None}, 2: {"channels_last:fp32:m1"}, 3: {"channels_last:fp32:m1"},
+                         4: {"channels_last:fp32:m3"}}, by_module
+    faults = [row for row in res["rows"] if "error" in row]
+    assert [row["module"] for row in faults] == [1, 3] and all(
+        "illegal memory access" in row["error"] and "ran in a fresh process" in row["error"] for row in faults)
+    assert {row["op"] for row in res["rows"] if row["module"] == 4} >= {"layer_norm_lrelu", "upsample_concat"}
+    assert r.stderr.count("in a fresh process") == 2
+
+
+def test_profile_variants_after_a_sticky_cuda_fault_run_in_a_fresh_process(tmp_path):
+    """profile_stages.py: the variants after one that leaves the GPU unusable are profiled by a fresh
+    process, merged into the same files, which name the faulting variant."""
+    stem = tmp_path / "prof"
+    r = run("benchmarks/profile_stages.py", "--preset", "tiny", "--res", "32x64", "--variants", "compile,eager",
+            "--out", stem, env={"CRN_BENCH_FAULT": "compile"})
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert "partial" not in res and sorted(p.name for p in tmp_path.iterdir()) == ["prof.json", "prof.md"]
+    assert list(res["profile_ms"]) == ["eager"] and list(res["errors"]) == ["compile"]
+    assert "ran in a fresh process" in res["errors"]["compile"] and res["fresh_process_after"] == {"eager": "compile"}
+    assert "eager: profiled in a fresh process after compile's CUDA fault" in stem.with_suffix(".md").read_text()
+    assert r.stderr.count("in a fresh process") == 1
+
+
 def test_training_benchmark_smoke(tmp_path):
     j = tmp_path / "t.json"
     run("benchmarks/run.py", "--train", "--preset", "tiny", "--res", "32x64", "--iters", "1", "--json", j,
@@ -131,6 +168,15 @@ def test_targets_verdicts_from_session_files(tmp_path):
     assert "1.50 ms (triton" in lines["non-conv time per forward (profile)"]
     assert lines["fp32 no slower than before"].endswith("not measured |")  # no fp32/TF32 run in this folder
     assert "Cut short by a time limit (only the rows they finished): kernels_h100.json" in table
+    # a kernel that failed to run at a large module is not fast enough, whatever the others measured
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import targets
+    fast = [{**row, "pct_of_copy_bw": 90.0} for row in kern]
+    failed = fast + [{"op": "upsample_concat", "module": 8, "impl": "triton", "format": "nchw",
+                      "error": "RuntimeError: CUDA error: misaligned address"}]
+    verdicts = [targets.evaluate(None, {"rows": rows})[2] for rows in (fast, failed)]
+    assert verdicts[0]["met"] is True and verdicts[1]["met"] is False, verdicts
+    assert "1 failed to run (upsample_concat m8 nchw: RuntimeError: CUDA error: misaligned" in verdicts[1]["measured"]
 
 
 def test_run_keeps_finished_rows_when_cut_short(tmp_path):
@@ -368,7 +414,10 @@ def test_kernel_benchmark_conv_rows_run_through_the_interpreter():
     m0 = {r["impl"]: r for r in timed if r["module"] == 0 and r["op"] == "conv1"}
     base = m0["cudnn, Cin padded to 24"]["ms"]
     assert m0["fused conv + stats"]["speedup_vs_cudnn"] == pytest.approx(base / m0["fused conv + stats"]["ms"])
-    assert rows[-1]["op"] == "conv_norm tuned configs"
+    assert not [r for r in rows if "error" in r]
+    rows.clear()  # one module only: the unit a kernels.py process resumes from after a CUDA fault
+    mod.conv_rows(get_preset("tiny"), (16, 32), torch.float32, "fp32", "cpu", rows, modules=[2])
+    assert {(r["op"], r["module"]) for r in rows} == {("conv1", 2), ("conv2", 2)}
 
 
 def test_race_rows_name_each_modules_conv_mode():
