@@ -1,6 +1,7 @@
 """Compile every Triton kernel ahead of time for a Hopper GPU (sm_90) with Triton's bundled ptxas,
 without a GPU. Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET (the
-interpreter replaces @triton.jit functions). Catches what the interpreter cannot: type errors,
+interpreter replaces @triton.jit functions); ``--as-inductor``: each kernel as torch.compile and
+AOTInductor compile it (as_inductor_compiles_them). Catches what the interpreter cannot: type errors,
 unsupported ops and lowering failures in the compiled path. Each kernel's PTX is then assembled
 again with ``ptxas -v``: a kernel that spills registers to local memory (beyond SPILL_LIMIT) fails.
 """
@@ -181,5 +182,63 @@ def check_conv_norm(arch: int) -> int:
     return len(cases) + len(tma_cases) + 1, worst
 
 
+def as_inductor_compiles_them(folder: str) -> int:
+    """Replace every kernel by what Inductor compiles in its place when torch.compile or
+    AOTInductor meets it inside a crn_fast operator (wrap_triton): one generated module with
+    Inductor's imports, the kernel's source, the @triton.jit helpers it reaches through its globals
+    and the constants they read (Inductor's own transitive-closure function). A kernel that does not
+    survive that copy (a global Inductor does not carry over, two helpers of one name, source that
+    only works in its own module) then fails here on CPU, not in Inductor's compile worker on a GPU.
+    The conv tiles are cut to one per kind: what is checked is the source, not the tiling."""
+    import builtins
+    import dis
+    import importlib.util
+    import os
+
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+    header = TritonKernel.gen_common_triton_imports()
+    n = 0
+    for mod in (L, U, C, A):
+        for name, fn in list(vars(mod).items()):
+            if not (isinstance(fn, triton.JITFunction) and name.endswith("_kernel")):
+                continue
+            reached, todo = {}, [fn]  # every @triton.jit function the kernel reaches, by name
+            while todo:
+                f = todo.pop()
+                if reached.setdefault(f.__name__, f) is not f:
+                    raise AssertionError(f"{mod.__name__}.{name} reaches two @triton.jit functions named "
+                                         f"{f.__name__}: Inductor's copy keeps only one")
+                todo += [g for k in f.fn.__code__.co_names if isinstance(g := f.fn.__globals__.get(k),
+                                                                          triton.JITFunction) and k not in reached]
+            path = os.path.join(folder, f"{mod.__name__.rsplit('.', 1)[-1]}{name}.py")
+            with open(path, "w") as out:
+                out.write(f"{header}\n@triton.jit\n{user_defined_triton_kernel_transitive_closure_source_code(fn)}")
+            spec = importlib.util.spec_from_file_location(f"inductor_{name}", path)
+            generated = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(generated)
+            except Exception as e:
+                raise AssertionError(f"Inductor's copy of {mod.__name__}.{name} ({path}) does not load: "
+                                     f"{type(e).__name__}: {e}") from e
+            space = vars(generated)
+            for f in (v for v in list(space.values()) if isinstance(v, triton.JITFunction)):
+                missing = {i.argval for i in dis.Bytecode(f.fn) if i.opname == "LOAD_GLOBAL"
+                           and i.argval not in space and not hasattr(builtins, i.argval)}
+                assert not missing, f"Inductor's copy of {mod.__name__}.{name}: {f.__name__} reads {sorted(missing)}, " \
+                    "which the copy does not define"
+            setattr(mod, name, space[name])
+            n += 1
+    C.CONFIGS, C.TMA_CONFIGS, C.FP32_CONFIGS, C.SMALL_CONFIGS = (C.CONFIGS[:1], C.TMA_CONFIGS[:1], C.FP32_CONFIGS[:1],
+                                                                 C.SMALL_CONFIGS[:1])
+    C._INTERPRETER_CONFIGS = C._INTERPRETER_CONFIGS[:1]
+    return n
+
+
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
+    arch = int(next((a for a in sys.argv[1:] if a.isdigit()), 90))
+    if "--as-inductor" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"{as_inductor_compiles_them(tmp)} kernels as Inductor generates them")
+            sys.exit(main(arch))
+    sys.exit(main(arch))
