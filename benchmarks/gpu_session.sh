@@ -31,7 +31,8 @@ if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then
 else
   R=1024x2048; P=""; ITERS=""
   # shortest first; the ~50 compiles of every conv tile candidate last
-  TESTS=(-m "gpu or tensorrt" tests/test_model.py tests/test_conv_norm.py tests/test_export.py tests/test_kernels.py tests/test_conv_tiles.py)
+  TESTS=(-m "gpu or tensorrt" tests/test_model.py tests/test_conv_norm.py tests/test_upsample_conv.py tests/test_export.py
+         tests/test_kernels.py tests/test_conv_tiles.py)
 fi
 step() { echo "== $1 ($(date +%T))" | tee -a "$log"; }
 pack() { tar -czf "$out/gpu_results.tar.gz" -C "$res" . 2>/dev/null; }
@@ -90,25 +91,28 @@ if [ "${CRN_GPU_FOLLOWUP:-0}" = 1 ]; then
     export CRN_FAST_CONV_TMA=0; echo "the TMA kernel failed its tests (rc $rc): CRN_FAST_CONV_TMA=0 from here on" | tee -a "$log"
   fi
   step "F1. kernel benchmark, bf16, both formats (no conv rows: those were measured)"
-  kernel_bench 60 kernels --no-conv
+  kernel_bench 60 kernels --no-conv --formats channels_last,nchw  # the model's format first
   step "F2. the race at $R: crn_fast vs every torch.compile mode"
   # max-autotune last: its conv autotuning (~9 s per conv shape, 19 shapes) outlasted both of the
   # H100 session's calls, so the rows it leaves no time for are its own. "auto" (~90 conv tile
   # compiles, ~1 min) just before it, after the rows the targets compare: it is the first run of
   # the TMA kernel on hardware: a CUDA fault there would cost the later rows a fresh process (run.py
   # measures them in one) and ~15 s
-  race="triton-cudagraph:bf16:channels_last,convs-only:bf16:channels_last,triton-fusedhead-cudagraph:bf16:channels_last"
+  race="triton-cudagraph:bf16:channels_last,triton-lowresconv-cudagraph:bf16:channels_last,convs-only:bf16:channels_last"
+  race+=",triton-fusedhead-cudagraph:bf16:channels_last"
   race+=",compile-reduce-overhead:bf16:channels_last,triton-cudagraph:bf16:nchw,compile:bf16:nchw"
   race+=",triton:bf16:channels_last,triton-autoconv-cudagraph:bf16:channels_last"
   race+=",compile-max-autotune-no-cudagraphs:bf16:channels_last,compile-max-autotune:bf16:channels_last"
   race+=",compile-max-autotune-no-cudagraphs:bf16:nchw"
-  race 255 "$race"
+  race 250 "$race"
   step "F3. per-module profile (module ranges), kernel sequence saved; auto: the conv modes the race chose"
-  timeout $((40 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 --variants triton,triton-autoconv \
+  timeout $((45 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf16 \
+    --variants triton-autoconv,triton,triton-lowresconv \
     --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
   step "F4. compiled tests: the fused conv (TMA kernel) and the kernels first, then the AOTInductor package on"
   CRN_FAST_CONV_TUNE=0 timeout $((95 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
-    tests/test_model.py tests/test_conv_norm.py tests/test_kernels.py tests/test_export.py tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
+    tests/test_model.py tests/test_conv_norm.py tests/test_upsample_conv.py tests/test_kernels.py tests/test_export.py \
+    tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
   step "F6. each module's convs, largest first: cuDNN vs the fused and split conv, every pointer and TMA tile timed"
   if [ "${CRN_GPU_SMOKE:-0}" = 1 ]; then echo "(needs a GPU)" >> "$log"; else
     CRN_FAST_CONV_TUNING= kernel_bench 45 kernels_conv --conv-only; fi

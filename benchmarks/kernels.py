@@ -258,6 +258,22 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None, modules=Non
                 impls[base_name] = lambda: F.conv2d(x_pad, w_pad, padding=1)
                 impls[f"{base_name} + triton ln"] = \
                     lambda: K.layer_norm_lrelu(F.conv2d(x_pad, w_pad, padding=1), ones, zeros)
+            if layer == "conv1" and i > 0:  # conv1 from the previous module's raw output, as the model runs it
+                cf = cin - config.num_classes
+                raw = torch.randn(1, h // 2, w // 2, cf, device=device, dtype=dt, generator=g).permute(0, 3, 1, 2)
+                lab = torch.rand(1, h, w, config.num_classes, device=device, dtype=dt, generator=g).permute(0, 3, 1, 2)
+                st = K.layer_norm_stats(raw)
+                g1, b1 = torch.ones(cf, device=device, dtype=dt), torch.zeros(cf, device=device, dtype=dt)
+                wg, wl = K.pack_upsample_conv_weight(wt, cf)
+                w_cudnn = w_pad if cin % CUDNN_CHANNELS else wt
+
+                def cudnn_mode(raw=raw, st=st, g1=g1, b1=b1, lab=lab, w_cudnn=w_cudnn):
+                    up = K.norm_lrelu_upsample_concat(raw, *st, g1, b1, lab, channels_multiple=CUDNN_CHANNELS)
+                    full = up.as_strided((1, w_cudnn.shape[1], h, w), up.stride())  # the zero pad channels too
+                    return K.layer_norm_lrelu(F.conv2d(full, w_cudnn, padding=1), ones, zeros)
+                impls["cudnn mode: norm+upsample+concat, cudnn, triton ln"] = cudnn_mode
+                impls["lowres mode: norm, mm + upsample_conv + stats, norm"] = lambda: K.norm_lrelu(
+                    *K.upsample_conv(K.norm_lrelu(raw, *st, g1, b1), lab, wg, wl), ones, zeros)
             if layer == "conv1":
                 impls["fused conv + stats"] = lambda: K.conv_norm(x, packed)
             else:  # CRN's "fused" and "split" conv2: norm on load, or one apply pass (x is dense here)

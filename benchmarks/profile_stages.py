@@ -58,9 +58,10 @@ def stage_of(name: str) -> str:
     return "other"
 
 
-VARIANTS = ("eager", "triton", "triton-fusedconv", "triton-splitconv", "triton-autoconv", "compile", "compile-max-autotune",
-            "compile-max-autotune-no-cudagraphs", "compile-reduce-overhead")
-FUSED_CONV = {"triton": False, "triton-fusedconv": "fused", "triton-splitconv": "split", "triton-autoconv": "auto"}
+VARIANTS = ("eager", "triton", "triton-fusedconv", "triton-splitconv", "triton-lowresconv", "triton-autoconv", "compile",
+            "compile-max-autotune", "compile-max-autotune-no-cudagraphs", "compile-reduce-overhead")
+FUSED_CONV = {"triton": False, "triton-fusedconv": "fused", "triton-splitconv": "split", "triton-lowresconv": "lowres",
+              "triton-autoconv": "auto"}
 
 
 ANNOTATION = "crn_module_"
@@ -218,7 +219,7 @@ def main(argv=None):
 
     def save(done=False):  # after each variant: a run cut short by a time limit keeps the variants it finished
         md = f"### Per-module profile: {title}\n\n{markdown(results)}" + \
-            "".join(f"{v}: conv_norm modes by module {m}\n" for v, m in modes.items()) + \
+            "".join(f"{v}: conv modes by module {m}\n" for v, m in modes.items()) + \
             "".join(f"\n{v}: not profiled ({e})\n" for v, e in errors.items()) + \
             "".join(f"\n{v}: profiled in a fresh process after {a}'s CUDA fault\n"
                     for v, a in res["fresh_process_after"].items())

@@ -44,7 +44,7 @@ SHARED_LABELS = ROOT.parent / "shared" / "crn_reference" / "labels"
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 ALL_BACKENDS = ("convs-only", "eager", "eager-cudagraph", "triton", "triton-unfused", "triton-cudagraph",
                 "triton-fusedconv", "triton-fusedconv-cudagraph", "triton-splitconv", "triton-splitconv-cudagraph",
-                "triton-autoconv", "triton-autoconv-cudagraph",
+                "triton-autoconv", "triton-autoconv-cudagraph", "triton-lowresconv", "triton-lowresconv-cudagraph",
                 "triton-fusedhead-cudagraph",
                 "triton-compile-reduce-overhead",
                 *(f"compile-{m}" if m != "default" else "compile" for m in COMPILE_MODES), "aoti", "onnxruntime",
@@ -242,6 +242,8 @@ BUILDERS = {"convs-only": b_convs_only, "eager": b_eager, "eager-cudagraph": _cu
             "triton-fusedconv": _triton(True, True), "triton-fusedconv-cudagraph": _cudagraph("triton", True),
             "triton-splitconv": _triton(True, "split"), "triton-splitconv-cudagraph": _cudagraph("triton", "split"),
             "triton-autoconv": _triton(True, "auto"), "triton-autoconv-cudagraph": _cudagraph("triton", "auto"),
+            "triton-lowresconv": _triton(True, "lowres"),
+            "triton-lowresconv-cudagraph": _cudagraph("triton", "lowres"),
             "triton-fusedhead-cudagraph": _cudagraph("triton", fused_head=True),
             "triton-compile-reduce-overhead": _compiled("reduce-overhead", "triton"),
             **{(f"compile-{m}" if m != "default" else "compile"): _compiled(m) for m in COMPILE_MODES},
@@ -430,10 +432,11 @@ def _note(row) -> str:
 def _row_note(row) -> str:
     if row.get("skipped") or row.get("error"):
         return row.get("skipped") or row.get("error")
-    if "conv_modes" in row:  # {module: "fused" | "split"}; the other modules ran cuDNN convs
-        by_mode = {mode: [int(i) for i, m in row["conv_modes"].items() if m == mode] for mode in ("fused", "split")}
-        return "conv_norm: " + (", ".join(f"{mode} in modules {ms}" for mode, ms in by_mode.items() if ms)
-                                or "none (cuDNN everywhere)")
+    if "conv_modes" in row:  # {module: "fused" | "split" | "lowres"}; the other modules ran cuDNN convs
+        by_mode = {mode: [int(i) for i, m in row["conv_modes"].items() if m == mode]
+                   for mode in ("fused", "split", "lowres")}
+        return "conv modes: " + (", ".join(f"{mode} in modules {ms}" for mode, ms in by_mode.items() if ms)
+                                 or "cuDNN everywhere")
     return f"fused conv in modules {row['fused_modules']}" if "fused_modules" in row else ""  # older results
 
 

@@ -9,7 +9,10 @@ statistics, so normalised features are never stored:
     input channels zero-padded to CUDNN_CHANNELS) with the triton layer norm; "fused", both convs
     as the conv_norm kernel, which reduces its output to statistics in its epilogue, conv2
     normalising its input as it loads it; "split", conv1's output normalised once in between;
-    "auto" measures the three per module at the first no-grad CUDA forward of each shape;
+    "lowres" (modules 1..), conv1 as the upsample_conv kernel, its feature weights applied at the
+    previous module's resolution before the upsampling (a quarter of the multiply-adds, and no
+    upsample-concat tensor), then one apply pass and cuDNN's conv2; "auto" measures them per
+    module at the first no-grad CUDA forward of each shape;
   * the head is one conv_norm kernel when the last module's convs are, or with ``fused_head``.
 
 ``FastInference`` is a mixin of CRN: the settings and the derived weights (packed and padded
@@ -31,8 +34,11 @@ CUDNN_CHANNELS = 8  # conv1 inputs of the "cudnn" mode are zero-padded to a mult
 
 # how a module of the triton inference path runs its convs (CRN.fused_conv): cuDNN convs with the
 # triton layer norm; "fused": both convs as the conv_norm kernel, conv2 normalising its input as
-# it loads it; "split": both as conv_norm, conv1's output normalised by one apply pass in between
-CONV_MODES = ("cudnn", "fused", "split")
+# it loads it; "split": both as conv_norm, conv1's output normalised by one apply pass in between;
+# "lowres": conv1 as upsample_conv (the feature weights before the upsampling, kernels/upsample_conv.py),
+# an apply pass with the statistics its epilogue reduced, cuDNN's conv2 (modules 1..: module 0 has
+# nothing to upsample and runs "cudnn")
+CONV_MODES = ("cudnn", "fused", "split", "lowres")
 
 
 class FastInference:
@@ -60,19 +66,19 @@ class FastInference:
     @property
     def fused_conv(self):
         """How the triton backend's no-grad forward runs each module's convs (CONV_MODES): False
-        (cuDNN everywhere), True or "fused" (every module "fused"), "split" (every module split),
-        a frozenset of module indices (those "fused"), a {module: mode} dict, or "auto": per
-        module whichever of cuDNN, "fused" and "split" measured fastest at the first no-grad CUDA
-        forward of each (batch, H, W, dtype, device); see tune_fused_conv."""
+        (cuDNN everywhere), True or "fused" (every module "fused"), "split" or "lowres" (every
+        module so; "lowres" from module 1), a frozenset of module indices (those "fused"), a
+        {module: mode} dict, or "auto": per module whichever of CONV_MODES measured fastest at
+        the first no-grad CUDA forward of each (batch, H, W, dtype, device); see tune_fused_conv."""
         return self._fused_conv
 
     @fused_conv.setter
     def fused_conv(self, value):
         n = len(self.refine)
-        valid = f"True, False, 'auto', 'fused', 'split', module indices 0..{n - 1} or {{module: mode}} with modes " \
-            f"{CONV_MODES}"
+        valid = f"True, False, 'auto', 'fused', 'split', 'lowres', module indices 0..{n - 1} or {{module: mode}} " \
+            f"with modes {CONV_MODES}"
         if isinstance(value, str):
-            if value not in ("auto", "fused", "split"):
+            if value not in ("auto", *CONV_MODES[1:]):
                 raise CRNError(f"fused_conv must be {valid}, got {value!r}")
         elif isinstance(value, dict):
             bad = {k: v for k, v in value.items() if v not in CONV_MODES}
@@ -89,6 +95,9 @@ class FastInference:
                 raise CRNError(f"fused_conv must be {valid}, got {value!r}") from None
         if isinstance(value, (dict, frozenset)) and any(not 0 <= i < n for i in value):
             raise CRNError(f"fused_conv: module indices must be in 0..{n - 1}, got {sorted(value)}")
+        if isinstance(value, dict) and value.get(0) == "lowres":
+            raise CRNError("fused_conv: module 0 cannot run 'lowres' (it reads the layout alone: there is nothing "
+                           "to upsample); give it 'cudnn', 'fused' or 'split'")
         self._fused_conv = value
 
     def _runs_fast_inference(self) -> bool:
@@ -113,11 +122,14 @@ class FastInference:
         (each element once per tap); "split", the same but conv1's output is normalised once by an
         apply pass (norm_lrelu) that conv2 reads; in both the upsample-concat output has its pixel
         rows padded to 16 channels, 16-byte aligned for the kernel's loads. "cudnn": cuDNN convs
-        with the triton layer norm. The head is fused when the last module's convs are.
+        with the triton layer norm. "lowres": _lowres_step. The head is fused when the last
+        module's convs are.
         """
-        from crn_fast.kernels import conv_norm, layer_norm_stats, norm_lrelu, norm_lrelu_upsample_concat
-        from crn_fast.model import to_pixels
-        m, last, fused = self.refine[i], i == len(self.refine) - 1, mode != "cudnn"
+        from crn_fast.kernels import conv_norm, norm_lrelu, norm_lrelu_upsample_concat
+        m, last = self.refine[i], i == len(self.refine) - 1
+        if mode == "lowres" and pending is not None:
+            return self._lowres_step(i, pending, level)
+        fused = mode in ("fused", "split")
         x = level if pending is None else \
             norm_lrelu_upsample_concat(*pending, level, LEAKY_SLOPE, channels_multiple=16 if fused else CUDNN_CHANNELS)
         if fused:
@@ -131,9 +143,26 @@ class FastInference:
                 return conv_norm(h, self._packed(self.head), self.head.bias, (mean, rstd, m.norm2.weight, m.norm2.bias),
                                  LEAKY_SLOPE, stats=False, head=True)
             return h, mean, rstd, m.norm2.weight, m.norm2.bias
-        ops = self._ops
-        h = m.conv2(ops.layer_norm_lrelu(self._conv1_padded(m.conv1, x), m.norm1.weight, m.norm1.bias, LN_EPS,
-                                         LEAKY_SLOPE))
+        h = m.conv2(self._ops.layer_norm_lrelu(self._conv1_padded(m.conv1, x), m.norm1.weight, m.norm1.bias, LN_EPS,
+                                               LEAKY_SLOPE))
+        return self._cudnn_tail(i, h)
+
+    def _lowres_step(self, i: int, pending, level: torch.Tensor):
+        """Module i in "lowres" mode: the previous module's output normalised once (one apply pass at
+        its resolution), conv1 as upsample_conv (its epilogue reduces the statistics of conv1's
+        output), one apply pass with them, cuDNN's conv2; the tail as in "cudnn" mode."""
+        from crn_fast.kernels import norm_lrelu, upsample_conv
+        m = self.refine[i]
+        f = norm_lrelu(*pending, LEAKY_SLOPE)
+        y, mean, rstd = upsample_conv(f, level, *self._lowres_weights(m.conv1, f.shape[1]), eps=LN_EPS)
+        return self._cudnn_tail(i, m.conv2(norm_lrelu(y, mean, rstd, m.norm1.weight, m.norm1.bias, LEAKY_SLOPE)))
+
+    def _cudnn_tail(self, i: int, h: torch.Tensor):
+        """After module i's cuDNN conv2 (output h): the pending tuple for module i+1 (h and its
+        layer norm's statistics), or, after the last module, the images."""
+        from crn_fast.kernels import conv_norm, layer_norm_stats
+        from crn_fast.model import to_pixels
+        m, last, ops = self.refine[i], i == len(self.refine) - 1, self._ops
         if last and self.fused_head:
             return conv_norm(h, self._packed(self.head), self.head.bias,
                              (*layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias), LEAKY_SLOPE, stats=False,
@@ -143,8 +172,8 @@ class FastInference:
         return h, *layer_norm_stats(h, LN_EPS), m.norm2.weight, m.norm2.bias
 
     def conv_plan(self, layout: torch.Tensor | None = None) -> dict[int, str]:
-        """{module: "fused" | "split"} that a no-grad triton forward runs (the other modules: cuDNN
-        convs). With fused_conv="auto" it is the choice measured for this layout's batch, size,
+        """{module: "fused" | "split" | "lowres"} that a no-grad triton forward runs (the other
+        modules: cuDNN convs). With fused_conv="auto" it is the choice measured for this layout's batch, size,
         dtype and device, {} while none is (nothing is measured here)."""
         if self.fused_conv != "auto":
             return dict(self._conv_plan([]))
@@ -154,10 +183,12 @@ class FastInference:
         return dict(self.fused_conv_choices.get(key, {}))
 
     def _conv_plan(self, levels: list[torch.Tensor]) -> dict[int, str]:
-        """{module: "fused" | "split"} for this forward; modules not in it run cuDNN convs."""
+        """{module: "fused" | "split" | "lowres"} for this forward; modules not in it run cuDNN convs."""
         setting, n = self.fused_conv, len(self.refine)
         if setting is True or setting in ("fused", "split"):
             return dict.fromkeys(range(n), "fused" if setting is True else setting)
+        if setting == "lowres":
+            return dict.fromkeys(range(1, n), setting)
         if isinstance(setting, frozenset):
             return dict.fromkeys(setting, "fused")
         if setting != "auto":
@@ -177,8 +208,8 @@ class FastInference:
     def tune_fused_conv(self, layout: torch.Tensor | None = None, timer=None, levels=None,
                         modes=CONV_MODES) -> dict[int, str]:
         """Measure, module by module, each of ``modes`` (CONV_MODES: cuDNN convs + the triton layer
-        norm, the "fused" and the "split" conv_norm kernels) on this layout's shapes (each step
-        timed with its own upsample-concat; the last with the head), and record the fastest for
+        norm, the "fused" and the "split" conv_norm kernels, "lowres" from module 1) on this layout's
+        shapes (each step timed with its own upsample-concat; the last with the head), and record the fastest for
         ``fused_conv="auto"``. ``timer(fn, module, mode) -> ms`` defaults to CUDA events (best of
         3 after a warm-up that also tunes the kernel's tiles). ``levels``: the layout pyramid,
         when forward has built it already. A Triton mode that fails on this GPU is skipped with a
@@ -201,6 +232,8 @@ class FastInference:
             for i, level in enumerate(levels):
                 ms, error = {}, None
                 for mode in modes:
+                    if mode == "lowres" and pending is None:
+                        continue  # module 0: nothing to upsample
                     try:
                         ms[mode] = timer(lambda: self._inference_step(i, pending, level, mode), i, mode)
                     except Exception as e:  # a Triton mode that cannot run here is not chosen, loudly
@@ -235,6 +268,12 @@ class FastInference:
         """conv's weight as the fused conv's (taps, Cin, Cout) operand."""
         from crn_fast.kernels import pack_conv_weight
         return self._derived_weight(conv, "packed", pack_conv_weight)
+
+    def _lowres_weights(self, conv: nn.Conv2d, feature_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv1's weight as upsample_conv's two operands (pack_upsample_conv_weight)."""
+        from crn_fast.kernels import pack_upsample_conv_weight
+        return self._derived_weight(conv, ("lowres", feature_channels),
+                                    lambda w: pack_upsample_conv_weight(w, feature_channels))
 
     def _conv1_padded(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """cuDNN's conv1 on the upsample-concat output with its input channels zero-padded to a

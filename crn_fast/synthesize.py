@@ -126,11 +126,12 @@ def build_parser():
     ap.add_argument("--backend", default="eager", choices=("eager", "triton", "tensorrt"))
     ap.add_argument("--engine", help="TensorRT engine (with --backend tensorrt)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the whole generator as a CUDA graph (GPU)")
-    ap.add_argument("--fused-conv", default="off", choices=("off", "on", "split", "auto"),
+    ap.add_argument("--fused-conv", default="off", choices=("off", "on", "split", "lowres", "auto"),
                     help="with --backend triton: the convs as Triton kernels with the layer norms folded in, in "
                          "every module (on: conv2 normalises its input as it loads it; split: one apply pass "
-                         "between the convs instead) or per module whichever of cuDNN, on and split measured "
-                         "fastest at the first batch of each size (auto); default off")
+                         "between the convs instead), conv1 of modules 1.. with its feature weights applied "
+                         "before the upsampling (lowres), or per module whichever of cuDNN, on, split and lowres "
+                         "measured fastest at the first batch of each size (auto); default off")
     ap.add_argument("--fused-head", action="store_true",
                     help="with --backend triton: the last layer norm, the 1x1 head and its 0..255 scaling as one "
                          "Triton kernel (default off: not yet measured faster on a GPU)")

@@ -13,6 +13,7 @@ from .layer_norm_lrelu import (layer_norm_lrelu, layer_norm_lrelu_reference, lay
                                norm_lrelu_reference)
 from .upsample_concat import (norm_lrelu_upsample_concat, norm_lrelu_upsample_concat_reference, upsample_concat,
                               upsample_concat_reference)
+from .upsample_conv import pack_upsample_conv_weight, upsample_conv, upsample_conv_reference
 
 REFERENCE_OPS = SimpleNamespace(name="eager", layer_norm_lrelu=layer_norm_lrelu_reference,
                                 upsample_concat=upsample_concat_reference, area_pyramid=area_pyramid_reference)
@@ -29,4 +30,4 @@ __all__ = ["HAS_TRITON", "can_run", "interpreter_enabled", "triton_unavailable_r
            "upsample_concat_reference", "norm_lrelu_upsample_concat", "norm_lrelu_upsample_concat_reference",
            "ops_for", "REFERENCE_OPS", "TRITON_OPS", "conv_norm", "conv_norm_reference", "pack_conv_weight",
            "unpack_conv_weight", "pinned_config", "tuned_configs", "Tile", "tma_unavailable_reason", "area_pyramid",
-           "area_pyramid_reference"]
+           "area_pyramid_reference", "upsample_conv", "upsample_conv_reference", "pack_upsample_conv_weight"]

@@ -19,6 +19,7 @@ L = importlib.import_module("crn_fast.kernels.layer_norm_lrelu")
 U = importlib.import_module("crn_fast.kernels.upsample_concat")
 C = importlib.import_module("crn_fast.kernels.conv_norm")
 A = importlib.import_module("crn_fast.kernels.area_pyramid")
+UC = importlib.import_module("crn_fast.kernels.upsample_conv")
 
 
 def compile_kernel(fn, ptrs, floats, constexprs, arch, num_warps=4, num_stages=3, aligned=(), descs=None):
@@ -95,6 +96,9 @@ def main(arch: int = 90) -> int:
              for norm in (False, True)]
         kernels += [(A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
                      dict(NLEV=nlev, CL=cl, C=20, BLOCK_C=32)) for nlev in (1, 4) for cl in (False, True)]
+        kernels += [(UC._upconv_kernel, {"G": dt, "L": dt, "WL": dt, "Y": dt, "PCnt": a, "PMean": a, "PM2": a},
+                     ["scale_h", "scale_w"], dict(STATS=True, IEEE=dt == "fp32", DOT_F32=False, BLOCK_P=bp, BLOCK_C=bc,
+                                                  BLOCK_L=32), warps) for bp, bc, warps in UC.TILES]
         if dt == "bf16":  # sizes, counts and strides of 1, which Triton turns into constants at run time
             ones = dict(H=1, W=1, h=1, w=1, C=1, CL=1, fs3=1, ls3=1, os3=1)
             kernels += [
@@ -110,8 +114,8 @@ def main(arch: int = 90) -> int:
                                                        PIX=1, LPIX=1, CP=1, **ones)),
                 (A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
                  dict(NLEV=2, CL=True, C=1, BLOCK_C=1, H=1, W=1))]
-        for fn, ptrs, floats, const in kernels:
-            warps = L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
+        for fn, ptrs, floats, const, *launched in kernels:
+            warps = launched[0] if launched else L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
             k = compile_kernel(fn, ptrs, floats, const, arch, warps)
             assert k.asm.get("cubin"), fn.__name__
             worst = max(worst, check_spills(f"{fn.__name__} ({dt}, {const})", k.asm["ptx"], arch))
@@ -199,10 +203,10 @@ def as_inductor_compiles_them(folder: str) -> int:
     from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
     header = TritonKernel.gen_common_triton_imports()
     n = 0
-    for mod in (L, U, C, A):
+    for mod in (L, U, C, A, UC):
         for name, fn in list(vars(mod).items()):
-            if not (isinstance(fn, triton.JITFunction) and name.endswith("_kernel")):
-                continue
+            if not (isinstance(fn, triton.JITFunction) and name.endswith("_kernel")) or fn.fn.__module__ != mod.__name__:
+                continue  # a kernel of another module (imported to launch it) is checked there
             reached, todo = {}, [fn]  # every @triton.jit function the kernel reaches, by name
             while todo:
                 f = todo.pop()

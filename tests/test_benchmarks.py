@@ -273,7 +273,8 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     tuning = dict(zip(lines, (tmp_path / "calls.txt.env").read_text().splitlines()))
     assert tuning[race[0]].endswith("/conv_tuning_h100.json"), tuning[race[0]]
     profile = next(line for line in lines if "profile_stages.py" in line)
-    assert "triton,triton-autoconv" in profile and tuning[profile] == tuning[race[0]], profile
+    assert "triton-autoconv,triton,triton-lowresconv" in profile and tuning[profile] == tuning[race[0]], profile
+    assert rows[1] == "triton-lowresconv-cudagraph:bf16:channels_last", rows  # the new conv1, early
     assert tuning[kern[1]] == "", tuning[kern[1]]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run as run_py
@@ -406,9 +407,12 @@ def test_kernel_benchmark_conv_rows_run_through_the_interpreter():
     timed = [r for r in rows if "impl" in r]
     # conv1's input channels (tiny: 20, 52, 44) are also padded to 8 for cuDNN, as the model runs them
     padded = {f"cudnn, Cin padded to {c}{ln}" for c in (24, 56, 48) for ln in ("", " + triton ln")}
+    # conv1 of modules 1..: also from the previous module's raw output, as the cuDNN and lowres modes run it
+    modes = {"cudnn mode: norm+upsample+concat, cudnn, triton ln", "lowres mode: norm, mm + upsample_conv + stats, norm"}
     assert len(saved) == 2 * 5 and {r["impl"] for r in timed} == {
         "cudnn", "cudnn + triton ln", "fused conv + stats", "fused conv norm-in + stats",
-        "split: norm_lrelu + fused conv + stats"} | padded, {r["impl"] for r in timed}
+        "split: norm_lrelu + fused conv + stats"} | padded | modes, {r["impl"] for r in timed}
+    assert {r["module"] for r in timed if r["impl"] in modes} == {1, 2, 3, 4}
     assert [r["module"] for r in timed][0] == 4 and all(r["ms"] > 0 and r["speedup_vs_cudnn"] > 0 for r in timed)
     # each conv1's speedups are against its padded cuDNN conv
     m0 = {r["impl"]: r for r in timed if r["module"] == 0 and r["op"] == "conv1"}
@@ -425,7 +429,7 @@ def test_race_rows_name_each_modules_conv_mode():
     rows of older result files (fused_modules) keep their note."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run as run_py
-    assert run_py._note({"conv_modes": {"0": "fused", "1": "fused", "7": "split", "8": "split"}}) == \
-        "conv_norm: fused in modules [0, 1], split in modules [7, 8]"
-    assert run_py._note({"conv_modes": {}}) == "conv_norm: none (cuDNN everywhere)"
+    assert run_py._note({"conv_modes": {"0": "fused", "1": "fused", "7": "split", "8": "lowres"}}) == \
+        "conv modes: fused in modules [0, 1], split in modules [7], lowres in modules [8]"
+    assert run_py._note({"conv_modes": {}}) == "conv modes: cuDNN everywhere"
     assert run_py._note({"fused_modules": [0, 3]}) == "fused conv in modules [0, 3]"

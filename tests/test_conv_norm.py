@@ -426,7 +426,8 @@ def test_auto_picks_the_faster_variant_per_module_and_uses_it():
         calls.append((module, mode))
         return 1.0 if fastest.get(module, "cudnn") == mode else 2.0
     assert fast.tune_fused_conv(layout, timer=timer) == fastest
-    assert calls == [(i, m) for i in range(3) for m in ("cudnn", "fused", "split")]
+    assert calls == [(0, m) for m in ("cudnn", "fused", "split")] + \
+        [(i, m) for i in (1, 2) for m in ("cudnn", "fused", "split", "lowres")]  # lowres: modules 1..
     assert fast.fused_conv_choices == {(1, 16, 32, torch.float32, layout.device): fastest}
     assert fast.conv_plan(layout) == fastest and fast.conv_plan(layout[:, :, :8, :16]) == {}
     with pytest.raises(CRNError, match="chooses per layout size; pass the layout"):
@@ -453,7 +454,7 @@ def test_auto_skips_a_mode_that_fails_here_with_a_warning():
     def timer(fn, module, mode):
         if mode == "split" and module == 1:
             raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
-        return {"cudnn": 2.0, "fused": 3.0, "split": 1.0}[mode]
+        return {"cudnn": 2.0, "fused": 3.0, "split": 1.0, "lowres": 4.0}[mode]
     with pytest.warns(RuntimeWarning, match="module 1 cannot run 'split' convs here.*OutOfResources"):
         assert fast.tune_fused_conv(layout, timer=timer) == {0: "split", 2: "split"}
 
@@ -544,11 +545,11 @@ def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch, caplog):
     assert "cannot be written" in caplog.text
 
 
-@pytest.mark.parametrize("bad, msg", [("fast", "True, False, 'auto', 'fused', 'split', module indices 0..2 or"),
+@pytest.mark.parametrize("bad, msg", [("fast", "True, False, 'auto', 'fused', 'split', 'lowres', module indices 0..2"),
                                       ({0, 3}, r"module indices must be in 0..2, got \[0, 3\]"),
                                       ({3: "split"}, r"module indices must be in 0..2, got \[3\]"),
                                       ({0: "fast"}, r"unknown mode in \{0: 'fast'\}; the modes are cudnn, fused, "
-                                                    "split"),
+                                                    "split, lowres"),
                                       (1.5, "got 1.5")])
 def test_bad_fused_conv_setting_is_one_clear_error(bad, msg):
     from crn_fast import CRNError

@@ -466,6 +466,8 @@ def _op_cases(channels_last):
                                  0.2, 1e-12, True, False)),
         (ops.conv_norm.default, (x, K.pack_conv_weight(torch.randn(3, 6, 1, 1, device=DEV)),
                                  torch.randn(3, device=DEV), None, None, None, None, 0.2, 1e-12, False, True)),
+        (ops.upsample_conv.default, (x, lab, *K.pack_upsample_conv_weight(torch.randn(4, 9, 3, 3, device=DEV), 6),
+                                     1e-12, True)),
         # bf16 with 8 channels and rows of 64 pixels: the TMA kernel where it runs, traced as the pointer one
         (ops.conv_norm.default, (xt, K.pack_conv_weight(torch.randn(8, 8, 3, 3, device=DEV, dtype=torch.bfloat16)),
                                  None, *K.layer_norm_stats(xt), wt, bt, 0.2, 1e-12, True, False)),
@@ -520,8 +522,12 @@ def test_compiled_triton_generator_has_no_graph_break():
     compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
     with torch.no_grad():
         torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)
-    # every conv a crn_fast operator too, the weights packed inside the graph; split: + norm_lrelu
-    for mode, extra in (("fused", set()), ("split", {"norm_lrelu"})):
+    # every conv a crn_fast operator too, the weights packed inside the graph; split: + norm_lrelu;
+    # lowres: conv1 of modules 1.. as upsample_conv (no upsample-concat), module 0 and conv2 cuDNN's
+    fused_ops = {"area_pyramid", "conv_norm", "norm_lrelu_upsample_concat"}
+    for mode, wanted in (("fused", fused_ops), ("split", fused_ops | {"norm_lrelu"}),
+                         ("lowres", {"area_pyramid", "layer_norm_lrelu", "layer_norm_stats", "norm_lrelu",
+                                     "upsample_conv"})):
         fast.fused_conv = mode
         torch._dynamo.reset()
         with torch.no_grad():
@@ -529,6 +535,6 @@ def test_compiled_triton_generator_has_no_graph_break():
             assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
             ops = {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
                    if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
-            assert ops == {"area_pyramid", "conv_norm", "norm_lrelu_upsample_concat"} | extra, ops
+            assert ops == wanted, (mode, ops)
             compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
             torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)

@@ -182,7 +182,7 @@ def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
 
 
 def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
-    """crn-synthesize --backend triton --fused-conv on|split|auto and --fused-head (interpreter here, GPU
+    """crn-synthesize --backend triton --fused-conv on|split|lowres|auto and --fused-head (interpreter here, GPU
     in use) write the eager images; either flag without the triton backend is one usage error."""
     from crn_fast.kernels import can_run
     from crn_fast.labels import PALETTE
@@ -195,7 +195,7 @@ def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
     common = [str(tmp_path / "g.ckpt"), "--labels", str(tmp_path / "a.png"), "--device", "cpu", "-q"]
     assert synth_main([*common, "--out", str(tmp_path / "eager")]) == 0
     ref = np.asarray(Image.open(tmp_path / "eager" / "a.png"), dtype=np.int16)
-    for mode, extra in (("on", []), ("split", []), ("auto", []), ("head", ["--fused-head"])):
+    for mode, extra in (("on", []), ("split", []), ("lowres", []), ("auto", []), ("head", ["--fused-head"])):
         flags = ["--fused-conv", mode] if not extra else extra
         assert synth_main([*common, "--out", str(tmp_path / mode), "--backend", "triton", *flags]) == 0
         got = np.asarray(Image.open(tmp_path / mode / "a.png"), dtype=np.int16)

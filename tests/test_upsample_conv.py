@@ -1,0 +1,143 @@
+"""conv1 with the feature weights applied before the upsampling (kernels/upsample_conv.py) against
+the direct conv of the upsample-concat, and the generator's "lowres" mode built on it against eager.
+On CPU through Triton's interpreter (small shapes).
+
+Tolerances: fp32 1e-4 relative to the output's magnitude (another summation order); bf16/fp16
+within 2 ulps of it: the GEMM's result g is rounded once to the input's dtype, the output once
+(measured: ~1.8 output ulps against the direct bf16 conv's ~1). Statistics: those of y as stored.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from crn_fast import CRN, CRNConfig, CRNError  # noqa: E402
+from crn_fast import kernels as K  # noqa: E402
+from crn_fast.labels import one_hot  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not K.can_run(torch.empty(0, device=DEV)), reason="Triton cannot run here")
+
+
+def inputs(n, cf, cl, cout, h, w, dtype, seed=0, channels_last=True):
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    f = torch.randn(n, cf, h, w, generator=g).to(DEV, dtype).contiguous(memory_format=fmt)
+    lab = torch.rand(n, cl, 2 * h, 2 * w, generator=g).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(cout, cf + cl, 3, 3, generator=g) / ((cf + cl) * 9) ** 0.5).to(DEV, dtype)
+    return f, lab, wt
+
+
+def ulps(ref: torch.Tensor, dtype) -> float:
+    return {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, cf, cl, cout, h, w", [(2, 24, 20, 24, 3, 5), (1, 8, 3, 40, 2, 9), (1, 16, 20, 8, 4, 4)])
+def test_upsample_conv_matches_the_direct_conv(dtype, n, cf, cl, cout, h, w):
+    """y = conv(cat(up(f), label)) with the feature half applied at the low resolution: odd sizes,
+    output channels past a channel block (40), fewer than a dot's 16 (8), 3 classes; and the
+    statistics of y as stored, per sample."""
+    f, lab, wt = inputs(n, cf, cl, cout, h, w, dtype)
+    y, mean, rstd = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, cf))
+    ref = K.upsample_conv_reference(f, lab, wt)
+    assert y.shape == (n, cout, 2 * h, 2 * w) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.float() - ref).abs().max().item() <= ulps(ref, dtype)
+    var, mu = torch.var_mean(y.double(), dim=(1, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mu, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-12), atol=1e-6, rtol=1e-4)
+
+
+def test_upsample_conv_takes_nchw_features_and_skips_the_statistics():
+    f, lab, wt = inputs(1, 6, 20, 16, 3, 4, torch.float32, channels_last=False)
+    y = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, 6), stats=False)
+    torch.testing.assert_close(y, K.upsample_conv_reference(f, lab, wt), atol=1e-4, rtol=1e-4)
+
+
+def test_upsample_conv_weight_packing_round_trips_and_bad_shapes_are_one_error():
+    from crn_fast.kernels.upsample_conv import _unpack
+    wt = torch.randn(5, 7, 3, 3)
+    wg, wl = K.pack_upsample_conv_weight(wt, 4)
+    assert wg.shape == (4, 45) and wl.shape == (9, 3, 5) and torch.equal(_unpack(wg, wl), wt)
+    assert torch.equal(wg[:, 5 * 4:5 * 5], wt[:, :4, 1, 1].t())  # tap 4 is the centre (dy = dx = 0)
+    with pytest.raises(ValueError, match="0 < Cf < Cf \\+ CL"):
+        K.pack_upsample_conv_weight(wt, 7)
+    with pytest.raises(ValueError, match="upsample_conv: features \\(N, Cf, h, w\\)"):
+        K.upsample_conv(torch.zeros(1, 3, 2, 2, device=DEV), torch.zeros(1, 3, 4, 4, device=DEV),
+                        *(t.to(DEV) for t in (wg, wl)))
+
+
+def _pair(dtype, widths=(12, 10, 8), seed=0):
+    torch.manual_seed(seed)
+    eager = CRN(CRNConfig(widths=widths, k=2)).eval()
+    with torch.no_grad():  # non-trivial norm parameters
+        for p in eager.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fast = CRN(eager.config, backend="triton", fused_conv="lowres").eval()
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowres_generator_matches_eager(dtype):
+    """fused_conv="lowres": modules 1.. run conv1 as upsample_conv (no upsample-concat), module 0
+    the cuDNN convs. At most eager's own error in that dtype against the fp64 model; fp32 to 2e-3."""
+    eager, fast = _pair(dtype)
+    assert fast.conv_plan() == {1: "lowres", 2: "lowres"} and "fused_conv='lowres'" in repr(fast)
+    layout = one_hot(torch.randint(0, 20, (2, 16, 32), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        ours = fast(layout.to(DEV)).double().cpu()
+    names = [e.name for e in prof.events()]
+    assert names.count("crn_fast::upsample_conv") == 2 and "crn_fast::norm_lrelu_upsample_concat" not in names, names
+    with torch.no_grad():
+        exact = eager.double()(layout.double())
+        theirs = eager.to(dtype)(layout.to(dtype)).double()
+    assert ours.shape == (2, 6, 16, 32) and not torch.allclose(ours[0], ours[1])
+    err = (ours - exact).abs().max().item()
+    if dtype == torch.float32:
+        assert err < 2e-3, err
+    else:
+        assert err <= max(1.0, (theirs - exact).abs().max().item()), err
+
+
+@pytest.mark.parametrize("modules", [{1: "lowres"}, {0: "fused", 1: "lowres", 2: "split"}, {2: "lowres"}])
+def test_lowres_mixes_with_the_other_modes(modules):
+    eager, fast = _pair(torch.float32, seed=3)
+    fast.fused_conv = modules
+    assert fast.conv_plan() == modules
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(4)))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(layout.to(DEV)).cpu(), eager(layout), atol=2e-3, rtol=1e-5)
+
+
+def test_module_0_cannot_be_lowres():
+    with pytest.raises(CRNError, match="module 0 cannot run 'lowres'.*give it 'cudnn', 'fused' or 'split'"):
+        CRN(CRNConfig(widths=(4, 4, 4)), backend="triton", fused_conv={0: "lowres"})
+
+
+def test_auto_times_lowres_from_module_1_and_uses_it():
+    eager, fast = _pair(torch.float32, seed=5)
+    fast.fused_conv = "auto"
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(6))).to(DEV)
+    calls = []
+
+    def timer(fn, module, mode):
+        fn()
+        calls.append((module, mode))
+        return 1.0 if mode == "lowres" else 2.0
+    assert fast.tune_fused_conv(layout, timer=timer) == {1: "lowres", 2: "lowres"}
+    assert calls == [(0, m) for m in ("cudnn", "fused", "split")] + \
+        [(i, m) for i in (1, 2) for m in ("cudnn", "fused", "split", "lowres")]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(layout), eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("cf, cout, h, w", [(1024, 512, 64, 128), (512, 128, 256, 512), (128, 32, 512, 1024)])
+def test_gpu_real_module_shapes(cf, cout, h, w):
+    """conv1 of 1024p's modules 5, 7 and 8 (bf16): within 2 ulps of the direct conv in fp32."""
+    f, lab, wt = inputs(1, cf, 20, cout, h, w, torch.bfloat16, seed=2)
+    y, _, _ = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, cf))
+    ref = K.upsample_conv_reference(f, lab, wt)
+    assert (y.float() - ref).abs().max().item() <= ulps(ref, torch.bfloat16)
