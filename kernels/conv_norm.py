@@ -602,12 +602,8 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
     if not can_run(x) or x.dtype == torch.float64:
-        y = conv_norm_reference(x, unpack_conv_weight(packed_weight), bias, norm, negative_slope, head).to(x.dtype)
-        y = y.contiguous(memory_format=torch.channels_last)
-        if not stats:
-            return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
-        mu, rstd_y = _stats_torch(y, eps)
-        return y, mu.float(), rstd_y.float()
+        return reference_with_stats(conv_norm_reference(x, unpack_conv_weight(packed_weight), bias, norm,
+                                                        negative_slope, head).to(x.dtype), stats, eps)
     y = torch.empty((n, cout, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     dummy = y  # stands in for absent pointers (never read: their constexpr flag is off)
     flags = dict(KSIZE=3 if taps == 9 else 1, NORM_IN=norm is not None, STATS=stats, HAS_BIAS=bias is not None,
@@ -642,12 +638,28 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
     tma_reason = tma_unavailable_reason(x, packed_weight, negative_slope)
     pairs = norm is not None and tma_reason is None and _bf16_pairs(x, gamma, beta)
     key = (n, cin, cout, h, w, taps, x.dtype, norm is not None, stats, bias is not None, tma_reason is None)
-    part = run(_choose(key, x, cin, cout, run, tma_reason))
+    return with_merged_stats(y, run(_choose(key, x, cin, cout, run, tma_reason)), eps)
+
+
+def reference_with_stats(y: torch.Tensor, stats: bool, eps: float):
+    """(y channels_last, mean, rstd) where the torch reference computed y: the statistics by torch
+    (empty ones unless ``stats``), as the kernels' epilogues return them."""
+    y = y.contiguous(memory_format=torch.channels_last)
     if not stats:
         return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
-    y_mean = torch.empty(n, device=x.device, dtype=torch.float32)
-    y_rstd = torch.empty(n, device=x.device, dtype=torch.float32)
-    launch(_finalize_kernel, (n,), part[0], part[1], part[2], y_mean, y_rstd, part.shape[2], eps, BLOCK_P=1024)
+    mu, rstd = _stats_torch(y, eps)
+    return y, mu.float(), rstd.float()
+
+
+def with_merged_stats(y: torch.Tensor, part, eps: float):
+    """(y, mean, rstd): y's per-sample statistics merged (_finalize_kernel, Chan's rule) from the
+    (count, mean, M2) partials (3, N, P) an epilogue reduced; empty ones when ``part`` is None."""
+    if part is None:
+        return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
+    y_mean = torch.empty(y.shape[0], device=y.device, dtype=torch.float32)
+    y_rstd = torch.empty(y.shape[0], device=y.device, dtype=torch.float32)
+    launch(_finalize_kernel, (y.shape[0],), part[0], part[1], part[2], y_mean, y_rstd, part.shape[2], eps,
+           BLOCK_P=1024)
     return y, y_mean, y_rstd
 
 

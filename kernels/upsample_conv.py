@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from crn_fast.constants import LN_EPS
 
 from ._runtime import HAS_TRITON, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton, triton_op, tl
-from .conv_norm import _tune, pack_conv_weight
-from .layer_norm_lrelu import _stats_torch
+from .conv_norm import _tune, pack_conv_weight, reference_with_stats, with_merged_stats
 from .upsample_concat import _scale, upsample_concat_reference
 
 
@@ -58,7 +57,7 @@ def pack_upsample_conv_weight(weight: torch.Tensor, feature_channels: int) -> tu
 
 
 if HAS_TRITON:
-    from .conv_norm import _epilogue, _finalize_kernel, _mma
+    from .conv_norm import _epilogue, _mma
     from .upsample_concat import _taps
 
     @triton.jit
@@ -165,12 +164,8 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
     cl, H, W = label.shape[1:]
     cout = wl.shape[2]
     if not can_run(features) or features.dtype == torch.float64:
-        y = upsample_conv_reference(features, label, _unpack(wg, wl)).to(features.dtype)
-        y = y.contiguous(memory_format=torch.channels_last)
-        if not stats:
-            return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
-        mu, rstd = _stats_torch(y, eps)
-        return y, mu.float(), rstd.float()
+        return reference_with_stats(upsample_conv_reference(features, label, _unpack(wg, wl)).to(features.dtype),
+                                    stats, eps)
     f = features.permute(0, 2, 3, 1)  # (N, h, w, Cf): a view when the features are channels_last
     g = torch.mm(f.reshape(n * h * w, cf), wg)  # (N h w, 9 Cout): the feature half, at the low resolution
     label = label.to(features.dtype)
@@ -188,13 +183,7 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
                IEEE=features.dtype == torch.float32, DOT_F32=not cuda and features.dtype != torch.float32,
                BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=max(16, next_pow2(cl)), num_warps=warps)
         return part
-    part = run(_tile((n, cf, cout, cl, h, w, features.dtype, stats), features, run))
-    if not stats:
-        return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
-    y_mean = torch.empty(n, device=y.device, dtype=torch.float32)
-    y_rstd = torch.empty(n, device=y.device, dtype=torch.float32)
-    launch(_finalize_kernel, (n,), part[0], part[1], part[2], y_mean, y_rstd, part.shape[2], eps, BLOCK_P=1024)
-    return y, y_mean, y_rstd
+    return with_merged_stats(y, run(_tile((n, cf, cout, cl, h, w, features.dtype, stats), features, run)), eps)
 
 
 def upsample_conv(features, label, wg, wl, eps: float = LN_EPS, stats: bool = True):
