@@ -99,6 +99,14 @@ def memory_format_of(x):
         x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
+def symbolic(key) -> bool:
+    """Whether a shape key holds symbolic sizes (torch.SymInt: tracing with dynamic shapes, as
+    torch.export's dynamic batch, torch.compile(dynamic=True) and opcheck's dynamic test do). Such
+    a key cannot be hashed, so it is never tuned or looked up: the untuned tile runs."""
+    import torch
+    return any(isinstance(v, torch.SymInt) for v in key)
+
+
 def can_time(t) -> bool:
     """May we time kernels on t's device now: a real CUDA tensor, outside torch.compile tracing and
     CUDA graph capture (a choice made by timing is then cached for those)."""

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
 from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, can_time, cdiv, cuda_time, launch, next_pow2,
-                       precompile, triton, triton_op, tl)
+                       precompile, symbolic, triton, triton_op, tl)
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
@@ -528,6 +528,8 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
     if x.device.type == "cpu":  # Triton's interpreter
         return _INTERPRETER_CONFIGS[0] if tma and x.shape[3] >= _INTERPRETER_CONFIGS[0].block_m \
             else _INTERPRETER_CONFIGS[1]
+    if symbolic(key):  # traced with dynamic shapes: the untuned tile
+        return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
     if key in _TUNED:
         return _TUNED[key]
     if os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or not can_time(x):

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LN_EPS
 
-from ._runtime import HAS_TRITON, can_run, can_time, cdiv, cuda_time, launch, next_pow2, triton, triton_op, tl
+from ._runtime import (HAS_TRITON, can_run, can_time, cdiv, cuda_time, launch, next_pow2, symbolic, triton,
+                       triton_op, tl)
 from .conv_norm import _tune, pack_conv_weight, reference_with_stats, with_merged_stats
 from .upsample_concat import _scale, upsample_concat_reference
 
@@ -128,6 +129,8 @@ def _tile(key: tuple, features: torch.Tensor, run) -> tuple:
     capturing a CUDA graph; CRN_FAST_CONV_TUNE=0 keeps the first), as conv_norm tunes its tiles."""
     if features.device.type == "cpu":
         return _INTERPRETER_TILE
+    if symbolic(key):
+        return TILES[0]
     if key not in _TUNED:
         if os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or not can_time(features):
             return TILES[0]

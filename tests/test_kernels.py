@@ -485,6 +485,58 @@ def test_every_operator_passes_opcheck(channels_last):
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
 
 
+def _dynamic_cuda_cases():
+    """Every operator's host code on fake CUDA tensors whose batch is symbolic (a torch.SymInt), as
+    torch.export's dynamic batch, torch.compile(dynamic=True) and opcheck's dynamic test trace it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    n = mode.from_tensor(torch.empty(2), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC])).shape[0]
+    cl, ops = torch.channels_last, torch.ops.crn_fast
+    with mode:
+        def e(*shape, fmt=torch.contiguous_format):
+            return torch.empty(*shape, device="cuda", memory_format=fmt)
+        x, lab, w, b, mean, rstd = e(n, 16, 8, 16, fmt=cl), e(n, 20, 16, 32, fmt=cl), e(16), e(16), e(n), e(n)
+        yield mode, n, {
+            "layer_norm_lrelu": lambda: ops.layer_norm_lrelu(x, w, b, 1e-12, 0.2, None),
+            "layer_norm_stats": lambda: ops.layer_norm_stats(x, 1e-12, None),
+            "norm_lrelu": lambda: ops.norm_lrelu(x, mean, rstd, w, b, 0.2, None),
+            "upsample_concat": lambda: ops.upsample_concat(x, lab),
+            "norm_lrelu_upsample_concat": lambda: ops.norm_lrelu_upsample_concat(x, mean, rstd, w, b, lab, 0.2, 8),
+            "area_pyramid": lambda: ops.area_pyramid(lab, 3),
+            "conv_norm": lambda: ops.conv_norm(x, e(9, 16, 8), None, mean, rstd, w, b, 0.2, 1e-12, True, False),
+            "upsample_conv": lambda: ops.upsample_conv(x, lab, e(16, 72), e(9, 20, 8), 1e-12, True)}
+
+
+def test_conv_tiles_are_untuned_where_the_batch_is_symbolic():
+    """The conv kernels' tile choice keys on the shape; traced with a symbolic batch the key cannot
+    be hashed (torch.SymInt), so the untuned tile runs instead of a TypeError at the lookup."""
+    import importlib
+    C, UC = (importlib.import_module(f"crn_fast.kernels.{m}") for m in ("conv_norm", "upsample_conv"))
+    for mode, n, _ in _dynamic_cuda_cases():
+        with mode:
+            x = torch.empty(n, 16, 8, 16, device="cuda", memory_format=torch.channels_last)
+            assert isinstance(n, torch.SymInt) and x.device.type == "cuda"
+            key = (n, 16, 8, 8, 16, 9, x.dtype, False, True, False, False)
+            assert C._choose(key, x, 16, 8, None, "not here") == C._heuristic(16, 8, x.dtype, 16, False)
+            assert UC._tile((n, 16, 8, 20, 8, 16, x.dtype, True), x, None) == UC.TILES[0]
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+def test_every_operator_traces_with_a_symbolic_batch_on_a_cuda_device(monkeypatch):
+    """On a CUDA build (no GPU needed: the device's SM count is given), every operator runs its
+    launch planning on fake CUDA tensors with a symbolic batch and returns outputs of that batch."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a, **k: SimpleNamespace(multi_processor_count=132, name="NVIDIA H100", major=9, minor=0))
+    for mode, n, cases in _dynamic_cuda_cases():
+        for name, fn in cases.items():
+            out = fn()
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            assert all(o.shape[0] == n for o in outs if o.numel() or o.dim()), (name, [o.shape for o in outs])
+
+
 def test_operators_trace_with_aot_autograd_on_their_torch_path():
     """Without Triton on the tensors (CPU, no interpreter) every operator runs its torch
     implementation: all four opcheck tests, dynamic shapes included, pass on it."""
