@@ -537,6 +537,42 @@ def test_every_operator_traces_with_a_symbolic_batch_on_a_cuda_device(monkeypatc
             assert all(o.shape[0] == n for o in outs if o.numel() or o.dim()), (name, [o.shape for o in outs])
 
 
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+@pytest.mark.parametrize("preset, size", [("tiny", (32, 64)), ("1024p", (1024, 2048))])
+def test_fast_path_host_code_runs_every_conv_mode_on_a_cuda_device(preset, size, monkeypatch):
+    """The triton backend's no-grad forward on fake CUDA tensors (a CUDA build, no GPU; the kernels
+    are not run): every conv mode and the fused head plan their launches (grids, tiles, padded
+    buffers, derived weights) for the preset's real shapes, and launch the kernels they should."""
+    import importlib
+    from types import SimpleNamespace
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a, **k: SimpleNamespace(multi_processor_count=132, name="NVIDIA H100", major=9, minor=0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    monkeypatch.setattr(K, "triton_unavailable_reason", lambda: None)  # as on a GPU
+    launched = []
+    for name in ("conv_norm", "upsample_conv"):
+        mod = importlib.import_module(f"crn_fast.kernels.{name}")
+        monkeypatch.setattr(mod, "launch", lambda kernel, grid, *a, _real=mod.launch, **kw: (
+            launched.append(kernel.__name__), _real(kernel, grid, *a, **kw)))
+    model = CRN.from_preset(preset, backend="triton").eval()
+    assert model.backend == "triton"
+    for conv, head, kernels in ((False, False, set()), ("fused", False, {"_conv_kernel"}),
+                                ("split", True, {"_conv_kernel"}), ("lowres", False, {"_upconv_kernel"}),
+                                ("lowres", True, {"_upconv_kernel", "_conv_kernel"}),
+                                ({0: "fused", 1: "lowres", 2: "split"}, False, {"_conv_kernel", "_upconv_kernel"})):
+        model.fused_conv, model.fused_head = conv, head
+        launched.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            params = {k: torch.empty_strided(v.shape, v.stride(), device="cuda", dtype=torch.bfloat16)
+                      for k, v in model.state_dict().items()}
+            x = torch.empty(1, 20, *size, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+            y = functional_call(model, params, (x,))
+        assert y.shape == (1, 3 * model.config.k, *size) and y.device.type == "cuda", (conv, head)
+        assert set(launched) - {"_finalize_kernel"} == kernels, (conv, head, launched)
+
+
 def test_operators_trace_with_aot_autograd_on_their_torch_path():
     """Without Triton on the tensors (CPU, no interpreter) every operator runs its torch
     implementation: all four opcheck tests, dynamic shapes included, pass on it."""
