@@ -509,6 +509,14 @@ def _dynamic_cuda_cases():
             "upsample_conv": lambda: ops.upsample_conv(x, lab, e(16, 72), e(9, 20, 8), 1e-12, True)}
 
 
+def _as_an_h100(monkeypatch):
+    """The facts the launch planning asks of the GPU (SM count, compute capability), as an H100's."""
+    from types import SimpleNamespace
+    props = SimpleNamespace(multi_processor_count=132, name="NVIDIA H100", major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+
+
 def test_conv_tiles_are_untuned_where_the_batch_is_symbolic():
     """The conv kernels' tile choice keys on the shape; traced with a symbolic batch the key cannot
     be hashed (torch.SymInt), so the untuned tile runs instead of a TypeError at the lookup."""
@@ -527,9 +535,7 @@ def test_conv_tiles_are_untuned_where_the_batch_is_symbolic():
 def test_every_operator_traces_with_a_symbolic_batch_on_a_cuda_device(monkeypatch):
     """On a CUDA build (no GPU needed: the device's SM count is given), every operator runs its
     launch planning on fake CUDA tensors with a symbolic batch and returns outputs of that batch."""
-    from types import SimpleNamespace
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda *a, **k: SimpleNamespace(multi_processor_count=132, name="NVIDIA H100", major=9, minor=0))
+    _as_an_h100(monkeypatch)
     for mode, n, cases in _dynamic_cuda_cases():
         for name, fn in cases.items():
             out = fn()
@@ -544,12 +550,9 @@ def test_fast_path_host_code_runs_every_conv_mode_on_a_cuda_device(preset, size,
     are not run): every conv mode and the fused head plan their launches (grids, tiles, padded
     buffers, derived weights) for the preset's real shapes, and launch the kernels they should."""
     import importlib
-    from types import SimpleNamespace
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda *a, **k: SimpleNamespace(multi_processor_count=132, name="NVIDIA H100", major=9, minor=0))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    _as_an_h100(monkeypatch)
     monkeypatch.setattr(K, "triton_unavailable_reason", lambda: None)  # as on a GPU
     launched = []
     for name in ("conv_norm", "upsample_conv"):
