@@ -116,9 +116,10 @@ if HAS_TRITON:
         _epilogue(acc, Y, Y, PCnt, PMean, PM2, yrow, pm, co, cm, n * P + pid * n_cb + cb, STATS, False, False)
 
 
-# (BLOCK_P, BLOCK_C, num_warps) tiles the GPU times per shape (none spills registers on sm_80 or sm_90
-# in any dtype: tests/gpu_compile_check.py); the first is the untuned choice (95-128 registers:
-# 16 warps per SM to hide the gathers' latency). Under the interpreter one small tile.
+# (BLOCK_P, BLOCK_C, num_warps) tiles the GPU times per shape (none spills registers on sm_80 or sm_90:
+# each in bf16 in tests/gpu_compile_check.py, and in fp32 and fp16 when checked once by hand; with
+# the 9 taps unrolled instead of looped they spilled up to 48 KB); the first is the untuned choice
+# (95-128 registers: 16 warps per SM to hide the gathers' latency). Under the interpreter one small tile.
 TILES = [(32, 32, 4), (64, 32, 8), (32, 64, 4), (64, 64, 8), (128, 32, 8)]
 _INTERPRETER_TILE = (16, 16, 4)
 _TUNED: dict[tuple, tuple] = {}
