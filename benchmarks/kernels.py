@@ -140,19 +140,22 @@ def main(argv=None):
                 if "error" in r:
                     r["error"] += " (the GPU was unusable after it: the parts after it ran in a fresh process)"
             save()
-            rows += parts_in_a_fresh_process(args, dtypes, formats, out, k + 1, after=part_label(parts[k]))
+            rest, complete = parts_in_a_fresh_process(args, dtypes, formats, out, k + 1, after=part_label(parts[k]))
+            rows += rest
             break
+    else:
+        complete = True
     if ran_conv:
         rows.append({"op": "conv_norm tuned configs", "configs": conv_configs()})
-    save(final=True)
+    save(final=complete)  # still partial if the fresh process was cut short
     print(f"wrote {out}", file=sys.stderr)
 
 
-def parts_in_a_fresh_process(args, dtypes, formats, out: Path, first: int, after: str) -> list[dict]:
-    """The rows of parts ``first``.. measured by a new kernels.py process (the same options, so the
-    same plan of parts), each marked with the part whose fault made it necessary; its own faults
-    recurse the same way. Its file sits beside ``out`` until it is merged (a time limit that ends
-    both processes leaves it there, with what it measured)."""
+def parts_in_a_fresh_process(args, dtypes, formats, out: Path, first: int, after: str) -> tuple[list[dict], bool]:
+    """(rows, whether it finished) of parts ``first``.. measured by a new kernels.py process (the
+    same options, so the same plan of parts), each row marked with the part whose fault made it
+    necessary; its own faults recurse the same way. Its file sits beside ``out`` until it is merged
+    (a time limit that ends both processes leaves it there, with what it measured)."""
     rest = out.with_name(f"{out.stem}.from-part-{first}.json")
     argv = [str(Path(__file__).resolve()), "--preset", args.preset, "--dtypes", ",".join(dtypes), "--iters",
             str(args.iters), "--formats", ",".join(formats), "--json", str(rest), "--from-part", str(first)]
@@ -162,11 +165,11 @@ def parts_in_a_fresh_process(args, dtypes, formats, out: Path, first: int, after
     res, ended = fresh_process(argv, rest, timeout=3600)
     if res is None:
         return [{"op": "parts left", "error": f"the fresh process for the parts after {after}'s CUDA fault ended "
-                                              f"with {ended} and no results"}]
+                                              f"with {ended} and no results"}], True
     rest.unlink(missing_ok=True)
     for row in res["rows"]:
         row.setdefault("fresh_process_after", after)  # a nested fault names its own part
-    return res["rows"]
+    return res["rows"], "partial" not in res
 
 
 class OpRows:
@@ -267,7 +270,7 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None, modules=Non
                 wg, wl = K.pack_upsample_conv_weight(wt, cf)
                 w_cudnn = w_pad if cin % CUDNN_CHANNELS else wt
 
-                def cudnn_mode(raw=raw, st=st, g1=g1, b1=b1, lab=lab, w_cudnn=w_cudnn):
+                def cudnn_mode():
                     up = K.norm_lrelu_upsample_concat(raw, *st, g1, b1, lab, channels_multiple=CUDNN_CHANNELS)
                     full = up.as_strided((1, w_cudnn.shape[1], h, w), up.stride())  # the zero pad channels too
                     return K.layer_norm_lrelu(F.conv2d(full, w_cudnn, padding=1), ones, zeros)

@@ -250,19 +250,21 @@ def main(argv=None):
             # are profiled by a fresh process, and the files say which
             errors[v] += " (the GPU was unusable after it: the variants after it ran in a fresh process)"
             save()
-            variants_in_a_fresh_process(args, rest, stem, res, after=v)
+            complete = variants_in_a_fresh_process(args, rest, stem, res, after=v)
             break
         save()
-    md = save(done=True)
+    else:
+        complete = True
+    md = save(done=complete)  # still partial if the fresh process was cut short
     print(md)
     print(f"wrote {stem}.json/.md", file=sys.stderr)
     return 1 if errors and not results else 0
 
 
-def variants_in_a_fresh_process(args, variants, stem: Path, res: dict, after: str) -> None:
+def variants_in_a_fresh_process(args, variants, stem: Path, res: dict, after: str) -> bool:
     """Profile ``variants`` in a new profile_stages.py process (same size, preset and dtype) and merge
     its results into ``res``, each variant marked with the one whose fault made it necessary (its
-    own faults recurse the same way)."""
+    own faults recurse the same way). Returns whether that process finished."""
     out = stem.with_name(f"{stem.name}.after-{after}")
     argv = [str(Path(__file__).resolve()), "--res", args.res, "--dtype", args.dtype, "--variants", ",".join(variants),
             "--out", str(out)] + (["--preset", args.preset] if args.preset else [])
@@ -272,12 +274,13 @@ def variants_in_a_fresh_process(args, variants, stem: Path, res: dict, after: st
         for v in variants:
             res["errors"][v] = f"the fresh process for the variants after {after}'s CUDA fault ended with {ended} " \
                                "and no results"
-        return
+        return True
     for key in ("profile_ms", "conv_modes", "errors", "error_details", "kernels"):
         res[key].update(got.get(key, {}))
     res["fresh_process_after"].update({v: got.get("fresh_process_after", {}).get(v, after) for v in variants})
     for f in (out.with_suffix(".json"), out.with_suffix(".md")):
         f.unlink(missing_ok=True)
+    return "partial" not in got
 
 
 if __name__ == "__main__":

@@ -107,6 +107,15 @@ def symbolic(key) -> bool:
     return any(isinstance(v, torch.SymInt) for v in key)
 
 
+TUNE_ENV = "CRN_FAST_CONV_TUNE"  # "0": the conv kernels keep their untuned tiles
+
+
+def tuning_allowed(t) -> bool:
+    """May a kernel tune its tile on t now: tuning not turned off (CRN_FAST_CONV_TUNE=0) and
+    can_time(t)."""
+    return os.environ.get(TUNE_ENV, "1") != "0" and can_time(t)
+
+
 def can_time(t) -> bool:
     """May we time kernels on t's device now: a real CUDA tensor, outside torch.compile tracing and
     CUDA graph capture (a choice made by timing is then cached for those)."""

@@ -59,8 +59,8 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, can_time, cdiv, cuda_time, launch, next_pow2,
-                       precompile, symbolic, triton, triton_op, tl)
+from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, cdiv, cuda_time, launch, next_pow2, precompile,
+                       symbolic, triton, triton_op, tl, tuning_allowed)
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
@@ -532,7 +532,7 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
         return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
     if key in _TUNED:
         return _TUNED[key]
-    if os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or not can_time(x):
+    if not tuning_allowed(x):
         return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
     tag = _device_tag(x.device)
     stored = _file_tile(key, tag)

@@ -28,15 +28,14 @@ path rounds the upsample-concat output once; the tests hold it to the direct con
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
 from crn_fast.constants import LN_EPS
 
-from ._runtime import (HAS_TRITON, can_run, can_time, cdiv, cuda_time, launch, next_pow2, symbolic, triton,
-                       triton_op, tl)
+from ._runtime import (HAS_TRITON, can_run, cdiv, cuda_time, launch, next_pow2, symbolic, triton, triton_op, tl,
+                       tuning_allowed)
 from .conv_norm import _tune, pack_conv_weight, reference_with_stats, with_merged_stats
 from .upsample_concat import _scale, upsample_concat_reference
 
@@ -133,7 +132,7 @@ def _tile(key: tuple, features: torch.Tensor, run) -> tuple:
     if symbolic(key):
         return TILES[0]
     if key not in _TUNED:
-        if os.environ.get("CRN_FAST_CONV_TUNE", "1") == "0" or not can_time(features):
+        if not tuning_allowed(features):
             return TILES[0]
         _TUNED[key], timings, _ = _tune(TILES, run, cuda_time)
         logging.getLogger("crn_fast.kernels").debug("upsample_conv %s: %s of %s", key, _TUNED[key], timings)
