@@ -61,6 +61,7 @@ from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
 from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, cdiv, cuda_time, launch, next_pow2, precompile,
                        symbolic, triton, triton_op, tl, tuning_allowed)
+from ._tuning import device_tag, store_tile, stored_tile, tune
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
@@ -414,85 +415,14 @@ def _heuristic(cin: int, cout: int, dtype: torch.dtype, width: int = 0, tma: boo
 _TUNED: dict[tuple, Tile] = {}
 _TIMINGS: dict[tuple, dict[Tile, float]] = {}
 _FAILURES: dict[tuple, dict[Tile, str]] = {}
-TUNING_FILE_ENV = "CRN_FAST_CONV_TUNING"
-_TUNING_FORMAT = 1  # bumped when a stored tile would no longer mean the same launch
-_FILE_TILES: dict[str, dict[str, dict[str, Tile]]] = {}  # path -> device tag -> key text -> tile
-_FILE_WARNED: set = set()
 
 
-def _warn_file_once(path: str, what: str) -> None:
-    if path not in _FILE_WARNED:
-        _FILE_WARNED.add(path)
-        logging.getLogger("crn_fast.kernels").warning("%s %s: %s; the tiles are tuned in this process instead",
-                                                      TUNING_FILE_ENV, path, what)
-
-
-def _read_tuning_file(path: str) -> dict[str, dict[str, Tile]]:
-    """{device tag: {key text: tile}} from a tuning file; {} for a missing file, and one warning
-    for an unreadable or foreign one (inference never fails on a cache)."""
-    import json
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        _warn_file_once(path, f"cannot be read ({type(e).__name__}: {e})")
-        return {}
-    if not isinstance(data, dict) or data.get("format") != _TUNING_FORMAT or not isinstance(data.get("devices"), dict):
-        _warn_file_once(path, f"is not a crn_fast conv tuning file of format {_TUNING_FORMAT}")
-        return {}
-    out = {}
-    for tag, entries in data["devices"].items():
-        tiles = {}
-        for k, v in (entries.items() if isinstance(entries, dict) else ()):
-            ok = isinstance(v, list) and len(v) == 6 and isinstance(v[5], bool) and \
-                all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v[:5])
-            if ok:
-                tiles[k] = Tile(*v)
-        out[tag] = tiles
-    return out
-
-
-def _key_text(key: tuple) -> str:
-    return "|".join(str(v) for v in key)
-
-
-def _device_tag(device) -> str:
-    """What a tuned tile holds for: the GPU model and the Triton that compiled it."""
-    return f"{torch.cuda.get_device_name(device)} | triton {triton.__version__}"
-
-
-def _file_tile(key: tuple, tag: str) -> Optional[Tile]:
-    """The tile stored for ``key`` on this device in the CRN_FAST_CONV_TUNING file, if any."""
-    path = os.environ.get(TUNING_FILE_ENV)
-    if not path:
-        return None
-    if path not in _FILE_TILES:
-        _FILE_TILES[path] = _read_tuning_file(path)
-    return _FILE_TILES[path].get(tag, {}).get(_key_text(key))
-
-
-def _store_tile(key: tuple, tag: str, tile: Tile) -> None:
-    """Add one tuned tile to the CRN_FAST_CONV_TUNING file: re-read (other processes may have added
-    theirs), merge, and replace the file atomically; a file that cannot be written is one warning."""
-    import json
-    import tempfile
-    path = os.environ.get(TUNING_FILE_ENV)
-    if not path:
-        return
-    tiles = _read_tuning_file(path)
-    tiles.setdefault(tag, {})[_key_text(key)] = tile
-    _FILE_TILES[path] = tiles
-    data = {"format": _TUNING_FORMAT, "devices": {t: {k: list(v) for k, v in sorted(e.items())}
-                                                  for t, e in sorted(tiles.items())}}
-    try:
-        folder = os.path.dirname(os.path.abspath(path))
-        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".tuning-", suffix=".json", delete=False) as f:
-            json.dump(data, f, indent=1)
-        os.replace(f.name, path)
-    except OSError as e:
-        _warn_file_once(path, f"cannot be written ({type(e).__name__}: {e})")
+def _parse_tile(values: list) -> Optional[Tile]:
+    """A Tile from the tuning file's values (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, tma),
+    None for values that are not one."""
+    ok = len(values) == 6 and isinstance(values[5], bool) and \
+        all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in values[:5])
+    return Tile(*values) if ok else None
 
 
 _PINNED: list[Tile] = []
@@ -534,42 +464,21 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
         return _TUNED[key]
     if not tuning_allowed(x):
         return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
-    tag = _device_tag(x.device)
-    stored = _file_tile(key, tag)
+    tag = device_tag(x.device)
+    stored = stored_tile("conv_norm", key, tag, _parse_tile)
     if stored is not None:
         _TUNED[key] = stored
         return stored
     t0 = time.perf_counter()
     candidates = _candidates(cin, cout, x.dtype, x.shape[3], tma)
     precompile(candidates, lambda cfg: run(cfg, warmup=True))
-    _TUNED[key], _TIMINGS[key], failed = _tune(candidates, run, cuda_time)
-    _store_tile(key, tag, _TUNED[key])
+    _TUNED[key], _TIMINGS[key], failed = tune("conv_norm", candidates, run, cuda_time)
+    store_tile("conv_norm", key, tag, _TUNED[key])
     if failed:
         _FAILURES[key] = failed
     logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], _TIMINGS[key],
                                                 time.perf_counter() - t0)
     return _TUNED[key]
-
-
-def _tune(candidates: list[Tile], run, timer) -> tuple[Tile, dict[Tile, float], dict[Tile, str]]:
-    """(fastest tile, each tile's ms, each failed tile's error): ``timer(lambda: run(tile))`` for
-    every candidate. A tile this GPU cannot compile or launch (Triton's OutOfResources: shared
-    memory or registers; a ptxas error) is skipped with one warning, as Triton's own autotuner
-    skips it; when every tile fails, the first failure is raised."""
-    timed, failed, first = {}, {}, None
-    for cfg in candidates:
-        try:
-            timed[cfg] = timer(lambda: run(cfg))
-        except triton.runtime.errors.TritonError as e:
-            failed[cfg] = f"{type(e).__name__}: {e}"
-            first = first or e
-    if not timed:
-        raise first
-    if failed:
-        logging.getLogger("crn_fast.kernels").warning(
-            "conv_norm: %d of %d tile configs cannot run on this GPU and were skipped: %s", len(failed),
-            len(candidates), "; ".join(f"{tuple(c)}: {m[:200]}" for c, m in failed.items()))
-    return min(timed, key=timed.get), timed, failed
 
 
 def tuned_configs(timings: bool = False, failures: bool = False) -> dict:

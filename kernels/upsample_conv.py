@@ -36,7 +36,8 @@ from crn_fast.constants import LN_EPS
 
 from ._runtime import (HAS_TRITON, can_run, cdiv, cuda_time, launch, next_pow2, symbolic, triton, triton_op, tl,
                        tuning_allowed)
-from .conv_norm import _tune, pack_conv_weight, reference_with_stats, with_merged_stats
+from ._tuning import device_tag, store_tile, stored_tile, tune
+from .conv_norm import pack_conv_weight, reference_with_stats, with_merged_stats
 from .upsample_concat import _scale, upsample_concat_reference
 
 
@@ -124,9 +125,16 @@ _INTERPRETER_TILE = (16, 16, 4)
 _TUNED: dict[tuple, tuple] = {}
 
 
+def _parse_tile(values: list):
+    """A tile from the tuning file's values (BLOCK_P, BLOCK_C, num_warps), None for values that are
+    not one of TILES (a file written by another version of this kernel)."""
+    return tuple(values) if tuple(values) in TILES else None
+
+
 def _tile(key: tuple, features: torch.Tensor, run) -> tuple:
     """The tile for this shape: tuned once per process on a GPU (CUDA events; not while tracing or
-    capturing a CUDA graph; CRN_FAST_CONV_TUNE=0 keeps the first), as conv_norm tunes its tiles."""
+    capturing a CUDA graph; CRN_FAST_CONV_TUNE=0 keeps the first), and kept in the
+    CRN_FAST_CONV_TUNING file when one is set, as conv_norm tunes and keeps its tiles."""
     if features.device.type == "cpu":
         return _INTERPRETER_TILE
     if symbolic(key):
@@ -134,7 +142,13 @@ def _tile(key: tuple, features: torch.Tensor, run) -> tuple:
     if key not in _TUNED:
         if not tuning_allowed(features):
             return TILES[0]
-        _TUNED[key], timings, _ = _tune(TILES, run, cuda_time)
+        tag = device_tag(features.device)
+        stored = stored_tile("upsample_conv", key, tag, _parse_tile)
+        if stored is not None:
+            _TUNED[key] = stored
+            return stored
+        _TUNED[key], timings, _ = tune("upsample_conv", TILES, run, cuda_time)
+        store_tile("upsample_conv", key, tag, _TUNED[key])
         logging.getLogger("crn_fast.kernels").debug("upsample_conv %s: %s of %s", key, _TUNED[key], timings)
     return _TUNED[key]
 
@@ -186,7 +200,7 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
                IEEE=features.dtype == torch.float32, DOT_F32=not cuda and features.dtype != torch.float32,
                BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=max(16, next_pow2(cl)), num_warps=warps)
         return part
-    return with_merged_stats(y, run(_tile((n, cf, cout, cl, h, w, features.dtype, stats), features, run)), eps)
+    return with_merged_stats(y, run(_tile((n, cf, cout, cl, h, w, H, W, features.dtype, stats), features, run)), eps)
 
 
 def upsample_conv(features, label, wg, wl, eps: float = LN_EPS, stats: bool = True):

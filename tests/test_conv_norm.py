@@ -476,11 +476,12 @@ def test_tile_tuning_skips_tiles_this_gpu_cannot_run():
         if tile.block_m == 256:
             raise triton.runtime.errors.OutOfResources(270336, 232448, "shared memory")
         return tile
-    best, timed, failed = C._tune(tiles, run, lambda fn: float(fn().block_n))
+    tune = importlib.import_module("crn_fast.kernels._tuning").tune
+    best, timed, failed = tune("conv_norm", tiles, run, lambda fn: float(fn().block_n))
     assert best == tiles[2] and timed == {tiles[1]: 128.0, tiles[2]: 64.0}
     assert list(failed) == [tiles[0]] and "OutOfResources" in failed[tiles[0]] and "shared memory" in failed[tiles[0]]
     with pytest.raises(triton.runtime.errors.OutOfResources):
-        C._tune(tiles[:1], run, lambda fn: fn())
+        tune("conv_norm", tiles[:1], run, lambda fn: fn())
 
 
 def test_precompile_submits_every_candidate_and_never_fails_the_tuning(monkeypatch):
@@ -509,39 +510,48 @@ def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch, caplog):
     """CRN_FAST_CONV_TUNING=FILE: each tile tuned on a GPU is added to the file (merged with what
     other processes stored, replaced atomically), and a later process reads it instead of tuning
     again, per GPU model and Triton version. A corrupt, foreign or unwritable file is one warning,
-    never a failed forward."""
+    never a failed forward; an entry that is not a tile of the kernel is ignored."""
     import json
     C = importlib.import_module("crn_fast.kernels.conv_norm")
+    T = importlib.import_module("crn_fast.kernels._tuning")
     path = tmp_path / "tuning.json"
-    monkeypatch.setenv(C.TUNING_FILE_ENV, str(path))
-    monkeypatch.setattr(C, "_FILE_TILES", {})
-    monkeypatch.setattr(C, "_FILE_WARNED", set())
+    monkeypatch.setenv(T.TUNING_FILE_ENV, str(path))
+    monkeypatch.setattr(T, "_FILES", {})
+    monkeypatch.setattr(T, "_WARNED", set())
     key = (1, 532, 128, 512, 1024, 9, torch.bfloat16, True, True, False, True)
     h100, h200 = "NVIDIA H100 80GB HBM3 | triton 3.6.0", "NVIDIA H200 | triton 3.6.0"
-    C._store_tile(key, h100, C.Tile(128, 128, 64, 8, 3, True))
-    C._store_tile(key[:1] + (148,) + key[2:], h100, C.Tile(64, 64, 64, 4, 3))
-    C._store_tile(key, h200, C.Tile(256, 128, 64, 8, 3, True))
+
+    def stored(key, tag):
+        return T.stored_tile("conv_norm", key, tag, C._parse_tile)
+    T.store_tile("conv_norm", key, h100, C.Tile(128, 128, 64, 8, 3, True))
+    T.store_tile("conv_norm", key[:1] + (148,) + key[2:], h100, C.Tile(64, 64, 64, 4, 3))
+    T.store_tile("conv_norm", key, h200, C.Tile(256, 128, 64, 8, 3, True))
     data = json.loads(path.read_text())
     assert data["format"] == 1 and len(data["devices"][h100]) == 2
+    # the file's first keys keep their text: files written before other kernels stored tiles still read
     assert data["devices"][h100]["1|532|128|512|1024|9|torch.bfloat16|True|True|False|True"] == [128, 128, 64, 8, 3,
                                                                                                  True]
-    monkeypatch.setattr(C, "_FILE_TILES", {})  # a new process
-    assert C._file_tile(key, h100) == C.Tile(128, 128, 64, 8, 3, True)
-    assert C._file_tile(key, h200) == C.Tile(256, 128, 64, 8, 3, True)
-    assert C._file_tile(key, "NVIDIA A100 | triton 3.6.0") is None
+    monkeypatch.setattr(T, "_FILES", {})  # a new process
+    assert stored(key, h100) == C.Tile(128, 128, 64, 8, 3, True)
+    assert stored(key, h200) == C.Tile(256, 128, 64, 8, 3, True)
+    assert stored(key, "NVIDIA A100 | triton 3.6.0") is None
     assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
+    data["devices"][h100]["1|532|128|512|1024|9|torch.bfloat16|True|True|False|True"] = [128, 128, 64]
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(T, "_FILES", {})
+    assert stored(key, h100) is None and stored(key, h200) is not None  # not a conv_norm tile: tuned again
     for bad, what in (("{not json", "cannot be read"), ('{"format": 0, "devices": {}}', "is not a crn_fast conv")):
         path.write_text(bad)
-        monkeypatch.setattr(C, "_FILE_TILES", {})
-        monkeypatch.setattr(C, "_FILE_WARNED", set())
+        monkeypatch.setattr(T, "_FILES", {})
+        monkeypatch.setattr(T, "_WARNED", set())
         with caplog.at_level("WARNING", logger="crn_fast.kernels"):
             caplog.clear()
-            assert C._file_tile(key, h100) is None and C._file_tile(key, h100) is None
+            assert stored(key, h100) is None and stored(key, h100) is None
         assert [r.getMessage() for r in caplog.records if what in r.getMessage()] and len(caplog.records) == 1
-    monkeypatch.setenv(C.TUNING_FILE_ENV, str(tmp_path / "missing_dir" / "t.json"))
+    monkeypatch.setenv(T.TUNING_FILE_ENV, str(tmp_path / "missing_dir" / "t.json"))
     with caplog.at_level("WARNING", logger="crn_fast.kernels"):
         caplog.clear()
-        C._store_tile(key, h100, C.Tile(64, 64, 64, 4, 3))  # cannot be written: a warning, no exception
+        T.store_tile("conv_norm", key, h100, C.Tile(64, 64, 64, 4, 3))  # cannot be written: a warning, no exception
     assert "cannot be written" in caplog.text
 
 

@@ -6,6 +6,8 @@ Tolerances: fp32 1e-4 relative to the output's magnitude (another summation orde
 within 2 ulps of it: the GEMM's result g is rounded once to the input's dtype, the output once
 (measured: ~1.8 output ulps against the direct bf16 conv's ~1). Statistics: those of y as stored.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -129,6 +131,41 @@ def test_auto_times_lowres_from_module_1_and_uses_it():
     assert calls == [(0, "cudnn"), (1, "cudnn"), (1, "lowres"), (2, "cudnn"), (2, "lowres")]  # module 0: no lowres
     with torch.no_grad():
         torch.testing.assert_close(fast(layout), eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
+
+
+def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch):
+    """The kernel's tile, timed per shape on a GPU, is kept in the CRN_FAST_CONV_TUNING file beside
+    conv_norm's: a later process reads it instead of timing the candidates; a stored value that is
+    not one of today's tiles is timed again. (A meta tensor stands for the GPU's: the lookup is the
+    point here, the GPU session times real tiles.)"""
+    import json
+    U = importlib.import_module("crn_fast.kernels.upsample_conv")
+    T = importlib.import_module("crn_fast.kernels._tuning")
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv(T.TUNING_FILE_ENV, str(path))
+    monkeypatch.setattr(T, "_FILES", {})
+    monkeypatch.setattr(U, "_TUNED", {})
+    monkeypatch.setattr(U, "tuning_allowed", lambda t: True)
+    monkeypatch.setattr(U, "device_tag", lambda d: "NVIDIA H200 | triton 3.6.0")
+    monkeypatch.setattr(U, "cuda_time", lambda fn: fn())
+    timed = []
+
+    def run(tile):
+        timed.append(tile)
+        return 1.0 if tile == U.TILES[2] else 2.0
+    key, gpu = (1, 128, 32, 20, 512, 1024, 1024, 2048, torch.bfloat16, True), torch.empty(0, device="meta")
+    assert U._tile(key, gpu, run) == U.TILES[2] and timed == U.TILES
+    stored = json.loads(path.read_text())["devices"]["NVIDIA H200 | triton 3.6.0"]
+    assert stored == {"upsample_conv|1|128|32|20|512|1024|1024|2048|torch.bfloat16|True": list(U.TILES[2])}
+    timed.clear()
+    monkeypatch.setattr(T, "_FILES", {})  # a new process
+    monkeypatch.setattr(U, "_TUNED", {})
+    assert U._tile(key, gpu, run) == U.TILES[2] and timed == []
+    path.write_text(json.dumps({"format": 1, "devices": {"NVIDIA H200 | triton 3.6.0": {
+        "upsample_conv|1|128|32|20|512|1024|1024|2048|torch.bfloat16|True": [16, 16, 4]}}}))
+    monkeypatch.setattr(T, "_FILES", {})
+    monkeypatch.setattr(U, "_TUNED", {})
+    assert U._tile(key, gpu, run) == U.TILES[2] and timed == U.TILES
 
 
 @pytest.mark.gpu
