@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts, so they cannot rot (tiny shapes; no timing assertions)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -246,15 +247,18 @@ def _session_with_recorders(tmp_path, **env_extra):
     return r, (out / "gpu_session.log").read_text(), calls.read_text().splitlines()
 
 
-def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
-    """CRN_GPU_FOLLOWUP=1: the kernel benchmark without conv rows, the race against every compile
-    mode, the profile, the compiled tests (the fused conv's first) and the conv rows alone, each
-    kernel benchmark into its own file; every row it names is one run.py accepts."""
-    _, log, lines = _session_with_recorders(tmp_path, CRN_GPU_FOLLOWUP="1")
-    for step in ("F1. kernel benchmark", "F2. the race at 1024x2048", "F3. per-module profile", "F4. compiled tests",
-                 "F6. each module's convs", "F5. the targets", "== done"):
-        assert step in log, (step, log)
-    assert "1. compiled tests (" not in log  # the first session's steps do not run
+def test_gpu_session_script_runs_its_steps(tmp_path):
+    """The GPU branch of benchmarks/gpu_session.sh (not the CPU smoke branch) with its programs
+    replaced by recorders: the kernel benchmark without conv rows, the race against every compile
+    mode, the profile, the compiled tests (the fused conv's first), the conv rows alone, the fp32
+    row with TF32 convs and the targets, each into its own file; every row, profile variant and
+    option it names is one the scripts accept, and nothing in the script itself fails (an unset
+    variable under `set -u` once ended it at step 3). CRN_GPU_FOLLOWUP=1, which older notes name,
+    runs the same commands."""
+    _, log, lines = _session_with_recorders(tmp_path)
+    steps = ("F0. the TMA conv kernel", "F1. kernel benchmark", "F2. the race at 1024x2048", "F3. per-module profile",
+             "F4. compiled tests", "F6. each module's convs", "F7. fp32 with TF32", "F5. the targets", "== done")
+    assert [log.index(step) for step in steps] == sorted(log.index(step) for step in steps), log
     kern = [line for line in lines if "benchmarks/kernels.py" in line]
     assert len(kern) == 2 and all("--res 1024x2048" in line for line in kern), kern
     assert "--no-conv" in kern[0] and "kernels_h100.json" in kern[0], kern
@@ -262,7 +266,7 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     tests = next(line for line in lines if "pytest" in line and "gpu or tensorrt" in line)
     assert tests.index("test_model.py") < tests.index("test_conv_norm.py") < tests.index("test_conv_tiles.py"), tests
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    race = [line for line in lines if "benchmarks/run.py" in line]
+    race = [line for line in lines if "benchmarks/run.py" in line and "--allow-tf32" not in line]
     assert len(race) == 1 and "compile-max-autotune:bf16:channels_last" in race[0] and "--iters" not in race[0]
     assert "triton-fusedhead-cudagraph:bf16:channels_last" in race[0]
     rows = race[0].split("--rows ")[1].split()[0].split(",")
@@ -276,11 +280,26 @@ def test_gpu_session_script_followup_mode_runs_its_steps(tmp_path):
     assert "triton-autoconv,triton,triton-lowresconv" in profile and tuning[profile] == tuning[race[0]], profile
     assert rows[1] == "triton-lowresconv-cudagraph:bf16:channels_last", rows  # the new conv1, early
     assert tuning[kern[1]] == "", tuning[kern[1]]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    fp32 = [line for line in lines if "benchmarks/run.py" in line and "--allow-tf32" in line]
+    assert len(fp32) == 1 and "triton-cudagraph:fp32:channels_last" in fp32[0], fp32
+    assert "/h100_1024x2048_fp32_tf32.json" in fp32[0], fp32
+    assert any("targets.py" in line and "--device h100" in line for line in lines)
+    import profile_stages
     import run as run_py
-    argv = race[0].split()[2:]
-    argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
-    run_py.parse_args(argv)
+    for line in lines:
+        argv = line.split()[2:]
+        if "--json" in argv:
+            argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
+        if line.startswith("python3 benchmarks/run.py"):
+            run_py.parse_args(argv)
+        if line.startswith("python3 benchmarks/profile_stages.py"):
+            assert set(argv[argv.index("--variants") + 1].split(",")) <= set(profile_stages.VARIANTS), argv
+    (tmp_path / "followup").mkdir()
+    _, _, alias = _session_with_recorders(tmp_path / "followup", CRN_GPU_FOLLOWUP="1")
+
+    def commands(lines):  # without the session's temporary result folder
+        return [re.sub(r"\S*/tmp\.\w+\b", "RESULTS", line) for line in lines]
+    assert commands(alias) == commands(lines)
 
 
 @pytest.mark.parametrize("tests_rc, tma_after", [(0, "unset"), (1, "0"), (134, "0"), (124, "unset")])
@@ -288,7 +307,7 @@ def test_gpu_session_followup_turns_the_tma_kernel_off_when_its_first_tests_fail
     """F0 runs the TMA kernel's tests before anything else; when they fail or crash (a sticky CUDA
     fault), every later step runs with CRN_FAST_CONV_TMA=0 and the log says so; passing, or only
     running out of time (124), leaves it on."""
-    _, log, lines = _session_with_recorders(tmp_path, CRN_GPU_FOLLOWUP="1", TMA_TESTS_RC=str(tests_rc))
+    _, log, lines = _session_with_recorders(tmp_path, TMA_TESTS_RC=str(tests_rc))
     assert log.index("F0. the TMA conv kernel") < log.index("F1. kernel benchmark")
     f0 = next(i for i, line in enumerate(lines) if "tma or real_module_shapes" in line)
     assert "tests/test_conv_norm.py" in lines[f0] and "-x" in lines[f0].split()
@@ -312,35 +331,6 @@ def test_gpu_session_script_training_mode_races_triton_against_compile(tmp_path)
     run_py.parse_args(argv)
     with tarfile.open(tmp_path / "out" / "gpu_results.tar.gz") as tar:
         assert "./h100_gpu_session_train.log" in tar.getnames()
-
-
-def test_gpu_session_script_full_mode_runs_every_step(tmp_path):
-    """The GPU branch of benchmarks/gpu_session.sh (not the CPU smoke branch) with its programs
-    replaced by recorders: every step runs, with the 1024x2048 arguments, and nothing in the
-    script itself fails (an unset variable under `set -u` once ended it at step 3)."""
-    _, log, lines = _session_with_recorders(tmp_path)
-    for step in ("1. compiled tests", "2. kernel benchmark", "3. the race at 1024x2048", "3b. fp32", "4. per-module",
-                 "5. training at 1024x2048", "6. memory format", "7. the targets", "== done"):
-        assert step in log, (step, log)
-    race = [line for line in lines if "benchmarks/run.py" in line and "--rows" in line and "--allow-tf32" not in line]
-    assert len(race) == 1 and "--res 1024x2048" in race[0] and "--iters" not in race[0], race
-    assert "compile-max-autotune:bf16:channels_last" in race[0] and "triton-autoconv-cudagraph" in race[0]
-    assert any("memory_format.py --res 1024x2048" in line for line in lines)
-    assert any("targets.py" in line and "--device h100" in line for line in lines)
-    assert any("pytest" in line and "gpu or tensorrt" in line for line in lines)
-    # every row, training backend and profile variant the script names is one the scripts accept
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import profile_stages
-    import run as run_py
-    for line in lines:
-        argv = line.split()[2:]
-        if "--json" in argv:
-            argv[argv.index("--json") + 1] = str(tmp_path / "parsed.json")
-        if line.startswith("python3 benchmarks/run.py"):
-            run_py.parse_args(argv)
-        if line.startswith("python3 benchmarks/profile_stages.py"):
-            variants = argv[argv.index("--variants") + 1].split(",")
-            assert set(variants) <= set(profile_stages.VARIANTS), variants
 
 
 def test_profile_attribution_counts_a_multi_kernel_conv_once():
