@@ -68,8 +68,9 @@ if [ "${CRN_GPU_TRAIN:-0}" = 1 ]; then
   exit 0
 fi
 
-# The conv tiles tuned in the race (F2) are stored and read again by the profile (F3), which then
-# measures only its modes; the file is a result too. F6 times every tile, so it runs without it.
+# The conv tiles and "auto"'s conv modes chosen in the race (F2) are stored and read again by the
+# profile (F3), which so profiles what the race ran; the file is a result too. F6 times every
+# tile, so it runs without it.
 export CRN_FAST_CONV_TUNING="$res/conv_tuning_${gpu}.json"
 step "F0. the TMA conv kernel's first run on hardware: its tests, small tiles and real shapes"
 # a failure or a crash (a CUDA fault is sticky: it would end every later row of a process) turns

@@ -69,7 +69,9 @@ class FastInference:
         (cuDNN everywhere), True or "fused" (every module "fused"), "split" or "lowres" (every
         module so; "lowres" from module 1), a frozenset of module indices (those "fused"), a
         {module: mode} dict, or "auto": per module whichever of CONV_MODES measured fastest at
-        the first no-grad CUDA forward of each (batch, H, W, dtype, device); see tune_fused_conv."""
+        the first no-grad CUDA forward of each (batch, H, W, dtype, device), and kept in the
+        CRN_FAST_CONV_TUNING file when one is set (later processes read it instead of timing); see
+        tune_fused_conv."""
         return self._fused_conv
 
     @fused_conv.setter
@@ -198,8 +200,31 @@ class FastInference:
             from crn_fast.kernels._runtime import can_time
             if not can_time(levels[-1]):
                 return {}  # unmeasured (CPU, tracing, capturing): cuDNN convs
-            self.tune_fused_conv(levels=levels)
+            from crn_fast.kernels._tuning import store_tile, stored_tile
+            file_key = self._stored_choice_key(levels)
+            stored = stored_tile("conv_modes", file_key, levels[-1].device, self._parse_modes)
+            if stored is not None:
+                self.fused_conv_choices[key] = {i: m for i, m in enumerate(stored) if m != "cudnn"}
+            else:
+                chosen = self.tune_fused_conv(levels=levels)
+                store_tile("conv_modes", file_key, levels[-1].device,
+                           [CONV_MODES.index(chosen.get(i, "cudnn")) for i in range(len(self.refine))])
         return self.fused_conv_choices[key]
+
+    def _stored_choice_key(self, levels: list[torch.Tensor]) -> tuple:
+        """What "auto"'s choice is kept under in the CRN_FAST_CONV_TUNING file (beside the kernels'
+        tiles, per GPU model and Triton version): the layout's batch, size and dtype, the model's
+        widths and classes, the modes timed."""
+        layout = levels[-1]
+        widths = "-".join(str(m.conv2.weight.shape[0]) for m in self.refine)
+        return (layout.shape[0], *layout.shape[1:], layout.dtype, widths, "+".join(CONV_MODES))
+
+    def _parse_modes(self, values: list):
+        """"auto"'s stored choice (each module's index in CONV_MODES) as mode names, None for values
+        that are not one for this model (module 0 cannot be "lowres")."""
+        ok = len(values) == len(self.refine) and all(type(v) is int and 0 <= v < len(CONV_MODES) for v in values) \
+            and CONV_MODES[values[0]] != "lowres"
+        return [CONV_MODES[v] for v in values] if ok else None
 
     @staticmethod
     def _choice_key(layout: torch.Tensor) -> tuple:

@@ -1,6 +1,8 @@
 """Tile tuning shared by the conv kernels (conv_norm, upsample_conv): time each candidate tile on
 the GPU, and keep the winners across processes in one JSON file (CRN_FAST_CONV_TUNING=FILE), per
-GPU model and Triton version, so a deployment tunes once and later processes read the file.
+GPU model and Triton version, so a deployment tunes once and later processes read the file. The
+generator's fused_conv="auto" keeps its per-module conv modes there too ("conv_modes" entries:
+each module's index in CONV_MODES).
 
 The file: {"format": 1, "devices": {"<GPU name> | triton <version>": {"<key text>": [tile values]}}}.
 A key text is the shape key's values joined by "|", prefixed by the kernel's name for every kernel
@@ -64,26 +66,28 @@ def device_tag(device) -> str:
     return f"{torch.cuda.get_device_name(device)} | triton {triton.__version__}"
 
 
-def stored_tile(kernel: str, key: tuple, tag: str, parse: Callable[[list], Optional[tuple]]):
-    """The tile stored for ``kernel``'s ``key`` on device ``tag`` in the CRN_FAST_CONV_TUNING file,
-    as ``parse(values)`` makes it (None for values that are not one of the kernel's tiles), or None."""
+def stored_tile(kernel: str, key: tuple, device, parse: Callable[[list], Optional[tuple]]):
+    """The tile (or other tuned choice) stored for ``kernel``'s ``key`` on this GPU model (``device``)
+    in the CRN_FAST_CONV_TUNING file, as ``parse(values)`` makes it (None for values that are not
+    one of the kernel's), or None; None without reading anything when no file is set."""
     path = os.environ.get(TUNING_FILE_ENV)
     if not path:
         return None
     if path not in _FILES:
         _FILES[path] = _read(path)
-    values = _FILES[path].get(tag, {}).get(key_text(kernel, key))
+    values = _FILES[path].get(device_tag(device), {}).get(key_text(kernel, key))
     return None if values is None else parse(values)
 
 
-def store_tile(kernel: str, key: tuple, tag: str, tile: tuple) -> None:
-    """Add one tuned tile to the CRN_FAST_CONV_TUNING file: re-read (other processes may have added
-    theirs), merge, and replace the file atomically; a file that cannot be written is one warning."""
+def store_tile(kernel: str, key: tuple, device, tile) -> None:
+    """Add one tuned tile (a sequence of integers) to the CRN_FAST_CONV_TUNING file: re-read (other
+    processes may have added theirs), merge, and replace the file atomically; a file that cannot be
+    written is one warning."""
     path = os.environ.get(TUNING_FILE_ENV)
     if not path:
         return
     tiles = _read(path)
-    tiles.setdefault(tag, {})[key_text(kernel, key)] = list(tile)
+    tiles.setdefault(device_tag(device), {})[key_text(kernel, key)] = list(tile)
     _FILES[path] = tiles
     data = {"format": _FORMAT, "devices": {t: dict(sorted(e.items())) for t, e in sorted(tiles.items())}}
     try:

@@ -61,7 +61,7 @@ from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
 from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, cdiv, cuda_time, launch, next_pow2, precompile,
                        symbolic, triton, triton_op, tl, tuning_allowed)
-from ._tuning import device_tag, store_tile, stored_tile, tune
+from ._tuning import store_tile, stored_tile, tune
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
@@ -464,8 +464,7 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
         return _TUNED[key]
     if not tuning_allowed(x):
         return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
-    tag = device_tag(x.device)
-    stored = stored_tile("conv_norm", key, tag, _parse_tile)
+    stored = stored_tile("conv_norm", key, x.device, _parse_tile)
     if stored is not None:
         _TUNED[key] = stored
         return stored
@@ -473,7 +472,7 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
     candidates = _candidates(cin, cout, x.dtype, x.shape[3], tma)
     precompile(candidates, lambda cfg: run(cfg, warmup=True))
     _TUNED[key], _TIMINGS[key], failed = tune("conv_norm", candidates, run, cuda_time)
-    store_tile("conv_norm", key, tag, _TUNED[key])
+    store_tile("conv_norm", key, x.device, _TUNED[key])
     if failed:
         _FAILURES[key] = failed
     logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], _TIMINGS[key],

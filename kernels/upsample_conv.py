@@ -36,7 +36,7 @@ from crn_fast.constants import LN_EPS
 
 from ._runtime import (HAS_TRITON, can_run, cdiv, cuda_time, launch, next_pow2, symbolic, triton, triton_op, tl,
                        tuning_allowed)
-from ._tuning import device_tag, store_tile, stored_tile, tune
+from ._tuning import store_tile, stored_tile, tune
 from .conv_norm import pack_conv_weight, reference_with_stats, with_merged_stats
 from .upsample_concat import _scale, upsample_concat_reference
 
@@ -142,13 +142,12 @@ def _tile(key: tuple, features: torch.Tensor, run) -> tuple:
     if key not in _TUNED:
         if not tuning_allowed(features):
             return TILES[0]
-        tag = device_tag(features.device)
-        stored = stored_tile("upsample_conv", key, tag, _parse_tile)
+        stored = stored_tile("upsample_conv", key, features.device, _parse_tile)
         if stored is not None:
             _TUNED[key] = stored
             return stored
         _TUNED[key], timings, _ = tune("upsample_conv", TILES, run, cuda_time)
-        store_tile("upsample_conv", key, tag, _TUNED[key])
+        store_tile("upsample_conv", key, features.device, _TUNED[key])
         logging.getLogger("crn_fast.kernels").debug("upsample_conv %s: %s of %s", key, _TUNED[key], timings)
     return _TUNED[key]
 

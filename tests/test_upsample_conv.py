@@ -133,6 +133,47 @@ def test_auto_times_lowres_from_module_1_and_uses_it():
         torch.testing.assert_close(fast(layout), eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
 
 
+def test_auto_choice_persists_in_the_tuning_file(tmp_path, monkeypatch):
+    """fused_conv="auto" keeps its per-module choice in the CRN_FAST_CONV_TUNING file beside the
+    tiles (per GPU model, layout shape and dtype, model widths): a later process runs the stored
+    modes without timing any, so it runs what the first one measured. (The CPU stands in for the
+    GPU: timing and the device's name are faked; the modes run through the interpreter.)"""
+    import json
+    R = importlib.import_module("crn_fast.kernels._runtime")
+    T = importlib.import_module("crn_fast.kernels._tuning")
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv(T.TUNING_FILE_ENV, str(path))
+    monkeypatch.setattr(T, "_FILES", {})
+    monkeypatch.setattr(T, "device_tag", lambda d: "NVIDIA H200 | triton 3.6.0")
+    monkeypatch.setattr(R, "can_time", lambda t: True)
+    # per module, the modes in CONV_MODES order (module 0 without lowres): 0 cudnn, 1 lowres, 2 split
+    clock = iter([1.0, 2.0, 3.0, 4.0, 4.0, 4.0, 1.0, 4.0, 4.0, 1.0, 4.0])
+    monkeypatch.setattr(R, "cuda_time", lambda fn: (fn(), next(clock))[1])
+    eager, fast = _pair(torch.float32, widths=(4, 4, 4), seed=7)
+    fast.fused_conv = "auto"
+    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(8))).to(DEV)
+    with torch.no_grad():
+        first = fast(layout)
+    assert fast.conv_plan(layout) == {1: "lowres", 2: "split"} and next(clock, None) is None
+    stored = json.loads(path.read_text())["devices"]["NVIDIA H200 | triton 3.6.0"]
+    assert stored["conv_modes|1|20|16|32|torch.float32|4-4-4|cudnn+fused+split+lowres"] == [0, 3, 2], stored
+
+    monkeypatch.setattr(T, "_FILES", {})  # a new process: nothing is timed
+    monkeypatch.setattr(R, "cuda_time", lambda fn: pytest.fail("timed although the choice is stored"))
+    again = CRN(eager.config, backend="triton", fused_conv="auto").eval().to(DEV)
+    again.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(layout), first, atol=0, rtol=0)
+    assert again.conv_plan(layout) == {1: "lowres", 2: "split"}
+    with torch.no_grad():
+        torch.testing.assert_close(first.cpu(), eager(layout.cpu()), atol=2e-3, rtol=1e-5)
+    # another model (widths), or a stored choice that is not one for this model: measured again
+    other = CRN(CRNConfig(widths=(4, 4, 2), k=2), backend="triton", fused_conv="auto").eval().to(DEV)
+    assert other._stored_choice_key([layout])[-2] == "4-4-2"
+    assert again._parse_modes([3, 0, 0]) is None and again._parse_modes([0, 3]) is None
+    assert again._parse_modes([2, 3, 1]) == ["split", "lowres", "fused"]
+
+
 def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch):
     """The kernel's tile, timed per shape on a GPU, is kept in the CRN_FAST_CONV_TUNING file beside
     conv_norm's: a later process reads it instead of timing the candidates; a stored value that is
@@ -146,7 +187,7 @@ def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "_FILES", {})
     monkeypatch.setattr(U, "_TUNED", {})
     monkeypatch.setattr(U, "tuning_allowed", lambda t: True)
-    monkeypatch.setattr(U, "device_tag", lambda d: "NVIDIA H200 | triton 3.6.0")
+    monkeypatch.setattr(T, "device_tag", lambda d: "NVIDIA H200 | triton 3.6.0")
     monkeypatch.setattr(U, "cuda_time", lambda fn: fn())
     timed = []
 
