@@ -70,12 +70,12 @@ fi
 
 # The conv tiles and "auto"'s conv modes chosen in the race (F2) are stored and read again by the
 # profile (F3), which so profiles what the race ran; the file is a result too. F6 times every
-# tile, so it runs without it.
+# tile, so it runs without it, and the tests (F0, F4: untuned tiles) neither read nor add to it.
 export CRN_FAST_CONV_TUNING="$res/conv_tuning_${gpu}.json"
 step "F0. the TMA conv kernel's first run on hardware: its tests, small tiles and real shapes"
 # a failure or a crash (a CUDA fault is sticky: it would end every later row of a process) turns
 # the TMA kernel off for the rest of the session, so the race still measures crn_fast and compile
-CRN_FAST_CONV_TUNE=0 timeout $((40 * s)) python3 -m pytest -q -x --tb=short -p no:cacheprovider \
+CRN_FAST_CONV_TUNE=0 CRN_FAST_CONV_TUNING= timeout $((40 * s)) python3 -m pytest -q -x --tb=short -p no:cacheprovider \
   tests/test_conv_norm.py -k "test_tma or real_module_shapes" >> "$log" 2>&1
 rc=$?
 if [ $rc = 1 ] || [ $rc -ge 128 ]; then
@@ -101,7 +101,7 @@ timeout $((45 * s)) python3 benchmarks/profile_stages.py $P --res $R --dtype bf1
   --variants triton-autoconv,triton,triton-lowresconv \
   --out "$res/profile_${gpu}_${R}" 2>&1 | tail -40 >> "$log"; pack
 step "F4. compiled tests: the fused conv (TMA kernel) and the kernels first, then the AOTInductor package on"
-CRN_FAST_CONV_TUNE=0 timeout $((95 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
+CRN_FAST_CONV_TUNE=0 CRN_FAST_CONV_TUNING= timeout $((95 * s)) python3 -m pytest -v --tb=short -p no:cacheprovider -m "gpu or tensorrt" \
   tests/test_model.py tests/test_conv_norm.py tests/test_upsample_conv.py tests/test_kernels.py tests/test_export.py \
   tests/test_conv_tiles.py 2>&1 | tail -120 >> "$log"
 step "F6. each module's convs, largest first: cuDNN vs the fused, split and lowres conv, every tile timed"
