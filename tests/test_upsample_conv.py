@@ -151,12 +151,12 @@ def test_auto_choice_persists_in_the_tuning_file(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "cuda_time", lambda fn: (fn(), next(clock))[1])
     eager, fast = _pair(torch.float32, widths=(4, 4, 4), seed=7)
     fast.fused_conv = "auto"
-    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(8))).to(DEV)
+    layout = one_hot(torch.randint(0, 20, (1, 8, 16), generator=torch.Generator().manual_seed(8))).to(DEV)
     with torch.no_grad():
         first = fast(layout)
     assert fast.conv_plan(layout) == {1: "lowres", 2: "split"} and next(clock, None) is None
     stored = json.loads(path.read_text())["devices"]["NVIDIA H200 | triton 3.6.0"]
-    assert stored["conv_modes|1|20|16|32|torch.float32|4-4-4|cudnn+fused+split+lowres"] == [0, 3, 2], stored
+    assert stored["conv_modes|1|20|8|16|torch.float32|4-4-4|cudnn+fused+split+lowres"] == [0, 3, 2], stored
 
     monkeypatch.setattr(T, "_FILES", {})  # a new process: nothing is timed
     monkeypatch.setattr(R, "cuda_time", lambda fn: pytest.fail("timed although the choice is stored"))
