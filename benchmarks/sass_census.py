@@ -94,7 +94,7 @@ def census(kernel) -> dict:
 def cases():
     """(name, kernel, pointer dtypes, float args, constexprs, args divisible by 16, warps[, stages,
     tensor descriptors]) at the 1024p channels_last shapes."""
-    from gpu_compile_check import A, C, L, U
+    from gpu_compile_check import A, C, L, U, UC
     bf, f = "bf16", "fp32"
     ln = {"X": bf, "Y": bf, "W": bf, "B": bf, "Cnt": f, "Mean": f, "M2": f, "MeanOut": f, "RstdOut": f}
     up = {"Fe": bf, "L": bf, "O": bf, "Mean": f, "Rstd": f, "Wn": bf, "Bn": bf}
@@ -127,6 +127,16 @@ def cases():
         yield (f"conv_norm TMA, {layer}", C._conv_tma_kernel, {**conv, **pairs}, ["slope"],
                dict(flags, NORM_IN=norm, BF16_PAIRS=norm), aligned, 8, 3,
                {"Xd": ("i32", [1, 1, 128, 32]) if norm else (bf, [1, 1, 128, 64]), "Wd": (bf, [1, 64, 128])})
+    # conv1 before the upsampling: its "mainloop" is one tap row, 3 taps (per output element and tap:
+    # instructions / 3 / (BLOCK_P * BLOCK_C / threads)); module 8 (32 channels: the gathers), 7 and 5
+    # (the blend on the tensor cores), with the layout's 20-class pixel stride
+    uc = {"G": bf, "L": bf, "WL": bf, "Y": bf, "PCnt": f, "PMean": f, "PM2": f}
+    uc_aligned = list(uc) + ["Cout", "H", "W", "h", "w", "ls0", "ls2", "n_xb", "P"]
+    for what, (bp, bc, warps, kw) in (("m8, gathers", (32, 32, 4, 0)), ("m7, dots", (32, 128, 8, 32)),
+                                      ("m5, dots", (32, 256, 8, 32))):
+        yield (f"upsample_conv {what} {bp}x{bc}", UC._upconv_kernel, uc, ["scale_h", "scale_w"],
+               dict(STATS=True, IEEE=False, DOT_F32=False, EVEN_C=True, BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=32, KW=kw, ls1=1),
+               uc_aligned, warps)
 
 
 def main(argv=None) -> int:

@@ -96,10 +96,14 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
              for norm in (False, True)]
         kernels += [(A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
                      dict(NLEV=nlev, CL=cl, C=20, BLOCK_C=32)) for nlev in (1, 4) for cl in (False, True)]
-        kernels += [(UC._upconv_kernel, {"G": dt, "L": dt, "WL": dt, "Y": dt, "PCnt": a, "PMean": a, "PM2": a},
-                     ["scale_h", "scale_w"], dict(STATS=True, IEEE=dt == "fp32", DOT_F32=False, BLOCK_P=bp, BLOCK_C=bc,
-                                                  BLOCK_L=32), warps)
-                    for bp, bc, warps in (UC.TILES if dt == "bf16" else UC.TILES[:1])]  # every tile: the GPU dtype
+        # upsample_conv: every tile in bf16 (the GPU dtype; the dot tiles run in bf16/fp16 only), the first
+        # elsewhere; as launched, the channel count divisible by 16 (every preset's widths are), which lets
+        # Triton load g as 16-byte vectors (without it, 2-byte loads and ~2x the registers)
+        uc = {"G": dt, "L": dt, "WL": dt, "Y": dt, "PCnt": a, "PMean": a, "PM2": a}
+        kernels += [(UC._upconv_kernel, uc, ["scale_h", "scale_w"],
+                     dict(STATS=True, IEEE=dt == "fp32", DOT_F32=False, EVEN_C=True, BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=32,
+                          KW=kw), warps, list(uc) + ["Cout"])
+                    for bp, bc, warps, kw in (UC.TILES if dt == "bf16" else UC.TILES[:1])]
         if dt == "bf16":  # sizes, counts and strides of 1, which Triton turns into constants at run time
             ones = dict(H=1, W=1, h=1, w=1, C=1, CL=1, fs3=1, ls3=1, os3=1)
             kernels += [
@@ -117,7 +121,7 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
                  dict(NLEV=2, CL=True, C=1, BLOCK_C=1, H=1, W=1))]
         for fn, ptrs, floats, const, *launched in kernels:
             warps = launched[0] if launched else L.NUM_WARPS if fn.__module__ == L.__name__ else 4  # as launched
-            k = compile_kernel(fn, ptrs, floats, const, arch, warps)
+            k = compile_kernel(fn, ptrs, floats, const, arch, warps, aligned=launched[1] if len(launched) > 1 else ())
             assert k.asm.get("cubin"), fn.__name__
             worst = max(worst, check_spills(f"{fn.__name__} ({dt}, {const})", k.asm["ptx"], arch))
             n += 1

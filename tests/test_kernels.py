@@ -528,7 +528,7 @@ def test_conv_tiles_are_untuned_where_the_batch_is_symbolic():
             assert isinstance(n, torch.SymInt) and x.device.type == "cuda"
             key = (n, 16, 8, 8, 16, 9, x.dtype, False, True, False, False)
             assert C._choose(key, x, 16, 8, None, "not here") == C._heuristic(16, 8, x.dtype, 16, False)
-            assert UC._tile((n, 16, 8, 20, 8, 16, x.dtype, True), x, None) == UC.TILES[0]
+            assert UC._tile((n, 16, 8, 20, 8, 16, 16, 32, x.dtype, True), x, 0.48, 8, None) == UC.TILES[0]
 
 
 @pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")

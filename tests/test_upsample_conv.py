@@ -50,6 +50,26 @@ def test_upsample_conv_matches_the_direct_conv(dtype, n, cf, cl, cout, h, w):
     torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-12), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, cf, cl, cout, h, w", [(2, 24, 20, 24, 3, 5), (1, 16, 20, 40, 4, 13)])
+def test_the_blend_on_tensor_cores_matches_the_direct_conv(monkeypatch, dtype, n, cf, cl, cout, h, w):
+    """A dot tile (KW > 0): each tap's bilinear blend as [segment, KW source columns] x [KW, Cout]
+    dots, the weights rounded to the input's dtype; within the same 2 ulps as the gathers, at odd
+    sizes, with a segment past the image's right edge (13 -> 26 columns, 16-pixel segments) and
+    channels past a block. fp32 keeps the gathers (its dots would run on CUDA cores)."""
+    U = importlib.import_module("crn_fast.kernels.upsample_conv")
+    monkeypatch.setattr(U, "_INTERPRETER_TILE", (16, 16, 4, 16))
+    assert U._fits(U._INTERPRETER_TILE, dtype, (w - 1) / (2 * w - 1), cout)
+    assert not U._fits(U._INTERPRETER_TILE, torch.float32, 0.5, cout) and not U._fits((16, 16, 4, 8), dtype, 0.5)
+    f, lab, wt = inputs(n, cf, cl, cout, h, w, dtype, seed=3)
+    y, mean, rstd = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, cf))
+    ref = K.upsample_conv_reference(f, lab, wt)
+    assert (y.float() - ref).abs().max().item() <= ulps(ref, dtype)
+    torch.testing.assert_close(mean.double(), y.double().mean(dim=(1, 2, 3)), atol=1e-6, rtol=1e-5)
+    f32 = K.upsample_conv(f.float(), lab.float(), *K.pack_upsample_conv_weight(wt.float(), cf), stats=False)
+    assert (f32 - ref).abs().max().item() <= ulps(ref, torch.float32)  # the gathers
+
+
 def test_upsample_conv_takes_nchw_features_and_skips_the_statistics():
     f, lab, wt = inputs(1, 6, 20, 16, 3, 4, torch.float32, channels_last=False)
     y = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, 6), stats=False)
@@ -190,23 +210,29 @@ def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "device_tag", lambda d: "NVIDIA H200 | triton 3.6.0")
     monkeypatch.setattr(U, "cuda_time", lambda fn: fn())
     timed = []
+    scale = (1024 - 1) / (2048 - 1)
+    fit = [t for t in U.TILES if U._fits(t, torch.bfloat16, scale, 32)]  # module 8: 32 channels out
+    assert fit == [(32, 32, 4, 0), (64, 32, 8, 0), (128, 32, 8, 0)], fit  # no 128-channel dot tile
 
     def run(tile):
         timed.append(tile)
-        return 1.0 if tile == U.TILES[2] else 2.0
-    key, gpu = (1, 128, 32, 20, 512, 1024, 1024, 2048, torch.bfloat16, True), torch.empty(0, device="meta")
-    assert U._tile(key, gpu, run) == U.TILES[2] and timed == U.TILES
+        return 1.0 if tile == fit[-1] else 2.0
+    key, gpu = (1, 128, 32, 20, 512, 1024, 1024, 2048, torch.bfloat16, True), torch.empty(0, device="meta",
+                                                                                         dtype=torch.bfloat16)
+    assert U._tile(key, gpu, scale, 32, run) == fit[-1] and timed == fit
     stored = json.loads(path.read_text())["devices"]["NVIDIA H200 | triton 3.6.0"]
-    assert stored == {"upsample_conv|1|128|32|20|512|1024|1024|2048|torch.bfloat16|True": list(U.TILES[2])}
+    assert stored == {"upsample_conv|1|128|32|20|512|1024|1024|2048|torch.bfloat16|True": list(fit[-1])}
     timed.clear()
     monkeypatch.setattr(T, "_FILES", {})  # a new process
     monkeypatch.setattr(U, "_TUNED", {})
-    assert U._tile(key, gpu, run) == U.TILES[2] and timed == []
-    path.write_text(json.dumps({"format": 1, "devices": {"NVIDIA H200 | triton 3.6.0": {
-        "upsample_conv|1|128|32|20|512|1024|1024|2048|torch.bfloat16|True": [16, 16, 4]}}}))
-    monkeypatch.setattr(T, "_FILES", {})
-    monkeypatch.setattr(U, "_TUNED", {})
-    assert U._tile(key, gpu, run) == U.TILES[2] and timed == U.TILES
+    assert U._tile(key, gpu, scale, 32, run) == fit[-1] and timed == []
+    for old in ([32, 32, 4], [32, 128, 8, 32]):  # an older kernel's tile; a tile that does not fit this conv
+        path.write_text(json.dumps({"format": 1, "devices": {"NVIDIA H200 | triton 3.6.0": {
+            "upsample_conv|1|128|32|20|512|1024|1024|2048|torch.bfloat16|True": old}}}))
+        monkeypatch.setattr(T, "_FILES", {})
+        monkeypatch.setattr(U, "_TUNED", {})
+        timed.clear()
+        assert U._tile(key, gpu, scale, 32, run) == fit[-1] and timed == fit
 
 
 @pytest.mark.gpu
