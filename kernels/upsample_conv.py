@@ -33,6 +33,7 @@ path rounds the upsample-concat output once; the tests hold it to the direct con
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +202,7 @@ if HAS_TRITON:
 # (the first, the untuned choice, 24; 31-36 before the column taps were hoisted and the loads
 # unmasked); the dots (KW > 0, bf16/fp16, 128-256 channels) ~10-15. Under the interpreter one small tile.
 TILES = [(32, 32, 4, 0), (64, 32, 8, 0), (128, 32, 8, 0), (16, 128, 4, 16), (32, 128, 8, 32), (32, 256, 8, 32)]
+DOT_ENV = "CRN_FAST_UPCONV_DOT"  # "0": the gather tiles only (to rule the tensor-core blend out)
 _INTERPRETER_TILE = (16, 16, 4, 0)
 _TUNED: dict[tuple, tuple] = {}
 
@@ -213,7 +215,8 @@ def _fits(tile: tuple, dtype: torch.dtype, scale_w: float, cout: int = 0) -> boo
     bp, bc, _, kw = tile
     if bc > max(32, cout) or (dtype == torch.float32 and tile != TILES[0]):
         return False  # fp32: the others spill registers with Triton 3.6 (fp32 is not lowres's speed path)
-    return kw == 0 or (dtype in (torch.bfloat16, torch.float16) and scale_w * (bp - 1) + 3 <= kw)
+    return kw == 0 or (dtype in (torch.bfloat16, torch.float16) and scale_w * (bp - 1) + 3 <= kw and
+                       os.environ.get(DOT_ENV, "1") != "0")
 
 
 def _parse_tile(values: list):

@@ -61,6 +61,9 @@ def test_the_blend_on_tensor_cores_matches_the_direct_conv(monkeypatch, dtype, n
     monkeypatch.setattr(U, "_INTERPRETER_TILE", (16, 16, 4, 16))
     assert U._fits(U._INTERPRETER_TILE, dtype, (w - 1) / (2 * w - 1), cout)
     assert not U._fits(U._INTERPRETER_TILE, torch.float32, 0.5, cout) and not U._fits((16, 16, 4, 8), dtype, 0.5)
+    with monkeypatch.context() as m:
+        m.setenv(U.DOT_ENV, "0")  # the switch that rules the dots out
+        assert not U._fits(U._INTERPRETER_TILE, dtype, 0.5, cout) and U._fits(U.TILES[0], dtype, 0.5, cout)
     f, lab, wt = inputs(n, cf, cl, cout, h, w, dtype, seed=3)
     y, mean, rstd = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, cf))
     ref = K.upsample_conv_reference(f, lab, wt)
@@ -238,9 +241,16 @@ def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
 @pytest.mark.parametrize("cf, cout, h, w", [(1024, 512, 64, 128), (512, 128, 256, 512), (128, 32, 512, 1024)])
-def test_gpu_real_module_shapes(cf, cout, h, w):
-    """conv1 of 1024p's modules 5, 7 and 8 (bf16): within 2 ulps of the direct conv in fp32."""
+def test_gpu_real_module_shapes(monkeypatch, cf, cout, h, w):
+    """conv1 of 1024p's modules 5, 7 and 8 (bf16), with every tile that fits the shape (gathers and
+    tensor-core blends): within 2 ulps of the direct conv in fp32, statistics those of y."""
+    U = importlib.import_module("crn_fast.kernels.upsample_conv")
     f, lab, wt = inputs(1, cf, 20, cout, h, w, torch.bfloat16, seed=2)
-    y, _, _ = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, cf))
     ref = K.upsample_conv_reference(f, lab, wt)
-    assert (y.float() - ref).abs().max().item() <= ulps(ref, torch.bfloat16)
+    tiles = [t for t in U.TILES if U._fits(t, torch.bfloat16, (w - 1) / (2 * w - 1), cout)]
+    assert any(t[3] for t in tiles) == (cout >= 128), tiles
+    for tile in tiles:
+        monkeypatch.setattr(U, "_tile", lambda *args: tile)
+        y, mean, _ = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, cf))
+        assert (y.float() - ref).abs().max().item() <= ulps(ref, torch.bfloat16), tile
+        torch.testing.assert_close(mean, y.float().mean(dim=(1, 2, 3)), atol=1e-3, rtol=1e-3)
