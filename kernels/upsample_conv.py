@@ -77,7 +77,7 @@ if HAS_TRITON:
             return tl.load(ptrs, mask=cm[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
-    def _columns(ox, dx: tl.constexpr, pm, W, w, scale_w, x_first, KW: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _columns(ox, dx: tl.constexpr, pm, W, w, scale_w, x_first, KW: tl.constexpr):
         """The segment's bilinear column taps for tap column dx: (x0, x1, their weights, 0 where the
         tap is in the conv's zero padding, the padding mask, the clamped output column, and for
         KW > 0 the segment's first source column xb and its [BLOCK_P, KW] weight matrix over
@@ -131,8 +131,8 @@ if HAS_TRITON:
         The blend of g, per tap: KW = 0, 4 gathers per output pixel (contiguous Cout-vectors, one
         FMA per element each, in fp32); KW > 0, on the tensor cores: the KW source columns the
         segment reads, in its two source rows, are loaded as two dense [KW, BLOCK_C] tiles, and the
-        segment's bilinear weights as a [BLOCK_P, KW] matrix (2 nonzeros per row, rounded to the
-        input's dtype) multiply them (the caller checks that the segment's columns fit in KW)."""
+        segment's bilinear weights as a [BLOCK_P, KW] matrix (2 nonzeros per row, fp32 as two parts
+        in the input's dtype) multiply them (the caller checks that the segment's columns fit in KW)."""
         pid = tl.program_id(0)
         cb = tl.program_id(1)
         n = tl.program_id(2)
@@ -151,9 +151,9 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # the feature half's gathers (KW = 0)
         acc_l = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # the dots (the layout half; the blends if KW > 0)
         # the column taps of dx = -1, 0, 1, the same in every tap row: computed once
-        cm1 = _columns(ox, -1, pm, W, w, scale_w, x_first, KW, BLOCK_P)
-        c00 = _columns(ox, 0, pm, W, w, scale_w, x_first, KW, BLOCK_P)
-        cp1 = _columns(ox, 1, pm, W, w, scale_w, x_first, KW, BLOCK_P)
+        cm1 = _columns(ox, -1, pm, W, w, scale_w, x_first, KW)
+        c00 = _columns(ox, 0, pm, W, w, scale_w, x_first, KW)
+        cp1 = _columns(ox, 1, pm, W, w, scale_w, x_first, KW)
         for dy in range(-1, 2):  # the tap rows: a loop (unrolled, the 9 taps' tiles spill)
             qy = oy + dy
             qyc = tl.minimum(tl.maximum(qy, 0), H - 1)
