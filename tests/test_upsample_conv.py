@@ -103,10 +103,14 @@ def _pair(dtype, widths=(12, 10, 8), seed=0):
     return eager, fast.to(DEV, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lowres_generator_matches_eager(dtype):
+@pytest.mark.parametrize("dtype, tile", [(torch.float32, None), (torch.bfloat16, None),
+                                         (torch.bfloat16, (16, 16, 4, 16))])
+def test_lowres_generator_matches_eager(monkeypatch, dtype, tile):
     """fused_conv="lowres": modules 1.. run conv1 as upsample_conv (no upsample-concat), module 0
-    the cuDNN convs. At most eager's own error in that dtype against the fp64 model; fp32 to 2e-3."""
+    the cuDNN convs; with the gathers, and with the blend on the tensor cores (a dot tile). At most
+    eager's own error in that dtype against the fp64 model; fp32 to 2e-3."""
+    if tile:
+        monkeypatch.setattr(importlib.import_module("crn_fast.kernels.upsample_conv"), "_INTERPRETER_TILE", tile)
     eager, fast = _pair(dtype)
     assert fast.conv_plan() == {1: "lowres", 2: "lowres"} and "fused_conv='lowres'" in repr(fast)
     layout = one_hot(torch.randint(0, 20, (2, 16, 32), generator=torch.Generator().manual_seed(1)))
