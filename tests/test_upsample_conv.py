@@ -246,13 +246,14 @@ def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch):
 @pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
 @pytest.mark.parametrize("cf, cout, h, w", [(1024, 512, 64, 128), (512, 128, 256, 512), (128, 32, 512, 1024)])
 def test_gpu_real_module_shapes(monkeypatch, cf, cout, h, w):
-    """conv1 of 1024p's modules 5, 7 and 8 (bf16), with every tile that fits the shape (gathers and
-    tensor-core blends): within 2 ulps of the direct conv in fp32, statistics those of y."""
+    """conv1 of 1024p's modules 5, 7 and 8 (bf16), with the untuned gather tile and every tensor-core
+    blend tile that fits the shape: within 2 ulps of the direct conv in fp32, statistics those of y.
+    (The other gather tiles run the same code; each compiles in tests/gpu_compile_check.py.)"""
     U = importlib.import_module("crn_fast.kernels.upsample_conv")
     f, lab, wt = inputs(1, cf, 20, cout, h, w, torch.bfloat16, seed=2)
     ref = K.upsample_conv_reference(f, lab, wt)
-    tiles = [t for t in U.TILES if U._fits(t, torch.bfloat16, (w - 1) / (2 * w - 1), cout)]
-    assert any(t[3] for t in tiles) == (cout >= 128), tiles
+    tiles = [t for t in U.TILES if t == U.TILES[0] or t[3] and U._fits(t, torch.bfloat16, (w - 1) / (2 * w - 1), cout)]
+    assert len(tiles) == {512: 4, 128: 3, 32: 1}[cout], tiles
     for tile in tiles:
         monkeypatch.setattr(U, "_tile", lambda *args: tile)
         y, mean, _ = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, cf))
