@@ -277,7 +277,7 @@ def test_split_and_fused_modules_give_the_same_generator(dtype):
     every load: the same values reach conv2 (on CPU bit for bit, batch 2, both dtypes; compiled,
     the TMA kernel's folded scale and shift may round differently: within a bf16 ulp of 0..255)."""
     _, fast = _pair(dtype, widths=(16, 16, 8))
-    layout = one_hot(torch.randint(0, 20, (2, 16, 32), generator=torch.Generator().manual_seed(1))).to(DEV, dtype)
+    layout = one_hot(torch.randint(0, 20, (2, 8, 16), generator=torch.Generator().manual_seed(1))).to(DEV, dtype)
     with torch.no_grad():
         fast.fused_conv = "fused"
         fused = fast(layout)
@@ -416,7 +416,7 @@ def test_auto_picks_the_faster_variant_per_module_and_uses_it():
     mix, equal to eager. Unmeasured shapes on CPU run the cuDNN convs (nothing to time there)."""
     eager, fast = _pair(torch.float32, k=1, seed=9)
     fast.fused_conv = "auto"
-    layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(10))).to(DEV)
+    layout = one_hot(torch.randint(0, 20, (1, 8, 16), generator=torch.Generator().manual_seed(10))).to(DEV)
     calls = []
     from crn_fast import CRNError
     fastest = {1: "split", 2: "fused"}
@@ -428,8 +428,8 @@ def test_auto_picks_the_faster_variant_per_module_and_uses_it():
     assert fast.tune_fused_conv(layout, timer=timer) == fastest
     assert calls == [(0, m) for m in ("cudnn", "fused", "split")] + \
         [(i, m) for i in (1, 2) for m in ("cudnn", "fused", "split", "lowres")]  # lowres: modules 1..
-    assert fast.fused_conv_choices == {(1, 16, 32, torch.float32, layout.device): fastest}
-    assert fast.conv_plan(layout) == fastest and fast.conv_plan(layout[:, :, :8, :16]) == {}
+    assert fast.fused_conv_choices == {(1, 8, 16, torch.float32, layout.device): fastest}
+    assert fast.conv_plan(layout) == fastest and fast.conv_plan(layout[:, :, :4, :8]) == {}
     with pytest.raises(CRNError, match="chooses per layout size; pass the layout"):
         fast.conv_plan()
     with torch.no_grad():
@@ -438,7 +438,7 @@ def test_auto_picks_the_faster_variant_per_module_and_uses_it():
         torch.testing.assert_close(ours, eager.to(DEV)(layout), atol=2e-3, rtol=1e-5)
         names = [e.name for e in prof.events()]  # module 0: cuDNN convs
         assert names.count("aten::convolution") == 2 and names.count("crn_fast::norm_lrelu") == 1, names
-        other = one_hot(torch.randint(0, 20, (1, 32, 64), generator=torch.Generator().manual_seed(11))).to(DEV)
+        other = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(11))).to(DEV)
         fast(other)  # not measured: cuDNN everywhere, no choice recorded on CPU
     assert len(fast.fused_conv_choices) == (2 if DEV == "cuda" else 1)
     assert "fused_conv='auto'" in repr(fast)
