@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import tempfile
+import time
 from typing import Callable, Optional
 
-from ._runtime import triton
+from ._runtime import cuda_time, precompile, triton
 
 TUNING_FILE_ENV = "CRN_FAST_CONV_TUNING"
 _FORMAT = 1  # bumped when a stored tile would no longer mean the same launch
@@ -117,3 +118,21 @@ def tune(kernel: str, candidates: list, run, timer) -> tuple:
         _log.warning("%s: %d of %d tile configs cannot run on this GPU and were skipped: %s", kernel, len(failed),
                      len(candidates), "; ".join(f"{tuple(c)}: {m[:200]}" for c, m in failed.items()))
     return min(timed, key=timed.get), timed, failed
+
+
+def choose(kernel: str, key: tuple, device, candidates: list, run, parse: Callable[[list], Optional[tuple]],
+           compile_one=None) -> tuple:
+    """(tile, each candidate's ms, each failed candidate's error) for ``kernel``'s ``key``: the tile
+    stored in the CRN_FAST_CONV_TUNING file if it is one of ``candidates`` (then no timings), else
+    the fastest candidate by ``run(tile)`` (CUDA events; compiled first all at once with
+    ``compile_one`` when given, see _runtime.precompile), stored in the file for later processes."""
+    stored = stored_tile(kernel, key, device, parse)
+    if stored in candidates:
+        return stored, {}, {}
+    t0 = time.perf_counter()
+    if compile_one is not None:
+        precompile(candidates, compile_one)
+    best, timed, failed = tune(kernel, candidates, run, cuda_time)
+    store_tile(kernel, key, device, best)
+    _log.debug("%s %s: %s of %s in %.1f s", kernel, key, best, timed, time.perf_counter() - t0)
+    return best, timed, failed

@@ -49,9 +49,7 @@ The statistics are those of y as stored (rounded to its dtype), like the unfused
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import time
 from typing import NamedTuple, Optional
 
 import torch
@@ -59,9 +57,9 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, cdiv, cuda_time, launch, next_pow2, precompile,
-                       symbolic, triton, triton_op, tl, tuning_allowed)
-from ._tuning import store_tile, stored_tile, tune
+from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, cdiv, launch, next_pow2, symbolic, triton, triton_op,
+                       tl, tuning_allowed)
+from ._tuning import choose
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
 
@@ -464,19 +462,12 @@ def _choose(key, x, cin, cout, run, tma_reason) -> Tile:
         return _TUNED[key]
     if not tuning_allowed(x):
         return _heuristic(cin, cout, x.dtype, x.shape[3], tma)
-    stored = stored_tile("conv_norm", key, x.device, _parse_tile)
-    if stored is not None:
-        _TUNED[key] = stored
-        return stored
-    t0 = time.perf_counter()
-    candidates = _candidates(cin, cout, x.dtype, x.shape[3], tma)
-    precompile(candidates, lambda cfg: run(cfg, warmup=True))
-    _TUNED[key], _TIMINGS[key], failed = tune("conv_norm", candidates, run, cuda_time)
-    store_tile("conv_norm", key, x.device, _TUNED[key])
+    _TUNED[key], timed, failed = choose("conv_norm", key, x.device, _candidates(cin, cout, x.dtype, x.shape[3], tma),
+                                        run, _parse_tile, lambda cfg: run(cfg, warmup=True))
+    if timed:
+        _TIMINGS[key] = timed
     if failed:
         _FAILURES[key] = failed
-    logging.getLogger("crn_fast.kernels").debug("conv_norm %s: %s of %s in %.1f s", key, _TUNED[key], _TIMINGS[key],
-                                                time.perf_counter() - t0)
     return _TUNED[key]
 
 

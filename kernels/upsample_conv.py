@@ -32,7 +32,6 @@ path rounds the upsample-concat output once; the tests hold it to the direct con
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -40,9 +39,9 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LN_EPS
 
-from ._runtime import (HAS_TRITON, can_run, cdiv, cuda_time, launch, next_pow2, symbolic, triton, triton_op, tl,
+from ._runtime import (HAS_TRITON, can_run, cdiv, launch, next_pow2, symbolic, triton, triton_op, tl,
                        tuning_allowed)
-from ._tuning import store_tile, stored_tile, tune
+from ._tuning import choose
 from .conv_norm import pack_conv_weight, reference_with_stats, with_merged_stats
 from .upsample_concat import _scale, upsample_concat_reference
 
@@ -238,14 +237,8 @@ def _tile(key: tuple, features: torch.Tensor, scale_w: float, cout: int, run) ->
     if key not in _TUNED:
         if not tuning_allowed(features):
             return TILES[0]
-        fit = [t for t in TILES if _fits(t, features.dtype, scale_w, cout)]
-        stored = stored_tile("upsample_conv", key, features.device, _parse_tile)
-        if stored in fit:
-            _TUNED[key] = stored
-            return stored
-        _TUNED[key], timings, _ = tune("upsample_conv", fit, run, cuda_time)
-        store_tile("upsample_conv", key, features.device, _TUNED[key])
-        logging.getLogger("crn_fast.kernels").debug("upsample_conv %s: %s of %s", key, _TUNED[key], timings)
+        _TUNED[key] = choose("upsample_conv", key, features.device,
+                             [t for t in TILES if _fits(t, features.dtype, scale_w, cout)], run, _parse_tile)[0]
     return _TUNED[key]
 
 

@@ -215,7 +215,7 @@ def test_tuned_tiles_persist_in_the_tuning_file(tmp_path, monkeypatch):
     monkeypatch.setattr(U, "_TUNED", {})
     monkeypatch.setattr(U, "tuning_allowed", lambda t: True)
     monkeypatch.setattr(T, "device_tag", lambda d: "NVIDIA H200 | triton 3.6.0")
-    monkeypatch.setattr(U, "cuda_time", lambda fn: fn())
+    monkeypatch.setattr(T, "cuda_time", lambda fn: fn())
     timed = []
     scale = (1024 - 1) / (2048 - 1)
     fit = [t for t in U.TILES if U._fits(t, torch.bfloat16, scale, 32)]  # module 8: 32 channels out
