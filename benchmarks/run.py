@@ -36,6 +36,7 @@ from crn_fast.config import get_preset, parse_resolution, preset_for_resolution 
 from crn_fast.constants import DTYPES  # noqa: E402
 from crn_fast.errors import CRNError  # noqa: E402
 from crn_fast.export.verify import compare  # noqa: E402
+from crn_fast.fast_inference import CONV_MODES  # noqa: E402
 from crn_fast.flops import crn_flops  # noqa: E402
 from crn_fast.labels import one_hot  # noqa: E402
 
@@ -433,8 +434,7 @@ def _row_note(row) -> str:
     if row.get("skipped") or row.get("error"):
         return row.get("skipped") or row.get("error")
     if "conv_modes" in row:  # {module: "fused" | "split" | "lowres"}; the other modules ran cuDNN convs
-        by_mode = {mode: [int(i) for i, m in row["conv_modes"].items() if m == mode]
-                   for mode in ("fused", "split", "lowres")}
+        by_mode = {mode: [int(i) for i, m in row["conv_modes"].items() if m == mode] for mode in CONV_MODES[1:]}
         return "conv modes: " + (", ".join(f"{mode} in modules {ms}" for mode, ms in by_mode.items() if ms)
                                  or "cuDNN everywhere")
     return f"fused conv in modules {row['fused_modules']}" if "fused_modules" in row else ""  # older results

@@ -228,10 +228,8 @@ def _tile(key: tuple, features: torch.Tensor, scale_w: float, cout: int, run) ->
     """The tile for this shape: tuned once per process on a GPU among the TILES that fit (CUDA
     events; not while tracing or capturing a CUDA graph; CRN_FAST_CONV_TUNE=0 keeps the first), and
     kept in the CRN_FAST_CONV_TUNING file when one is set, as conv_norm tunes and keeps its tiles."""
-    if features.device.type == "cpu":
-        if not _fits(_INTERPRETER_TILE, features.dtype, scale_w):
-            return _INTERPRETER_TILE[:3] + (0,)
-        return _INTERPRETER_TILE
+    if features.device.type == "cpu":  # the interpreter's tile, as gathers where its dots cannot run
+        return _INTERPRETER_TILE if _fits(_INTERPRETER_TILE, features.dtype, scale_w) else _INTERPRETER_TILE[:3] + (0,)
     if symbolic(key):
         return TILES[0]
     if key not in _TUNED:
@@ -276,7 +274,7 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
     g = torch.mm(f.reshape(n * h * w, cf), wg)  # (N h w, 9 Cout): the feature half, at the low resolution
     label = label.to(features.dtype)
     y = torch.empty((n, cout, H, W), device=features.device, dtype=features.dtype, memory_format=torch.channels_last)
-    cuda = features.device.type == "cuda"
+    cuda, scale_w = features.device.type == "cuda", _scale(w, W)
 
     def run(tile):
         bp, bc, warps, kw = tile
@@ -285,12 +283,12 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
         part = torch.empty((3, n, p), device=y.device, dtype=torch.float32) if stats else None
         pc, pmn, pm2 = part.unbind(0) if stats else (y,) * 3
         launch(_upconv_kernel, (H * n_xb, n_cb, n), g, label, wl, y, pc, pmn, pm2, cout, cl, H, W, h, w,
-               *label.stride(), n_xb, p, _scale(h, H), _scale(w, W), STATS=stats,
+               *label.stride(), n_xb, p, _scale(h, H), scale_w, STATS=stats,
                IEEE=features.dtype == torch.float32, DOT_F32=not cuda and features.dtype != torch.float32,
                EVEN_C=cout % bc == 0, BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=max(16, next_pow2(cl)), KW=kw,
                num_warps=warps)
         return part
-    tile = _tile((n, cf, cout, cl, h, w, H, W, features.dtype, stats), features, _scale(w, W), cout, run)
+    tile = _tile((n, cf, cout, cl, h, w, H, W, features.dtype, stats), features, scale_w, cout, run)
     return with_merged_stats(y, run(tile), eps)
 
 
