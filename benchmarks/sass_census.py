@@ -135,7 +135,8 @@ def cases():
     for what, (bp, bc, warps, kw) in (("m8, gathers", (32, 32, 4, 0)), ("m7, dots", (32, 128, 8, 32)),
                                       ("m5, dots", (32, 256, 8, 32))):
         yield (f"upsample_conv {what} {bp}x{bc}", UC._upconv_kernel, uc, ["scale_h", "scale_w"],
-               dict(STATS=True, IEEE=False, DOT_F32=False, EVEN_C=True, BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=32, KW=kw, ls1=1),
+               dict(STATS=True, IEEE=False, DOT_F32=False, EVEN_C=True, L_DENSE=20, BLOCK_P=bp, BLOCK_C=bc,
+                    BLOCK_L=32, KW=kw, ls1=1),
                uc_aligned, warps)
 
 

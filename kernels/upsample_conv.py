@@ -120,12 +120,13 @@ if HAS_TRITON:
     @triton.jit
     def _upconv_kernel(G, L, WL, Y, PCnt, PMean, PM2, Cout, CL, H, W, h, w, ls0, ls1, ls2, ls3, n_xb, P,
                        scale_h, scale_w, STATS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-                       EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-                       KW: tl.constexpr):
+                       EVEN_C: tl.constexpr, L_DENSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_L: tl.constexpr, KW: tl.constexpr):
         """Program (row segment, output-channel block, sample): BLOCK_P pixels of output row oy by
         BLOCK_C channels. Per tap row dy the two source rows and their weight are scalars; per tap
         column dx the source columns are computed once for the segment. G: (N, h, w, 9 Cout)
-        contiguous; L: the layout level (strides ls*); WL: (9, CL, Cout) contiguous.
+        contiguous; L: the layout level (strides ls*; L_DENSE = CL when each pixel's classes are one
+        contiguous run, as in channels_last, else 0); WL: (9, CL, Cout) contiguous.
 
         The blend of g, per tap: KW = 0, 4 gathers per output pixel (contiguous Cout-vectors, one
         FMA per element each, in fp32); KW > 0, on the tensor cores: the KW source columns the
@@ -184,8 +185,13 @@ if HAS_TRITON:
                     acc += (w_bot * on0)[:, None] * _load_g(r1 + o0, cm, EVEN_C)
                     acc += (w_bot * on1)[:, None] * _load_g(r1 + o1, cm, EVEN_C)
                 inr = inb & (qxc < w_in)  # inside the image: this column and this tap row
-                lt = tl.load(lrow + (qxc * ls3)[:, None] + (k * ls1)[None, :], mask=inr[:, None] & km[None, :],
-                             other=0.0)
+                if L_DENSE > 0:  # each pixel's L_DENSE (= CL) classes contiguous, a compile-time run length:
+                    # the compiler sees its alignment and loads it as vectors
+                    lt = tl.load(lrow + (qxc * L_DENSE)[:, None] + k[None, :],
+                                 mask=inr[:, None] & (k < L_DENSE)[None, :], other=0.0)
+                else:
+                    lt = tl.load(lrow + (qxc * ls3)[:, None] + (k * ls1)[None, :], mask=inr[:, None] & km[None, :],
+                                 other=0.0)
                 wt = tl.load(WL + (t * CL + k).to(tl.int64)[:, None] * Cout + co[None, :],
                              mask=km[:, None] & cm[None, :], other=0.0)
                 acc_l = _mma(lt, wt, acc_l, IEEE, DOT_F32)
@@ -197,9 +203,10 @@ if HAS_TRITON:
 # (BLOCK_P, BLOCK_C, num_warps, KW) tiles the GPU times per shape among those that fit (_fits); none
 # spills registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (each in bf16, the first in every dtype:
 # tests/gpu_compile_check.py). Issue cost per output element and tap, sm_90 SASS of the tap-row loop
-# (benchmarks/sass_census.py, Triton 3.9): the gathers (KW = 0, 32 channels) ~19-24 instructions
-# (the first, the untuned choice, 24; 31-36 before the column taps were hoisted and the loads
-# unmasked); the dots (KW > 0, bf16/fp16, 128-256 channels) ~10-15. Under the interpreter one small tile.
+# (benchmarks/sass_census.py, Triton 3.9; a dense channels_last layout): the gathers (KW = 0, 32
+# channels) ~17-23 instructions (the first, the untuned choice, 20; 31-36 before the column taps were
+# hoisted and the loads unmasked); the dots (KW > 0, bf16/fp16, 128-256 channels) ~9-13.5. Under the
+# interpreter one small tile.
 TILES = [(32, 32, 4, 0), (64, 32, 8, 0), (128, 32, 8, 0), (16, 128, 4, 16), (32, 128, 8, 32), (32, 256, 8, 32)]
 DOT_ENV = "CRN_FAST_UPCONV_DOT"  # "0": the gather tiles only (to rule the tensor-core blend out)
 _INTERPRETER_TILE = (16, 16, 4, 0)
@@ -275,6 +282,7 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
     label = label.to(features.dtype)
     y = torch.empty((n, cout, H, W), device=features.device, dtype=features.dtype, memory_format=torch.channels_last)
     cuda, scale_w = features.device.type == "cuda", _scale(w, W)
+    dense = cl if label.stride(1) == 1 and label.stride(3) == cl else 0  # each pixel's classes one run
 
     def run(tile):
         bp, bc, warps, kw = tile
@@ -285,8 +293,8 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
         launch(_upconv_kernel, (H * n_xb, n_cb, n), g, label, wl, y, pc, pmn, pm2, cout, cl, H, W, h, w,
                *label.stride(), n_xb, p, _scale(h, H), scale_w, STATS=stats,
                IEEE=features.dtype == torch.float32, DOT_F32=not cuda and features.dtype != torch.float32,
-               EVEN_C=cout % bc == 0, BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=max(16, next_pow2(cl)), KW=kw,
-               num_warps=warps)
+               EVEN_C=cout % bc == 0, L_DENSE=dense, BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=max(16, next_pow2(cl)),
+               KW=kw, num_warps=warps)
         return part
     tile = _tile((n, cf, cout, cl, h, w, H, W, features.dtype, stats), features, scale_w, cout, run)
     return with_merged_stats(y, run(tile), eps)

@@ -97,13 +97,15 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
         kernels += [(A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
                      dict(NLEV=nlev, CL=cl, C=20, BLOCK_C=32)) for nlev in (1, 4) for cl in (False, True)]
         # upsample_conv: every tile in bf16 (the GPU dtype; the dot tiles run in bf16/fp16 only), the first
-        # elsewhere; as launched, the channel count divisible by 16 (every preset's widths are), which lets
-        # Triton load g as 16-byte vectors (without it, 2-byte loads and ~2x the registers)
+        # elsewhere; as launched: Cout divisible by 16 (every preset's widths are), which lets Triton load
+        # g as 16-byte vectors (without it, 2-byte loads and ~2x the registers); the layout's 20 classes
+        # per pixel contiguous (channels_last, as the model runs it) and, for the first tile, an NCHW layout
         uc = {"G": dt, "L": dt, "WL": dt, "Y": dt, "PCnt": a, "PMean": a, "PM2": a}
         kernels += [(UC._upconv_kernel, uc, ["scale_h", "scale_w"],
-                     dict(STATS=True, IEEE=dt == "fp32", DOT_F32=False, EVEN_C=True, BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=32,
-                          KW=kw), warps, list(uc) + ["Cout"])
-                    for bp, bc, warps, kw in (UC.TILES if dt == "bf16" else UC.TILES[:1])]
+                     dict(STATS=True, IEEE=dt == "fp32", DOT_F32=False, EVEN_C=True, L_DENSE=20 if dense else 0, BLOCK_P=bp,
+                          BLOCK_C=bc, BLOCK_L=32, KW=kw), warps, list(uc) + ["Cout"])
+                    for bp, bc, warps, kw in (UC.TILES if dt == "bf16" else UC.TILES[:1])
+                    for dense in ((True, False) if (bp, bc, warps, kw) == UC.TILES[0] else (True,))]
         if dt == "bf16":  # sizes, counts and strides of 1, which Triton turns into constants at run time
             ones = dict(H=1, W=1, h=1, w=1, C=1, CL=1, fs3=1, ls3=1, os3=1)
             kernels += [

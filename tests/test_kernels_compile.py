@@ -18,7 +18,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch):
     assert r.returncode == 0, r.stderr[-3000:]
     # sm_90 adds the TMA conv kernel (10 tiles as conv1 and conv2, one head, the tests' small tile as
     # all three), which runs on sm_90+ only
-    assert f"compiled {166 if arch == 90 else 141} kernels for sm_{arch}, " in r.stdout, r.stdout
+    assert f"compiled {169 if arch == 90 else 144} kernels for sm_{arch}, " in r.stdout, r.stdout
     import triton
     if arch == 90 or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9):
         assert "none spills registers" in r.stdout, r.stdout  # sm_80 with Triton < 3.9: SPILL_LIMIT
@@ -66,9 +66,11 @@ def test_channels_last_kernels_move_whole_vectors(tmp_path):
             assert mem.get("STG.E.128") and row["barriers"] == 0, (name, row)
         elif name.startswith("conv_norm"):
             assert mem.get("STG.E.128"), (name, row)  # y tiles stored as 16-byte vectors
-        elif name.startswith("upsample_conv"):  # g: 16-byte gathers, or 16-byte async copies for the dots
+        elif name.startswith("upsample_conv"):  # g: 16-byte gathers, or 16-byte async copies for the dots;
+            # the layout's 20 classes per pixel: 8-byte async copies (no bf16 at a time)
             assert mem.get("STG.E.128") and (mem.get("LDG.E.128") if "gathers" in name else
                                              mem.get("LDGSTS.E.BYPASS.128")), (name, row)
+            assert mem.get("LDGSTS.E.64") and not any("U16" in op for op in mem), (name, row)
         elif name.startswith("layer_norm"):
             assert mem.get("LDG.E.128") and (name.endswith("(flat)") or mem.get("STG.E.128")), (name, row)
         else:
@@ -89,5 +91,5 @@ def test_channels_last_kernels_move_whole_vectors(tmp_path):
            for what, channels, threads in (("m8, gathers 32x32", 32, 128), ("m7, dots 32x128", 128, 256),
                                            ("m5, dots 32x256", 256, 256))}
     gathers = per.pop("m8, gathers 32x32")
-    assert gathers < 28 and max(per.values()) < 0.7 * gathers, (gathers, per)
+    assert gathers < 22 and max(per.values()) < 0.7 * gathers, (gathers, per)
     assert len(rows) == 15

@@ -24,7 +24,7 @@ def inputs(n, cf, cl, cout, h, w, dtype, seed=0, channels_last=True):
     g = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     f = torch.randn(n, cf, h, w, generator=g).to(DEV, dtype).contiguous(memory_format=fmt)
-    lab = torch.rand(n, cl, 2 * h, 2 * w, generator=g).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
+    lab = torch.rand(n, cl, 2 * h, 2 * w, generator=g).to(DEV, dtype).contiguous(memory_format=fmt)
     wt = (torch.randn(cout, cf + cl, 3, 3, generator=g) / ((cf + cl) * 9) ** 0.5).to(DEV, dtype)
     return f, lab, wt
 
@@ -73,10 +73,17 @@ def test_the_blend_on_tensor_cores_matches_the_direct_conv(monkeypatch, dtype, n
     assert (f32 - ref).abs().max().item() <= ulps(ref, torch.float32)  # the gathers
 
 
-def test_upsample_conv_takes_nchw_features_and_skips_the_statistics():
+def test_upsample_conv_takes_nchw_inputs_and_any_layout_strides_and_skips_the_statistics():
+    """Features and layout in NCHW, and a layout whose pixels are not dense runs of its classes (a
+    channel slice of a channels_last tensor): the kernel's strided layout loads, where a dense
+    channels_last layout (the other tests) takes the vector loads of a compile-time run length."""
     f, lab, wt = inputs(1, 6, 20, 16, 3, 4, torch.float32, channels_last=False)
-    y = K.upsample_conv(f, lab, *K.pack_upsample_conv_weight(wt, 6), stats=False)
-    torch.testing.assert_close(y, K.upsample_conv_reference(f, lab, wt), atol=1e-4, rtol=1e-4)
+    assert lab.is_contiguous()
+    wide = torch.zeros(1, 24, 6, 8, device=DEV).contiguous(memory_format=torch.channels_last)
+    wide[:, 2:22] = lab
+    for label in (lab, wide[:, 2:22]):
+        y = K.upsample_conv(f, label, *K.pack_upsample_conv_weight(wt, 6), stats=False)
+        torch.testing.assert_close(y, K.upsample_conv_reference(f, lab, wt), atol=1e-4, rtol=1e-4)
 
 
 def test_upsample_conv_weight_packing_round_trips_and_bad_shapes_are_one_error():
