@@ -153,7 +153,7 @@ if HAS_TRITON:
     def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, CP, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
                        os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CL: tl.constexpr, PIX: tl.constexpr,
-                       LPIX: tl.constexpr):
+                       LPIX: tl.constexpr, LV: tl.constexpr):
         """Program (channel block, column block, n*cdiv(H, ROWS) + row block): ROWS output rows of a
         [BLOCK_W pixels, BLOCK_C channels] tile, channels fastest. Feature blocks walk down the
         rows keeping the two x-interpolated source rows the current row blends; a source row is
@@ -164,7 +164,9 @@ if HAS_TRITON:
         dividing the output's pixel stride os3, written as a factor so the compiler can prove
         16-byte-aligned channel vectors and store them whole (Triton only learns divisibility by
         16 from an argument, and padded strides such as 1048, 536 and 152 are multiples of 8);
-        LPIX the same for the label's pixel stride ls3 (20 classes: 4)."""
+        LPIX the same for the label's pixel stride ls3 (20 classes: 4), and LV for the label's channel
+        count CL and pad CP (20 and 4: 4), so its masks hold over runs of LV channels: the label's
+        classes then load and store as 8-byte vectors, not one bf16 at a time."""
         n_rb = tl.cdiv(H, ROWS)
         n = tl.program_id(2) // n_rb
         y_first = (tl.program_id(2) % n_rb) * ROWS
@@ -194,8 +196,8 @@ if HAS_TRITON:
                        H, h, scale_h, APPLY_NORM, ROWS)
         else:
             k = (cb - n_fb) * BLOCK_CL + tl.arange(0, BLOCK_CL)
-            lm = xm[:, None] & (k < CL)[None, :]  # label channels; CL <= k < CL + CP: zeros
-            om = xm[:, None] & (k < CL + CP)[None, :]
+            lm = xm[:, None] & (k < (CL // LV) * LV)[None, :]  # label channels; CL <= k < CL + CP: zeros
+            om = xm[:, None] & (k < ((CL + CP) // LV) * LV)[None, :]
             lo = (x * (ls3 // LPIX) * LPIX)[:, None] + k[None, :] * ls1
             lo_out = (x * (os3 // PIX) * PIX)[:, None] + (C + k)[None, :] * os1
             _copy_rows(L + n.to(tl.int64) * ls0, ls2, lo, lm, obase, os2, lo_out, om, y_first, H, ROWS)
@@ -344,7 +346,7 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
         rows = _rows_per_program(H, n, blocks[0] * blocks[1], features.device)
         launch(_fwd_cl_kernel, (*blocks, n * cdiv(H, rows)), *args, APPLY_NORM=norm is not None, ROWS=rows,
                BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, PIX=math.gcd(out.stride(3), 16),
-               LPIX=math.gcd(label.stride(3), 16), num_warps=4)
+               LPIX=math.gcd(label.stride(3), 16), LV=math.gcd(cl, pad, 8), num_warps=4)
     else:
         bw = min(next_pow2(W), 1024 if features.device.type == "cuda" else 8192)
         rows = _rows_per_program(H, 1, n * (c + cl) * cdiv(W, bw), features.device)

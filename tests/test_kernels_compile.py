@@ -60,8 +60,9 @@ def test_channels_last_kernels_move_whole_vectors(tmp_path):
     rows = {row["kernel"]: row for row in json.loads(out.read_text())["rows"]}
     for name, row in rows.items():
         mem = row["global_memory"]
-        if name.startswith("upsample_concat channels_last"):
+        if name.startswith("upsample_concat channels_last"):  # the label's 20 classes: 8-byte vectors
             assert mem.get("STG.E.128") and mem.get("LDG.E.128") and row["barriers"] == 0, (name, row)
+            assert mem.get("STG.E.64") and not mem.get("STG.E.U16"), (name, row)
         elif name.startswith("upsample_concat nchw"):  # the x taps are gathers; the rows are stored whole
             assert mem.get("STG.E.128") and row["barriers"] == 0, (name, row)
         elif name.startswith("conv_norm"):
