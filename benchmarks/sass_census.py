@@ -108,7 +108,8 @@ def cases():
     for norm in (False, True):  # module 8: 128 feature channels, output pixel stride 152 (padded to 8)
         yield (f"upsample_concat channels_last{' + norm' if norm else ''}", U._fwd_cl_kernel, up,
                ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32,
-                                                     PIX=8, LPIX=4, LV=4, fs1=1, ls1=1, os1=1), up_aligned, 4)
+                                                     PIX=8, LPIX=4, LV=4, PAIRS=True, fs1=1, ls1=1,
+                                                     os1=1), up_aligned, 4)
     for norm in (False, True):  # module 8 in NCHW: 1-D row tiles of one channel
         yield (f"upsample_concat nchw{' + norm' if norm else ''}", U._fwd_kernel, up, ["scale_h", "scale_w", "slope"],
                dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024, fs3=1, ls3=1, os3=1), up_aligned + ["os1", "ls1", "fs1"], 4)

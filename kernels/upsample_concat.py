@@ -11,7 +11,8 @@ Memory plan (the output's memory format picks the forward kernel):
                  normalised), that the current output row blends, and loads the next one only when
                  the walk reaches it: a source row serves about two output rows, so the taps are
                  loaded and normalised half as often as per output pixel, and the x taps, weights
-                 and in-row offsets are computed once per program. Blocks past the features copy the
+                 and in-row offsets are computed once per program. An exact 2x upsampling runs in
+                 pixel pairs (2j+1 and 2j+2 share source pixels j, j+1): half again. Blocks past the features copy the
                  label and write zeros into pad channels (a padded output, see channels_multiple).
     _fwd_kernel  NCHW: one program per (sample*channel, block of ROWS output rows, column block):
                  a feature channel by the same row walk (1-D row tiles), a label channel by row
@@ -28,14 +29,16 @@ Memory plan (the output's memory format picks the forward kernel):
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, triton_op, tl
+from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, symbolic, triton, triton_op, tl
 from .layer_norm_lrelu import layer_norm_lrelu_reference, norm_lrelu_reference
 
 
@@ -92,33 +95,42 @@ if HAS_TRITON:
                 mu = tl.load(Mean + n)
                 g = tl.load(Wn + c).to(tl.float32) * tl.load(Rstd + n)
                 bb = tl.load(Bn + c).to(tl.float32)
-            _walk_rows(Fe + n.to(tl.int64) * fs0 + c.to(tl.int64) * fs1, fs2, x0 * fs3, x1 * fs3, lx, mask, mu, g,
-                       bb, slope, obase, os2, x * os3, y_first, H, h, scale_h, APPLY_NORM, ROWS)
+            _walk_rows(Fe + n.to(tl.int64) * fs0 + c.to(tl.int64) * fs1, fs2, x0 * fs3, x1 * fs3, lx, lx, mask, mu,
+                       g, bb, slope, obase, os2, x * os3, x * os3, mask, mask, y_first, H, h, scale_h, APPLY_NORM,
+                       ROWS, False)
         else:
             lbase = L + n.to(tl.int64) * ls0 + (c - C).to(tl.int64) * ls1
             _copy_rows(lbase, ls2, x * ls3, mask, obase, os2, x * os3, mask, y_first, H, ROWS)
 
     @triton.jit
-    def _hrow(row, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr):
+    def _hrow(row, x0o, x1o, lx, lx2, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr, PAIRS: tl.constexpr):
         """Source row ``row`` (a scalar pointer) interpolated along x: an fp32 tile the shape of the
-        tap offsets, each tap normalised first when APPLY_NORM."""
+        tap offsets, each tap normalised first when APPLY_NORM. PAIRS: the taps are shared by two
+        output pixels, weighted lx and lx2: both tiles (else the second is the first)."""
         v0 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
         v1 = tl.load(row + x1o, mask=mask, other=0.0).to(tl.float32)
         if APPLY_NORM:
             v0 = _norm_lrelu(v0, mu, g, bb, slope)
             v1 = _norm_lrelu(v1, mu, g, bb, slope)
-        return (1.0 - lx) * v0 + lx * v1
+        a = (1.0 - lx) * v0 + lx * v1
+        if PAIRS:
+            return a, (1.0 - lx2) * v0 + lx2 * v1
+        else:
+            return a, a
 
     @triton.jit
-    def _walk_rows(src, fs2, x0o, x1o, lx, mask, mu, g, bb, slope, obase, os2, oo, y_first, H, h, scale_h,
-                   APPLY_NORM: tl.constexpr, ROWS: tl.constexpr):
+    def _walk_rows(src, fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope, obase, os2, oo, oo2, mask1, mask2, y_first,
+                   H, h, scale_h, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr):
         """Output rows y_first .. y_first+ROWS-1 (those < H) of one tile: each row blends two source
         rows interpolated along x (_hrow), held from the row before while they still apply; a
         source row is loaded (and normalised) only when the walk reaches it, about once per two
         output rows. src: the sample's (and, NCHW, channel's) first source row; x0o/x1o, oo: the
-        tile's in-row offsets of the two x taps and of the output."""
+        tile's in-row offsets of the two x taps and of the output (mask1: the pixels it writes).
+        PAIRS: each tap pair also makes a second output pixel (weights lx2, offsets oo2, mask2)."""
         h0 = tl.zeros(x0o.shape, tl.float32)
         h1 = tl.zeros(x0o.shape, tl.float32)
+        k0 = tl.zeros(x0o.shape, tl.float32)  # the second pixels' rows (PAIRS)
+        k1 = tl.zeros(x0o.shape, tl.float32)
         s0 = tl.zeros((), tl.int32) - 1  # source rows held in h0, h1
         s1 = tl.zeros((), tl.int32) - 1
         for r in range(ROWS):
@@ -128,16 +140,24 @@ if HAS_TRITON:
                 if i0 != s0:  # rows only move down: the new top row is the old bottom one or below
                     if i0 == s1:
                         h0 = h1
+                        k0 = k1
                     else:
-                        h0 = _hrow(src + i0.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM)
+                        h0, k0 = _hrow(src + i0.to(tl.int64) * fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope,
+                                       APPLY_NORM, PAIRS)
                     if i1 == i0:
                         h1 = h0
+                        k1 = k0
                     else:
-                        h1 = _hrow(src + i1.to(tl.int64) * fs2, x0o, x1o, lx, mask, mu, g, bb, slope, APPLY_NORM)
+                        h1, k1 = _hrow(src + i1.to(tl.int64) * fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope,
+                                       APPLY_NORM, PAIRS)
                     s0 = i0
                     s1 = i1
+                orow = obase + y.to(tl.int64) * os2
                 up = (1.0 - ly) * h0 + ly * h1
-                tl.store(obase + y.to(tl.int64) * os2 + oo, up.to(obase.dtype.element_ty), mask=mask)
+                tl.store(orow + oo, up.to(obase.dtype.element_ty), mask=mask1)
+                if PAIRS:
+                    up = (1.0 - ly) * k0 + ly * k1
+                    tl.store(orow + oo2, up.to(obase.dtype.element_ty), mask=mask2)
 
     @triton.jit
     def _copy_rows(src, ls2, lo, lmask, obase, os2, oo, omask, y_first, H, ROWS: tl.constexpr):
@@ -153,7 +173,7 @@ if HAS_TRITON:
     def _fwd_cl_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, CP, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
                        os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CL: tl.constexpr, PIX: tl.constexpr,
-                       LPIX: tl.constexpr, LV: tl.constexpr):
+                       LPIX: tl.constexpr, LV: tl.constexpr, PAIRS: tl.constexpr):
         """Program (channel block, column block, n*cdiv(H, ROWS) + row block): ROWS output rows of a
         [BLOCK_W pixels, BLOCK_C channels] tile, channels fastest. Feature blocks walk down the
         rows keeping the two x-interpolated source rows the current row blends; a source row is
@@ -166,7 +186,13 @@ if HAS_TRITON:
         16 from an argument, and padded strides such as 1048, 536 and 152 are multiples of 8);
         LPIX the same for the label's pixel stride ls3 (20 classes: 4), and LV for the label's channel
         count CL and pad CP (20 and 4: 4), so its masks hold over runs of LV channels: the label's
-        classes then load and store as 8-byte vectors, not one bf16 at a time."""
+        classes then load and store as 8-byte vectors, not one bf16 at a time.
+
+        PAIRS (an exact 2x upsampling whose float taps follow the pattern, _pairs): output pixels
+        2j+1 and 2j+2 both blend source pixels j and j+1, so a feature block holds BLOCK_W / 2 such
+        pairs (output pixels x_start - 1 .. x_start + BLOCK_W - 2), loads and normalises each tap
+        once for both pixels (half the loads, conversions and norms of a tap per output pixel) and
+        stores the two pixels of each pair as two tiles. The weights are the same floats."""
         n_rb = tl.cdiv(H, ROWS)
         n = tl.program_id(2) // n_rb
         y_first = (tl.program_id(2) % n_rb) * ROWS
@@ -178,13 +204,30 @@ if HAS_TRITON:
         if cb < n_fb:
             c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
             cm = c < C
-            mask = xm[:, None] & cm[None, :]
-            x0, x1, lx = _taps(x, scale_w, w)
-            lx = lx[:, None]
+            if PAIRS:  # pair i: output pixels 2j+1 and 2j+2 of source pixels j, j+1
+                j = tl.program_id(1) * (BLOCK_W // 2) - 1 + tl.arange(0, BLOCK_W // 2)
+                xa = 2 * j + 1
+                xb = xa + 1
+                x0 = tl.maximum(j, 0)
+                x1 = tl.minimum(j + 1, w - 1)
+                lx = (xa.to(tl.float32) * scale_w - j.to(tl.float32))[:, None]  # _taps' weights: x0 = j
+                lx2 = (xb.to(tl.float32) * scale_w - j.to(tl.float32))[:, None]
+                ma = ((xa >= 0) & (xa < W))[:, None] & cm[None, :]
+                mb = (xb < W)[:, None] & cm[None, :]
+                mask = ma | mb
+            else:
+                x0, x1, lx = _taps(x, scale_w, w)
+                lx = lx[:, None]
+                lx2 = lx
+                xa = x
+                xb = x
+                mask = xm[:, None] & cm[None, :]
+                ma = mask
+                mb = mask
             x0o = x0[:, None] * fs3 + c[None, :] * fs1  # in-row offsets: int32, the row base is int64
             x1o = x1[:, None] * fs3 + c[None, :] * fs1
-            px = x * (os3 // PIX) * PIX
-            oo = px[:, None] + c[None, :] * os1
+            oo = (xa * (os3 // PIX) * PIX)[:, None] + c[None, :] * os1
+            oo2 = (xb * (os3 // PIX) * PIX)[:, None] + c[None, :] * os1
             mu = 0.0
             g = tl.zeros([1, BLOCK_C], tl.float32)
             bb = tl.zeros([1, BLOCK_C], tl.float32)
@@ -192,8 +235,8 @@ if HAS_TRITON:
                 mu = tl.load(Mean + n)
                 g = (tl.load(Wn + c, mask=cm, other=0.0).to(tl.float32) * tl.load(Rstd + n))[None, :]
                 bb = tl.load(Bn + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-            _walk_rows(Fe + n.to(tl.int64) * fs0, fs2, x0o, x1o, lx, mask, mu, g, bb, slope, obase, os2, oo, y_first,
-                       H, h, scale_h, APPLY_NORM, ROWS)
+            _walk_rows(Fe + n.to(tl.int64) * fs0, fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope, obase, os2, oo, oo2,
+                       ma, mb, y_first, H, h, scale_h, APPLY_NORM, ROWS, PAIRS)
         else:
             k = (cb - n_fb) * BLOCK_CL + tl.arange(0, BLOCK_CL)
             lm = xm[:, None] & (k < (CL // LV) * LV)[None, :]  # label channels; CL <= k < CL + CP: zeros
@@ -310,6 +353,25 @@ def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device
     return r
 
 
+@functools.lru_cache(maxsize=None)
+def _pairs(w: int, W: int) -> bool:
+    """Does every output column x of an upsampling from w to W columns take source columns
+    (x - 1) // 2 and the next, with _taps' float arithmetic (an fp32 product with the fp32 scale,
+    truncated)? Then _fwd_cl_kernel may compute the output pixels in pairs (PAIRS). An exact 2x
+    upsampling does for every width this was checked at (2 .. 5000 source columns); the check
+    keeps the pairs bit for bit the same as the per-pixel taps at any width."""
+    if w < 2 or W != 2 * w:
+        return False
+    scale = _f32(_scale(w, W))  # plain floats (no tensors: this runs while tracing, on fake tensors too)
+    return all(min(int(_f32(x * scale)), w - 1) == max((x - 1) // 2, 0) for x in range(W))
+
+
+def _f32(v: float) -> float:
+    """v rounded to fp32 (to nearest even). A product of two fp32 values is exact in a Python float
+    (48 significant bits), so _f32(x * scale) is the kernel's fp32 product."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _check(features, label):
     if features.dim() != 4 or label.dim() != 4 or features.shape[0] != label.shape[0]:
         raise ValueError(f"upsample_concat expects 4-D features and label with the same batch, got "
@@ -342,11 +404,12 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
             *out.stride(), _scale(h, H), _scale(w, W), slope)
     if channels_last:
         bw, bc, bcl = _tile_shape_cl(W, c, cl + pad, features.device)
-        blocks = (cdiv(c, bc) + cdiv(cl + pad, bcl), cdiv(W, bw))
+        pairs = bw >= 2 and not symbolic((w, W)) and _pairs(w, W)  # symbolic sizes: the per-pixel taps
+        blocks = (cdiv(c, bc) + cdiv(cl + pad, bcl), cdiv(W + pairs, bw))  # pairs: pixels -1 .. W-1
         rows = _rows_per_program(H, n, blocks[0] * blocks[1], features.device)
         launch(_fwd_cl_kernel, (*blocks, n * cdiv(H, rows)), *args, APPLY_NORM=norm is not None, ROWS=rows,
                BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, PIX=math.gcd(out.stride(3), 16),
-               LPIX=math.gcd(label.stride(3), 16), LV=math.gcd(cl, pad, 8), num_warps=4)
+               LPIX=math.gcd(label.stride(3), 16), LV=math.gcd(cl, pad, 8), PAIRS=pairs, num_warps=4)
     else:
         bw = min(next_pow2(W), 1024 if features.device.type == "cuda" else 8192)
         rows = _rows_per_program(H, 1, n * (c + cl) * cdiv(W, bw), features.device)

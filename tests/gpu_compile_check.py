@@ -92,8 +92,8 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024)) for norm in (False, True)] \
           + [(U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32, PIX=8,
-                                                    LPIX=4, LV=4))
-             for norm in (False, True)]
+                                                    LPIX=4, LV=4, PAIRS=pairs))
+             for norm in (False, True) for pairs in (False, True)]
         kernels += [(A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
                      dict(NLEV=nlev, CL=cl, C=20, BLOCK_C=32)) for nlev in (1, 4) for cl in (False, True)]
         # upsample_conv: every tile in bf16 (the GPU dtype; the dot tiles run in bf16/fp16 only), the first
@@ -118,7 +118,7 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
                  ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, **ones)),
                 (U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
                  ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, BLOCK_C=1, BLOCK_CL=1,
-                                                       PIX=1, LPIX=1, LV=1, CP=1, **ones)),
+                                                       PIX=1, LPIX=1, LV=1, PAIRS=False, CP=1, **ones)),
                 (A._pyramid_kernel, {"X": dt, "Y1": dt, "Y2": dt, "Y3": dt, "Y4": dt}, [],
                  dict(NLEV=2, CL=True, C=1, BLOCK_C=1, H=1, W=1))]
         for fn, ptrs, floats, const, *launched in kernels:

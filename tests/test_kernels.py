@@ -218,6 +218,40 @@ def test_channels_last_upsample_with_nchw_label_and_wide_features():
     torch.testing.assert_close(out, K.upsample_concat_reference(f, lab), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_channels_last_upsample_in_pixel_pairs_is_the_per_pixel_taps(monkeypatch, dtype, fused):
+    """An exact 2x upsampling in channels_last computes output pixels 2j+1 and 2j+2 together from
+    source pixels j and j+1 (each tap loaded, and normalised, once for both): on CPU the same bits
+    as the per-pixel taps (on a GPU within rounding), across column blocks of 8 pixels (-1..6,
+    7..14, ..), at the first and last columns, two channel blocks, and with a padded output."""
+    import importlib
+    U = importlib.import_module("crn_fast.kernels.upsample_concat")
+    assert U._pairs(13, 26) and U._pairs(1024, 2048) and not U._pairs(13, 25) and not U._pairs(1, 2)
+    monkeypatch.setattr(U, "_tile_shape_cl", lambda cols, channels, label_channels, device: (
+        8, min(1 << (channels - 1).bit_length(), 64), min(1 << (label_channels - 1).bit_length(), 64)))
+    x, w, b = ln_inputs((2, 70, 5, 13), dtype, True, seed=7)
+    lab = one_hot(torch.randint(0, 20, (2, 10, 26), generator=torch.Generator().manual_seed(7))).to(DEV, dtype)
+    mean, rstd = K.layer_norm_stats(x)
+
+    def run():
+        with torch.no_grad():
+            if fused:
+                return K.norm_lrelu_upsample_concat(x, mean, rstd, w, b, lab, channels_multiple=8)
+            return K.upsample_concat(x, lab)
+    pairs = run()
+    monkeypatch.setattr(U, "_pairs", lambda w, W: False)
+    taps = run()
+    assert pairs.stride() == taps.stride() and pairs.is_contiguous(memory_format=torch.channels_last) != fused
+    if DEV == "cpu":
+        assert torch.equal(pairs, taps)
+    else:
+        torch.testing.assert_close(pairs, taps, **TOL[dtype])
+    ref = K.norm_lrelu_upsample_concat_reference(x, mean, rstd, w, b, lab) if fused else \
+        K.upsample_concat_reference(x, lab)
+    torch.testing.assert_close(pairs.float(), ref.float(), **GRAD_TOL[dtype])
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("levels, size", [(3, (12, 20)), (6, (64, 96))])  # one pass; two (4 + 1 levels)
 def test_area_pyramid_equals_recursive_avg_pool(levels, size, channels_last):

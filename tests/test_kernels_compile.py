@@ -18,7 +18,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch):
     assert r.returncode == 0, r.stderr[-3000:]
     # sm_90 adds the TMA conv kernel (10 tiles as conv1 and conv2, one head, the tests' small tile as
     # all three), which runs on sm_90+ only
-    assert f"compiled {169 if arch == 90 else 144} kernels for sm_{arch}, " in r.stdout, r.stdout
+    assert f"compiled {175 if arch == 90 else 150} kernels for sm_{arch}, " in r.stdout, r.stdout
     import triton
     if arch == 90 or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9):
         assert "none spills registers" in r.stdout, r.stdout  # sm_80 with Triton < 3.9: SPILL_LIMIT
@@ -41,15 +41,16 @@ def test_kernels_compile_as_inductor_copies_them():
 def test_channels_last_kernels_move_whole_vectors(tmp_path):
     """benchmarks/sass_census.py on the sm_90 SASS of the channels_last kernels at 1024p's
     specialisations: the upsample-concat stores its feature tiles as 16-byte vectors (a padded
-    pixel stride of 152 once made them 2-byte stores through a shared-memory shuffle) and walks
-    its rows without a barrier; the layer norm moves 16-byte vectors; the pyramid loads each
+    pixel stride of 152 once made them 2-byte stores through a shared-memory shuffle), walks
+    its rows without a barrier, and loads each tap tile once for a pair of output pixels (an exact
+    2x upsampling: 4 16-byte feature loads per program where per-pixel taps made 8); the layer norm moves 16-byte vectors; the pyramid loads each
     pixel's 20 classes as 8-byte vectors. The fused conv's TMA kernel loads both tiles with TMA and
     runs its mainloop in under 2/3 of the pointer kernel's instructions (94 vs 231 as conv1 with
     Triton 3.9); with an input norm, tiles inside the image skip the padding mask (354 of 434
     instructions, against the pointer kernel's 592). conv1 before the upsampling gathers g as
-    16-byte vectors (~24 instructions per output element and tap; 31-36 before its column taps
+    16-byte vectors (~20 instructions per output element and tap; 31-36 before its column taps
     were hoisted), and its tensor-core blend copies g's tiles to shared memory asynchronously, in
-    about 2/3 of that or less (~10-15). No timing: what the compiler emitted."""
+    about 2/3 of that or less (~9-13.5). No timing: what the compiler emitted."""
     import json
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     out = tmp_path / "census.json"
@@ -62,7 +63,7 @@ def test_channels_last_kernels_move_whole_vectors(tmp_path):
         mem = row["global_memory"]
         if name.startswith("upsample_concat channels_last"):  # the label's 20 classes: 8-byte vectors
             assert mem.get("STG.E.128") and mem.get("LDG.E.128") and row["barriers"] == 0, (name, row)
-            assert mem.get("STG.E.64") and not mem.get("STG.E.U16"), (name, row)
+            assert mem.get("STG.E.64") and not mem.get("STG.E.U16") and mem["LDG.E.128"] == 4, (name, row)
         elif name.startswith("upsample_concat nchw"):  # the x taps are gathers; the rows are stored whole
             assert mem.get("STG.E.128") and row["barriers"] == 0, (name, row)
         elif name.startswith("conv_norm"):
