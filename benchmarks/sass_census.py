@@ -112,7 +112,8 @@ def cases():
                                                      os1=1), up_aligned, 4)
     for norm in (False, True):  # module 8 in NCHW: 1-D row tiles of one channel
         yield (f"upsample_concat nchw{' + norm' if norm else ''}", U._fwd_kernel, up, ["scale_h", "scale_w", "slope"],
-               dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024, fs3=1, ls3=1, os3=1), up_aligned + ["os1", "ls1", "fs1"], 4)
+               dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024, PAIRS=True, fs3=1, ls3=1, os3=1),
+               up_aligned + ["os1", "ls1", "fs1"], 4)
     yield ("area_pyramid 4 levels, 20 classes", A._pyramid_kernel, {k: bf for k in ("X", "Y1", "Y2", "Y3", "Y4")}, [],
            dict(NLEV=4, CL=True, C=20, BLOCK_C=32), ["X", "Y1", "Y2", "Y3", "Y4", "H", "W"], 4)
     # the fused conv's 128x128x64 tile (8 warps, 3 stages), as conv1 and as conv2 (input norm)

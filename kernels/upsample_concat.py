@@ -15,8 +15,9 @@ Memory plan (the output's memory format picks the forward kernel):
                  pixel pairs (2j+1 and 2j+2 share source pixels j, j+1): half again. Blocks past the features copy the
                  label and write zeros into pad channels (a padded output, see channels_multiple).
     _fwd_kernel  NCHW: one program per (sample*channel, block of ROWS output rows, column block):
-                 a feature channel by the same row walk (1-D row tiles), a label channel by row
-                 copies -> out written once. The upsampled tensor and the cat copy never exist.
+                 a feature channel by the same row walk (1-D row tiles; an exact 2x upsampling in
+                 pixel pairs 2m, 2m+1 from contiguous source columns m-1, m, m+1), a label channel
+                 by row copies -> out written once. The upsampled tensor and the cat copy never exist.
     _bwd_cl_kernel  channels_last: one program per (sample*source row, source column block, channel
                  block) gathers [BLOCK_W, BLOCK_C] tiles of dL/dout, each row a contiguous channel
                  vector, and writes dL/dfeatures channels_last.
@@ -76,9 +77,12 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_kernel(Fe, L, O, Mean, Rstd, Wn, Bn, C, CL, H, W, h, w, fs0, fs1, fs2, fs3, ls0, ls1, ls2, ls3,
                     os0, os1, os2, os3, scale_h, scale_w, slope, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK_W: tl.constexpr):
+                    BLOCK_W: tl.constexpr, PAIRS: tl.constexpr):
         """Program (n*(C+CL) + c, row block, column block): ROWS output rows of BLOCK_W pixels of
-        channel c, a feature channel by the row walk (_walk_rows), a label channel by row copies."""
+        channel c, a feature channel by the row walk (_walk_rows), a label channel by row copies.
+        PAIRS (an exact 2x upsampling whose float taps follow the pattern, _pairs): the row's
+        output pixels 2m and 2m+1 from source columns m-1, m, m+1 loaded as contiguous runs (_hrow
+        mode 2): the same floats as the per-pixel taps."""
         nc = tl.program_id(0)
         n = nc // (C + CL)
         c = nc % (C + CL)
@@ -87,7 +91,22 @@ if HAS_TRITON:
         mask = x < W
         obase = O + n.to(tl.int64) * os0 + c.to(tl.int64) * os1
         if c < C:
-            x0, x1, lx = _taps(x, scale_w, w)
+            if PAIRS:
+                m = tl.program_id(2) * (BLOCK_W // 2) + tl.arange(0, BLOCK_W // 2)
+                mf = m.to(tl.float32)
+                lx = (2 * m).to(tl.float32) * scale_w - (mf - 1.0)  # _taps' weights: x0 = m - 1, m
+                lx2 = (2 * m + 1).to(tl.float32) * scale_w - mf
+                xa = m * fs3
+                xb = fs3 + tl.zeros((), tl.int32)
+                ld = m < w
+                ld_r = m + 1 < w
+            else:
+                x0, x1, lx = _taps(x, scale_w, w)
+                lx2 = lx
+                xa = x0 * fs3
+                xb = x1 * fs3
+                ld = mask
+                ld_r = mask
             mu = 0.0
             g = 0.0
             bb = 0.0
@@ -95,42 +114,66 @@ if HAS_TRITON:
                 mu = tl.load(Mean + n)
                 g = tl.load(Wn + c).to(tl.float32) * tl.load(Rstd + n)
                 bb = tl.load(Bn + c).to(tl.float32)
-            _walk_rows(Fe + n.to(tl.int64) * fs0 + c.to(tl.int64) * fs1, fs2, x0 * fs3, x1 * fs3, lx, lx, mask, mu,
-                       g, bb, slope, obase, os2, x * os3, x * os3, mask, mask, y_first, H, h, scale_h, APPLY_NORM,
-                       ROWS, False)
+            _walk_rows(Fe + n.to(tl.int64) * fs0 + c.to(tl.int64) * fs1, fs2, xa, xb, lx, lx2, ld, ld_r, mu, g, bb,
+                       slope, obase, os2, x * os3, x * os3, mask, mask, y_first, H, h, scale_h, APPLY_NORM, ROWS,
+                       2 if PAIRS else 0)
         else:
             lbase = L + n.to(tl.int64) * ls0 + (c - C).to(tl.int64) * ls1
             _copy_rows(lbase, ls2, x * ls3, mask, obase, os2, x * os3, mask, y_first, H, ROWS)
 
     @triton.jit
-    def _hrow(row, x0o, x1o, lx, lx2, mask, mu, g, bb, slope, APPLY_NORM: tl.constexpr, PAIRS: tl.constexpr):
-        """Source row ``row`` (a scalar pointer) interpolated along x: an fp32 tile the shape of the
-        tap offsets, each tap normalised first when APPLY_NORM. PAIRS: the taps are shared by two
-        output pixels, weighted lx and lx2: both tiles (else the second is the first)."""
-        v0 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
-        v1 = tl.load(row + x1o, mask=mask, other=0.0).to(tl.float32)
-        if APPLY_NORM:
-            v0 = _norm_lrelu(v0, mu, g, bb, slope)
-            v1 = _norm_lrelu(v1, mu, g, bb, slope)
-        a = (1.0 - lx) * v0 + lx * v1
-        if PAIRS:
-            return a, (1.0 - lx2) * v0 + lx2 * v1
-        else:
+    def _hrow(row, x0o, x1o, lx, lx2, mask, mask_r, mu, g, bb, slope, APPLY_NORM: tl.constexpr,
+              PAIRS: tl.constexpr):
+        """Source row ``row`` (a scalar pointer) interpolated along x: an fp32 tile, each tap
+        normalised first when APPLY_NORM. PAIRS 0: per output pixel, the taps at x0o and x1o
+        weighted lx. PAIRS 1 (channels_last): the taps x0o, x1o are shared by two output pixels,
+        weighted lx and lx2: both tiles. PAIRS 2 (NCHW): x0o the offsets of source columns m (mask:
+        m < w; mask_r: m + 1 < w), x1o the column stride; output pixels 2m (taps m-1 and m, weight
+        lx) and 2m+1 (taps m and m+1, weight lx2) interleaved into one row tile: each source column
+        is loaded and normalised 3 times per 2 output pixels instead of 4, from contiguous
+        addresses (no gathers); at the image's edges the missing neighbour is column m, as _taps
+        clamps it."""
+        if PAIRS == 2:
+            m_in = mask & (x0o >= x1o)  # column m-1 inside (x0o = m * stride)
+            v1 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
+            v0 = tl.load(row + x0o - x1o, mask=m_in, other=0.0).to(tl.float32)
+            v2 = tl.load(row + x0o + x1o, mask=mask_r, other=0.0).to(tl.float32)
+            if APPLY_NORM:
+                v0 = _norm_lrelu(v0, mu, g, bb, slope)
+                v1 = _norm_lrelu(v1, mu, g, bb, slope)
+                v2 = _norm_lrelu(v2, mu, g, bb, slope)
+            v0 = tl.where(m_in, v0, v1)
+            v2 = tl.where(mask_r, v2, v1)
+            even = (1.0 - lx) * v0 + lx * v1
+            odd = (1.0 - lx2) * v1 + lx2 * v2
+            a = tl.reshape(tl.join(even, odd), [2 * even.shape[0]])
             return a, a
+        else:
+            v0 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
+            v1 = tl.load(row + x1o, mask=mask, other=0.0).to(tl.float32)
+            if APPLY_NORM:
+                v0 = _norm_lrelu(v0, mu, g, bb, slope)
+                v1 = _norm_lrelu(v1, mu, g, bb, slope)
+            a = (1.0 - lx) * v0 + lx * v1
+            if PAIRS == 1:
+                return a, (1.0 - lx2) * v0 + lx2 * v1
+            else:
+                return a, a
 
     @triton.jit
-    def _walk_rows(src, fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope, obase, os2, oo, oo2, mask1, mask2, y_first,
-                   H, h, scale_h, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr):
+    def _walk_rows(src, fs2, x0o, x1o, lx, lx2, mask, mask_r, mu, g, bb, slope, obase, os2, oo, oo2, mask1, mask2,
+                   y_first, H, h, scale_h, APPLY_NORM: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr):
         """Output rows y_first .. y_first+ROWS-1 (those < H) of one tile: each row blends two source
         rows interpolated along x (_hrow), held from the row before while they still apply; a
         source row is loaded (and normalised) only when the walk reaches it, about once per two
         output rows. src: the sample's (and, NCHW, channel's) first source row; x0o/x1o, oo: the
         tile's in-row offsets of the two x taps and of the output (mask1: the pixels it writes).
-        PAIRS: each tap pair also makes a second output pixel (weights lx2, offsets oo2, mask2)."""
-        h0 = tl.zeros(x0o.shape, tl.float32)
-        h1 = tl.zeros(x0o.shape, tl.float32)
-        k0 = tl.zeros(x0o.shape, tl.float32)  # the second pixels' rows (PAIRS)
-        k1 = tl.zeros(x0o.shape, tl.float32)
+        PAIRS (_hrow's modes): 1, each tap pair also makes a second output pixel (weights lx2,
+        offsets oo2, mask2); 2, a row tile of interleaved pixel pairs."""
+        h0 = tl.zeros(oo.shape, tl.float32)
+        h1 = tl.zeros(oo.shape, tl.float32)
+        k0 = tl.zeros(oo.shape, tl.float32)  # the second pixels' rows (PAIRS 1)
+        k1 = tl.zeros(oo.shape, tl.float32)
         s0 = tl.zeros((), tl.int32) - 1  # source rows held in h0, h1
         s1 = tl.zeros((), tl.int32) - 1
         for r in range(ROWS):
@@ -142,20 +185,20 @@ if HAS_TRITON:
                         h0 = h1
                         k0 = k1
                     else:
-                        h0, k0 = _hrow(src + i0.to(tl.int64) * fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope,
-                                       APPLY_NORM, PAIRS)
+                        h0, k0 = _hrow(src + i0.to(tl.int64) * fs2, x0o, x1o, lx, lx2, mask, mask_r, mu, g, bb,
+                                       slope, APPLY_NORM, PAIRS)
                     if i1 == i0:
                         h1 = h0
                         k1 = k0
                     else:
-                        h1, k1 = _hrow(src + i1.to(tl.int64) * fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope,
-                                       APPLY_NORM, PAIRS)
+                        h1, k1 = _hrow(src + i1.to(tl.int64) * fs2, x0o, x1o, lx, lx2, mask, mask_r, mu, g, bb,
+                                       slope, APPLY_NORM, PAIRS)
                     s0 = i0
                     s1 = i1
                 orow = obase + y.to(tl.int64) * os2
                 up = (1.0 - ly) * h0 + ly * h1
                 tl.store(orow + oo, up.to(obase.dtype.element_ty), mask=mask1)
-                if PAIRS:
+                if PAIRS == 1:
                     up = (1.0 - ly) * k0 + ly * k1
                     tl.store(orow + oo2, up.to(obase.dtype.element_ty), mask=mask2)
 
@@ -235,8 +278,8 @@ if HAS_TRITON:
                 mu = tl.load(Mean + n)
                 g = (tl.load(Wn + c, mask=cm, other=0.0).to(tl.float32) * tl.load(Rstd + n))[None, :]
                 bb = tl.load(Bn + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-            _walk_rows(Fe + n.to(tl.int64) * fs0, fs2, x0o, x1o, lx, lx2, mask, mu, g, bb, slope, obase, os2, oo, oo2,
-                       ma, mb, y_first, H, h, scale_h, APPLY_NORM, ROWS, PAIRS)
+            _walk_rows(Fe + n.to(tl.int64) * fs0, fs2, x0o, x1o, lx, lx2, mask, mask, mu, g, bb, slope, obase, os2, oo,
+                       oo2, ma, mb, y_first, H, h, scale_h, APPLY_NORM, ROWS, 1 if PAIRS else 0)
         else:
             k = (cb - n_fb) * BLOCK_CL + tl.arange(0, BLOCK_CL)
             lm = xm[:, None] & (k < (CL // LV) * LV)[None, :]  # label channels; CL <= k < CL + CP: zeros
@@ -336,6 +379,12 @@ def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget
     return bw, bc, min(next_pow2(label_channels), 64)
 
 
+def _row_tile(cols: int, device) -> int:
+    """BLOCK_W of the NCHW forward kernel: a whole row up to 1024 pixels on GPUs (8 a thread: one
+    16-byte bf16 store; 2048 made the compiler add barriers), 8192 under the interpreter."""
+    return min(next_pow2(cols), 1024 if device.type == "cuda" else 8192)
+
+
 def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device) -> int:
     """Output rows one forward program walks (either format): 16 (a source row is then loaded about
     9 times per 16 output rows instead of 16), fewer where the grid would not fill the GPU four
@@ -411,10 +460,10 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
                BLOCK_W=bw, BLOCK_C=bc, BLOCK_CL=bcl, PIX=math.gcd(out.stride(3), 16),
                LPIX=math.gcd(label.stride(3), 16), LV=math.gcd(cl, pad, 8), PAIRS=pairs, num_warps=4)
     else:
-        bw = min(next_pow2(W), 1024 if features.device.type == "cuda" else 8192)
+        bw = _row_tile(W, features.device)
         rows = _rows_per_program(H, 1, n * (c + cl) * cdiv(W, bw), features.device)
         launch(_fwd_kernel, (n * (c + cl), cdiv(H, rows), cdiv(W, bw)), *args, APPLY_NORM=norm is not None,
-               ROWS=rows, BLOCK_W=bw)
+               ROWS=rows, BLOCK_W=bw, PAIRS=bw >= 2 and not symbolic((w, W)) and _pairs(w, W))
     return out
 
 

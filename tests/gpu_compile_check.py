@@ -89,7 +89,8 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
             (U._bwd_cl_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
              dict(BLOCK_W=16, BLOCK_C=64)),
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
-              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024)) for norm in (False, True)] \
+              ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024, PAIRS=pairs))
+             for norm in (False, True) for pairs in (False, True)] \
           + [(U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32, PIX=8,
                                                     LPIX=4, LV=4, PAIRS=pairs))
@@ -115,7 +116,7 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
                                       "MeanOut": a, "RstdOut": a}, ["eps", "slope"],
                  dict(BLOCK_HW=8, BLOCK_C=512, BLOCK_P=1, FP64=False, n_ct=1, T=1, P=1, TPP=1, GIVEN=False)),
                 (U._fwd_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
-                 ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, **ones)),
+                 ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, PAIRS=False, **ones)),
                 (U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
                  ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=True, ROWS=1, BLOCK_W=1, BLOCK_C=1, BLOCK_CL=1,
                                                        PIX=1, LPIX=1, LV=1, PAIRS=False, CP=1, **ones)),
