@@ -12,8 +12,9 @@ Memory plan (the output's memory format picks the forward kernel):
                  the walk reaches it: a source row serves about two output rows, so the taps are
                  loaded and normalised half as often as per output pixel, and the x taps, weights
                  and in-row offsets are computed once per program. An exact 2x upsampling runs in
-                 pixel pairs (2j+1 and 2j+2 share source pixels j, j+1): half again. Blocks past the features copy the
-                 label and write zeros into pad channels (a padded output, see channels_multiple).
+                 pixel pairs (2j+1 and 2j+2 share source pixels j, j+1): half again. Blocks past
+                 the features copy the label and write zeros into pad channels (a padded output,
+                 see channels_multiple).
     _fwd_kernel  NCHW: one program per (sample*channel, block of ROWS output rows, column block):
                  a feature channel by the same row walk (1-D row tiles; an exact 2x upsampling in
                  pixel pairs 2m, 2m+1 from contiguous source columns m-1, m, m+1), a label channel
@@ -406,7 +407,7 @@ def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device
 def _pairs(w: int, W: int) -> bool:
     """Does every output column x of an upsampling from w to W columns take source columns
     (x - 1) // 2 and the next, with _taps' float arithmetic (an fp32 product with the fp32 scale,
-    truncated)? Then _fwd_cl_kernel may compute the output pixels in pairs (PAIRS). An exact 2x
+    truncated)? Then both forward kernels may compute the output pixels in pairs (PAIRS). An exact 2x
     upsampling does for every width this was checked at (2 .. 5000 source columns); the check
     keeps the pairs bit for bit the same as the per-pixel taps at any width."""
     if w < 2 or W != 2 * w:

@@ -103,8 +103,8 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
         # per pixel contiguous (channels_last, as the model runs it) and, for the first tile, an NCHW layout
         uc = {"G": dt, "L": dt, "WL": dt, "Y": dt, "PCnt": a, "PMean": a, "PM2": a}
         kernels += [(UC._upconv_kernel, uc, ["scale_h", "scale_w"],
-                     dict(STATS=True, IEEE=dt == "fp32", DOT_F32=False, EVEN_C=True, L_DENSE=20 if dense else 0, BLOCK_P=bp,
-                          BLOCK_C=bc, BLOCK_L=32, KW=kw), warps, list(uc) + ["Cout"])
+                     dict(STATS=True, IEEE=dt == "fp32", DOT_F32=False, EVEN_C=True, L_DENSE=20 if dense else 0,
+                          BLOCK_P=bp, BLOCK_C=bc, BLOCK_L=32, KW=kw), warps, list(uc) + ["Cout"])
                     for bp, bc, warps, kw in (UC.TILES if dt == "bf16" else UC.TILES[:1])
                     for dense in ((True, False) if (bp, bc, warps, kw) == UC.TILES[0] else (True,))]
         if dt == "bf16":  # sizes, counts and strides of 1, which Triton turns into constants at run time

@@ -40,17 +40,18 @@ def test_kernels_compile_as_inductor_copies_them():
 
 def test_channels_last_kernels_move_whole_vectors(tmp_path):
     """benchmarks/sass_census.py on the sm_90 SASS of the channels_last kernels at 1024p's
-    specialisations: the upsample-concat stores its feature tiles as 16-byte vectors (a padded
-    pixel stride of 152 once made them 2-byte stores through a shared-memory shuffle), walks
-    its rows without a barrier, and loads each tap tile once for a pair of output pixels (an exact
-    2x upsampling: 4 16-byte feature loads per program where per-pixel taps made 8); the layer norm moves 16-byte vectors; the pyramid loads each
-    pixel's 20 classes as 8-byte vectors. The fused conv's TMA kernel loads both tiles with TMA and
-    runs its mainloop in under 2/3 of the pointer kernel's instructions (94 vs 231 as conv1 with
-    Triton 3.9); with an input norm, tiles inside the image skip the padding mask (354 of 434
-    instructions, against the pointer kernel's 592). conv1 before the upsampling gathers g as
-    16-byte vectors (~20 instructions per output element and tap; 31-36 before its column taps
-    were hoisted), and its tensor-core blend copies g's tiles to shared memory asynchronously, in
-    about 2/3 of that or less (~9-13.5). No timing: what the compiler emitted."""
+    specialisations: the upsample-concat stores its feature tiles as 16-byte vectors (a padded pixel
+    stride of 152 once made them 2-byte stores through a shared-memory shuffle), walks its rows
+    without a barrier, and loads each tap tile once for a pair of output pixels (an exact 2x
+    upsampling: 4 16-byte feature loads per program where per-pixel taps made 8); the layer norm
+    moves 16-byte vectors; the pyramid loads each pixel's 20 classes as 8-byte vectors. The fused
+    conv's TMA kernel loads both tiles with TMA and runs its mainloop in under 2/3 of the pointer
+    kernel's instructions (94 vs 231 as conv1 with Triton 3.9); with an input norm, tiles inside the
+    image skip the padding mask (354 of 434 instructions, against the pointer kernel's 592). conv1
+    before the upsampling gathers g as 16-byte vectors (~20 instructions per output element and tap;
+    31-36 before its column taps were hoisted), and its tensor-core blend copies g's tiles to shared
+    memory asynchronously, in about 2/3 of that or less (~9-13.5). No timing: what the compiler
+    emitted."""
     import json
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     out = tmp_path / "census.json"
