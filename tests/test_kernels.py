@@ -218,8 +218,7 @@ def test_channels_last_upsample_with_nchw_label_and_wide_features():
     torch.testing.assert_close(out, K.upsample_concat_reference(f, lab), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype, fused", [(torch.float32, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_in_pixel_pairs_is_the_per_pixel_taps(monkeypatch, dtype, fused, channels_last):
     """An exact 2x upsampling computes output pixels in pairs that share their source pixels
