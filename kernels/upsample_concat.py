@@ -382,7 +382,8 @@ def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget
 
 def _row_tile(cols: int, device) -> int:
     """BLOCK_W of the NCHW forward kernel: a whole row up to 1024 pixels on GPUs (8 a thread: one
-    16-byte bf16 store; 2048 made the compiler add barriers), 8192 under the interpreter."""
+    16-byte bf16 store; at 16 a thread, 2048 pixels or 2 warps, the pixel pairs' interleave goes
+    through shared memory with 2 barriers per row), 8192 under the interpreter."""
     return min(next_pow2(cols), 1024 if device.type == "cuda" else 8192)
 
 
