@@ -98,7 +98,7 @@ if HAS_TRITON:
                 lx = (2 * m).to(tl.float32) * scale_w - (mf - 1.0)  # _taps' weights: x0 = m - 1, m
                 lx2 = (2 * m + 1).to(tl.float32) * scale_w - mf
                 xa = m * fs3
-                xb = fs3 + tl.zeros((), tl.int32)
+                xb = fs3
                 ld = m < w
                 ld_r = m + 1 < w
             else:
