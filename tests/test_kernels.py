@@ -224,14 +224,15 @@ def test_upsample_in_pixel_pairs_is_the_per_pixel_taps(monkeypatch, dtype, fused
     """An exact 2x upsampling computes output pixels in pairs that share their source pixels
     (channels_last: 2j+1 and 2j+2 from j and j+1; NCHW: 2m and 2m+1 from m-1, m and m+1 loaded as
     contiguous runs), each tap loaded, and normalised, fewer times: on CPU the same bits as the
-    per-pixel taps (on a GPU within rounding), across column blocks of 8 pixels, at the first and
-    last columns, and (channels_last) two channel blocks and a padded output."""
+    per-pixel taps (on a GPU within rounding), across column blocks (channels_last: 8 pixels; NCHW:
+    16, two runs of 4 source columns), at the first and last columns, and (channels_last) two
+    channel blocks and a padded output."""
     import importlib
     U = importlib.import_module("crn_fast.kernels.upsample_concat")
     assert U._pairs(13, 26) and U._pairs(1024, 2048) and not U._pairs(13, 25) and not U._pairs(1, 2)
     monkeypatch.setattr(U, "_tile_shape_cl", lambda cols, channels, label_channels, device: (
         8, min(1 << (channels - 1).bit_length(), 64), min(1 << (label_channels - 1).bit_length(), 64)))
-    monkeypatch.setattr(U, "_row_tile", lambda cols, device: 8)
+    monkeypatch.setattr(U, "_row_tile", lambda cols, device: 16)
     n, c = (2, 70) if channels_last else (1, 3)  # NCHW: a program per channel (the interpreter's time)
     x, w, b = ln_inputs((n, c, 5, 13), dtype, channels_last, seed=7)
     lab = one_hot(torch.randint(0, 20, (n, 10, 26), generator=torch.Generator().manual_seed(7))).to(DEV, dtype)
