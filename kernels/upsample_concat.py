@@ -131,37 +131,9 @@ if HAS_TRITON:
         """Source row ``row`` (a scalar pointer) interpolated along x: an fp32 tile, each tap
         normalised first when APPLY_NORM. PAIRS 0: per output pixel, the taps at x0o and x1o
         weighted lx. PAIRS 1 (channels_last): the taps x0o, x1o are shared by two output pixels,
-        weighted lx and lx2: both tiles. PAIRS 2 (NCHW): x0o the [G, 4] offsets of source columns m,
-        runs of 4 consecutive columns a thread holds (mask: m < w; mask_r: m + 1 < w), x1o the
-        column stride; output pixels 2m (taps m-1 and m, weight lx) and 2m+1 (taps m and m+1,
-        weight lx2) interleaved into one row tile. A run is one vector load; its neighbours m-1 and
-        m+1 are the run shifted by one, rebuilt in registers (split/join) from the run and the
-        columns either side of it (two scalar loads): each source column is loaded and normalised
-        1.5 times per 2 output pixels instead of 4, no gathers, no shared memory. At the image's
-        edges the missing neighbour is column m, as _taps clamps it."""
+        weighted lx and lx2: both tiles. PAIRS 2 (NCHW): _hrow_runs."""
         if PAIRS == 2:
-            v1 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)  # [G, 4]: columns m, in runs of 4
-            o02, o13 = _halves(x0o)
-            o0 = tl.split(o02)[0]
-            r3 = tl.split(_halves(mask_r)[1])[1]
-            p_in = mask & (x0o >= x1o)  # column m-1 inside (x0o = m * stride)
-            p_ok = tl.split(_halves(p_in)[0])[0]
-            p = tl.load(row + o0 - x1o, mask=p_ok, other=0.0).to(tl.float32)  # column m-1 of each run
-            q = tl.load(row + o0 + 4 * x1o, mask=r3, other=0.0).to(tl.float32)  # column m+4
-            if APPLY_NORM:
-                v1 = _norm_lrelu(v1, mu, g, bb, slope)
-                p = _norm_lrelu(p, mu, g, bb, slope)
-                q = _norm_lrelu(q, mu, g, bb, slope)
-            e02, e13 = _halves(v1)
-            e1 = tl.split(e13)[0]
-            e2 = tl.split(e02)[1]
-            v0 = tl.reshape(tl.join(tl.join(p, e1), e02), v1.shape)  # columns m-1: p, e0, e1, e2
-            v2 = tl.reshape(tl.join(e13, tl.join(e2, q)), v1.shape)  # columns m+1: e1, e2, e3, q
-            v0 = tl.where(p_in, v0, v1)
-            v2 = tl.where(mask_r, v2, v1)
-            even = (1.0 - lx) * v0 + lx * v1
-            odd = (1.0 - lx2) * v1 + lx2 * v2
-            a = tl.reshape(tl.join(even, odd), [8 * v1.shape[0]])
+            a = _hrow_runs(row, x0o, x1o, lx, lx2, mask, mask_r, mu, g, bb, slope, APPLY_NORM)
             return a, a
         else:
             v0 = tl.load(row + x0o, mask=mask, other=0.0).to(tl.float32)
@@ -176,9 +148,42 @@ if HAS_TRITON:
                 return a, a
 
     @triton.jit
+    def _hrow_runs(row, mo, stride, lx, lx2, mask, mask_r, mu, g, bb, slope, APPLY_NORM: tl.constexpr):
+        """_hrow's NCHW pairs: mo the [G, 4] offsets of source columns m, runs of 4 consecutive
+        columns a thread holds (mask: m < w; mask_r: m + 1 < w), stride the column stride. Output
+        pixels 2m (taps m-1 and m, weight lx) and 2m+1 (taps m and m+1, weight lx2), interleaved
+        into one [8G] row tile. A run is one vector load; its neighbours m-1 and m+1 are the run
+        shifted by one column, rebuilt in registers (split/join) from the run and the columns
+        either side of it (two scalar loads): each source column is loaded and normalised 1.5
+        times per 2 output pixels instead of 4, no gathers, no shared memory. At the image's
+        edges the missing neighbour is column m, as _taps clamps it."""
+        v1 = tl.load(row + mo, mask=mask, other=0.0).to(tl.float32)
+        p_in = mask & (mo >= stride)  # column m-1 inside (mo = m * stride)
+        o0 = _col(mo, 0)
+        p = tl.load(row + o0 - stride, mask=_col(p_in, 0), other=0.0).to(tl.float32)  # column m-1 of a run
+        q = tl.load(row + o0 + 4 * stride, mask=_col(mask_r, 3), other=0.0).to(tl.float32)  # column m+4
+        if APPLY_NORM:
+            v1 = _norm_lrelu(v1, mu, g, bb, slope)
+            p = _norm_lrelu(p, mu, g, bb, slope)
+            q = _norm_lrelu(q, mu, g, bb, slope)
+        e02, e13 = _halves(v1)
+        v0 = tl.reshape(tl.join(tl.join(p, _col(v1, 1)), e02), v1.shape)  # columns m-1: p, e0, e1, e2
+        v2 = tl.reshape(tl.join(e13, tl.join(_col(v1, 2), q)), v1.shape)  # columns m+1: e1, e2, e3, q
+        v0 = tl.where(p_in, v0, v1)
+        v2 = tl.where(mask_r, v2, v1)
+        even = (1.0 - lx) * v0 + lx * v1
+        odd = (1.0 - lx2) * v1 + lx2 * v2
+        return tl.reshape(tl.join(even, odd), [8 * v1.shape[0]])
+
+    @triton.jit
     def _halves(t):
         """A [G, 4] tile's columns (0, 2) and (1, 3), each [G, 2]: register moves, no data motion."""
         return tl.split(tl.reshape(t, [t.shape[0], 2, 2]))
+
+    @triton.jit
+    def _col(t, K: tl.constexpr):
+        """Column K of a [G, 4] tile, [G]: register moves."""
+        return tl.split(_halves(t)[K % 2])[K // 2]
 
     @triton.jit
     def _walk_rows(src, fs2, x0o, x1o, lx, lx2, mask, mask_r, mu, g, bb, slope, obase, os2, oo, oo2, mask1, mask2,
