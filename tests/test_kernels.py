@@ -222,8 +222,8 @@ def test_channels_last_upsample_with_nchw_label_and_wide_features():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_in_pixel_pairs_is_the_per_pixel_taps(monkeypatch, dtype, fused, channels_last):
     """An exact 2x upsampling computes output pixels in pairs that share their source pixels
-    (channels_last: 2j+1 and 2j+2 from j and j+1; NCHW: 2m and 2m+1 from m-1, m and m+1 loaded as
-    contiguous runs), each tap loaded, and normalised, fewer times: on CPU the same bits as the
+    (channels_last: 2j+1 and 2j+2 from j and j+1; NCHW: 2m and 2m+1 from m-1, m and m+1, a run of
+    4 source columns loaded as a vector and shifted in registers), each tap loaded, and normalised, fewer times: on CPU the same bits as the
     per-pixel taps (on a GPU within rounding), across column blocks (channels_last: 8 pixels; NCHW:
     16, two runs of 4 source columns), at the first and last columns, and (channels_last) two
     channel blocks and a padded output."""
