@@ -26,6 +26,7 @@ fresh kernels.py process, and their rows name the part that faulted ("fresh_proc
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ from crn_fast.constants import DTYPES, LEAKY_SLOPE, LN_EPS  # noqa: E402
 from crn_fast.fast_inference import CUDNN_CHANNELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+U = importlib.import_module("crn_fast.kernels.upsample_concat")  # the module (the package exports its function)
 
 
 def bench(fn, device, iters):
@@ -209,6 +211,9 @@ class OpRows:
             impls["compile"] = lambda: up_c(f, lab)
         if triton_ok:
             impls["triton"] = lambda: K.upsample_concat(f, lab)
+        wide = triton_ok and fname == "nchw" and w > U.ROW_TILE_CUDA and x.is_cuda  # the default's alternative
+        if wide:
+            impls["triton, 2x wider row tiles"] = lambda: _wider_rows(K.upsample_concat, f, lab)
         nbytes = (f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
         rows += _measure("upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw, device, iters, fname)
         if triton_ok:  # inference fusion: module i-1's norm + lrelu inside module i's upsample + concat
@@ -217,6 +222,9 @@ class OpRows:
             impls = {"unfused (triton ln + upsample)": lambda: K.upsample_concat(K.layer_norm_lrelu(f, wp, bp), lab),
                      "triton fused": lambda: K.norm_lrelu_upsample_concat(f, *K.layer_norm_stats(f), wp, bp, lab,
                                                                           channels_multiple=cm)}
+            if wide:
+                impls["triton fused, 2x wider row tiles"] = lambda: _wider_rows(
+                    K.norm_lrelu_upsample_concat, f, *K.layer_norm_stats(f), wp, bp, lab)
             out_c = -(-(f.shape[1] + lab.shape[1]) // cm) * cm
             nbytes = (2 * f.numel() + lab.numel() + out_c * h * w) * f.element_size()
             rows += _measure("norm_lrelu_upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw,
@@ -304,6 +312,17 @@ def conv_rows(config, size, dt, dname, device, rows, on_module=None, modules=Non
                       f"{row['tflops']:7.1f} TFLOP/s", file=sys.stderr)
             if on_module:
                 on_module()
+
+
+def _wider_rows(fn, *args):
+    """fn(*args) with the NCHW upsample-concat's row tile twice its default width on GPUs (2048
+    pixels, 16 a thread): the rows that decide upsample_concat.ROW_TILE_CUDA."""
+    default = U.ROW_TILE_CUDA
+    U.ROW_TILE_CUDA = 2 * default
+    try:
+        return fn(*args)
+    finally:
+        U.ROW_TILE_CUDA = default
 
 
 def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nchw"):

@@ -404,12 +404,15 @@ def _tile_shape_cl(cols: int, channels: int, label_channels: int, device, budget
     return bw, bc, min(next_pow2(label_channels), 64)
 
 
+ROW_TILE_CUDA = 1024  # the NCHW forward kernel's widest row tile on GPUs (_row_tile)
+
+
 def _row_tile(cols: int, device) -> int:
-    """BLOCK_W of the NCHW forward kernel: a whole row up to 1024 pixels on GPUs (8 a thread: one
-    16-byte bf16 store), 8192 under the interpreter. 2048 (16 a thread) would cut the fused bf16
-    row walk from ~14.1 to ~13.4 SASS instructions per output element (sm_90), with a quarter as
-    many programs: left for a GPU to measure."""
-    return min(next_pow2(cols), 1024 if device.type == "cuda" else 8192)
+    """BLOCK_W of the NCHW forward kernel: a whole row up to ROW_TILE_CUDA pixels on GPUs (1024: 8 a
+    thread, one 16-byte bf16 store), 8192 under the interpreter. 2048 (16 a thread) cuts the fused
+    bf16 row walk from ~14.1 to ~13.4 SASS instructions per output element (sm_90), with half as
+    many programs at 2048-pixel rows; benchmarks/kernels.py times both where rows are that wide."""
+    return min(next_pow2(cols), ROW_TILE_CUDA if device.type == "cuda" else 8192)
 
 
 def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device) -> int:

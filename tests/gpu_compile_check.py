@@ -90,8 +90,9 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
              dict(BLOCK_W=16, BLOCK_C=64)),
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=bw, PAIRS=pairs))
-             # 8 pixels: one run of 4 source columns a row, the smallest tile the host runs in pairs
-             for norm in (False, True) for bw, pairs in ((1024, False), (1024, True), (8, True))] \
+             # 8 pixels: one run of 4 source columns a row, the smallest tile the host runs in pairs;
+             # 2048: the wider row tile benchmarks/kernels.py races against the default
+             for norm in (False, True) for bw, pairs in ((1024, False), (1024, True), (8, True), (2048, True))] \
           + [(U._fwd_cl_kernel, {"Fe": dt, "L": dt, "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=32, BLOCK_C=64, BLOCK_CL=32, PIX=8,
                                                     LPIX=4, LV=4, PAIRS=pairs))
