@@ -215,7 +215,8 @@ class OpRows:
         if wide:
             impls["triton, 2x wider row tiles"] = lambda: _wider_rows(K.upsample_concat, f, lab)
         nbytes = (f.numel() + lab.numel() + (f.shape[1] + lab.shape[1]) * h * w) * f.element_size()
-        rows += _measure("upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw, device, iters, fname)
+        rows += _measure("upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw, device, iters, fname,
+                         same_as={"triton, 2x wider row tiles": "triton"})
         if triton_ok:  # inference fusion: module i-1's norm + lrelu inside module i's upsample + concat
             wp, bp = torch.ones(prev[0], device=device, dtype=dt), torch.zeros(prev[0], device=device, dtype=dt)
             cm = CUDNN_CHANNELS if fname == "channels_last" else 1  # the model's padding
@@ -228,7 +229,7 @@ class OpRows:
             out_c = -(-(f.shape[1] + lab.shape[1]) // cm) * cm
             nbytes = (2 * f.numel() + lab.numel() + out_c * h * w) * f.element_size()
             rows += _measure("norm_lrelu_upsample_concat", i, (1, *prev, h, w), dname, impls, nbytes, bw,
-                             device, iters, fname)
+                             device, iters, fname, same_as={"triton fused, 2x wider row tiles": "triton fused"})
         return rows
 
 
@@ -325,7 +326,10 @@ def _wider_rows(fn, *args):
         U.ROW_TILE_CUDA = default
 
 
-def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nchw"):
+def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nchw", same_as=None):
+    """Time each impl: one row each (an error row for one that fails). same_as {impl: other impl}: a
+    variant of the same computation, its row also records its output's max abs difference from the
+    other's (a tile change should not change a bit)."""
     res, rows = {}, []
     with torch.no_grad():
         for name, fn in impls.items():
@@ -343,6 +347,10 @@ def _measure(op, module, shape, dname, impls, nbytes, bw, device, iters, fmt="nc
                "gb_per_s": gbs, "pct_of_copy_bw": 100 * gbs / bw, "speedup_vs_baseline": base / ms}
         if "compile" in res:
             row["speedup_vs_compile"] = res["compile"] / ms
+        if (same_as or {}).get(name) in res:
+            with torch.no_grad():
+                row["max_abs_diff_vs_" + same_as[name]] = \
+                    (impls[name]().float() - impls[same_as[name]]().float()).abs().max().item()
         rows.append(row)
         print(f"{op:28s} m{module} {str(shape):26s} {dname:5s} {fmt:13s} {name:32s} {ms:9.4f} ms {gbs:8.1f} GB/s "
               f"{row['pct_of_copy_bw']:5.1f}% copy  x{row['speedup_vs_baseline']:.2f}")
