@@ -632,6 +632,16 @@ def test_operators_trace_with_aot_autograd_on_their_torch_path():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+def _captured_ops(model, layout) -> set[str]:
+    """The crn_fast:: operators Dynamo captures in model(layout), after asserting one graph and no
+    graph break."""
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model)(layout)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    return {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
+
+
 def test_compiled_triton_generator_has_no_graph_break():
     """torch.compile(fullgraph=True) captures the whole triton generator, its crn_fast:: operators
     included (Dynamo traces them through their fake implementations), and the captured graph
@@ -642,13 +652,8 @@ def test_compiled_triton_generator_has_no_graph_break():
     layout = one_hot(torch.randint(0, 20, (1, 16, 32), generator=torch.Generator().manual_seed(2))).to(DEV)
     for grad, wanted in ((True, {"area_pyramid", "layer_norm_lrelu", "upsample_concat"}),
                          (False, {"area_pyramid", "layer_norm_lrelu", "layer_norm_stats", "norm_lrelu_upsample_concat"})):
-        torch._dynamo.reset()
         with torch.set_grad_enabled(grad):
-            explain = torch._dynamo.explain(fast)(layout)
-        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
-        ops = {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
-               if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
-        assert ops == wanted, (grad, ops)
+            assert _captured_ops(fast, layout) == wanted, grad
     compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
     with torch.no_grad():
         torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)
@@ -659,12 +664,7 @@ def test_compiled_triton_generator_has_no_graph_break():
                          ("lowres", {"area_pyramid", "layer_norm_lrelu", "layer_norm_stats", "norm_lrelu",
                                      "upsample_conv"})):
         fast.fused_conv = mode
-        torch._dynamo.reset()
         with torch.no_grad():
-            explain = torch._dynamo.explain(fast)(layout)
-            assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
-            ops = {str(n.target).split(".")[1] for g in explain.graphs for n in g.graph.nodes
-                   if n.op == "call_function" and str(n.target).startswith("crn_fast.")}
-            assert ops == wanted, (mode, ops)
+            assert _captured_ops(fast, layout) == wanted, mode
             compiled = torch.compile(fast, fullgraph=True, backend="eager" if DEV == "cpu" else "inductor")
             torch.testing.assert_close(compiled(layout), eager(layout), atol=2e-3, rtol=1e-5)
