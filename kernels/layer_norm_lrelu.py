@@ -9,7 +9,7 @@ Memory plan (forward, per sample n of M = C*H*W elements):
      norm_lrelu is the apply pass alone, GIVEN the statistics that a conv's epilogue reduced)
 Backward:
     _bwd_reduce_kernel reads x, dy -> P partial sums of dxhat and dxhat*xhat per sample, and one
-                                      partial dweight/dbias row per (sample, hw-tile): no atomics
+                                      partial dweight/dbias row per (sample, program): no atomics
     _bwd_dx_kernel     reads x, dy -> writes dx
 Only x, mean and rstd are saved for backward; the normalised value is recomputed.
 
@@ -25,7 +25,9 @@ channel). channels_last: _apply_cl_kernel's [BLOCK_HW pixels, BLOCK_C channels] 
 pixels (all channels up to 4096), so weight and bias are loaded once per program, and each
 pixel's channels are one contiguous vector. The backward kernels walk [BLOCK_C, BLOCK_HW] tiles of
 either format (by strides), cut the same way: the grid is (P, N) with P sized to the device, not
-to N. Partial statistics are merged with Chan's parallel rule relative to a pivot (the sample's
+to N. Like the statistics, _bwd_reduce_kernel sums lane by lane (dz and dz * xhat) over its run
+of tiles and reduces across lanes only where the run leaves a channel block, and both backward
+kernels load weight and bias once per channel block, already in the tile's layout. Partial statistics are merged with Chan's parallel rule relative to a pivot (the sample's
 first element; x - pivot is exact for values near it, and the apply pass normalises
 (x - pivot) - mean), so a large mean with a tiny spread keeps its precision and a constant input
 gives exactly ``bias``. Accumulation is fp32 (fp64 for fp64 inputs, which is what gradcheck
@@ -300,44 +302,84 @@ if HAS_TRITON:
             tl.store(Y + start + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, FP64: tl.constexpr):
-        """Backward's view of one tile: xhat (0 outside the mask), dz = dL/d(affine out), dxhat."""
+    def _channel_params(W, B, ct, C, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+        """Weight and bias of channel block ct in ACC (0 past C), broadcast to whole [BLOCK_C,
+        BLOCK_HW] tiles: carried through a loop in the tile's own layout, they are moved into it
+        (through shared memory, with barriers) once per channel block, not once per tile."""
+        c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+        w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
+        b = tl.load(B + c, mask=c < C, other=0.0).to(ACC)
+        return tl.broadcast_to(w[:, None], [BLOCK_C, BLOCK_HW]), tl.broadcast_to(b[:, None], [BLOCK_C, BLOCK_HW])
+
+    @triton.jit
+    def _recompute(X, DY, base_off, offs, mask, wv, bv, mean, rstd, slope, FP64: tl.constexpr):
+        """Backward's view of one tile: xhat (0 outside the mask), dz = dL/d(affine out), dxhat;
+        wv, bv the tile's channel block (_channel_params)."""
         ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         x = tl.load(X + base_off + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(DY + base_off + offs, mask=mask, other=0.0).to(ACC)
-        w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
-        b = tl.load(B + c, mask=c < C, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        z = xhat * w[:, None] + b[:, None]
+        z = xhat * wv + bv
         dz = tl.where(z > 0, dy, dy * slope)
-        return xhat, dz, dz * w[:, None]
+        return xhat, dz, dz * wv
+
+    @triton.jit
+    def _store_dwb(DWp, DBp, n, p, P, C, ct, adw, adb, W, s1, s2, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+        """Program p's dweight/dbias partials of channel block ct into row (n, p) of the (N, P, C)
+        buffers; returns s1 + sum_c w_c dbias_c and s2 + sum_c w_c dweight_c."""
+        c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+        row = (n * P + p).to(tl.int64) * C
+        dw = tl.sum(adw, axis=1)
+        db = tl.sum(adb, axis=1)
+        tl.store(DWp + row + c, dw, mask=c < C)
+        tl.store(DBp + row + c, db, mask=c < C)
+        w = tl.load(W + c, mask=c < C, other=0.0).to(ACC)
+        return s1 + tl.sum(w * db, axis=0), s2 + tl.sum(w * dw, axis=0)
 
     @triton.jit
     def _bwd_reduce_kernel(X, DY, W, B, MeanIn, RstdIn, S1, S2, DWp, DBp, C, HW, sN, sC, sHW, T, n_hwt, TPP,
                            P, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, FP64: tl.constexpr):
+        """Program (p, n): its run of tiles of sample n. Every lane sums its own elements of the
+        run's tiles (dz * xhat and dz), so the loop is loads and fused multiply-adds with no
+        reduction, barrier or layout change (weight and bias are reloaded only where the run enters
+        the next channel block); the lanes are reduced once per channel block: its dweight/dbias
+        partial row, and from them its share of S1 = sum(dxhat) = sum_c w_c dbias_c and S2 =
+        sum(dxhat * xhat) = sum_c w_c dweight_c (dxhat = dz * w: the weight factors out)."""
         p = tl.program_id(0)
         n = tl.program_id(1)
         ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         mean = tl.load(MeanIn + n)
         rstd = tl.load(RstdIn + n)
         base_off = n.to(tl.int64) * sN
+        t0 = p * TPP
+        t_end = tl.minimum(t0 + TPP, T)
+        ct_run = t0 // n_hwt
+        wv, bv = _channel_params(W, B, ct_run, C, BLOCK_C, BLOCK_HW, ACC)
+        adw = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+        adb = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
         s1 = tl.zeros((), ACC)
         s2 = tl.zeros((), ACC)
-        t_end = tl.minimum(p * TPP + TPP, T)
-        for t in range(p * TPP, t_end):
+        for t in range(t0, t_end):
+            ct = t // n_hwt
+            if ct != ct_run:  # the run enters the next channel block: the last one's partials are done
+                s1, s2 = _store_dwb(DWp, DBp, n, p, P, C, ct_run, adw, adb, W, s1, s2, BLOCK_C, ACC)
+                adw = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+                adb = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+                wv, bv = _channel_params(W, B, ct, C, BLOCK_C, BLOCK_HW, ACC)
+                ct_run = ct
             c, offs, mask, ht = _tile(X, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
-            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, FP64)
-            s1 += tl.sum(tl.sum(dxh, axis=1), axis=0)
-            s2 += tl.sum(tl.sum(dxh * xhat, axis=1), axis=0)
-            row = (n * n_hwt + ht).to(tl.int64) * C
-            tl.store(DWp + row + c, tl.sum(dz * xhat, axis=1), mask=c < C)
-            tl.store(DBp + row + c, tl.sum(dz, axis=1), mask=c < C)
+            xhat, dz, dxh = _recompute(X, DY, base_off, offs, mask, wv, bv, mean, rstd, slope, FP64)
+            adw += dz * xhat
+            adb += dz
+        s1, s2 = _store_dwb(DWp, DBp, n, p, P, C, ct_run, adw, adb, W, s1, s2, BLOCK_C, ACC)
         tl.store(S1 + n * P + p, s1)
         tl.store(S2 + n * P + p, s2)
 
     @triton.jit
     def _bwd_dx_kernel(X, DY, DX, W, B, MeanIn, RstdIn, S1, S2, C, HW, sN, sC, sHW, T, n_hwt, TPP, P, slope,
                        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr, FP64: tl.constexpr):
+        """Program (p, n): dx of its run of tiles (the same runs as _bwd_reduce_kernel); weight and
+        bias reloaded only where the run enters the next channel block."""
         p = tl.program_id(0)
         n = tl.program_id(1)
         mean = tl.load(MeanIn + n)
@@ -348,10 +390,17 @@ if HAS_TRITON:
         c1 = tl.sum(tl.load(S1 + n * P + i, mask=i < P, other=0.0), axis=0) * inv_m
         c2 = tl.sum(tl.load(S2 + n * P + i, mask=i < P, other=0.0), axis=0) * inv_m
         base_off = n.to(tl.int64) * sN
-        t_end = tl.minimum(p * TPP + TPP, T)
-        for t in range(p * TPP, t_end):
+        t0 = p * TPP
+        t_end = tl.minimum(t0 + TPP, T)
+        ct_run = t0 // n_hwt
+        wv, bv = _channel_params(W, B, ct_run, C, BLOCK_C, BLOCK_HW, ACC)
+        for t in range(t0, t_end):
+            ct = t // n_hwt
+            if ct != ct_run:
+                wv, bv = _channel_params(W, B, ct, C, BLOCK_C, BLOCK_HW, ACC)
+                ct_run = ct
             c, offs, mask, ht = _tile(X, t, n_hwt, C, HW, sC, sHW, BLOCK_C, BLOCK_HW)
-            xhat, dz, dxh = _recompute(X, DY, W, B, base_off, offs, mask, c, C, mean, rstd, slope, FP64)
+            xhat, dz, dxh = _recompute(X, DY, base_off, offs, mask, wv, bv, mean, rstd, slope, FP64)
             dx = rstd * (dxh - c1 - xhat * c2)
             tl.store(DX + base_off + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -456,7 +505,7 @@ def _layer_norm_lrelu_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: tor
     acc = _acc_dtype(x)
     fp64 = acc == torch.float64
     s = torch.empty((2, n, plan["p"]), device=x.device, dtype=acc)
-    dwb = torch.empty((2, n, plan["n_hwt"], c), device=x.device, dtype=acc)
+    dwb = torch.zeros((2, n, plan["p"], c), device=x.device, dtype=acc)  # a program writes its channel blocks
     dx = torch.empty_like(x)
     sN, sC, sHW = plan["strides"]
     grid = (plan["p"], n)

@@ -109,6 +109,22 @@ def test_layer_norm_gradcheck_float64():
                                      eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, channels_last, num_programs", [((1, 12, 32, 40), False, 2), ((2, 300, 3, 5), True, 1)])
+def test_layer_norm_backward_runs_across_channel_blocks(shape, channels_last, num_programs):
+    """The backward's programs sum their run of tiles lane by lane and reduce once per channel block:
+    runs that enter the next channel block mid-way (NCHW: 4-channel blocks of 1024 pixels, 3 tiles a
+    program; channels_last: 256-channel blocks) give each block's dweight/dbias partials, and the
+    blocks a program never visits stay zero in its partial row."""
+    x, w, b = ln_inputs(shape, torch.float32, channels_last, seed=6)
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEV)
+    gs = torch.autograd.grad(K.layer_norm_lrelu(xs, ws, bs, num_programs=num_programs), (xs, ws, bs), dy)
+    gr = torch.autograd.grad(K.layer_norm_lrelu_reference(xr, wr, br, 1e-12, 0.2), (xr, wr, br), dy)
+    for a, r in zip(gs, gr):
+        torch.testing.assert_close(a, r, **GRAD_TOL[torch.float32])
+
+
 def test_layer_norm_backward_is_deterministic():
     x, w, b = (t.requires_grad_() for t in ln_inputs((2, 24, 7, 9), torch.float32, seed=4))
     dy = torch.randn_like(x)
