@@ -334,13 +334,22 @@ if HAS_TRITON:
         return tl.where(z > 0, z, z * slope)
 
     @triton.jit
-    def _gather_taps(gb, sy, sx, mask, acc, gs2, gs3, H, W, h, w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w):
+    def _gather_taps(gb, sy, sx, mask, acc, gs2, gs3, H, W, h, w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w,
+                     PAIRS_H: tl.constexpr, PAIRS_W: tl.constexpr):
         """acc += the transpose of the interpolation at source pixels (sy, sx): every output pixel
         whose taps can touch them, weighted by the forward's own tap weights. sy, sx and the
         base pointers gb broadcast to the tile (NCHW: rows x columns; channels_last: columns x
-        channels)."""
-        ylo = _first_out(sy, inv_h)
-        xlo = _first_out(sx, inv_w)
+        channels). PAIRS_H/PAIRS_W: that axis is an exact 2x upsampling whose taps follow the
+        pattern (_pairs): only output coordinates 2j-1 .. 2j+2 reach source coordinate j (taps 4);
+        otherwise from _first_out, taps_h/taps_w of them."""
+        if PAIRS_H:
+            ylo = tl.maximum(2 * sy - 1, 0)
+        else:
+            ylo = _first_out(sy, inv_h)
+        if PAIRS_W:
+            xlo = tl.maximum(2 * sx - 1, 0)
+        else:
+            xlo = _first_out(sx, inv_w)
         for ty in range(taps_h):
             wy = _tap_weight(ylo + ty, sy, scale_h, h, H)
             row = gb + (ylo + ty).to(tl.int64) * gs2
@@ -352,7 +361,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _bwd_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w,
-                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS_H: tl.constexpr, PAIRS_W: tl.constexpr):
         """Program (n*C + c, row block, column block) gathers dL/dfeatures for a tile of source pixels."""
         nc = tl.program_id(0)
         n = nc // C
@@ -362,13 +371,14 @@ if HAS_TRITON:
         mask = (sy < h) & (sx < w)
         gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64) * gs1
         acc = _gather_taps(gb, sy, sx, mask, tl.zeros([BLOCK_H, BLOCK_W], tl.float32), gs2, gs3, H, W, h, w,
-                           scale_h, scale_w, inv_h, inv_w, taps_h, taps_w)
+                           scale_h, scale_w, inv_h, inv_w, taps_h, taps_w, PAIRS_H, PAIRS_W)
         dptr = DF + nc.to(tl.int64) * h * w + sy.to(tl.int64) * w + sx
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bwd_cl_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, ds0, ds1, ds2, ds3, scale_h, scale_w, inv_h,
-                       inv_w, taps_h, taps_w, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                       inv_w, taps_h, taps_w, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PAIRS_H: tl.constexpr,
+                       PAIRS_W: tl.constexpr):
         """Program (n*h + sy, column block, channel block): dL/dfeatures for BLOCK_W source pixels of
         row sy and BLOCK_C channels, gathering the output pixels whose taps touch them."""
         ny = tl.program_id(0)
@@ -380,7 +390,7 @@ if HAS_TRITON:
         mask = xm[:, None] & (c < C)[None, :]
         gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64)[None, :] * gs1
         acc = _gather_taps(gb, sy, sx[:, None], mask, tl.zeros([BLOCK_W, BLOCK_C], tl.float32), gs2, gs3, H, W, h,
-                           w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w)
+                           w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w, PAIRS_H, PAIRS_W)
         dptr = DF + n.to(tl.int64) * ds0 + sy.to(tl.int64) * ds2 + sx.to(tl.int64)[:, None] * ds3 + \
             c.to(tl.int64)[None, :] * ds1
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
@@ -531,8 +541,10 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
     if not can_run(grad):  # the transpose of the separable interpolation: df = A_h^T g A_w
         a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
         return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
-    inv_h, taps_h = _n_taps(h, H)
-    inv_w, taps_w = _n_taps(w, W)
+    # an exact 2x axis (every CRN module's): 4 output coordinates reach a source one, not ~7
+    pairs_h, pairs_w = (not symbolic((src, dst)) and _pairs(src, dst) for src, dst in ((h, H), (w, W)))
+    inv_h, taps_h = (0.0, 4) if pairs_h else _n_taps(h, H)
+    inv_w, taps_w = (0.0, 4) if pairs_w else _n_taps(w, W)
     common = (c, H, W, h, w, *grad.stride())
     taps = (_scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w)
     if grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous():  # channels_last: coalesced gather
@@ -540,11 +552,12 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
         # 1024-element tiles: the gather holds an fp32 accumulator and a loaded tile (2048 spill on sm_80)
         bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device, budget=1024)
         launch(_bwd_cl_kernel, (n * h, cdiv(w, bw), cdiv(c, bc)), grad, df, *common, *df.stride(), *taps,
-               BLOCK_W=bw, BLOCK_C=bc)
+               BLOCK_W=bw, BLOCK_C=bc, PAIRS_H=pairs_h, PAIRS_W=pairs_w)
         return df
     df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
     bh, bw = _tile_shape(h, w, grad.device)
-    launch(_bwd_kernel, (n * c, cdiv(h, bh), cdiv(w, bw)), grad, df, *common, *taps, BLOCK_H=bh, BLOCK_W=bw)
+    launch(_bwd_kernel, (n * c, cdiv(h, bh), cdiv(w, bw)), grad, df, *common, *taps, BLOCK_H=bh, BLOCK_W=bw,
+           PAIRS_H=pairs_h, PAIRS_W=pairs_w)
     return df
 
 

@@ -87,10 +87,10 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
             *[(L._bwd_dx_kernel, {"X": dt, "DY": dt, "DX": dt, "W": dt, "B": dt, "MeanIn": a, "RstdIn": a, "S1": a,
                                   "S2": a}, ["slope"], dict(ln, BLOCK_C=bc, BLOCK_HW=bhw, BLOCK_P=1024))
               for bc, bhw in ((4, 1024), (256, 16), (32, 128))],
-            (U._bwd_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
-             dict(BLOCK_H=2, BLOCK_W=512)),
-            (U._bwd_cl_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
-             dict(BLOCK_W=16, BLOCK_C=64)),
+            *[(U._bwd_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
+               dict(BLOCK_H=2, BLOCK_W=512, PAIRS_H=pairs, PAIRS_W=pairs)) for pairs in (False, True)],
+            *[(U._bwd_cl_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
+               dict(BLOCK_W=16, BLOCK_C=64, PAIRS_H=pairs, PAIRS_W=pairs)) for pairs in (False, True)],
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=bw, PAIRS=pairs))
              # 8 pixels: one run of 4 source columns a row, the smallest tile the host runs in pairs;

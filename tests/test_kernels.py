@@ -189,6 +189,31 @@ def test_upsample_backward_is_the_adjoint_in_float64(channels_last):
     torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)  # interpolation weights are fp32
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_backward_of_an_exact_2x_gathers_4_taps_an_axis(monkeypatch, channels_last):
+    """An exact 2x axis (_pairs) gathers only output coordinates 2j-1 .. 2j+2 for source coordinate j
+    (4 taps instead of ~7, each weighted by the forward's own taps): on CPU the same bits as the
+    general gather, at the first and last rows and columns, across tiles (5x13 -> 10x26), and with
+    one axis paired and the other not (5x13 -> 9x26)."""
+    import importlib
+    U = importlib.import_module("crn_fast.kernels.upsample_concat")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(2, 3, 5, 13, generator=g).to(DEV).contiguous(memory_format=fmt).requires_grad_()
+    for H in (10, 9):
+        lab = torch.zeros(2, 2, H, 26, device=DEV)
+        dy = torch.randn(2, 5, H, 26, generator=g).to(DEV).contiguous(memory_format=fmt)
+        with monkeypatch.context() as m:
+            m.setattr(U, "_tile_shape", lambda rows, cols, device: (2, 4))  # NCHW: several tiles a channel
+            (paired,) = torch.autograd.grad(K.upsample_concat(f, lab), f, dy)
+            m.setattr(U, "_pairs", lambda w, W: False)
+            (general,) = torch.autograd.grad(K.upsample_concat(f, lab), f, dy)
+        (ref,) = torch.autograd.grad(K.upsample_concat_reference(f, lab), f, dy)
+        if DEV == "cpu":
+            assert torch.equal(paired, general), H
+        torch.testing.assert_close(paired, ref, **GRAD_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_norm_lrelu_upsample_concat(dtype, channels_last):

@@ -18,7 +18,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch):
     assert r.returncode == 0, r.stderr[-3000:]
     # sm_90 adds the TMA conv kernel (10 tiles as conv1 and conv2, one head, the tests' small tile as
     # all three), which runs on sm_90+ only
-    assert f"compiled {205 if arch == 90 else 180} kernels for sm_{arch}, " in r.stdout, r.stdout
+    assert f"compiled {211 if arch == 90 else 186} kernels for sm_{arch}, " in r.stdout, r.stdout
     import triton
     if arch == 90 or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9):
         assert "none spills registers" in r.stdout, r.stdout  # sm_80 with Triton < 3.9: SPILL_LIMIT
