@@ -340,7 +340,7 @@ if HAS_TRITON:
         whose taps can touch them, weighted by the forward's own tap weights. sy, sx and the
         base pointers gb broadcast to the tile (NCHW: rows x columns; channels_last: columns x
         channels). PAIRS_H/PAIRS_W: that axis is an exact 2x upsampling whose taps follow the
-        pattern (_pairs): only output coordinates 2j-1 .. 2j+2 reach source coordinate j (taps 4);
+        pattern (_pairs): only output coordinates 2j-1 .. 2j+2 reach source coordinate j (taps 4, not 8);
         otherwise from _first_out, taps_h/taps_w of them."""
         if PAIRS_H:
             ylo = tl.maximum(2 * sy - 1, 0)
@@ -541,7 +541,7 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
     if not can_run(grad):  # the transpose of the separable interpolation: df = A_h^T g A_w
         a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
         return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
-    # an exact 2x axis (every CRN module's): 4 output coordinates reach a source one, not ~7
+    # an exact 2x axis (every CRN module's): 4 output coordinates reach a source one; _n_taps says 8
     pairs_h, pairs_w = (not symbolic((src, dst)) and _pairs(src, dst) for src, dst in ((h, H), (w, W)))
     inv_h, taps_h = (0.0, 4) if pairs_h else _n_taps(h, H)
     inv_w, taps_w = (0.0, 4) if pairs_w else _n_taps(w, W)
