@@ -153,3 +153,19 @@ def test_matconvnet_mat_loads(tmp_path):
     conv = [m for m in loaded.features if isinstance(m, torch.nn.Conv2d)][5]
     np.testing.assert_array_equal(conv.weight.numpy(), w.transpose(3, 2, 0, 1))
     np.testing.assert_array_equal(conv.bias.numpy(), b.ravel())
+
+
+def test_vgg_runs_channels_last_and_computes_the_same_features():
+    """load_vgg19 gives the network in channels_last (cuDNN's and oneDNN's faster conv layout) and
+    puts any input in it: the features are those of the NCHW network, in channels_last, whatever
+    the image's format."""
+    vgg = load_vgg19("random", seed=4)
+    assert vgg.memory_format == torch.channels_last
+    img = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 255
+    cl = vgg(img)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in cl)
+    assert all(torch.equal(a, b) for a, b in zip(cl, vgg(img.contiguous(memory_format=torch.channels_last))))
+    vgg.to(memory_format=torch.contiguous_format)
+    assert vgg.memory_format == torch.contiguous_format
+    for a, b in zip(cl, vgg(img)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
