@@ -92,7 +92,7 @@ class VGG19Features(nn.Module):
 def load_vgg19(weights: str | os.PathLike | None, seed: int = 0) -> VGG19Features:
     """``weights``: a torchvision ``.pth`` state dict, the matconvnet ``.mat`` file, or 'random'.
     The network comes in channels_last, the conv layout cuDNN's tensor cores and oneDNN run
-    fastest (on a 2-core CPU, VGG-19's forward + backward at 2x3x128x256 fp32 took ~8% less time
+    fastest (on a 2-core CPU, VGG-19's forward + backward at 2x3x128x256 fp32 took 3-10% less time
     than in NCHW); its inputs are put in that format, so the loss is the same either way."""
     vgg = _load_vgg19(weights, seed)
     return vgg.to(memory_format=torch.channels_last)

@@ -27,7 +27,8 @@ pixel's channels are one contiguous vector. The backward kernels walk [BLOCK_C, 
 either format (by strides), cut the same way: the grid is (P, N) with P sized to the device, not
 to N. Like the statistics, _bwd_reduce_kernel sums lane by lane (dz and dz * xhat) over its run
 of tiles and reduces across lanes only where the run leaves a channel block, and both backward
-kernels load weight and bias once per channel block, already in the tile's layout. Partial statistics are merged with Chan's parallel rule relative to a pivot (the sample's
+kernels load weight and bias once per channel block, already in the tile's layout.
+Partial statistics are merged with Chan's parallel rule relative to a pivot (the sample's
 first element; x - pivot is exact for values near it, and the apply pass normalises
 (x - pivot) - mean), so a large mean with a tiny spread keeps its precision and a constant input
 gives exactly ``bias``. Accumulation is fp32 (fp64 for fp64 inputs, which is what gradcheck
