@@ -455,6 +455,12 @@ def _pairs(w: int, W: int) -> bool:
     return all(min(int(_f32(x * scale)), w - 1) == max((x - 1) // 2, 0) for x in range(W))
 
 
+def _paired(src: int, dst: int) -> bool:
+    """_pairs where the sizes are known; symbolic sizes (tracing with dynamic shapes) take the
+    general taps."""
+    return not symbolic((src, dst)) and _pairs(src, dst)
+
+
 def _f32(v: float) -> float:
     """v rounded to fp32 (to nearest even). A product of two fp32 values is exact in a Python float
     (48 significant bits), so _f32(x * scale) is the kernel's fp32 product."""
@@ -493,7 +499,7 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
             *out.stride(), _scale(h, H), _scale(w, W), slope)
     if channels_last:
         bw, bc, bcl = _tile_shape_cl(W, c, cl + pad, features.device)
-        pairs = bw >= 2 and not symbolic((w, W)) and _pairs(w, W)  # symbolic sizes: the per-pixel taps
+        pairs = bw >= 2 and _paired(w, W)
         blocks = (cdiv(c, bc) + cdiv(cl + pad, bcl), cdiv(W + pairs, bw))  # pairs: pixels -1 .. W-1
         rows = _rows_per_program(H, n, blocks[0] * blocks[1], features.device)
         launch(_fwd_cl_kernel, (*blocks, n * cdiv(H, rows)), *args, APPLY_NORM=norm is not None, ROWS=rows,
@@ -503,7 +509,7 @@ def _launch_fwd(features, label, norm=None, slope=LEAKY_SLOPE, multiple=1):
         bw = _row_tile(W, features.device)
         rows = _rows_per_program(H, 1, n * (c + cl) * cdiv(W, bw), features.device)
         launch(_fwd_kernel, (n * (c + cl), cdiv(H, rows), cdiv(W, bw)), *args, APPLY_NORM=norm is not None,
-               ROWS=rows, BLOCK_W=bw, PAIRS=bw >= 8 and not symbolic((w, W)) and _pairs(w, W))
+               ROWS=rows, BLOCK_W=bw, PAIRS=bw >= 8 and _paired(w, W))
     return out
 
 
@@ -542,7 +548,7 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
         a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
         return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
     # an exact 2x axis (every CRN module's): 4 output coordinates reach a source one; _n_taps says 8
-    pairs_h, pairs_w = (not symbolic((src, dst)) and _pairs(src, dst) for src, dst in ((h, H), (w, W)))
+    pairs_h, pairs_w = _paired(h, H), _paired(w, W)
     inv_h, taps_h = (0.0, 4) if pairs_h else _n_taps(h, H)
     inv_w, taps_w = (0.0, 4) if pairs_w else _n_taps(w, W)
     common = (c, H, W, h, w, *grad.stride())
