@@ -114,6 +114,14 @@ def cases():
         yield (f"upsample_concat nchw{' + norm' if norm else ''}", U._fwd_kernel, up, ["scale_h", "scale_w", "slope"],
                dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=1024, PAIRS=True, fs3=1, ls3=1, os3=1),
                up_aligned + ["os1", "ls1", "fs1"], 4)
+    # the training step's gather (dL/dfeatures): module 8's exact 2x, from the gradient of its 148-channel
+    # concat (channels_last: pixels 8-byte aligned, PIX 4) and, NCHW, of one channel's rows
+    bwd = ["G", "DF", "C", "H", "W", "h", "w", "gs0", "gs2"]
+    yield ("upsample_concat backward channels_last", U._bwd_cl_kernel, {"G": bf, "DF": bf},
+           ["scale_h", "scale_w", "inv_h", "inv_w"], dict(BLOCK_W=16, BLOCK_C=64, PAIRS_H=True, PAIRS_W=True, PIX=4),
+           bwd + ["ds0", "ds2", "ds3"], 4)
+    yield ("upsample_concat backward nchw", U._bwd_kernel, {"G": bf, "DF": bf}, ["scale_h", "scale_w", "inv_h", "inv_w"],
+           dict(BLOCK_H=1, BLOCK_W=1024, PAIRS_H=True, PAIRS_W=True, gs3=1), bwd + ["gs1"], 4)
     yield ("area_pyramid 4 levels, 20 classes", A._pyramid_kernel, {k: bf for k in ("X", "Y1", "Y2", "Y3", "Y4")}, [],
            dict(NLEV=4, CL=True, C=20, BLOCK_C=32), ["X", "Y1", "Y2", "Y3", "Y4", "H", "W"], 4)
     # the fused conv's 128x128x64 tile (8 warps, 3 stages), as conv1 and as conv2 (input norm)

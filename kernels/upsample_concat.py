@@ -334,53 +334,157 @@ if HAS_TRITON:
         return tl.where(z > 0, z, z * slope)
 
     @triton.jit
+    def _pair_weights(j, scale, size_in, size_out):
+        """The weights _tap_weight gives output coordinates 2j-1, 2j, 2j+1 and 2j+2 on source
+        coordinate j of an exact 2x axis (_pairs: output x takes source coordinates max((x-1)//2, 0)
+        and the next, clamped), in closed form, the same floats: x = 2j-1 and 2j blend j-1 and j
+        (weight frac on j), x = 2j+1 and 2j+2 blend j and j+1 (weight 1 - frac); 0 for an output
+        coordinate outside (2j-1 < 0, 2j+2 = size_out); output 0 takes source 0 whole, and the last
+        output both taps at the last source coordinate."""
+        jf = j.to(tl.float32)
+        fa = (2 * j - 1).to(tl.float32) * scale - (jf - 1.0)
+        fb = (2 * j).to(tl.float32) * scale - (jf - 1.0)
+        fc = (2 * j + 1).to(tl.float32) * scale - jf
+        fd = (2 * j + 2).to(tl.float32) * scale - jf
+        w0 = tl.where(j >= 1, fa, 0.0)
+        w1 = tl.where(j >= 1, fb, 1.0)
+        w2 = tl.where(j == size_in - 1, (1.0 - fc) + fc, 1.0 - fc)  # fc is 0 there at widths 2 .. 5000
+        w3 = tl.where(2 * j + 2 < size_out, 1.0 - fd, 0.0)
+        return w0, w1, w2, w3
+
+    @triton.jit
     def _gather_taps(gb, sy, sx, mask, acc, gs2, gs3, H, W, h, w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w,
                      PAIRS_H: tl.constexpr, PAIRS_W: tl.constexpr):
         """acc += the transpose of the interpolation at source pixels (sy, sx): every output pixel
-        whose taps can touch them, weighted by the forward's own tap weights. sy, sx and the
-        base pointers gb broadcast to the tile (NCHW: rows x columns; channels_last: columns x
-        channels). PAIRS_H/PAIRS_W: that axis is an exact 2x upsampling whose taps follow the
-        pattern (_pairs): only output coordinates 2j-1 .. 2j+2 reach source coordinate j (taps 4, not 8);
-        otherwise from _first_out, taps_h/taps_w of them."""
+        whose taps can touch them, weighted by the forward's own tap weights, row by row (ascending),
+        each row's taps ascending, each term (weight_x * weight_y) * g. sy, sx and the base pointers
+        gb broadcast to the tile (NCHW: rows x columns; channels_last: columns x channels).
+        PAIRS_H/PAIRS_W: that axis is an exact 2x upsampling (_pairs): only output coordinates 2j-1
+        .. 2j+2 reach source coordinate j, 4 taps (x: unrolled, their weights computed once,
+        _pair_weights); otherwise taps_h/taps_w of them from _first_out, each weight from the
+        forward's taps (_tap_weight). The taps left out have weight 0 either way: the same sums.
+        The rows stay a loop: 16 taps unrolled would hold 16 tiles of loads (registers spill where
+        the pixels' channels are not vectors)."""
+        wx0 = 0.0
+        wx1 = 0.0
+        wx2 = 0.0
+        wx3 = 0.0
+        if PAIRS_W:
+            wx0, wx1, wx2, wx3 = _pair_weights(sx, scale_w, w, W)
         if PAIRS_H:
             ylo = tl.maximum(2 * sy - 1, 0)
         else:
             ylo = _first_out(sy, inv_h)
+        for ty in range(taps_h):
+            acc = _gather_row(gb, ylo + ty, _tap_weight(ylo + ty, sy, scale_h, h, H), sx, mask, acc, gs2, gs3, W, w,
+                              scale_w, inv_w, taps_w, wx0, wx1, wx2, wx3, PAIRS_W)
+        return acc
+
+    @triton.jit
+    def _gather_row(gb, y, wy, sx, mask, acc, gs2, gs3, W, w, scale_w, inv_w, taps_w, wx0, wx1, wx2, wx3,
+                    PAIRS_W: tl.constexpr):
+        """_gather_taps' taps in output row y (weight wy): PAIRS_W, the 4 at 2sx-1 .. 2sx+2 (weights wx0
+        .. wx3); else taps_w from _first_out."""
+        row = gb + y.to(tl.int64) * gs2
         if PAIRS_W:
-            xlo = tl.maximum(2 * sx - 1, 0)
+            x = 2 * sx - 1
+            acc = _gather_tap(row, x, wx0 * wy, mask, acc, gs3)
+            acc = _gather_tap(row, x + 1, wx1 * wy, mask, acc, gs3)
+            acc = _gather_tap(row, x + 2, wx2 * wy, mask, acc, gs3)
+            acc = _gather_tap(row, x + 3, wx3 * wy, mask, acc, gs3)
         else:
             xlo = _first_out(sx, inv_w)
-        for ty in range(taps_h):
-            wy = _tap_weight(ylo + ty, sy, scale_h, h, H)
-            row = gb + (ylo + ty).to(tl.int64) * gs2
             for tx in range(taps_w):
-                wgt = _tap_weight(xlo + tx, sx, scale_w, w, W) * wy
-                g = tl.load(row + (xlo + tx).to(tl.int64) * gs3, mask=mask & (wgt != 0.0), other=0.0)
-                acc += wgt * g.to(tl.float32)
+                acc = _gather_tap(row, xlo + tx, _tap_weight(xlo + tx, sx, scale_w, w, W) * wy, mask, acc, gs3)
         return acc
+
+    @triton.jit
+    def _gather_tap(row, x, wgt, mask, acc, gs3):
+        """acc + wgt * the gradient at column x of row (not read where wgt is 0: outside the output)."""
+        g = tl.load(row + x.to(tl.int64) * gs3, mask=mask & (wgt != 0.0), other=0.0)
+        return acc + wgt * g.to(tl.float32)
+
+    @triton.jit
+    def _gather_runs(gb, sy, sx, m0, acc, gs2, H, W, h, w, scale_h, scale_w, inv_h, taps_h,
+                     PAIRS_H: tl.constexpr, RUNS: tl.constexpr):
+        """_gather_taps for NCHW with an exact 2x x axis, in runs of 4 source columns a thread: sx the
+        [RUNS, 4] tile of source columns m0 .. m0+3 (m0 a multiple of 4), sy [RUNS] their rows. Source
+        column j takes output columns 2j-1, 2j, 2j+1, 2j+2: of a run, output columns 2m0 .. 2m0+7,
+        one vector load a row (even and odd columns split in registers), and the columns either side
+        (2m0-1, 2m0+8; two scalar loads), shifted in by one. The same sums, term by term, as
+        _gather_taps; the column weights computed once."""
+        wx0, wx1, wx2, wx3 = _pair_weights(sx, scale_w, w, W)
+        xo = 2 * m0[:, None] + tl.arange(0, 8)[None, :]  # [RUNS, 8]
+        if PAIRS_H:
+            wy0, wy1, wy2, wy3 = _pair_weights(sy, scale_h, h, H)
+            y = 2 * sy - 1
+            acc = _gather_run_row(gb, y, wy0, sy, m0, xo, acc, gs2, W, h, w, wx0, wx1, wx2, wx3, RUNS)
+            acc = _gather_run_row(gb, y + 1, wy1, sy, m0, xo, acc, gs2, W, h, w, wx0, wx1, wx2, wx3, RUNS)
+            acc = _gather_run_row(gb, y + 2, wy2, sy, m0, xo, acc, gs2, W, h, w, wx0, wx1, wx2, wx3, RUNS)
+            acc = _gather_run_row(gb, y + 3, wy3, sy, m0, xo, acc, gs2, W, h, w, wx0, wx1, wx2, wx3, RUNS)
+        else:
+            ylo = _first_out(sy, inv_h)
+            for ty in range(taps_h):
+                acc = _gather_run_row(gb, ylo + ty, _tap_weight(ylo + ty, sy, scale_h, h, H), sy, m0, xo, acc, gs2,
+                                      W, h, w, wx0, wx1, wx2, wx3, RUNS)
+        return acc
+
+    @triton.jit
+    def _gather_run_row(gb, y, wy, sy, m0, xo, acc, gs2, W, h, w, wx0, wx1, wx2, wx3, RUNS: tl.constexpr):
+        """_gather_runs' taps in output row y ([RUNS]; weight wy, 0 where the row is outside). Runs past
+        the source (m0 >= w, sy >= h) read nothing."""
+        row = gb + y.to(tl.int64) * gs2
+        ok = (wy != 0.0) & (sy < h)
+        v = tl.load(row[:, None] + xo, mask=ok[:, None] & (xo < W), other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(v, [RUNS, 4, 2]))  # output columns 2j and 2j+1, [RUNS, 4]
+        p = tl.load(row + 2 * m0 - 1, mask=ok & (m0 >= 1) & (m0 < w), other=0.0).to(tl.float32)  # column 2m0 - 1
+        q = tl.load(row + 2 * m0 + 8, mask=ok & (2 * m0 + 8 < W), other=0.0).to(tl.float32)  # column 2m0 + 8
+        e02, e13 = _halves(even)
+        o02, o13 = _halves(odd)
+        odd_prev = tl.reshape(tl.join(tl.join(p, _col(odd, 1)), o02), [RUNS, 4])  # columns 2j - 1
+        even_next = tl.reshape(tl.join(e13, tl.join(_col(even, 2), q)), [RUNS, 4])  # columns 2j + 2
+        wy = wy[:, None]
+        acc = acc + (wx0 * wy) * odd_prev
+        acc = acc + (wx1 * wy) * even
+        acc = acc + (wx2 * wy) * odd
+        return acc + (wx3 * wy) * even_next
 
     @triton.jit
     def _bwd_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS_H: tl.constexpr, PAIRS_W: tl.constexpr):
-        """Program (n*C + c, row block, column block) gathers dL/dfeatures for a tile of source pixels."""
+        """Program (n*C + c, row block, column block) gathers dL/dfeatures for a tile of source pixels;
+        PAIRS_W (BLOCK_W a multiple of 4, gs3 = 1): in runs of 4 source columns (_gather_runs)."""
         nc = tl.program_id(0)
         n = nc // C
         c = nc % C
-        sy = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
-        sx = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
-        mask = (sy < h) & (sx < w)
         gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64) * gs1
-        acc = _gather_taps(gb, sy, sx, mask, tl.zeros([BLOCK_H, BLOCK_W], tl.float32), gs2, gs3, H, W, h, w,
-                           scale_h, scale_w, inv_h, inv_w, taps_h, taps_w, PAIRS_H, PAIRS_W)
+        if PAIRS_W:
+            RUNS: tl.constexpr = BLOCK_H * BLOCK_W // 4
+            r = tl.arange(0, RUNS)
+            sy1 = tl.program_id(1) * BLOCK_H + r // (BLOCK_W // 4)
+            m0 = tl.program_id(2) * BLOCK_W + 4 * (r % (BLOCK_W // 4))
+            sx = m0[:, None] + tl.arange(0, 4)[None, :]
+            sy = sy1[:, None]
+            mask = (sy < h) & (sx < w)
+            acc = _gather_runs(gb, sy1, sx, m0, tl.zeros([RUNS, 4], tl.float32), gs2, H, W, h, w, scale_h,
+                               scale_w, inv_h, taps_h, PAIRS_H, RUNS)
+        else:
+            sy = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+            sx = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
+            mask = (sy < h) & (sx < w)
+            acc = _gather_taps(gb, sy, sx, mask, tl.zeros([BLOCK_H, BLOCK_W], tl.float32), gs2, gs3, H, W, h, w,
+                               scale_h, scale_w, inv_h, inv_w, taps_h, taps_w, PAIRS_H, PAIRS_W)
         dptr = DF + nc.to(tl.int64) * h * w + sy.to(tl.int64) * w + sx
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bwd_cl_kernel(G, DF, C, H, W, h, w, gs0, gs1, gs2, gs3, ds0, ds1, ds2, ds3, scale_h, scale_w, inv_h,
                        inv_w, taps_h, taps_w, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PAIRS_H: tl.constexpr,
-                       PAIRS_W: tl.constexpr):
+                       PAIRS_W: tl.constexpr, PIX: tl.constexpr):
         """Program (n*h + sy, column block, channel block): dL/dfeatures for BLOCK_W source pixels of
-        row sy and BLOCK_C channels, gathering the output pixels whose taps touch them."""
+        row sy and BLOCK_C channels, gathering the output pixels whose taps touch them. Channel
+        strides 1 (gs1, ds1: channels_last); PIX a power of two that divides the gradient's pixel
+        stride gs3 (C + 20 classes: 4), so that each pixel's channels load as vectors of that many."""
         ny = tl.program_id(0)
         n = ny // h
         sy = ny % h
@@ -388,11 +492,12 @@ if HAS_TRITON:
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         xm = sx < w
         mask = xm[:, None] & (c < C)[None, :]
-        gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64)[None, :] * gs1
-        acc = _gather_taps(gb, sy, sx[:, None], mask, tl.zeros([BLOCK_W, BLOCK_C], tl.float32), gs2, gs3, H, W, h,
-                           w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w, PAIRS_H, PAIRS_W)
+        gb = G + n.to(tl.int64) * gs0 + c.to(tl.int64)[None, :]
+        acc = _gather_taps(gb, sy, sx[:, None], mask, tl.zeros([BLOCK_W, BLOCK_C], tl.float32), gs2,
+                           (gs3 // PIX) * PIX, H, W, h, w, scale_h, scale_w, inv_h, inv_w, taps_h, taps_w, PAIRS_H,
+                           PAIRS_W)
         dptr = DF + n.to(tl.int64) * ds0 + sy.to(tl.int64) * ds2 + sx.to(tl.int64)[:, None] * ds3 + \
-            c.to(tl.int64)[None, :] * ds1
+            c.to(tl.int64)[None, :]
         tl.store(dptr, acc.to(DF.dtype.element_ty), mask=mask)
 
 
@@ -548,20 +653,25 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
         a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
         return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
     # an exact 2x axis (every CRN module's): 4 output coordinates reach a source one; _n_taps says 8
-    pairs_h, pairs_w = _paired(h, H), _paired(w, W)
+    cl = grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous()  # channels_last: coalesced gather
+    if cl:  # 16 bytes a thread: an fp32 accumulator for each element, and 16 taps in flight
+        bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device, budget=2048 // grad.element_size())
+    else:
+        bh, bw = _tile_shape(h, w, grad.device)
+    # an exact 2x axis (every CRN module's): 4 output coordinates reach a source one (_n_taps says 8);
+    # NCHW gathers its columns in runs of 4, vector loads along the gradient's rows (unit stride)
+    pairs_h = _paired(h, H)
+    pairs_w = _paired(w, W) and (cl or (bw % 4 == 0 and grad.stride(3) == 1))
     inv_h, taps_h = (0.0, 4) if pairs_h else _n_taps(h, H)
     inv_w, taps_w = (0.0, 4) if pairs_w else _n_taps(w, W)
     common = (c, H, W, h, w, *grad.stride())
     taps = (_scale(h, H), _scale(w, W), inv_h, inv_w, taps_h, taps_w)
-    if grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous():  # channels_last: coalesced gather
+    if cl:
         df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
-        # 1024-element tiles: the gather holds an fp32 accumulator and a loaded tile (2048 spill on sm_80)
-        bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device, budget=1024)
         launch(_bwd_cl_kernel, (n * h, cdiv(w, bw), cdiv(c, bc)), grad, df, *common, *df.stride(), *taps,
-               BLOCK_W=bw, BLOCK_C=bc, PAIRS_H=pairs_h, PAIRS_W=pairs_w)
+               BLOCK_W=bw, BLOCK_C=bc, PAIRS_H=pairs_h, PAIRS_W=pairs_w, PIX=math.gcd(grad.stride(3), 16))
         return df
     df = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype)
-    bh, bw = _tile_shape(h, w, grad.device)
     launch(_bwd_kernel, (n * c, cdiv(h, bh), cdiv(w, bw)), grad, df, *common, *taps, BLOCK_H=bh, BLOCK_W=bw,
            PAIRS_H=pairs_h, PAIRS_W=pairs_w)
     return df

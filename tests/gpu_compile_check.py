@@ -90,7 +90,8 @@ def main(arch: int = 90, dtypes=("fp32", "bf16", "fp16")) -> int:
             *[(U._bwd_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
                dict(BLOCK_H=2, BLOCK_W=512, PAIRS_H=pairs, PAIRS_W=pairs)) for pairs in (False, True)],
             *[(U._bwd_cl_kernel, {"G": dt, "DF": dt}, ["scale_h", "scale_w", "inv_h", "inv_w"],
-               dict(BLOCK_W=16, BLOCK_C=64, PAIRS_H=pairs, PAIRS_W=pairs)) for pairs in (False, True)],
+               dict(BLOCK_W=32 // (4 if dt == "fp32" else 2), BLOCK_C=64, PAIRS_H=pairs, PAIRS_W=pairs, PIX=4))
+              for pairs in (False, True)],  # 16 bytes of gradient a thread a tap; pixels of C + 20 channels
         ] + [(U._fwd_kernel, {"Fe": dt, "L": "fp32", "O": dt, "Mean": a, "Rstd": a, "Wn": dt, "Bn": dt},
               ["scale_h", "scale_w", "slope"], dict(APPLY_NORM=norm, ROWS=16, BLOCK_W=bw, PAIRS=pairs))
              # 8 pixels: one run of 4 source columns a row, the smallest tile the host runs in pairs;
