@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -26,6 +27,12 @@ from .errors import CRNError
 from .fast_inference import FastInference
 
 BACKENDS = ("eager", "triton")
+# Where the triton backend's cascade (training: with grad) appends zero channels to the layout, so
+# that every conv1 takes a multiple of 8 input channels: cuDNN's convs run slower on 1044 / 532 / 148
+# (the inference path pads them too: fast_inference.CUDNN_CHANNELS). oneDNN on CPU runs as fast either
+# way (measured: a 148 vs 152-channel conv's forward + backward within 2%), so CPUs keep the layout.
+PAD_LAYOUT_DEVICES = ("cuda",)
+LAYOUT_CHANNELS_MULTIPLE = 8
 
 
 def to_pixels(y: torch.Tensor) -> torch.Tensor:
@@ -84,8 +91,20 @@ class RefinementModule(nn.Module):
 
     def forward(self, features: torch.Tensor | None, layout: torch.Tensor, ops) -> torch.Tensor:
         x = layout if features is None else ops.upsample_concat(features, layout)
-        x = ops.layer_norm_lrelu(self.conv1(x), self.norm1.weight, self.norm1.bias, LN_EPS, LEAKY_SLOPE)
+        x = ops.layer_norm_lrelu(self._conv1(x), self.norm1.weight, self.norm1.bias, LN_EPS, LEAKY_SLOPE)
         return ops.layer_norm_lrelu(self.conv2(x), self.norm2.weight, self.norm2.bias, LN_EPS, LEAKY_SLOPE)
+
+    def _conv1(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1; an input with zero channels after the layout's (CRN.layout_pad) meets zero weights
+        for them: the same sums (the weight keeps its shape; its gradient is the padded one's first
+        channels)."""
+        extra = x.shape[1] - self.conv1.in_channels
+        if extra == 0:
+            return self.conv1(x)
+        w = self.conv1.weight
+        wp = F.pad(w, (0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last if (
+            w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()) else torch.contiguous_format)
+        return F.conv2d(x, wp, None, self.conv1.stride, self.conv1.padding)
 
 
 class CRN(FastInference, nn.Module):
@@ -173,6 +192,9 @@ class CRN(FastInference, nn.Module):
             self.check_input(layout)
         # the model's dtype and one memory format end to end (a one-hot layout is exact in any float)
         layout = layout.to(dtype=self.refine[0].conv1.weight.dtype, memory_format=self.memory_format)
+        pad = self.layout_pad(layout)
+        if pad:  # zero channels, carried down the pyramid and through every concat to conv1
+            layout = F.pad(layout, (0, 0, 0, 0, 0, pad)).contiguous(memory_format=self.memory_format)
         levels = self._ops.area_pyramid(layout, len(self.refine))[::-1]  # coarsest first
         if self._runs_fast_inference():  # backend="triton", no grad: fast_inference.py
             return self._fast_forward(levels)
@@ -183,6 +205,19 @@ class CRN(FastInference, nn.Module):
             else:
                 x = module(x, level, self._ops)
         return to_pixels(self.head(x))
+
+    def layout_pad(self, layout: torch.Tensor) -> int:
+        """Zero channels the forward appends to the layout: on the triton backend's cascade (the
+        path with grad: training) on a device in PAD_LAYOUT_DEVICES, enough that every conv1 takes
+        a multiple of LAYOUT_CHANNELS_MULTIPLE input channels (20 classes: 4, so 1044 -> 1048,
+        532 -> 536, 148 -> 152), where every width is a multiple of it; else 0. Each conv1 gives
+        them zero weights (RefinementModule._conv1): the same sums, the same parameters and
+        gradients, within the convs' rounding. The no-grad path pads on its own (fast_inference)."""
+        m = LAYOUT_CHANNELS_MULTIPLE
+        if self.backend != "triton" or layout.device.type not in PAD_LAYOUT_DEVICES or \
+                self._runs_fast_inference() or any(w % m for w in self.config.widths):
+            return 0
+        return -self.config.num_classes % m
 
     def images(self, layout: torch.Tensor) -> torch.Tensor:
         """forward() reshaped to (N, k, 3, H, W)."""

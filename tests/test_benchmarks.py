@@ -322,9 +322,14 @@ def test_gpu_session_followup_turns_the_tma_kernel_off_when_its_first_tests_fail
 
 def test_gpu_session_script_training_mode_races_triton_against_compile(tmp_path):
     """CRN_GPU_TRAIN=1: only the training rows, triton and torch.compile in one run (their ratio is
-    measured in the same process), into the training results file, with its own log."""
+    measured in the same process), into the training results file, with its own log; first the
+    convs' forward + backward unpadded and padded (what the training cascade's layout pad is for)."""
     _, log, lines = _session_with_recorders(tmp_path, CRN_GPU_TRAIN="1")
     assert "T. training at 1024x2048" in log and "== done" in log and "F2." not in log and "1. compiled" not in log
+    convs = [line for line in lines if "benchmarks/memory_format.py" in line]
+    assert len(convs) == 1 and "--train " in convs[0] and "--res 1024x2048 " in convs[0], convs
+    assert convs[0].split("--json ")[1].split()[0].endswith("memory_format_h100_1024x2048_train.json")
+    assert log.index("T0. the 19 convs") < log.index("T. training at")
     runs = [line for line in lines if "benchmarks/run.py" in line]
     assert len(runs) == 1 and "--train " in runs[0] and "--train-backends triton,compile " in runs[0], runs
     assert "--dtypes bf16" in runs[0] and runs[0].split("--json ")[1].split()[0].endswith("h100_1024x2048_train.json")

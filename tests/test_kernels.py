@@ -431,6 +431,51 @@ def test_training_with_triton_backend(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["backend_used"] == "triton"
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_cascade_pads_the_layout_to_8_channels(monkeypatch, channels_last):
+    """The triton backend's cascade (with grad) on a PAD_LAYOUT_DEVICES device appends zero channels
+    to the layout, so every conv1 takes a multiple of 8 input channels (cuDNN's fast convs), with
+    zero weights for them: the same images and the same gradients of every parameter, within the
+    convs' rounding; the parameters keep their shapes (checkpoints and exports see no difference);
+    no-grad inference keeps its own path. Here on CPU, where it is off by default."""
+    import crn_fast.model as M
+    cfg = CRNConfig(widths=(16, 16, 8), num_classes=21, k=2)  # conv1 inputs 21, 37, 37: padded to 24, 40, 40
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = CRN(cfg, backend="triton", memory_format=fmt).to(DEV)
+    with torch.no_grad():  # trained-like norms: non-trivial outputs
+        for mod in model.refine:
+            for norm in (mod.norm1, mod.norm2):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.3, 0.3)
+    lab = one_hot(torch.randint(0, 21, (2, 16, 32), generator=torch.Generator().manual_seed(5)), 21).to(DEV)
+    target = torch.rand(2, 6, 16, 32, generator=torch.Generator().manual_seed(6)).to(DEV) * 255
+    seen = []
+    hooks = [mod.register_forward_pre_hook(lambda m, args: seen.append(args[1].shape[1])) for mod in model.refine]
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(lab)
+        ((out - target) ** 2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert model.layout_pad(lab) == 0
+    out, grads = run()
+    monkeypatch.setattr(M, "PAD_LAYOUT_DEVICES", ("cpu", "cuda"))
+    assert model.layout_pad(lab) == 3 and [seen.pop(0) for _ in range(3)] == [21, 21, 21]
+    out_p, grads_p = run()
+    assert seen == [24, 24, 24]  # each module's layout level, 21 classes + 3 zero channels
+    torch.testing.assert_close(out_p, out, rtol=1e-5, atol=1e-3)
+    for name, g in grads.items():
+        assert grads_p[name].shape == g.shape, name
+        torch.testing.assert_close(grads_p[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+    assert [mod.conv1.weight.shape[1] for mod in model.refine] == [21, 37, 37]
+    with torch.no_grad():
+        assert model.layout_pad(lab) == 0  # inference: fast_inference.py pads on its own
+    model.config = cfg.replace(widths=(16, 12, 8))  # a width not a multiple of 8: nothing to align
+    assert model.layout_pad(lab) == 0
+    for h in hooks:
+        h.remove()
+
+
 def test_fallback_warns_once_when_triton_cannot_run():
     code = ("import warnings, crn_fast\n"
             "with warnings.catch_warnings(record=True) as w:\n"
@@ -654,6 +699,42 @@ def test_fast_path_host_code_runs_every_conv_mode_on_a_cuda_device(preset, size,
             y = functional_call(model, params, (x,))
         assert y.shape == (1, 3 * model.config.k, *size) and y.device.type == "cuda", (conv, head)
         assert set(launched) - {"_finalize_kernel"} == kernels, (conv, head, launched)
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+def test_training_step_host_code_runs_on_a_cuda_device(monkeypatch):
+    """The triton backend's training forward (with grad) on fake CUDA tensors at 1024p's shapes (the
+    kernels are not run): the layout carries 4 zero channels down the cascade (every conv1 input a
+    multiple of 8: 24, then C + 24); and the upsample backward that each concat's gradient gets
+    gathers its exact 2x in pixel pairs, the gradient's pixel stride given as a multiple of 8 (the
+    autograd engine needs a real device, so the backward operator is called on its own)."""
+    import importlib
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+    _as_an_h100(monkeypatch)
+    monkeypatch.setattr(K, "triton_unavailable_reason", lambda: None)  # as on a GPU
+    U = importlib.import_module("crn_fast.kernels.upsample_concat")
+    launched = []
+    monkeypatch.setattr(U, "launch", lambda kernel, grid, *a, _real=U.launch, **kw: (
+        launched.append((kernel.__name__, kw)), _real(kernel, grid, *a, **kw)))
+    model = CRN.from_preset("1024p", backend="triton").train()
+    seen = []
+    for mod in model.refine:
+        mod.register_forward_pre_hook(lambda m, args: seen.append(args[1].shape))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        params = {k: torch.empty_strided(v.shape, v.stride(), device="cuda").requires_grad_()
+                  for k, v in model.named_parameters()}
+        x = torch.empty(1, 20, 1024, 2048, device="cuda", memory_format=torch.channels_last)
+        y = functional_call(model, params, (x,))
+        assert y.requires_grad and y.shape == (1, 3, 1024, 2048)
+        assert [s[1] for s in seen] == [24] * 9
+        launched.clear()
+        for width, (_, _, h, w) in zip(model.config.widths, seen[1:]):
+            grad = torch.empty(1, width + 24, h, w, device="cuda", memory_format=torch.channels_last)
+            df = torch.ops.crn_fast.upsample_concat_backward(grad, [1, width, h // 2, w // 2])
+            assert df.shape == (1, width, h // 2, w // 2) and df.is_contiguous(memory_format=torch.channels_last)
+    assert len(launched) == 8 and all(name == "_bwd_cl_kernel" and kw["PAIRS_H"] and kw["PAIRS_W"] and
+                                      kw["PIX"] == 8 for name, kw in launched), launched
 
 
 def test_operators_trace_with_aot_autograd_on_their_torch_path():
