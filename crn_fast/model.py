@@ -207,12 +207,13 @@ class CRN(FastInference, nn.Module):
         return to_pixels(self.head(x))
 
     def layout_pad(self, layout: torch.Tensor) -> int:
-        """Zero channels the forward appends to the layout: on the triton backend's cascade (the
-        path with grad: training) on a device in PAD_LAYOUT_DEVICES, enough that every conv1 takes
-        a multiple of LAYOUT_CHANNELS_MULTIPLE input channels (20 classes: 4, so 1044 -> 1048,
-        532 -> 536, 148 -> 152), where every width is a multiple of it; else 0. Each conv1 gives
-        them zero weights (RefinementModule._conv1): the same sums, the same parameters and
-        gradients, within the convs' rounding. The no-grad path pads on its own (fast_inference)."""
+        """Zero channels the forward appends to the layout on the triton backend's cascade (with
+        grad, i.e. training; or with every fusion off) on a device in PAD_LAYOUT_DEVICES: enough
+        that every conv1 takes a multiple of LAYOUT_CHANNELS_MULTIPLE input channels (20 classes:
+        4, so 1044 -> 1048, 532 -> 536, 148 -> 152), where every width is a multiple of it; else 0.
+        Each conv1 gives them zero weights (RefinementModule._conv1): the same sums, parameters and
+        gradients, within the convs' rounding. The fused no-grad path pads on its own
+        (fast_inference.CUDNN_CHANNELS)."""
         m = LAYOUT_CHANNELS_MULTIPLE
         if self.backend != "triton" or layout.device.type not in PAD_LAYOUT_DEVICES or \
                 self._runs_fast_inference() or any(w % m for w in self.config.widths):

@@ -652,9 +652,8 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
     if not can_run(grad):  # the transpose of the separable interpolation: df = A_h^T g A_w
         a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
         return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
-    # an exact 2x axis (every CRN module's): 4 output coordinates reach a source one; _n_taps says 8
     cl = grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous()  # channels_last: coalesced gather
-    if cl:  # 16 bytes a thread: an fp32 accumulator for each element, and 16 taps in flight
+    if cl:  # 16 bytes of gradient a thread a tap, and an fp32 accumulator for each element
         bw, bc, _ = _tile_shape_cl(w, c, 1, grad.device, budget=2048 // grad.element_size())
     else:
         bh, bw = _tile_shape(h, w, grad.device)
