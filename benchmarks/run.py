@@ -347,6 +347,7 @@ def rows_in_a_fresh_process(args, combos, seconds_left: float, tmp: str, after: 
 # ----------------------------------------------------------------------------- training
 def run_training(args, config, device, layout, size, on_row=lambda rows: None):
     from crn_fast.loss import CRNLoss
+    from crn_fast.train import make_optimizer
     from crn_fast.vgg import load_vgg19
     rows = []
     start = time.perf_counter()
@@ -374,7 +375,7 @@ def run_training(args, config, device, layout, size, on_row=lambda rows: None):
                         torch._dynamo.reset()
                         forward = torch.compile(model)
                     crit = CRNLoss(load_vgg19("random"), "perceptual").to(device)
-                    opt = torch.optim.Adam(model.parameters(), 1e-4)
+                    opt = make_optimizer(model.parameters(), 1e-4, device)  # as crn_fast.train steps
                     amp = DTYPES[dname] if dname != "fp32" else None
 
                     def step():

@@ -265,6 +265,13 @@ def init_from(model: CRN, path: str) -> list[str]:
     return copied
 
 
+def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
+    """The paper's Adam. On CUDA PyTorch's fused Adam (one kernel per step over all parameters,
+    where the default multi-tensor path makes several passes over ~99M parameters' four fp32
+    states at 1024p); elsewhere the default."""
+    return torch.optim.Adam(params, lr=lr, fused=True if torch.device(device).type == "cuda" else None)
+
+
 def setup_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -470,7 +477,7 @@ def train(cfg: TrainConfig) -> Path:
     model.to(device).train()
     criterion.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = make_optimizer(params, cfg.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     if state is not None:
         restore_training_state(state, opt, scaler, criterion, device)

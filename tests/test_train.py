@@ -205,3 +205,17 @@ def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             synth_main([*common, "--out", str(tmp_path / "x"), *flags])
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+def test_optimizer_is_fused_adam_on_cuda():
+    """Training on CUDA steps with PyTorch's fused Adam (one kernel over every parameter); elsewhere
+    the default Adam. The same hyperparameters either way (a run resumes with its saved setting)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from crn_fast.train import make_optimizer
+    cpu = make_optimizer([torch.nn.Parameter(torch.zeros(3))], 2e-4, torch.device("cpu"))
+    with FakeTensorMode():
+        cuda = make_optimizer([torch.nn.Parameter(torch.zeros(3, device="cuda"))], 2e-4, torch.device("cuda", 0))
+    assert cuda.defaults["fused"] is True and not cpu.defaults["fused"]
+    assert {k: v for k, v in cuda.defaults.items() if k != "fused"} == \
+        {k: v for k, v in cpu.defaults.items() if k != "fused"}
