@@ -12,9 +12,10 @@
 #   F7. fp32 with TF32 convs, as the first results' fp32 was measured ("fp32 no slower")
 #   F5. the issue's targets, checked from those files (benchmarks/targets.py)
 # Usage: bash benchmarks/gpu_session.sh [scale]          (~9.2 min of step limits at scale 1)
-#        CRN_GPU_TRAIN=1 bash benchmarks/gpu_session.sh     (~3 min: the convs' forward + backward unpadded
-#                                                           and padded, then the training rows, triton vs
-#                                                           torch.compile; a second call while the machine is warm)
+#        CRN_GPU_TRAIN=1 bash benchmarks/gpu_session.sh     (~3.5 min: the convs' forward + backward unpadded
+#                                                           and padded, the training rows, triton vs torch.compile,
+#                                                           and a profiled triton step; a second call while the
+#                                                           machine is warm)
 #        CRN_GPU_SMOKE=1 bash benchmarks/gpu_session.sh  (CPU: every step at tiny sizes, to test the script)
 # (CRN_GPU_FOLLOWUP=1, which older notes name, runs the same steps: they were the follow-up to the
 # first H100 session, whose step list, results and log are in git and benchmarks/results/.)
@@ -65,7 +66,10 @@ if [ "${CRN_GPU_TRAIN:-0}" = 1 ]; then
   timeout $((20 * s)) python3 benchmarks/memory_format.py --res $R ${P:+--preset tiny} --train \
     --json "$res/memory_format_${gpu}_${R}_train.json" >> "$log" 2>&1; pack
   step "T. training at $R, bf16: triton vs torch.compile of the generator, checkpointing off and on"
-  train_rows 160 triton,compile 3
+  train_rows 150 triton,compile 3
+  step "P. one triton training step profiled: ms by phase (generator, loss, backward, optimizer) and stage"
+  timeout $((30 * s)) python3 benchmarks/profile_train.py ${P:+--preset tiny} --res $R \
+    --out "$res/profile_train_${gpu}_${R}" 2>&1 | tail -45 >> "$log"; pack
   step "done"
   cp "$log" "$res/${gpu}_gpu_session_train.log"; pack
   ls -la "$out"

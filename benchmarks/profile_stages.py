@@ -104,17 +104,29 @@ def profile_once(fn, x, cuda):
     """(events, modules): events = [(start, name, ms)] of every kernel (GPU) or top-level op (CPU),
     in order; modules = the module label of each event from the profiler ranges, or None when the
     forward has none (compiled graphs)."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
         for _ in range(3):
             fn(x)
+        return kernel_events(profiled(lambda: fn(x), cuda), cuda)
+
+
+def profiled(run, cuda):
+    """torch.profiler's record of one call of run() (warmed up by the caller), the GPU idle after."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        run()
         if cuda:
             torch.cuda.synchronize()
-        with profile(activities=acts) as prof:
-            fn(x)
-            if cuda:
-                torch.cuda.synchronize()
+    return prof
+
+
+def kernel_events(prof, cuda):
+    """profile_once's (events, modules) from a profiler record: the ranges are those named
+    ANNOTATION + label, each event's label the innermost range open when its op started (on any
+    thread: the autograd engine's ops too)."""
     cpu = torch.autograd.DeviceType.CPU
     all_events = prof.events()
     ranges = [(e.time_range.start, e.time_range.end, e.name[len(ANNOTATION):]) for e in all_events

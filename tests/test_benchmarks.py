@@ -329,7 +329,9 @@ def test_gpu_session_script_training_mode_races_triton_against_compile(tmp_path)
     convs = [line for line in lines if "benchmarks/memory_format.py" in line]
     assert len(convs) == 1 and "--train " in convs[0] and "--res 1024x2048 " in convs[0], convs
     assert convs[0].split("--json ")[1].split()[0].endswith("memory_format_h100_1024x2048_train.json")
-    assert log.index("T0. the 19 convs") < log.index("T. training at")
+    assert log.index("T0. the 19 convs") < log.index("T. training at") < log.index("P. one triton training step")
+    prof = [line for line in lines if "benchmarks/profile_train.py" in line]
+    assert len(prof) == 1 and "--res 1024x2048 " in prof[0] and "profile_train_h100_1024x2048" in prof[0], prof
     runs = [line for line in lines if "benchmarks/run.py" in line]
     assert len(runs) == 1 and "--train " in runs[0] and "--train-backends triton,compile " in runs[0], runs
     assert "--dtypes bf16" in runs[0] and runs[0].split("--json ")[1].split()[0].endswith("h100_1024x2048_train.json")
@@ -434,3 +436,20 @@ def test_race_rows_name_each_modules_conv_mode():
         "conv modes: fused in modules [0, 1], split in modules [7], lowres in modules [8]"
     assert run_py._note({"conv_modes": {}}) == "conv modes: cuDNN everywhere"
     assert run_py._note({"fused_modules": [0, 3]}) == "fused conv in modules [0, 3]"
+
+
+def test_training_profile_splits_one_step_by_phase_and_stage(tmp_path):
+    """benchmarks/profile_train.py on CPU (tiny, eager ops): one profiled training step, every op
+    in a phase (generator, loss, backward, optimizer), the phases adding up to the whole, the
+    convolutions' backward in the backward phase, and the longest ops listed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_train
+    assert profile_train.main(["--preset", "tiny", "--res", "64x128", "--out", str(tmp_path / "p")]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    phases = res["profile_ms"]
+    assert set(phases) == {"generator", "loss", "backward", "optimizer"}, phases
+    assert all(sum(row.values()) > 0 for row in phases.values())
+    assert phases["backward"]["conv"] > 0 and phases["loss"]["conv"] > phases["generator"]["conv"] > 0  # VGG-19
+    longest = {(name, phase) for name, phase, *_ in res["longest"]}
+    assert ("aten::convolution_backward", "backward") in longest and len(res["longest"]) == 25
+    assert "| **all** |" in (tmp_path / "p.md").read_text()
