@@ -439,7 +439,7 @@ def test_training_cascade_pads_the_layout_to_8_channels(monkeypatch, channels_la
     convs' rounding; the parameters keep their shapes (checkpoints and exports see no difference);
     no-grad inference keeps its own path. Here on CPU, where it is off by default."""
     import crn_fast.model as M
-    cfg = CRNConfig(widths=(16, 16, 8), num_classes=21, k=2)  # conv1 inputs 21, 37, 37: padded to 24, 40, 40
+    cfg = CRNConfig(widths=(8, 8, 8), num_classes=21, k=2)  # conv1 inputs 21, 29, 29: padded to 24, 32, 32
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = CRN(cfg, backend="triton", memory_format=fmt).to(DEV)
     with torch.no_grad():  # trained-like norms: non-trivial outputs
@@ -467,10 +467,10 @@ def test_training_cascade_pads_the_layout_to_8_channels(monkeypatch, channels_la
     for name, g in grads.items():
         assert grads_p[name].shape == g.shape, name
         torch.testing.assert_close(grads_p[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
-    assert [mod.conv1.weight.shape[1] for mod in model.refine] == [21, 37, 37]
+    assert [mod.conv1.weight.shape[1] for mod in model.refine] == [21, 29, 29]
     with torch.no_grad():
         assert model.layout_pad(lab) == 0  # inference: fast_inference.py pads on its own
-    model.config = cfg.replace(widths=(16, 12, 8))  # a width not a multiple of 8: nothing to align
+    model.config = cfg.replace(widths=(8, 12, 8))  # a width not a multiple of 8: nothing to align
     assert model.layout_pad(lab) == 0
     for h in hooks:
         h.remove()
