@@ -440,8 +440,9 @@ def test_race_rows_name_each_modules_conv_mode():
 
 def test_training_profile_splits_one_step_by_phase_and_stage(tmp_path):
     """benchmarks/profile_train.py on CPU (tiny, eager ops): one profiled training step, every op
-    in a phase (generator, loss, backward, optimizer), the phases adding up to the whole, the
-    convolutions' backward in the backward phase, and the longest ops listed."""
+    in a phase (generator, loss, backward, optimizer; none outside them, the autograd engine's
+    included), VGG-19's convs in the loss, the convolutions' backward in the backward phase, and
+    the longest ops listed."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import profile_train
     assert profile_train.main(["--preset", "tiny", "--res", "64x128", "--out", str(tmp_path / "p")]) == 0
