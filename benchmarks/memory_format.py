@@ -20,6 +20,7 @@ from _util import device_label, machine_info, time_fn, write_text_atomic  # noqa
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
+from crn_fast.errors import CRNError  # noqa: E402
 from crn_fast.labels import one_hot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +77,12 @@ def main():
     if not torch.cuda.is_available():
         print("memory_format.py: error: needs a CUDA GPU", file=sys.stderr)
         return 2
-    h, w = parse_resolution(args.res)
-    cfg = get_preset(args.preset)
+    try:
+        h, w = parse_resolution(args.res)
+        cfg = get_preset(args.preset)
+        cfg.validate_input_size(h, w)
+    except CRNError as e:
+        ap.error(str(e))
     x = one_hot(torch.randint(0, 20, (1, h, w))).cuda()
     out = Path(args.json or ROOT / "benchmarks" / "results" /
                f"memory_format_{device_label('cuda')}_{h}x{w}{'_train' if args.train else ''}.json")

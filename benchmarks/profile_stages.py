@@ -37,6 +37,7 @@ from _util import (context_broken, device_label, error_text, fresh_process, inje
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
 from crn_fast.constants import DTYPES  # noqa: E402
+from crn_fast.errors import CRNError  # noqa: E402
 from crn_fast.labels import one_hot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,35 +188,53 @@ def attribute(events, n_modules):
     return table
 
 
-def markdown(results) -> str:
-    out = []
-    for variant, table in results.items():
-        out.append(f"#### {variant}\n\n| module | " + " | ".join(f"{s} ms" for s in STAGES) + " | total ms |\n"
-                   "|---|" + "---:|" * (len(STAGES) + 1) + "\n")
-        totals = dict.fromkeys(STAGES, 0.0)
-        for mod, row in table.items():
-            for s in STAGES:
-                totals[s] += row[s]
-            out.append(f"| {mod} | " + " | ".join(f"{row[s]:.3f}" for s in STAGES) + f" | {sum(row.values()):.3f} |\n")
-        out.append("| **all** | " + " | ".join(f"**{totals[s]:.3f}**" for s in STAGES) +
-                   f" | **{sum(totals.values()):.3f}** |\n\nnon-conv: {sum(totals.values()) - totals['conv']:.3f} ms\n\n")
+def stage_table(label: str, table: dict) -> str:
+    """A markdown table of {row label: {stage: ms}}, a total column and an **all** row; the
+    non-conv total after it."""
+    out = [f"| {label} | " + " | ".join(f"{s} ms" for s in STAGES) + " | total ms |\n|---|" +
+           "---:|" * (len(STAGES) + 1) + "\n"]
+    totals = dict.fromkeys(STAGES, 0.0)
+    for name, row in table.items():
+        for s in STAGES:
+            totals[s] += row[s]
+        out.append(f"| {name} | " + " | ".join(f"{row[s]:.3f}" for s in STAGES) + f" | {sum(row.values()):.3f} |\n")
+    out.append("| **all** | " + " | ".join(f"**{totals[s]:.3f}**" for s in STAGES) +
+               f" | **{sum(totals.values()):.3f}** |\n\nnon-conv: {sum(totals.values()) - totals['conv']:.3f} ms\n\n")
     return "".join(out)
+
+
+def markdown(results) -> str:
+    return "".join(f"#### {variant}\n\n{stage_table('module', table)}" for variant, table in results.items())
+
+
+def add_shape_args(ap, out_help: str):
+    """The options both profilers share: --res, --preset, --out."""
+    ap.add_argument("--res", default="1024x2048")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--out", default=None, help=out_help)
+
+
+def shape_from(ap, args):
+    """(cuda, device, (H, W), config) from add_shape_args' options: the preset named, else the one
+    for that resolution; the size checked against it. A bad one is ap's one-line usage error (exit 2)."""
+    cuda = torch.cuda.is_available()
+    try:
+        size = parse_resolution(args.res)
+        config = get_preset(args.preset) if args.preset else preset_for_resolution(*size)
+        config.validate_input_size(*size)
+    except CRNError as e:
+        ap.error(str(e))
+    return cuda, "cuda" if cuda else "cpu", size, config
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--res", default="1024x2048")
-    ap.add_argument("--preset", default=None)
+    add_shape_args(ap, "default: benchmarks/results/profile_<device>_<res>")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} "
                     "(default: triton,compile-max-autotune-no-cudagraphs on GPU, eager on CPU)")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/profile_<device>_<res>")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    size = parse_resolution(args.res)
-    config = get_preset(args.preset) if args.preset else preset_for_resolution(*size)
-    config.validate_input_size(*size)
+    cuda, device, size, config = shape_from(ap, args)
     dtype = DTYPES[args.dtype] if cuda else torch.float32
     variants = (args.variants or ("triton,compile-max-autotune-no-cudagraphs" if cuda else "eager")).split(",")
     bad = [v for v in variants if v not in VARIANTS]

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import device_label, machine_info, write_text_atomic  # noqa: E402
-from profile_stages import ANNOTATION, STAGES, kernel_events, profiled, stage_of  # noqa: E402
+from profile_stages import (ANNOTATION, STAGES, add_shape_args, kernel_events, profiled, shape_from,  # noqa: E402
+                            stage_of, stage_table)
 
 from crn_fast import CRN  # noqa: E402
-from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
 from crn_fast.labels import one_hot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,32 +75,18 @@ def tables(events, phases):
 
 
 def markdown(title, by_phase, longest) -> str:
-    out = [f"### One training step: {title}\n\n| phase | " + " | ".join(f"{s} ms" for s in STAGES) +
-           " | total ms |\n|---|" + "---:|" * (len(STAGES) + 1) + "\n"]
-    totals = dict.fromkeys(STAGES, 0.0)
-    for phase, row in by_phase.items():
-        for s in STAGES:
-            totals[s] += row[s]
-        out.append(f"| {phase} | " + " | ".join(f"{row[s]:.3f}" for s in STAGES) + f" | {sum(row.values()):.3f} |\n")
-    out.append("| **all** | " + " | ".join(f"**{totals[s]:.3f}**" for s in STAGES) +
-               f" | **{sum(totals.values()):.3f}** |\n\n#### The 25 longest (summed by name and phase)\n\n"
-               "| kernel | phase | stage | ms | count |\n|---|---|---|---:|---:|\n")
-    out += [f"| `{name[:110]}` | {phase} | {stage} | {ms:.3f} | {n} |\n" for name, phase, stage, ms, n in longest]
-    return "".join(out)
+    return f"### One training step: {title}\n\n{stage_table('phase', by_phase)}" + \
+        "#### The 25 longest (summed by name and phase)\n\n| kernel | phase | stage | ms | count |\n" \
+        "|---|---|---|---:|---:|\n" + \
+        "".join(f"| `{name[:110]}` | {phase} | {stage} | {ms:.3f} | {n} |\n" for name, phase, stage, ms, n in longest)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--res", default="1024x2048")
-    ap.add_argument("--preset", default=None)
+    add_shape_args(ap, "default: benchmarks/results/profile_train_<device>_<res>")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/profile_train_<device>_<res>")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    size = parse_resolution(args.res)
-    config = get_preset(args.preset) if args.preset else preset_for_resolution(*size)
-    config.validate_input_size(*size)
+    cuda, device, size, config = shape_from(ap, args)
     step, amp = training_step(config, size, device, args.checkpointing)
     for _ in range(2):  # warm-up: Triton's compiles, cuDNN's choices, the optimizer's state
         step()

@@ -454,3 +454,18 @@ def test_training_profile_splits_one_step_by_phase_and_stage(tmp_path):
     longest = {(name, phase) for name, phase, *_ in res["longest"]}
     assert ("aten::convolution_backward", "backward") in longest and len(res["longest"]) == 25
     assert "| **all** |" in (tmp_path / "p.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [["--res", "63x128", "--preset", "tiny"], ["--res", "abc"], ["--preset", "nope"]])
+def test_profilers_reject_a_bad_shape_in_one_line(argv, capsys):
+    """A resolution or preset the profilers cannot run: argparse's one-line error naming what is
+    wrong and what would be valid, exit 2, nothing written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_stages
+    import profile_train
+    for script in (profile_train, profile_stages):
+        with pytest.raises(SystemExit) as e:
+            script.main(argv + ["--out", "/nonexistent/never"])
+        err = capsys.readouterr().err.strip().splitlines()  # argparse: the usage, then the error
+        assert e.value.code == 2 and ": error: " in err[-1] and "Traceback" not in "".join(err), err
+        assert ("e.g." in err[-1] or "valid" in err[-1]) and not Path("/nonexistent").exists(), err
