@@ -72,6 +72,16 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def choose_backend(backend: str, device) -> str:
+    """The command-line tools' ``--backend auto`` (their default): the Triton kernels on a CUDA
+    device where Triton is installed, the torch ops anywhere else (on a CPU the kernels run only
+    through Triton's interpreter, far slower than torch). Any other value is returned as given."""
+    if backend != "auto":
+        return backend
+    from crn_fast import kernels
+    return "triton" if torch.device(device).type == "cuda" and kernels.HAS_TRITON else "eager"
+
+
 class ChannelAffine(nn.Module):
     """Per-channel scale and shift of a layer norm (TF slim.layer_norm's gamma and beta)."""
 

@@ -44,7 +44,13 @@ def load_generator_for(args, device):
                            f"unreadable: it holds the model config synthesis needs")
         return gen
     from .checkpoint import load_generator
-    model = load_generator(args.ckpt, backend=args.backend, device=device)
+    from .model import choose_backend
+    backend = choose_backend(args.backend, device)
+    if backend != "triton" and (args.fused_conv != "off" or args.fused_head):
+        flag = f"--fused-conv {args.fused_conv}" if args.fused_conv != "off" else "--fused-head"
+        raise UsageError(f"{flag} needs the triton backend (its kernels are Triton's), but --backend auto chose "
+                         f"eager on {device}: Triton kernels run on CUDA devices (--device cuda)")
+    model = load_generator(args.ckpt, backend=backend, device=device)
     if args.fused_conv != "off":  # before any capture: "auto" measures at the first batch of each size
         model.fused_conv = True if args.fused_conv == "on" else args.fused_conv
     model.fused_head = args.fused_head
@@ -123,7 +129,8 @@ def build_parser():
     ap.add_argument("--ckpt", default=None, help="the same, as an option")
     ap.add_argument("--labels", required=True, help="a label PNG or a folder of them")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--backend", default="eager", choices=("eager", "triton", "tensorrt"))
+    ap.add_argument("--backend", default="auto", choices=("auto", "eager", "triton", "tensorrt"),
+                    help="auto: triton on a CUDA device, eager elsewhere (default); tensorrt needs --engine")
     ap.add_argument("--engine", help="TensorRT engine (with --backend tensorrt)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the whole generator as a CUDA graph (GPU)")
     ap.add_argument("--fused-conv", default="off", choices=("off", "on", "split", "lowres", "auto"),
@@ -154,10 +161,10 @@ def main(argv=None) -> int:
     if args.checkpoint and args.ckpt and args.checkpoint != args.ckpt:
         ap.error(f"two checkpoints given ({args.checkpoint} and --ckpt {args.ckpt}): give one")
     args.ckpt = args.ckpt or args.checkpoint
-    if args.fused_conv != "off" and args.backend != "triton":
+    if args.fused_conv != "off" and args.backend not in ("triton", "auto"):
         ap.error(f"--fused-conv {args.fused_conv} needs --backend triton (the fused conv is a Triton kernel), "
                  f"got --backend {args.backend}")
-    if args.fused_head and args.backend != "triton":
+    if args.fused_head and args.backend not in ("triton", "auto"):
         ap.error(f"--fused-head needs --backend triton (the fused head is a Triton kernel), "
                  f"got --backend {args.backend}")
     if not args.ckpt and args.backend != "tensorrt":

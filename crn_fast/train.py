@@ -43,7 +43,7 @@ from .errors import CheckpointError, CRNError, UsageError
 from .images import sample_sheet, save_png
 from .labels import one_hot
 from .loss import LAMBDA_PRESETS, LOSS_KINDS, TERM_NAMES, CRNLoss
-from .model import BACKENDS, CRN
+from .model import BACKENDS, CRN, choose_backend
 from .vgg import load_vgg19
 
 DEFAULT_STEPS = 300
@@ -66,7 +66,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-4
     amp: str = "off"
-    backend: str = "eager"
+    backend: str = "auto"
     checkpointing: bool = False
     init_from: str | None = None
     train_modules: str | None = None
@@ -104,7 +104,7 @@ class TrainConfig:
             raise UsageError(f"--k {self.k}: must be >= 1")
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be >= 0")
-        for name, valid in (("amp", ("off", *DTYPES)), ("backend", BACKENDS), ("unknown_colors", ("error", "void")),
+        for name, valid in (("amp", ("off", *DTYPES)), ("backend", ("auto", *BACKENDS)), ("unknown_colors", ("error", "void")),
                             ("scan_labels", SCAN_MODES)):
             if getattr(self, name) not in valid:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: valid: {', '.join(valid)}")
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="global batch size, split over the ranks (default 4)")
     a("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4, as the paper)")
     a("--amp", default="off", choices=("bf16", "fp16", "off"), help="autocast precision (default off)")
-    a("--backend", default="eager", choices=BACKENDS, help="eager torch ops or fused Triton kernels")
+    a("--backend", default="auto", choices=("auto", *BACKENDS),
+      help="eager torch ops or fused Triton kernels; auto: triton on a CUDA device, eager elsewhere (default)")
     a("--checkpointing", action="store_true", help="activation checkpointing per refinement module")
     a("--init-from", default=None, help="progressive training: copy every module of this lower-resolution "
       "crn_fast checkpoint; the new top module and head start fresh")
@@ -446,6 +447,8 @@ def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     # --- setup: distributed, output folder, model, data, loss, optimizer -------------------------
     rank, world, device = setup_distributed()
+    # "auto" is settled here, so the run's options (and what --resume compares) name what ran
+    cfg = dataclasses.replace(cfg, backend=choose_backend(cfg.backend, device))
     out = Path(cfg.out)
     if rank == 0:
         prepare_out(cfg)

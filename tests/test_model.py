@@ -90,6 +90,16 @@ def test_head_scaling_is_the_fp32_formula_rounded_once_for_every_16_bit_value(de
         assert torch.equal(out, ((y.float() + 1.0) / 2.0 * 255.0).to(y.dtype)), y.dtype
 
 
+def test_auto_backend_is_triton_on_cuda_and_eager_elsewhere():
+    """The CLIs' default: Triton's kernels where they run compiled, torch's ops on CPUs (where the
+    kernels would only run through the interpreter); an explicit backend is never overridden."""
+    from crn_fast import kernels
+    from crn_fast.model import choose_backend
+    assert choose_backend("auto", "cpu") == "eager" and choose_backend("auto", torch.device("cpu")) == "eager"
+    assert choose_backend("auto", torch.device("cuda", 1)) == ("triton" if kernels.HAS_TRITON else "eager")
+    assert choose_backend("eager", "cuda") == "eager" and choose_backend("triton", "cpu") == "triton"
+
+
 def test_layout_pyramid_is_recursive_2x2_average():
     x = torch.rand(1, 3, 8, 16)
     pyr = layout_pyramid(x, 4)

@@ -46,6 +46,9 @@ def test_demo_writes_checkpoint_metrics_and_samples(demo_run):
     assert (out / "train_state.pt").is_file()
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 40
+    # --backend auto (the default) settles on eager on a CPU, and the run's options say so
+    assert "backend eager" in r.stderr and state["options"]["backend"] == "eager"
+    assert json.loads((out / "config.json").read_text())["backend"] == "eager"
 
 
 def test_resume_is_bitwise_exact(tmp_path):
@@ -177,6 +180,9 @@ def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
     assert train_main(["--out", str(tmp_path), "--steps", "1", *SMALL]) == 0
     assert train_main(["--out", str(tmp_path), "--steps", "2", "--resume", "--k", "2", *SMALL]) == 2
     assert "--resume" in capsys.readouterr().err
+    # the run settled "auto" on eager: another backend rounds differently, so it is not the same run
+    assert train_main(["--out", str(tmp_path), "--steps", "2", "--resume", "--backend", "triton", *SMALL]) == 2
+    assert "--backend 'eager' (now 'triton')" in capsys.readouterr().err
     assert train_main(["--out", str(tmp_path / "empty"), "--steps", "2", "--resume", *SMALL]) == 1
     assert "has no train_state.pt to resume from" in capsys.readouterr().err
 
@@ -203,8 +209,13 @@ def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
     for flags, msg in ((["--fused-conv", "on"], "--fused-conv on needs --backend triton"),
                        (["--fused-head"], "--fused-head needs --backend triton")):
         with pytest.raises(SystemExit) as e:
-            synth_main([*common, "--out", str(tmp_path / "x"), *flags])
+            synth_main([*common, "--out", str(tmp_path / "x"), "--backend", "eager", *flags])
         assert e.value.code == 2 and msg in capsys.readouterr().err
+        # the default, --backend auto, picks eager on a CPU: the same refusal, naming why, nothing written
+        assert synth_main([*common, "--out", str(tmp_path / "x"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"{flags[0]}" in err and "needs the triton backend" in err and "auto chose eager on cpu" in err, err
+        assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
