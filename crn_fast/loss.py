@@ -30,7 +30,7 @@ def layer_errors(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Te
     for f, r in zip(fake, real):
         k = f.shape[0] // r.shape[0]
         d = (f.view(r.shape[0], k, *f.shape[1:]) - r.unsqueeze(1)).abs()
-        cols.append(d.flatten(2).mean(-1).flatten())
+        cols.append(d.mean((2, 3, 4)).flatten())  # not flatten(2): a copy of channels_last features
     return torch.stack(cols, 1)
 
 
