@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,17 +430,69 @@ def batches(loader):
         yield batch
 
 
-def open_tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.info("  tensorboard not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
-        return None
-    try:
-        return SummaryWriter(str(out / "tb"))
-    except Exception as e:  # a broken install or an unwritable folder: say so, keep training
-        log.warning(f"  TensorBoard disabled: {type(e).__name__}: {e}")
-        return None
+class TensorBoardLog:
+    """TensorBoard scalars and sample grids beside metrics.jsonl, when tensorboard is installed.
+
+    TensorBoard writes from its own thread; an error there (a full disk, a vanished folder) would
+    print that thread's traceback and reach training only at TensorBoard's next call. Here the
+    thread's traceback is not printed (``_quiet_tensorboard_thread``) and the error is handled at
+    that next call: a full disk or quota stops the run, as any other write would, naming the
+    TensorBoard folder; anything else is one warning, and training goes on with metrics.jsonl."""
+
+    def __init__(self, out: Path):
+        self.dir, self.writer = out / "tb", None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("  tensorboard not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
+            return
+        _quiet_tensorboard_thread()
+        try:
+            self.writer = SummaryWriter(str(self.dir))
+        except Exception as e:  # a broken install or an unwritable folder: say so, keep training
+            log.warning(f"  TensorBoard disabled: {type(e).__name__}: {e}")
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        if self.writer is None:
+            return
+        try:
+            getattr(self.writer, method)(*args, **kwargs)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.writer = None
+                raise OSError(e.errno, e.strerror, str(self.dir)) from None
+            self._stop(e)
+        except Exception as e:  # noqa: BLE001  (TensorBoard is a side channel: never the end of a run)
+            self._stop(e)
+
+    def _stop(self, e: Exception) -> None:
+        self.writer = None
+        log.warning(f"TensorBoard stopped writing to {self.dir} ({type(e).__name__}: {e}); "
+                    f"metrics go on to metrics.jsonl")
+
+    def scalars(self, values: dict, step: int) -> None:
+        for key, v in values.items():
+            self._call("add_scalar", key, v, step)
+
+    def image(self, name: str, image, step: int) -> None:
+        self._call("add_image", name, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def _quiet_tensorboard_thread() -> None:
+    """Leave TensorBoard's writer thread's exceptions to TensorBoardLog: the writer keeps the
+    exception and raises it at its next call. Other threads keep the hook they had."""
+    previous = threading.excepthook
+    if getattr(previous, "crn_fast_tensorboard", False):
+        return
+
+    def hook(args):
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            previous(args)
+    hook.crn_fast_tensorboard = True
+    threading.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- the run
@@ -506,7 +560,7 @@ def train(cfg: TrainConfig) -> Path:
                                                      "model": config.to_dict()}, indent=2))
         if cfg.resume:
             truncate_metrics(out / "metrics.jsonl", start)
-    writer = open_tensorboard(out) if rank == 0 else None
+    tensorboard = TensorBoardLog(out) if rank == 0 else None
     fixed = [dataset[i] for i in range(min(4, len(dataset)))]
     fixed_ids = torch.stack([f[0] for f in fixed]).to(device)
     fixed_img = torch.stack([f[1] for f in fixed])
@@ -527,8 +581,8 @@ def train(cfg: TrainConfig) -> Path:
         sheet = sample_sheet(fixed_ids, fixed_img, outs)
         save_png(sheet, out / "samples" / f"step_{step:06d}.png")
         save_png(sheet, out / "samples" / "latest.png")
-        if writer is not None:
-            writer.add_image("samples", sheet, step, dataformats="HWC")
+        if tensorboard is not None:
+            tensorboard.image("samples", sheet, step)
 
     # --- the loop: one optimizer step per global batch -------------------------------------------
     bar = Progress(total, "train", "step", initial=start, enabled=rank == 0 and cfg.progress)
@@ -564,10 +618,8 @@ def train(cfg: TrainConfig) -> Path:
                    "lr": cfg.lr}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-            if writer is not None:
-                for key, v in rec.items():
-                    if key != "step":
-                        writer.add_scalar(key, v, step)
+            if tensorboard is not None:
+                tensorboard.scalars({k: v for k, v in rec.items() if k != "step"}, step)
             t_last, seen = now, 0
         if rank == 0 and (step % cfg.sample_every == 0 or step == total):
             samples(step)
@@ -581,8 +633,8 @@ def train(cfg: TrainConfig) -> Path:
         if step == start:  # nothing to do (already at --steps): still leave the files in place
             checkpoint(step)
             samples(step)
-        if writer is not None:
-            writer.close()
+        if tensorboard is not None:
+            tensorboard.close()
         log.info(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
     if dist.is_initialized():
         spread = ranks_spread(model)

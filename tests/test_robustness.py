@@ -432,6 +432,43 @@ def test_a_full_disk_in_training_and_synthesis_says_so(full_disk, tmp_path, tiny
     assert code == 1 and "the disk is full" in err and one_line(err), err
 
 
+def test_tensorboard_on_a_full_disk_stops_the_run_naming_its_folder(full_disk):
+    """TensorBoard writes from its own thread. A full disk there prints no thread traceback (in a
+    real process: pytest would catch it in its own); TensorBoard's next call (the next metrics
+    line) raises ENOSPC naming the TensorBoard folder, which the CLIs turn into their one line, as
+    for any other write."""
+    pytest.importorskip("tensorboard")
+    code = f"""
+import errno, time
+import numpy as np
+from pathlib import Path
+from crn_fast.train import TensorBoardLog
+disk = Path({str(full_disk)!r})
+tb = TensorBoardLog(disk)
+assert tb.writer is not None
+with open(disk / "filler", "wb", buffering=0) as f:  # fill the disk
+    try:
+        while True:
+            f.write(bytes(4096))
+    except OSError:
+        pass
+image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+deadline = time.time() + 30
+while time.time() < deadline:
+    try:
+        tb.image("samples", image, 1)
+        tb.scalars({{"loss": 1.0}}, 1)
+    except OSError as e:
+        print(errno.errorcode[e.errno], e.filename)
+        break
+    time.sleep(0.05)
+tb.close()  # disabled after the error: nothing more to write, nothing raised
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["ENOSPC", str(full_disk / "tb")], (r.stdout, r.stderr)
+    assert "Exception in thread" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args,msg,code", [
     (["--res", "1000x7"], "multiples of", 2), (["--preset", "huge"], "unknown preset 'huge'", 2),
     (["--layout", "/nonexistent.png"], "no such file", 2), (["--dtypes", "fp8"], "'fp8' not valid", 2),
