@@ -106,8 +106,8 @@ class TrainConfig:
             raise UsageError(f"--k {self.k}: must be >= 1")
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be >= 0")
-        for name, valid in (("amp", ("off", *DTYPES)), ("backend", ("auto", *BACKENDS)), ("unknown_colors", ("error", "void")),
-                            ("scan_labels", SCAN_MODES)):
+        for name, valid in (("amp", ("off", *DTYPES)), ("backend", ("auto", *BACKENDS)),
+                            ("unknown_colors", ("error", "void")), ("scan_labels", SCAN_MODES)):
             if getattr(self, name) not in valid:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: valid: {', '.join(valid)}")
         if self.loss is not None and self.loss not in LOSS_KINDS:
