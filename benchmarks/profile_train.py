@@ -37,10 +37,11 @@ def training_step(config, size, device, checkpointing: bool):
     """A step function (ranged by phase) of crn_fast.train's kind, and its amp dtype."""
     from torch.autograd.profiler import record_function
     from crn_fast.loss import CRNLoss
+    from crn_fast.model import choose_backend
     from crn_fast.train import make_optimizer
     from crn_fast.vgg import load_vgg19
     cuda = device == "cuda"
-    model = CRN(config, backend="triton" if cuda else "eager", checkpointing=checkpointing).to(device).train()
+    model = CRN(config, backend=choose_backend("auto", device), checkpointing=checkpointing).to(device).train()
     crit = CRNLoss(load_vgg19("random"), "perceptual").to(device)
     opt = make_optimizer(model.parameters(), 1e-4, device)
     layout = one_hot(torch.randint(0, 20, (1, *size), generator=torch.Generator().manual_seed(0))).to(device)

@@ -111,9 +111,9 @@ class RefinementModule(nn.Module):
         extra = x.shape[1] - self.conv1.in_channels
         if extra == 0:
             return self.conv1(x)
+        from crn_fast.kernels import memory_format_of
         w = self.conv1.weight
-        wp = F.pad(w, (0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last if (
-            w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()) else torch.contiguous_format)
+        wp = F.pad(w, (0, 0, 0, 0, 0, extra)).contiguous(memory_format=memory_format_of(w))
         return F.conv2d(x, wp, None, self.conv1.stride, self.conv1.padding)
 
 
@@ -181,9 +181,8 @@ class CRN(FastInference, nn.Module):
     @property
     def memory_format(self) -> torch.memory_format:
         """channels_last after ``model.to(memory_format=torch.channels_last)``, else contiguous."""
-        w = self.refine[0].conv1.weight
-        cl = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-        return torch.channels_last if cl else torch.contiguous_format
+        from crn_fast.kernels import memory_format_of
+        return memory_format_of(self.refine[0].conv1.weight)
 
     def check_input(self, layout: torch.Tensor) -> None:
         c = self.config

@@ -58,9 +58,8 @@ class VGG19Features(nn.Module):
 
     @property
     def memory_format(self) -> torch.memory_format:
-        w = self.features[0].weight
-        cl = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-        return torch.channels_last if cl else torch.contiguous_format
+        from crn_fast.kernels import memory_format_of
+        return memory_format_of(self.features[0].weight)
 
     def set_normalization(self, normalization: str) -> None:
         if normalization == "matconvnet":

@@ -5,7 +5,7 @@ Set TRITON_INTERPRET=1 before importing to run them on CPU tensors (how the test
 """
 from types import SimpleNamespace
 
-from ._runtime import HAS_TRITON, can_run, interpreter_enabled, triton_unavailable_reason
+from ._runtime import HAS_TRITON, can_run, interpreter_enabled, memory_format_of, triton_unavailable_reason
 from .area_pyramid import area_pyramid, area_pyramid_reference
 from .conv_norm import (Tile, conv_norm, conv_norm_reference, pack_conv_weight, pinned_config,
                         tma_unavailable_reason, tuned_configs, unpack_conv_weight)
@@ -25,9 +25,10 @@ def ops_for(backend: str) -> SimpleNamespace:
     return TRITON_OPS if backend == "triton" else REFERENCE_OPS
 
 
-__all__ = ["HAS_TRITON", "can_run", "interpreter_enabled", "triton_unavailable_reason", "layer_norm_lrelu",
-           "layer_norm_lrelu_reference", "layer_norm_stats", "norm_lrelu", "norm_lrelu_reference", "upsample_concat",
-           "upsample_concat_reference", "norm_lrelu_upsample_concat", "norm_lrelu_upsample_concat_reference",
+__all__ = ["HAS_TRITON", "can_run", "interpreter_enabled", "memory_format_of", "triton_unavailable_reason",
+           "layer_norm_lrelu", "layer_norm_lrelu_reference", "layer_norm_stats", "norm_lrelu", "norm_lrelu_reference",
+           "upsample_concat", "upsample_concat_reference", "norm_lrelu_upsample_concat",
+           "norm_lrelu_upsample_concat_reference",
            "ops_for", "REFERENCE_OPS", "TRITON_OPS", "conv_norm", "conv_norm_reference", "pack_conv_weight",
            "unpack_conv_weight", "pinned_config", "tuned_configs", "Tile", "tma_unavailable_reason", "area_pyramid",
            "area_pyramid_reference", "upsample_conv", "upsample_conv_reference", "pack_upsample_conv_weight"]
