@@ -347,7 +347,7 @@ def rows_in_a_fresh_process(args, combos, seconds_left: float, tmp: str, after: 
 # ----------------------------------------------------------------------------- training
 def run_training(args, config, device, layout, size, on_row=lambda rows: None):
     from crn_fast.loss import CRNLoss
-    from crn_fast.train import make_optimizer
+    from crn_fast.train import make_optimizer, train_step
     from crn_fast.vgg import load_vgg19
     rows = []
     start = time.perf_counter()
@@ -378,12 +378,10 @@ def run_training(args, config, device, layout, size, on_row=lambda rows: None):
                     opt = make_optimizer(model.parameters(), 1e-4, device)  # as crn_fast.train steps
                     amp = DTYPES[dname] if dname != "fp32" else None
 
-                    def step():
-                        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
-                            loss, _ = crit(forward(layout).float(), target)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                    no_scaling = torch.amp.GradScaler(torch.device(device).type, enabled=False)
+
+                    def step():  # crn_fast.train's step, which reads nothing back from the device
+                        train_step(forward, crit, opt, no_scaling, layout, target, amp)
                     with PeakMemory(device) as mem:
                         step()
                     ms = time_fn(step, device, args.warmup, args.iters, max(left, 1e-3))

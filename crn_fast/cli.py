@@ -184,7 +184,8 @@ class Progress:
 
     def update(self, n: int = 1, **postfix) -> None:
         self.n += n
-        self.postfix = postfix
+        if postfix:  # the latest values stay until new ones come
+            self.postfix = postfix
         if self.bar is not None:
             self.bar.update(n)
             if postfix:

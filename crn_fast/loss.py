@@ -71,7 +71,9 @@ class CRNLoss(nn.Module):
 
     lambdas: a preset name ("1024p", "256p"), six numbers, or "auto": each term is divided by a
     running mean of its own magnitude (momentum 0.99), which is how the authors chose theirs by hand.
-    Returns (loss, {term: value}) with the terms detached for logging.
+    Returns (loss, {term: value}): the terms are detached 0-d tensors on the loss's device, for logging.
+    Nothing here reads a value back to the host, so a training step never waits for the GPU; call
+    float() on a term (which does wait) only when you log it.
     """
 
     def __init__(self, vgg: VGG19Features, kind: str = "perceptual", lambdas="1024p", momentum: float = 0.99):
@@ -106,10 +108,8 @@ class CRNLoss(nn.Module):
             return self.lambdas
         if self.training:
             mag = errors.detach().reshape(-1, errors.shape[-1]).mean(0).float()
-            if bool((self.running == 0).all()):
-                self.running.copy_(mag)
-            else:
-                self.running.mul_(self.momentum).add_(mag, alpha=1 - self.momentum)
+            first = (self.running == 0).all()  # decided on the device: no wait for the GPU
+            self.running.copy_(torch.where(first, mag, self.running * self.momentum + mag * (1 - self.momentum)))
         return 1.0 / self.running.clamp_min(1e-8)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor, layout: torch.Tensor | None = None):
@@ -131,5 +131,5 @@ class CRNLoss(nn.Module):
             per_output = perceptual_loss(errs, lam)  # (N, k)
             loss = hindsight_loss(per_output) if self.kind == "hindsight" else per_output.mean()
             term_src = errs
-        terms = {name: float(v) for name, v in zip(TERM_NAMES, (term_src.detach() * lam).mean((0, 1)))}
+        terms = dict(zip(TERM_NAMES, (term_src.detach() * lam).mean((0, 1)).unbind()))
         return loss, terms

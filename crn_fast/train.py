@@ -275,6 +275,41 @@ def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True if torch.device(device).type == "cuda" else None)
 
 
+def train_step(model, criterion, opt, scaler, layout, target, amp_dtype):
+    """One optimizer step as crn_fast.train takes it (the benchmark's training rows time this).
+    Returns the loss and its terms, detached and still on the device: reading them waits for it."""
+    with torch.autocast(layout.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        output = model(layout)
+        loss, terms = criterion(output.float(), target, layout)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach(), terms
+
+
+class FirstNonFinite:
+    """The first step whose loss is NaN or inf, noted on the device (no wait each step) and read
+    back by ``check``, which stops the run naming that step."""
+
+    def __init__(self, device):
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        new = (self.step == 0) & ~torch.isfinite(loss)
+        self.step = torch.where(new, step, self.step)
+        self.value = torch.where(new, loss.float(), self.value)
+
+    def check(self, step: int, last_good: Path) -> None:
+        bad, value = torch.stack([self.step.double(), self.value.double()]).tolist()
+        if bad:
+            later = f", noticed at step {step}" if int(bad) != step else ""
+            saved = f"the last good checkpoint is {last_good}" if last_good.exists() else "no checkpoint was saved yet"
+            raise CRNError(f"the loss is {value} at step {int(bad)}{later} (NaN/inf in the data, the weights or the "
+                           f"precision); {saved} — try a lower --lr or --amp off")
+
+
 def setup_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -588,32 +623,31 @@ def train(cfg: TrainConfig) -> Path:
     bar = Progress(total, "train", "step", initial=start, enabled=rank == 0 and cfg.progress)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t_last, seen, step = time.perf_counter(), 0, start
+    watch = FirstNonFinite(device)
     for ids, target in batches(loader):
+        # Nothing in a step reads a value back from the device, so on a GPU the host queues the
+        # next step (and loads its batch) while this one runs. The loop waits only when it reports.
         ids, target = ids.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        layout = one_hot(ids, config.num_classes)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = ddp(layout)
-            loss, terms = criterion(output.float(), target, layout)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss, terms = train_step(ddp, criterion, opt, scaler, one_hot(ids, config.num_classes), target, amp_dtype)
         step += 1
         seen += ids.shape[0] * world
-        loss_val = float(loss.detach())
-        if dist.is_initialized():
-            lv = loss.detach().clone()
-            dist.all_reduce(lv)
-            loss_val = float(lv) / world
-        if not math.isfinite(loss_val) and not scaler.is_enabled():  # fp16 scaling skips such steps itself
-            raise CRNError(f"the loss is {loss_val} at step {step} (NaN/inf in the data, the weights or the "
-                           f"precision); the last good checkpoint is {out / 'train_state.pt'} — try a lower --lr "
-                           f"or --amp off")
-        bar.update(1, loss=f"{loss_val:.3f}")
+        if dist.is_initialized():  # the mean over ranks: every rank sees the same loss, and stops together
+            dist.all_reduce(loss)
+            loss = loss / world
+        if not scaler.is_enabled():  # fp16 scaling skips such steps itself
+            watch.update(loss, step)
+        logs = rank == 0 and (step % cfg.log_every == 0 or step == total)
+        if step % cfg.log_every == 0 or step % cfg.sample_every == 0 or step % cfg.save_every == 0 \
+                or step == total:  # before anything is logged or saved: the last good state stays
+            watch.check(step, out / "train_state.pt")
+        loss_val = None
+        if logs:
+            loss_val, *term_vals = torch.stack([loss.float(), *terms.values()]).tolist()  # one wait
+        bar.update(1, **({} if loss_val is None else {"loss": f"{loss_val:.3f}"}))
         # --- log, sample, checkpoint (rank 0) ----------------------------------------------------
-        if rank == 0 and (step % cfg.log_every == 0 or step == total):
+        if logs:
             now = time.perf_counter()
-            rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in terms.items()},
+            rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in zip(terms, term_vals)},
                    "images_per_s": seen / max(now - t_last, 1e-9), "peak_memory_mb": peak_memory_mb(device),
                    "lr": cfg.lr}
             metrics.write(json.dumps(rec) + "\n")

@@ -32,6 +32,15 @@ def test_one_hot_void_channel():
     torch.testing.assert_close(lay[:, 19], 1 - lay[:, :19].sum(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_hot_is_torchs_one_hot_in_channels_last(dtype):
+    ids = torch.randint(0, 256, (2, 9, 14), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    lay = one_hot(ids, dtype=dtype)
+    expect = torch.nn.functional.one_hot(ids.long().clamp(max=19), 20).permute(0, 3, 1, 2).to(dtype)
+    assert torch.equal(lay, expect) and lay.dtype == dtype
+    assert lay.is_contiguous(memory_format=torch.channels_last)  # the format the GPU path runs in
+
+
 def write_cityscapes(root, n=3, size=(32, 64), split="train", train_ids=False):
     rng = np.random.default_rng(0)
     for i in range(n):

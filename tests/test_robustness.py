@@ -314,10 +314,15 @@ def test_nan_weights_are_refused_at_load(tmp_path, tiny_ckpt):
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, capsys):
+    """The loss is checked on the device each step and read back when the run logs or saves (here
+    step 2): the error names the first bad step, and nothing computed after it is saved."""
     huge = ",".join(["1e38"] * 6)  # finite weights whose sum overflows fp32
-    assert train_main(["--out", tmp_path / "run", "--steps", "3", "--lambdas", huge, *SMALL]) == 1
+    assert train_main(["--out", tmp_path / "run", "--steps", "3", "--lambdas", huge, "--save-every", "2",
+                       *SMALL, "--log-every", "2"]) == 1
     err = capsys.readouterr().err
-    assert "the loss is inf at step 1" in err and one_line(err)
+    assert "the loss is inf at step 1, noticed at step 2" in err and "no checkpoint was saved yet" in err
+    assert one_line(err)
+    assert not (tmp_path / "run" / "model.ckpt").exists() and not (tmp_path / "run" / "train_state.pt").exists()
 
 
 # ----------------------------------------------------------------------------- one contract
@@ -513,14 +518,15 @@ def test_progress_in_a_log_file_is_lines_not_redraws():
     with contextlib.redirect_stderr(err):
         p = Progress(10, "train", "step", initial=4, every_s=0.0)
         assert p.bar is None and p.lines  # StringIO is not a tty
-        for _ in range(6):
-            p.update(1, loss="1.500")
+        for i in range(6):
+            p.update(1, **({"loss": "1.500"} if i == 0 else {}))  # the loop reports its loss when it logs
         p.close()
         Progress(3, "train", "step", enabled=False).close()
     lines = err.getvalue().splitlines()
     assert "\r" not in err.getvalue()
     assert lines[0].startswith("train: 5/10 steps, ") and "left, loss 1.500" in lines[0]
     assert lines[-1].startswith("train: 10/10 steps, ") and " left" not in lines[-1], lines
+    assert all(line.endswith("loss 1.500") for line in lines)  # the latest values stay
     assert len(lines) == 6  # 5..9 while running (every_s=0), then the final line; nothing when disabled
     with contextlib.redirect_stderr(io.StringIO()) as err:
         p = Progress(2, "synthesize", "image", every_s=3600.0)

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,65 @@ def test_optimizer_is_fused_adam_on_cuda():
     assert cuda.defaults["fused"] is True and not cpu.defaults["fused"]
     assert {k: v for k, v in cuda.defaults.items() if k != "fused"} == \
         {k: v for k, v in cpu.defaults.items() if k != "fused"}
+
+
+# ----------------------------------------------------------------------------- the host runs ahead
+def _reads_in_training(tmp_path, steps, monkeypatch):
+    """Values the training code (auto lambdas too) reads back from tensors (float(), int(), bool(), .item(), .tolist()):
+    on a GPU each one waits for the device. Only reads made by the step's own code are counted
+    (train, loss, model, VGG, labels, kernels), not the CPU-side sampler's or the data's."""
+    import crn_fast
+    from crn_fast.train import TrainConfig, train
+    pkg = Path(crn_fast.__file__).parent
+    watched = tuple(str(p) for p in (pkg / "train.py", pkg / "loss.py", pkg / "model.py", pkg / "vgg.py",
+                                     pkg / "labels.py", pkg / "kernels"))
+    reads = []
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        def counted(self, *a, _real=getattr(torch.Tensor, name), _name=name, **kw):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(watched) and caller.co_name != "__iter__":  # StepBatches' indices
+                reads.append(f"{caller.co_name}:{_name}")
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    train(TrainConfig(out=str(tmp_path / f"run{steps}"), steps=steps, res=(32, 64), batch_size=2, log_every=steps,
+                      sample_every=steps, save_every=steps, progress=False, lambdas="auto"))
+    monkeypatch.undo()
+    return sorted(reads)
+
+
+def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch):
+    """Between the steps that log, sample or save, a training step reads nothing back from the device
+    (no float(loss), no per-term reads, no data-dependent branch), so on a GPU the host queues the
+    next step and loads its batch while the current one runs. 3 steps and 9 read the same values:
+    the NaN/inf check, the loss and its terms, once, at the last step."""
+    short, long = _reads_in_training(tmp_path, 3, monkeypatch), _reads_in_training(tmp_path, 9, monkeypatch)
+    assert short == long, (short, long)
+    assert "train:tolist" in short and "check:tolist" in short
+
+
+@pytest.mark.gpu
+def test_a_cuda_training_step_never_synchronizes():
+    """The real check on a GPU: crn_fast.train's step (triton backend, bf16 autocast, VGG-19 loss,
+    fused Adam, the NaN/inf watch) under CUDA's sync debug mode, which raises on any host wait."""
+    from crn_fast.labels import one_hot
+    from crn_fast.loss import CRNLoss
+    from crn_fast.train import FirstNonFinite, make_optimizer, train_step
+    from crn_fast.vgg import load_vgg19
+    model = CRN.from_preset("tiny", backend="triton").cuda().train()
+    crit = CRNLoss(load_vgg19("random"), "perceptual", "auto").cuda()
+    opt = make_optimizer(model.parameters(), 1e-4, torch.device("cuda"))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    ids = torch.randint(0, 20, (2, 64, 128), device="cuda")
+    target = torch.rand(2, 3, 64, 128, device="cuda") * 255
+    watch = FirstNonFinite(torch.device("cuda"))
+    train_step(model, crit, opt, scaler, one_hot(ids, 20), target, torch.bfloat16)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2):
+            loss, terms = train_step(model, crit, opt, scaler, one_hot(ids, 20), target, torch.bfloat16)
+            watch.update(loss, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    watch.check(2, Path("unused"))
+    assert torch.isfinite(loss) and len(terms) == 6
