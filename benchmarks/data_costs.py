@@ -1,6 +1,8 @@
-"""Two costs the README states, measured: crn-synthesize's peak memory at two folder sizes 10x
-apart (streaming: bounded by --batch-size, not by the folder), and the up-front label scan of
-training (--scan-labels) per 2048x1024 colour label.
+"""Costs the README states, measured: crn-synthesize's peak memory and time at two folder sizes 10x
+apart (streaming: bounded by --batch-size, not by the folder), the same folder with --workers 0
+(all in the main thread), the CPU stages crn-synthesize runs beside the generator (decoding a
+layout, writing a PNG at zlib levels 6 and 1) in one thread and in its default thread count, and the
+up-front label scan of training (--scan-labels) per 2048x1024 colour label.
 
     python benchmarks/data_costs.py [--files 10] [--res 1024x2048]     # writes results/data_costs_<device>.json
 """
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,8 @@ from _util import device_label, machine_info  # noqa: E402
 from crn_fast import CRN, CRNConfig, save_generator  # noqa: E402
 from crn_fast.config import parse_resolution  # noqa: E402
 from crn_fast.data import decode_label  # noqa: E402
+from crn_fast.images import save_png  # noqa: E402
+from crn_fast.synthesize import default_workers  # noqa: E402
 from crn_fast.labels import PALETTE  # noqa: E402
 from crn_fast.synthetic import render_scene  # noqa: E402
 
@@ -46,6 +51,33 @@ def peak_rss_mib(cmd) -> float:
     return float(r.stdout.strip().splitlines()[-1])
 
 
+def stage_ms(fn, items, threads: int) -> float:
+    """ms per item of ``fn`` over ``items`` in ``threads`` threads (1: a plain loop)."""
+    t0 = time.perf_counter()
+    if threads == 1:
+        for item in items:
+            fn(item)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fn, items))
+    return (time.perf_counter() - t0) / len(items) * 1e3
+
+
+def pipeline_stages(files, out: Path) -> dict:
+    """The work crn-synthesize moves into threads, per image, in 1 thread and in its default count.
+    The PNGs are real outputs of the small generator (decoded from the files' layouts)."""
+    threads = default_workers()
+    images = sorted(out.glob("*.png"))[:len(files)]
+    arrays = [np.asarray(Image.open(p)) for p in images]
+    rows = {"threads": threads}
+    for n in sorted({1, threads}):
+        rows[f"decode_ms_{n}"] = stage_ms(decode_label, files, n)
+        for level in (6, 1):
+            rows[f"png{level}_ms_{n}"] = stage_ms(lambda ia: save_png(ia[1], out / f"stage_{ia[0]}.png", level),
+                                                  list(enumerate(arrays)), n)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=10, help="the small folder; the large one has 10x (default 10)")
@@ -59,16 +91,23 @@ def main():
         ckpt = tmp / "tiny.ckpt"
         save_generator(CRN(CRNConfig(widths=(16, 16, 12, 8), k=1)), ckpt)  # small: the folder is what is measured
         rows = []
-        for n in (args.files, 10 * args.files):
+        for n, workers in ((args.files, None), (args.files, 0), (10 * args.files, None)):
             labels = tmp / f"labels_{n}"
-            write_labels(labels, n, h, w)
+            if not labels.exists():
+                write_labels(labels, n, h, w)
             t0 = time.perf_counter()
             rss = peak_rss_mib([sys.executable, "-m", "crn_fast.synthesize", str(ckpt), "--labels", str(labels),
-                                "--out", str(tmp / f"out_{n}"), "--no-progress", "-q", "--device", "cpu"])
-            rows.append({"files": n, "label_mib_each": h * w / 2 ** 20, "peak_rss_mib": rss,
-                         "seconds": time.perf_counter() - t0})
-            print(f"crn-synthesize, {n:4d} layouts of {h}x{w}: peak RSS {rss:7.0f} MiB", flush=True)
+                                "--out", str(tmp / f"out_{n}_{workers}"), "--no-progress", "-q", "--device", "cpu",
+                                *(["--workers", str(workers)] if workers is not None else [])])
+            seconds = time.perf_counter() - t0
+            rows.append({"files": n, "workers": "default" if workers is None else workers,
+                         "label_mib_each": h * w / 2 ** 20, "peak_rss_mib": rss, "seconds": seconds})
+            print(f"crn-synthesize, {n:4d} layouts of {h}x{w}, --workers {rows[-1]['workers']}: peak RSS {rss:7.0f} "
+                  f"MiB, {seconds:.1f} s", flush=True)
         files = sorted((tmp / f"labels_{args.files}").glob("*.png"))
+        stages = pipeline_stages(files, tmp / f"out_{args.files}_None")
+        print("per image, 1 thread vs " + str(stages["threads"]) + ": " + ", ".join(
+            f"{k} {v:.0f}" for k, v in stages.items() if k != "threads"), flush=True)
         t0 = time.perf_counter()
         for f in files:
             decode_label(f)
@@ -77,7 +116,7 @@ def main():
               f"(Cityscapes train, 2975 labels: {2975 * scan_ms / 1e3:.0f} s)")
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     out.write_text(json.dumps({"machine": machine_info("cpu"), "resolution": [h, w], "synthesize": rows,
-                               "scan_ms_per_label": scan_ms}, indent=2))
+                               "synthesize_stages_ms_per_image": stages, "scan_ms_per_label": scan_ms}, indent=2))
     print(f"wrote {out}")
 
 

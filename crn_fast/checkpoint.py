@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -31,9 +32,15 @@ FORMAT_VERSION = "1"
 TMP_SUFFIX = ".tmp"
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask. Reading it means setting it, so threads (crn-synthesize's PNG writers)
+    take turns: two interleaved swaps would leave the umask at 0."""
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

@@ -18,8 +18,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def output_row(output: torch.Tensor) -> np.ndarray:
     """One sample's generator output (3k, H, W) -> its k images side by side (H, k*W, 3)."""
-    k = output.shape[0] // 3
-    return np.concatenate(list(to_uint8(output.view(k, 3, *output.shape[1:]))), axis=1)
+    return side_by_side(to_uint8(output.view(-1, 3, *output.shape[1:])))
+
+
+def side_by_side(images: np.ndarray) -> np.ndarray:
+    """(k, H, W, 3) uint8 -> (H, k*W, 3)."""
+    return images[0] if len(images) == 1 else np.concatenate(list(images), axis=1)
 
 
 def sample_sheet(ids: torch.Tensor, targets: torch.Tensor | None, outputs: torch.Tensor) -> np.ndarray:
@@ -34,7 +38,8 @@ def sample_sheet(ids: torch.Tensor, targets: torch.Tensor | None, outputs: torch
     return np.concatenate(rows, axis=0)
 
 
-def save_png(array: np.ndarray, path: str | Path) -> Path:
+def save_png(array: np.ndarray, path: str | Path, compress_level: int = 6) -> Path:
+    """Write ``array`` as a PNG, atomically. compress_level: zlib's 0..9 (6, PIL's default)."""
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
     return Path(path)

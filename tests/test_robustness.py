@@ -297,6 +297,56 @@ def test_non_fp32_layouts_are_cast(tiny_ckpt):
             torch.testing.assert_close(m(x.to(dt)), ref)  # one-hot values are exact in every float type
 
 
+def _noisy_labels(folder, n, size=(16, 32)):
+    folder.mkdir()
+    for i in range(n):  # noise: PNGs big enough to cut mid-data
+        Image.fromarray(np.random.default_rng(i).integers(0, 19, size).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_synthesize_threads_write_what_one_thread_writes(tmp_path, tiny_ckpt):
+    """Layouts decoded and PNGs written in 3 threads beside the generator: byte for byte the files
+    of --workers 0 (all in order in the main thread). --png-compression changes bytes, not pixels."""
+    labels = _noisy_labels(tmp_path / "labels", 7)
+    for workers, level in (("0", "6"), ("3", "6"), ("3", "1")):
+        assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / f"o{workers}_{level}"),
+                           "--workers", workers, "--png-compression", level, "--batch-size", "2", "-q"]) == 0
+    names = sorted(p.name for p in (tmp_path / "o0_6").iterdir())
+    assert names == [f"{i}.png" for i in sorted(range(7), key=str)]
+    for name in names:
+        one, three, fast = (tmp_path / f"o{w}" / name for w in ("0_6", "3_6", "3_1"))
+        assert one.read_bytes() == three.read_bytes()
+        assert fast.read_bytes() != one.read_bytes()
+        assert np.array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(one)))
+
+
+@pytest.mark.parametrize("workers", ["0", "3"])
+def test_synthesize_stops_at_a_cut_layout_with_every_image_before_it_written(tmp_path, tiny_ckpt, workers):
+    """A layout whose data is cut (its header passes the first pass) stops the run in one line naming
+    it. Every image before it is written whole, nothing after it, nothing half-written: the files a
+    loop in file order would leave, whether or not later layouts were already decoded in threads."""
+    labels = _noisy_labels(tmp_path / "labels", 6)
+    _cut(labels / "3.png")
+    code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", labels, "--out", tmp_path / "o",
+                    "--workers", workers, "--no-progress")
+    assert code == 1 and "3.png" in err and one_line(err), err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0.png", "1.png", "2.png"]
+    for p in (tmp_path / "o").iterdir():
+        Image.open(p).load()  # whole
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--png-compression", "10"], "'10': a zlib level, 0 (none, fastest) to 9 (smallest)"),
+    (["--workers", "-1"], "--workers: -1 must be >= 0"),
+])
+def test_synthesize_pipeline_options_are_usage_errors(tmp_path, tiny_ckpt, args, msg):
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "l.png")
+    code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "l.png", "--out", tmp_path / "o",
+                    *args)
+    assert code == 2 and msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_synthesize_colour_error_does_not_suggest_a_missing_option(tmp_path, tiny_ckpt):
     Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(tmp_path / "l.png")
     code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "l.png", "--out", tmp_path / "o")
@@ -435,6 +485,10 @@ def test_a_full_disk_in_training_and_synthesis_says_so(full_disk, tmp_path, tiny
     save_generator(m, big)
     code, err = cli("-m", "crn_fast.synthesize", big, "--labels", labels, "--out", full_disk / "o", "--no-progress")
     assert code == 1 and "the disk is full" in err and one_line(err), err
+    written = sorted((full_disk / "o").iterdir(), key=lambda p: str(int(p.stem)))  # label_files' order
+    assert not [p for p in written if p.suffix != ".png"]  # no temporaries: PNGs are written in threads
+    for p in written:
+        Image.open(p).load()  # each one whole
 
 
 def test_tensorboard_on_a_full_disk_stops_the_run_naming_its_folder(full_disk):
