@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -93,6 +94,11 @@ def describe_os_error(e: OSError) -> str:
 
 
 # ----------------------------------------------------------------------------- option types
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, which a batch scheduler sets), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def _int_at_least(lowest: int):
     def parse(text: str) -> int:
         try:

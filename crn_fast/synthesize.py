@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import Progress, add_logging_options, log, non_negative_int, positive_int, resolution, run_tool, setup_logging, \
-    torch_device
+from .cli import Progress, add_logging_options, cpu_cores, log, non_negative_int, positive_int, resolution, run_tool, \
+    setup_logging, torch_device
 from .data import _open_header, decode_label, label_files, resize_pair
 from .errors import CRNError, UsageError
 from .images import save_png, side_by_side, to_uint8
@@ -141,7 +140,7 @@ class Pipeline:
 
     def __exit__(self, kind, error, tb):
         try:
-            while self.pending:  # in order: the first write that failed is raised, the rest still finish
+            while self.pending:  # in order, so the first write that failed is the one raised
                 try:
                     self._retire()
                 except BaseException:
@@ -183,7 +182,8 @@ def synthesize(args) -> list[Path]:
             for f, hw, decoded in current:
                 by_shape.setdefault(hw, []).append((f, decoded))
             for group in by_shape.values():
-                ids = torch.from_numpy(np.stack([d.result() for _, d in group]).astype(np.int64)).to(device)
+                # uint8 train ids to the device (one_hot widens them there): 1/8 of int64's bytes
+                ids = torch.from_numpy(np.stack([d.result() for _, d in group])).to(device)
                 with torch.inference_mode():
                     out = model(one_hot(ids, config.num_classes))
                     finite = torch.isfinite(out).flatten(1).all(1)
@@ -200,7 +200,7 @@ def synthesize(args) -> list[Path]:
 
 def default_workers() -> int:
     """Threads for decoding and encoding: one a core, at most 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return min(8, cpu_cores())
 
 
 def png_level(text: str) -> int:

@@ -35,6 +35,7 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_checkpoint_metrics_and_samples(demo_run):
     out, r = demo_run
     assert "device cpu" in r.stderr and "VGG-19 weights: random" in r.stderr and "synthetic" in r.stderr
+    assert "0 loader worker(s)" in r.stderr  # on a CPU the step's threads use the cores
     model = load_generator(out / "model.ckpt")
     assert model.config.name == "tiny"
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -293,3 +294,18 @@ def test_a_cuda_training_step_never_synchronizes():
         torch.cuda.set_sync_debug_mode("default")
     watch.check(2, Path("unused"))
     assert torch.isfinite(loss) and len(terms) == 6
+
+
+def test_loader_workers_default_to_the_cores_on_a_gpu_and_to_none_on_a_cpu(monkeypatch):
+    """--workers' default: on a GPU, worker processes decode the next batches while the steps run
+    (one a core, shared by the node's torchrun ranks, at most 8); on a CPU none. A given --workers
+    always wins. It does not change the data (each sample depends on its index only)."""
+    from crn_fast.train import loader_workers
+    monkeypatch.setattr("crn_fast.train.cpu_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(None, "cpu") == 0 and loader_workers(3, torch.device("cpu")) == 3
+    assert loader_workers(None, torch.device("cuda", 1)) == 8 and loader_workers(0, "cuda") == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(None, "cuda") == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert loader_workers(None, "cuda") == 1
