@@ -12,9 +12,10 @@
 #   F7. fp32 with TF32 convs, as the first results' fp32 was measured ("fp32 no slower")
 #   F5. the issue's targets, checked from those files (benchmarks/targets.py)
 # Usage: bash benchmarks/gpu_session.sh [scale]          (~9.2 min of step limits at scale 1)
-#        CRN_GPU_TRAIN=1 bash benchmarks/gpu_session.sh     (~3.5 min: the convs' forward + backward unpadded
-#                                                           and padded, the training rows, triton vs torch.compile,
-#                                                           and a profiled triton step; a second call while the
+#        CRN_GPU_TRAIN=1 bash benchmarks/gpu_session.sh     (~4 min: a training step under sync-debug "error",
+#                                                           the convs' forward + backward unpadded and padded,
+#                                                           the training rows, triton vs torch.compile, and a
+#                                                           profiled triton step; a second call while the
 #                                                           machine is warm)
 #        CRN_GPU_SMOKE=1 bash benchmarks/gpu_session.sh  (CPU: every step at tiny sizes, to test the script)
 # (CRN_GPU_FOLLOWUP=1, which older notes name, runs the same steps: they were the follow-up to the
@@ -62,6 +63,8 @@ if [ "${CRN_GPU_TRAIN:-0}" = 1 ]; then
   # A second, short call on a machine still warm from the first (which has no training step):
   # the issue's training rows, triton against torch.compile in one run. The H100 session's step 5
   # measured triton and ran out of time while compiling the compile rows.
+  step "T1. the triton backend's training step on hardware: it never waits for the GPU (sync-debug 'error')"
+  timeout $((30 * s)) python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu tests/test_train.py >> "$log" 2>&1
   step "T0. the 19 convs' forward + backward in bf16, conv1's input unpadded vs padded to 8 channels (the training cascade pads)"
   timeout $((20 * s)) python3 benchmarks/memory_format.py --res $R ${P:+--preset tiny} --train \
     --json "$res/memory_format_${gpu}_${R}_train.json" >> "$log" 2>&1; pack

@@ -329,7 +329,10 @@ def test_gpu_session_script_training_mode_races_triton_against_compile(tmp_path)
     convs = [line for line in lines if "benchmarks/memory_format.py" in line]
     assert len(convs) == 1 and "--train " in convs[0] and "--res 1024x2048 " in convs[0], convs
     assert convs[0].split("--json ")[1].split()[0].endswith("memory_format_h100_1024x2048_train.json")
-    assert log.index("T0. the 19 convs") < log.index("T. training at") < log.index("P. one triton training step")
+    assert log.index("T1. the triton backend's training step") < log.index("T0. the 19 convs") < \
+        log.index("T. training at") < log.index("P. one triton training step")
+    sync = [line for line in lines if "tests/test_train.py" in line]
+    assert len(sync) == 1 and "-m gpu" in sync[0], sync  # test_a_cuda_training_step_never_synchronizes
     prof = [line for line in lines if "benchmarks/profile_train.py" in line]
     assert len(prof) == 1 and "--res 1024x2048 " in prof[0] and "profile_train_h100_1024x2048" in prof[0], prof
     runs = [line for line in lines if "benchmarks/run.py" in line]
