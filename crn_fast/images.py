@@ -1,6 +1,7 @@
 """Turning tensors into pictures: clipping to 0..255, k-image grids and sample sheets."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,15 @@ def save_png(array: np.ndarray, path: str | Path, compress_level: int = 6) -> Pa
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
     return Path(path)
+
+
+def save_png_copies(array: np.ndarray, paths, compress_level: int = 6) -> list[Path]:
+    """``array`` encoded once, written atomically to each of ``paths`` (a sample sheet and latest.png)."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
+    written = []
+    for path in paths:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buf.getbuffer())
+        written.append(Path(path))
+    return written
