@@ -1,6 +1,6 @@
 r"""Train a CRN generator.
 
-    python -m crn_fast.train                      # tiny preset on built-in synthetic streets (2-core CPU: ~70 s)
+    python -m crn_fast.train                      # tiny preset on built-in synthetic streets (2-core CPU: 70-150 s)
     python -m crn_fast.train --data cityscapes:/data/cityscapes --preset 256p --k 9 --loss diversity \
         --vgg-weights imagenet-vgg-verydeep-19.mat --amp bf16
     torchrun --nproc_per_node 8 -m crn_fast.train ...   # DDP: NCCL on GPUs, gloo on CPU
