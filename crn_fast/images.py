@@ -46,13 +46,17 @@ def save_png(array: np.ndarray, path: str | Path, compress_level: int = 6) -> Pa
     return Path(path)
 
 
-def save_png_copies(array: np.ndarray, paths, compress_level: int = 6) -> list[Path]:
-    """``array`` encoded once, written atomically to each of ``paths`` (a sample sheet and latest.png)."""
+def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
-    written = []
+    return buf.getvalue()
+
+
+def save_png_copies(array: np.ndarray, paths, compress_level: int = 6) -> bytes:
+    """``array`` encoded once, written atomically to each of ``paths`` (a sample sheet and latest.png);
+    returns the PNG's bytes (TensorBoard's copy)."""
+    data = encode_png(array, compress_level)
     for path in paths:
         with atomic_path(path) as tmp:
-            tmp.write_bytes(buf.getbuffer())
-        written.append(Path(path))
-    return written
+            tmp.write_bytes(data)
+    return data

@@ -483,18 +483,23 @@ def batches(loader):
 class SampleWriter:
     """Sample sheets encoded and written by one background thread, so that training goes on while
     a PNG encodes (a 1024p sheet is 6144x4096: 3.3 s to encode on a 2-core CPU, about 36 steps of
-    the H100's 1024p training). Each sheet is encoded once for its step file and latest.png. One
-    sheet at a time: the next waits for the last, whose error (a full disk) stops the run there or
-    at ``close``. On any other error the process still lets the last write finish (atomic: whole
-    or absent) and does not print its error."""
+    the H100's 1024p training). Each sheet is encoded once for its step file, latest.png and
+    TensorBoard. One sheet at a time: the next waits for the last, whose error (a full disk) stops
+    the run there or at ``close``. On any other error the process still lets the last write finish
+    (atomic: whole or absent) and does not print its error."""
 
-    def __init__(self):
+    def __init__(self, tensorboard: "TensorBoardLog | None" = None):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="crn-samples")
-        self.last = None
+        self.tensorboard, self.last = tensorboard, None
 
-    def write(self, sheet, paths) -> None:
+    def write(self, sheet, paths, step: int) -> None:
         self.wait()
-        self.last = self.pool.submit(save_png_copies, sheet, paths)
+        self.last = self.pool.submit(self._write, sheet, paths, step)
+
+    def _write(self, sheet, paths, step: int) -> None:
+        data = save_png_copies(sheet, paths)
+        if self.tensorboard is not None:
+            self.tensorboard.png("samples", data, sheet.shape, step)
 
     def wait(self) -> None:
         last, self.last = self.last, None
@@ -518,7 +523,7 @@ class TensorBoardLog:
     TensorBoard folder; anything else is one warning, and training goes on with metrics.jsonl."""
 
     def __init__(self, out: Path):
-        self.dir, self.writer = out / "tb", None
+        self.dir, self.writer, self.lock = out / "tb", None, threading.Lock()
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -530,18 +535,20 @@ class TensorBoardLog:
         except Exception as e:  # a broken install or an unwritable folder: say so, keep training
             log.warning(f"  TensorBoard disabled: {type(e).__name__}: {e}")
 
-    def _call(self, method: str, *args, **kwargs) -> None:
-        if self.writer is None:
-            return
-        try:
-            getattr(self.writer, method)(*args, **kwargs)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                self.writer = None
-                raise OSError(e.errno, e.strerror, str(self.dir)) from None
-            self._stop(e)
-        except Exception as e:  # noqa: BLE001  (TensorBoard is a side channel: never the end of a run)
-            self._stop(e)
+    def _call(self, fn) -> None:
+        """fn(writer), unless TensorBoard stopped; its errors handled as the class says."""
+        with self.lock:  # the loop's scalars and SampleWriter's thread's images
+            if self.writer is None:
+                return
+            try:
+                fn(self.writer)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self.writer = None
+                    raise OSError(e.errno, e.strerror, str(self.dir)) from None
+                self._stop(e)
+            except Exception as e:  # noqa: BLE001  (TensorBoard is a side channel: never the end of a run)
+                self._stop(e)
 
     def _stop(self, e: Exception) -> None:
         self.writer = None
@@ -550,13 +557,20 @@ class TensorBoardLog:
 
     def scalars(self, values: dict, step: int) -> None:
         for key, v in values.items():
-            self._call("add_scalar", key, v, step)
+            self._call(lambda w: w.add_scalar(key, v, step))
 
-    def image(self, name: str, image, step: int) -> None:
-        self._call("add_image", name, image, step, dataformats="HWC")
+    def png(self, name: str, data: bytes, shape, step: int) -> None:
+        """An image from its encoded PNG (the sample sheet's own bytes): TensorBoard's add_image
+        would encode it again."""
+        if self.writer is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        image = Summary.Image(height=shape[0], width=shape[1], colorspace=shape[2], encoded_image_string=data)
+        summary = Summary(value=[Summary.Value(tag=name, image=image)])
+        self._call(lambda w: w._get_file_writer().add_summary(summary, step))  # add_image's own route
 
     def close(self) -> None:
-        self._call("close")
+        self._call(lambda w: w.close())
 
 
 def _quiet_tensorboard_thread() -> None:
@@ -653,7 +667,7 @@ def train(cfg: TrainConfig) -> Path:
             "loss": criterion.state_dict(), "rng": rng_state(device)})
         save_generator(model, out / "model.ckpt", extra={"step": step})
 
-    sheets = SampleWriter()
+    sheets = SampleWriter(tensorboard)
 
     def samples(step):
         model.eval()
@@ -661,9 +675,7 @@ def train(cfg: TrainConfig) -> Path:
             outs = model(one_hot(fixed_ids, config.num_classes))
         model.train()
         sheet = sample_sheet(fixed_ids, fixed_img, outs)
-        sheets.write(sheet, [out / "samples" / f"step_{step:06d}.png", out / "samples" / "latest.png"])
-        if tensorboard is not None:
-            tensorboard.image("samples", sheet, step)
+        sheets.write(sheet, [out / "samples" / f"step_{step:06d}.png", out / "samples" / "latest.png"], step)
 
     # --- the loop: one optimizer step per global batch -------------------------------------------
     bar = Progress(total, "train", "step", initial=start, enabled=rank == 0 and cfg.progress)
@@ -713,9 +725,9 @@ def train(cfg: TrainConfig) -> Path:
         if step == start:  # nothing to do (already at --steps): still leave the files in place
             checkpoint(step)
             samples(step)
+        sheets.close()  # the last sheet written (and given to TensorBoard), or its error raised
         if tensorboard is not None:
             tensorboard.close()
-        sheets.close()  # the last sheet written, or its error raised
         log.info(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
     if dist.is_initialized():
         spread = ranks_spread(model)

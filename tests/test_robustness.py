@@ -501,6 +501,7 @@ def test_tensorboard_on_a_full_disk_stops_the_run_naming_its_folder(full_disk):
 import errno, time
 import numpy as np
 from pathlib import Path
+from crn_fast.images import encode_png
 from crn_fast.train import TensorBoardLog
 disk = Path({str(full_disk)!r})
 tb = TensorBoardLog(disk)
@@ -515,7 +516,7 @@ image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
 deadline = time.time() + 30
 while time.time() < deadline:
     try:
-        tb.image("samples", image, 1)
+        tb.png("samples", encode_png(image), image.shape, 1)
         tb.scalars({{"loss": 1.0}}, 1)
     except OSError as e:
         print(errno.errorcode[e.errno], e.filename)

@@ -36,8 +36,15 @@ def test_demo_writes_checkpoint_metrics_and_samples(demo_run):
     out, r = demo_run
     assert "device cpu" in r.stderr and "VGG-19 weights: random" in r.stderr and "synthetic" in r.stderr
     assert "0 loader worker(s)" in r.stderr  # on a CPU the step's threads use the cores
-    # one sheet encoded once (in the background) for its step file and latest.png
-    assert (out / "samples" / "latest.png").read_bytes() == (out / "samples" / "step_000040.png").read_bytes()
+    # one sheet encoded once (in the background) for its step file, latest.png and TensorBoard
+    latest = (out / "samples" / "latest.png").read_bytes()
+    assert latest == (out / "samples" / "step_000040.png").read_bytes()
+    if (out / "tb").exists():  # tensorboard installed (the dev extra has it)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(out / "tb"))
+        events.Reload()
+        (image,) = events.Images("samples")
+        assert image.step == 40 and image.encoded_image_string == latest
     model = load_generator(out / "model.ckpt")
     assert model.config.name == "tiny"
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -321,12 +328,12 @@ def test_sample_sheets_are_written_in_the_background_one_at_a_time(tmp_path):
     from crn_fast.train import SampleWriter
     sheet = np.random.default_rng(0).integers(0, 255, (8, 12, 3)).astype(np.uint8)
     w = SampleWriter()
-    w.write(sheet, [tmp_path / "step_1.png", tmp_path / "latest.png"])
-    w.write(sheet[::-1].copy(), [tmp_path / "step_2.png", tmp_path / "latest.png"])  # after the first
+    w.write(sheet, [tmp_path / "step_1.png", tmp_path / "latest.png"], 1)
+    w.write(sheet[::-1].copy(), [tmp_path / "step_2.png", tmp_path / "latest.png"], 2)  # after the first
     w.wait()
     assert np.array_equal(np.asarray(Image.open(tmp_path / "step_1.png")), sheet)
     assert (tmp_path / "latest.png").read_bytes() == (tmp_path / "step_2.png").read_bytes()
     (tmp_path / "bad.png").mkdir()
-    w.write(sheet, [tmp_path / "bad.png"])
+    w.write(sheet, [tmp_path / "bad.png"], 3)
     with pytest.raises(CRNError, match="bad.png is a folder"):
         w.close()
