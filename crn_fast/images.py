@@ -1,7 +1,9 @@
 """Turning tensors into pictures: clipping to 0..255, k-image grids and sample sheets."""
 from __future__ import annotations
 
+import collections
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,66 @@ def save_png_copies(array: np.ndarray, paths, compress_level: int = 6) -> bytes:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
     return data
+
+
+
+class _Now:
+    """A future whose work runs when its result is asked for (``workers=0``: in the calling thread)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+class OrderedWrites:
+    """Writes (PNG encodes, which release the GIL) in ``workers`` background threads, finished in
+    order: at most ``max_pending`` wait, so memory stays bounded, and ``on_done`` sees each result
+    in turn. A failed write is raised when it is reached: at a later ``write``, or at ``drain`` /
+    ``close``, after every write before it has finished. Later writes not yet started are then
+    cancelled; those already running finish (each atomic: a file is whole or absent). ``submit``
+    runs other work (decoding) in the same threads. ``workers=0``: each write runs in the calling
+    thread when it is reached (at once with ``max_pending=0``), as a plain loop would."""
+
+    def __init__(self, workers: int, max_pending: int, on_done=lambda result: None, name: str = "crn-writes"):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix=name) if workers else None
+        self.max_pending, self.on_done = max_pending, on_done
+        self.pending: collections.deque = collections.deque()
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args) if self.pool else _Now(fn, *args)
+
+    def write(self, fn, *args) -> None:
+        self.pending.append(self.submit(fn, *args))
+        while len(self.pending) > self.max_pending:
+            self._retire()
+
+    def _retire(self) -> None:
+        try:
+            result = self.pending.popleft().result()
+        except BaseException:
+            for later in self.pending:  # not started: not written (as if stopped here)
+                if not isinstance(later, _Now):
+                    later.cancel()
+            self.pending.clear()
+            raise
+        self.on_done(result)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._retire()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self.pool:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.close()  # an earlier write's error (earlier in order) takes the place of the one raised
+        return False

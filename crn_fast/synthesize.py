@@ -18,9 +18,7 @@ Exit status: 0 done, 1 runtime error, 2 usage error.
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from .cli import Progress, add_logging_options, cpu_cores, log, non_negative_int
     setup_logging, torch_device
 from .data import _open_header, decode_label, label_files, resize_pair
 from .errors import CRNError, UsageError
-from .images import save_png, side_by_side, to_uint8
+from .images import OrderedWrites, save_png, side_by_side, to_uint8
 from .labels import one_hot
 
 
@@ -96,65 +94,6 @@ def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
     return out
 
 
-class _Now:
-    """A future whose work runs when its result is asked for (--workers 0: everything in order, in
-    the main thread, as a plain loop would)."""
-
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def result(self):
-        return self.fn(*self.args)
-
-
-class Pipeline:
-    """Decoding layouts and encoding PNGs in ``workers`` threads (PIL and numpy release the GIL), so
-    both run beside each other and beside the generator: the next batch's layouts are decoded while
-    this batch runs, and each image's PNG is written while later ones are made. Writes finish in
-    order and at most ``max_pending`` images wait for theirs (memory stays bounded). On any error,
-    every image before the failing one is written first, and the earliest error in file order is
-    the one raised. Later writes not yet started are cancelled; those already running finish
-    (each atomic: a file is whole or absent)."""
-
-    def __init__(self, workers: int, max_pending: int, compress_level: int, bar: Progress):
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="crn-synthesize") if workers else None
-        self.max_pending, self.compress_level, self.bar = max_pending, compress_level, bar
-        self.pending: collections.deque = collections.deque()
-        self.written: list[Path] = []
-
-    def submit(self, fn, *args):
-        return self.pool.submit(fn, *args) if self.pool else _Now(fn, *args)
-
-    def write(self, images, path: Path) -> None:
-        """Queue (k, H, W, 3) uint8 images, side by side, as the PNG ``path``."""
-        self.pending.append(self.submit(lambda: save_png(side_by_side(images), path, self.compress_level)))
-        while len(self.pending) > self.max_pending:
-            self._retire()
-
-    def _retire(self) -> None:
-        self.written.append(self.pending.popleft().result())
-        self.bar.update(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        try:
-            while self.pending:  # in order, so the first write that failed is the one raised
-                try:
-                    self._retire()
-                except BaseException:
-                    for later in self.pending:  # not started: not written (as if stopped here)
-                        if not isinstance(later, _Now):
-                            later.cancel()
-                    self.pending.clear()
-                    raise
-        finally:
-            if self.pool:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-        return False
-
-
 def synthesize(args) -> list[Path]:
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     files = label_files(Path(args.labels))
@@ -172,7 +111,18 @@ def synthesize(args) -> list[Path]:
     def decode(f):
         return resize_pair(decode_label(f, _label_kind(f), args.unknown_colors), None, args.res)[0]
 
-    with Pipeline(workers, max(2 * workers, args.batch_size) if workers else 0, args.png_compression, bar) as pipe:
+    written: list[Path] = []
+
+    def done(path):
+        written.append(path)
+        bar.update(1)
+
+    def write(images, path):  # (k, H, W, 3) uint8, side by side
+        return save_png(side_by_side(images), path, args.png_compression)
+
+    # decoding and PNG writing in threads beside the generator (the next batch decoded while this
+    # one runs), the PNGs finished in order: an error leaves every image before it written whole
+    with OrderedWrites(workers, max(2 * workers, args.batch_size) if workers else 0, done, "crn-synthesize") as pipe:
         def decode_ahead(chunk):
             return [(f, hw, pipe.submit(decode, f)) for f, hw in chunk]
         ahead = decode_ahead(chunks[0]) if chunks else []
@@ -192,10 +142,10 @@ def synthesize(args) -> list[Path]:
                 for (f, _), image, ok in zip(group, images, finite.tolist()):
                     if not ok:
                         raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights finite?); "
-                                       f"stopped after {len(pipe.written) + len(pipe.pending)} image(s)")
-                    pipe.write(image, out_dir / f"{f.stem}.png")
+                                       f"stopped after {len(written) + len(pipe.pending)} image(s)")
+                    pipe.write(write, image, out_dir / f"{f.stem}.png")
     bar.close()
-    return pipe.written
+    return written
 
 
 def default_workers() -> int:

@@ -28,7 +28,6 @@ import resource
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from .config import get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
 from .errors import CheckpointError, CRNError, UsageError
-from .images import sample_sheet, save_png_copies
+from .images import OrderedWrites, sample_sheet, save_png_copies
 from .labels import one_hot
 from .loss import LAMBDA_PRESETS, LOSS_KINDS, TERM_NAMES, CRNLoss
 from .model import BACKENDS, CRN, choose_backend
@@ -480,37 +479,28 @@ def batches(loader):
         yield batch
 
 
-class SampleWriter:
+class SampleWriter(OrderedWrites):
     """Sample sheets encoded and written by one background thread, so that training goes on while
     a PNG encodes (a 1024p sheet is 6144x4096: 3.3 s to encode on a 2-core CPU, about 36 steps of
     the H100's 1024p training). Each sheet is encoded once for its step file, latest.png and
-    TensorBoard. One sheet at a time: the next waits for the last, whose error (a full disk) stops
-    the run there or at ``close``. On any other error the process still lets the last write finish
-    (atomic: whole or absent) and does not print its error."""
+    TensorBoard. At most one sheet waits: the next write waits for the one before, whose error (a
+    full disk) stops the run there or at ``close``. On any other error the process still lets the
+    last write finish (atomic: whole or absent) and does not print its error."""
 
     def __init__(self, tensorboard: "TensorBoardLog | None" = None):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="crn-samples")
-        self.tensorboard, self.last = tensorboard, None
+        super().__init__(1, 1, name="crn-samples")
+        self.tensorboard = tensorboard
 
     def write(self, sheet, paths, step: int) -> None:
-        self.wait()
-        self.last = self.pool.submit(self._write, sheet, paths, step)
+        super().write(self._write, sheet, paths, step)
+
+    def wait(self) -> None:
+        self.drain()
 
     def _write(self, sheet, paths, step: int) -> None:
         data = save_png_copies(sheet, paths)
         if self.tensorboard is not None:
             self.tensorboard.png("samples", data, sheet.shape, step)
-
-    def wait(self) -> None:
-        last, self.last = self.last, None
-        if last is not None:
-            last.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
 
 
 class TensorBoardLog:
@@ -694,10 +684,10 @@ def train(cfg: TrainConfig) -> Path:
             loss = loss / world
         if not scaler.is_enabled():  # fp16 scaling skips such steps itself
             watch.update(loss, step)
-        logs = rank == 0 and (step % cfg.log_every == 0 or step == total)
-        if step % cfg.log_every == 0 or step % cfg.sample_every == 0 or step % cfg.save_every == 0 \
-                or step == total:  # before anything is logged or saved: the last good state stays
+        due = [step % every == 0 or step == total for every in (cfg.log_every, cfg.sample_every, cfg.save_every)]
+        if any(due):  # on every rank, before anything is logged or saved: the last good state stays
             watch.check(step, out / "train_state.pt")
+        logs, sample, save = (d and rank == 0 for d in due)
         loss_val = None
         if logs:
             loss_val, *term_vals = torch.stack([loss.float(), *terms.values()]).tolist()  # one wait
@@ -713,9 +703,9 @@ def train(cfg: TrainConfig) -> Path:
             if tensorboard is not None:
                 tensorboard.scalars({k: v for k, v in rec.items() if k != "step"}, step)
             t_last, seen = now, 0
-        if rank == 0 and (step % cfg.sample_every == 0 or step == total):
+        if sample:
             samples(step)
-        if rank == 0 and (step % cfg.save_every == 0 or step == total):
+        if save:
             checkpoint(step)
 
     # --- the end ----------------------------------------------------------------------------------
