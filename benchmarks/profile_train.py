@@ -1,5 +1,6 @@
-"""Where one training step's time goes, from torch.profiler: the step `crn_fast.train` runs (the
-triton backend, bf16 autocast, the VGG-19 perceptual loss, fused Adam on CUDA), by phase and stage.
+"""Where one training step's time goes, from torch.profiler: the step `crn_fast.train` runs
+(`crn_fast.train.train_step`: the triton backend, bf16 autocast, the VGG-19 perceptual loss, fused
+Adam on CUDA), by phase and stage.
 
     python benchmarks/profile_train.py --res 1024x2048                 # GPU: 1024p, bf16
     python benchmarks/profile_train.py --preset tiny --res 64x128      # CPU smoke (eager ops, fp32)
@@ -34,31 +35,23 @@ PHASES = ("generator", "loss", "backward", "optimizer")
 
 
 def training_step(config, size, device, checkpointing: bool):
-    """A step function (ranged by phase) of crn_fast.train's kind, and its amp dtype."""
+    """crn_fast.train's own step (train.train_step, each part in a profiler range), and its amp dtype."""
     from torch.autograd.profiler import record_function
     from crn_fast.loss import CRNLoss
     from crn_fast.model import choose_backend
-    from crn_fast.train import make_optimizer
+    from crn_fast.train import make_optimizer, train_step
     from crn_fast.vgg import load_vgg19
     cuda = device == "cuda"
     model = CRN(config, backend=choose_backend("auto", device), checkpointing=checkpointing).to(device).train()
     crit = CRNLoss(load_vgg19("random"), "perceptual").to(device)
     opt = make_optimizer(model.parameters(), 1e-4, device)
+    scaler = torch.amp.GradScaler(device, enabled=False)  # bf16 needs no loss scaling; what training does
     layout = one_hot(torch.randint(0, 20, (1, *size), generator=torch.Generator().manual_seed(0))).to(device)
     target = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)).to(device) * 255
     amp = torch.bfloat16 if cuda else None
 
     def step():
-        with torch.autocast(device, dtype=amp, enabled=amp is not None):
-            with record_function(ANNOTATION + "generator"):
-                out = model(layout)
-            with record_function(ANNOTATION + "loss"):
-                loss, _ = crit(out.float(), target)
-        opt.zero_grad(set_to_none=True)
-        with record_function(ANNOTATION + "backward"):
-            loss.backward()
-        with record_function(ANNOTATION + "optimizer"):
-            opt.step()
+        train_step(model, crit, opt, scaler, layout, target, amp, phase=lambda name: record_function(ANNOTATION + name))
     return step, amp
 
 

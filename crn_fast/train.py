@@ -19,6 +19,7 @@ Exit status: 0 done, 1 runtime error, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -277,17 +278,28 @@ def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True if torch.device(device).type == "cuda" else None)
 
 
-def train_step(model, criterion, opt, scaler, layout, target, amp_dtype):
-    """One optimizer step as crn_fast.train takes it (the benchmark's training rows time this).
-    Returns the loss and its terms, detached and still on the device: reading them waits for it."""
+def _no_phase(name: str):
+    return contextlib.nullcontext()
+
+
+def train_step(model, criterion, opt, scaler, layout, target, amp_dtype, phase=_no_phase):
+    """One optimizer step as crn_fast.train takes it (the benchmark's training rows and
+    benchmarks/profile_train.py time this). Returns the loss and its terms, detached and still on
+    the device: reading them waits for it. ``phase(name)`` is a context manager around each part
+    ("generator", "loss", "backward", "optimizer"): the profile's ranges; none by default."""
     with torch.autocast(layout.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        output = model(layout)
-        loss, terms = criterion(output.float(), target, layout)
+        with phase("generator"):
+            output = model(layout)
+        with phase("loss"):
+            loss, terms = criterion(output.float(), target, layout)
+            value = loss.detach()
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    return loss.detach(), terms
+    with phase("backward"):
+        scaler.scale(loss).backward()
+    with phase("optimizer"):
+        scaler.step(opt)
+        scaler.update()
+    return value, terms
 
 
 class FirstNonFinite:
