@@ -117,11 +117,12 @@ def tuning_allowed(t) -> bool:
 
 
 def can_time(t) -> bool:
-    """May we time kernels on t's device now: a real CUDA tensor, outside torch.compile tracing and
-    CUDA graph capture (a choice made by timing is then cached for those)."""
+    """May we time kernels on t's device now: a real, non-empty CUDA tensor, outside torch.compile
+    tracing and CUDA graph capture (a choice made by timing is then cached for those; a batch of 0
+    runs no kernel, so there is nothing to time)."""
     import torch
     from torch._subclasses.fake_tensor import is_fake
-    return t.is_cuda and not torch.compiler.is_compiling() and not is_fake(t) and \
+    return t.is_cuda and t.numel() > 0 and not torch.compiler.is_compiling() and not is_fake(t) and \
         not torch.cuda.is_current_stream_capturing()
 
 
@@ -144,6 +145,13 @@ def triton_unavailable_reason() -> str | None:
 def can_run(t) -> bool:
     """Can a Triton kernel run on tensor ``t`` (CUDA, or CPU under the interpreter)?"""
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpreter_enabled()))
+
+
+def runs_kernel(t) -> bool:
+    """Does an operator launch its Triton kernel for input ``t``? Where it can run (can_run) and
+    ``t`` is not empty: for a batch of 0 there is nothing to launch over, and the operator's torch
+    path returns the empty results that eager gives."""
+    return can_run(t) and t.numel() > 0
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, memory_format_of, next_pow2, triton, triton_op, tl
+from ._runtime import HAS_TRITON, cdiv, launch, memory_format_of, next_pow2, runs_kernel, tl, triton, triton_op
 
 PASS_LEVELS = 4  # levels per pass: a 16 x 16 pixel tile
 
@@ -90,7 +90,7 @@ if HAS_TRITON:
 def _area_pyramid_op(layout: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """The levels-1 coarser levels of the layout, finest first (the layout itself is not among
     them: outputs may not alias inputs)."""
-    if not can_run(layout) or layout.shape[2] % (1 << (levels - 1)) or layout.shape[3] % (1 << (levels - 1)):
+    if not runs_kernel(layout) or layout.shape[2] % (1 << (levels - 1)) or layout.shape[3] % (1 << (levels - 1)):
         return area_pyramid_reference(layout, levels)[1:]
     fmt = memory_format_of(layout)
     x = layout.contiguous(memory_format=fmt)

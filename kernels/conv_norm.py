@@ -57,8 +57,8 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import (HAS_TRITON, TensorDescriptor, can_run, cdiv, launch, next_pow2, symbolic, triton, triton_op,
-                       tl, tuning_allowed)
+from ._runtime import (HAS_TRITON, TensorDescriptor, cdiv, launch, next_pow2, runs_kernel, symbolic, tl, triton,
+                       triton_op, tuning_allowed)
 from ._tuning import choose
 from .layer_norm_lrelu import _stats_torch, norm_lrelu_reference
 
@@ -502,7 +502,7 @@ def _conv_norm_op(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[t
     taps, _, cout = packed_weight.shape
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
-    if not can_run(x) or x.dtype == torch.float64:
+    if not runs_kernel(x) or x.dtype == torch.float64:
         return reference_with_stats(conv_norm_reference(x, unpack_conv_weight(packed_weight), bias, norm,
                                                         negative_slope, head).to(x.dtype), stats, eps)
     y = torch.empty((n, cout, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, triton, triton_op, tl
+from ._runtime import HAS_TRITON, cdiv, launch, next_pow2, runs_kernel, tl, triton, triton_op
 from ._runtime import memory_format_of as _format_of
 
 
@@ -448,7 +448,7 @@ def _layer_norm_lrelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): y = leaky_relu(layer_norm(x) * weight + bias); mean/rstd per sample (fp32/fp64)."""
     x = _prepare(x)
-    if not can_run(x):
+    if not runs_kernel(x):
         mean, rstd = _stats_torch(x, eps)
         z = (x.to(mean.dtype) - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
         y = F.leaky_relu(z * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), negative_slope)
@@ -490,7 +490,7 @@ def _layer_norm_lrelu_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: tor
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); the normalised value is recomputed from x, mean and rstd."""
     dy = dy.contiguous(memory_format=_format_of(x))
-    if not can_run(x):
+    if not runs_kernel(x):
         acc = mean.dtype
         xhat = (x.to(acc) - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
         z = xhat * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
@@ -543,7 +543,7 @@ def _layer_norm_stats_op(x: torch.Tensor, eps: float, num_programs: Optional[int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (mean, rstd) over (C,H,W), from the same split reduction (inference only)."""
     x = _prepare(x)
-    if not can_run(x):
+    if not runs_kernel(x):
         return _stats_torch(x, eps)
     n = x.shape[0]
     part = _launch_stats(x, num_programs)
@@ -565,7 +565,7 @@ def _norm_lrelu_op(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weig
         raise ValueError(f"norm_lrelu: x {tuple(x.shape)} needs mean and rstd of shape ({n},) and weight and bias of "
                          f"shape ({c},), got {tuple(mean.shape)}, {tuple(rstd.shape)}, {tuple(weight.shape)}, "
                          f"{tuple(bias.shape)}")
-    if not can_run(x):
+    if not runs_kernel(x):
         return norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope).contiguous(
             memory_format=_format_of(x))
     acc = _acc_dtype(x)

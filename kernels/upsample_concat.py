@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE
 
-from ._runtime import HAS_TRITON, can_run, cdiv, launch, next_pow2, symbolic, triton, triton_op, tl
+from ._runtime import HAS_TRITON, cdiv, launch, next_pow2, runs_kernel, symbolic, tl, triton, triton_op
 from .layer_norm_lrelu import layer_norm_lrelu_reference, norm_lrelu_reference
 
 
@@ -638,7 +638,7 @@ def _upsample_concat_op(features: torch.Tensor, label: torch.Tensor) -> torch.Te
     """cat([bilinear(features, label size, align_corners=True), label], 1) in features' dtype;
     channels_last when either input is."""
     _check(features, label)
-    if not can_run(features):
+    if not runs_kernel(features):
         fmt = torch.channels_last if _out_channels_last(features, label) else torch.contiguous_format
         return upsample_concat_reference(features, label).contiguous(memory_format=fmt)
     return _launch_fwd(features, label)
@@ -649,7 +649,7 @@ def _upsample_concat_backward_op(grad: torch.Tensor, features_size: list[int]) -
     """dL/dfeatures from dL/dout (the transpose of the interpolation, gathered without atomics)."""
     n, c, h, w = features_size
     _, _, H, W = grad.shape
-    if not can_run(grad):  # the transpose of the separable interpolation: df = A_h^T g A_w
+    if not runs_kernel(grad):  # the transpose of the separable interpolation: df = A_h^T g A_w
         a_h, a_w = (_interp_matrix(src, dst, grad.device) for src, dst in ((h, H), (w, W)))
         return torch.einsum("Yy,ncYX,Xx->ncyx", a_h, grad[:, :c].float(), a_w).to(grad.dtype)
     cl = grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous()  # channels_last: coalesced gather
@@ -701,7 +701,7 @@ def _norm_lrelu_upsample_concat_op(x: torch.Tensor, mean: torch.Tensor, rstd: to
     output's pixel stride is the channel count rounded up to ``channels_multiple``, and the pad
     channels (in memory past the view's last channel) hold zeros."""
     _check(x, label)
-    if not can_run(x):
+    if not runs_kernel(x):
         ref = norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)
         if not _out_channels_last(x, label):
             return ref.contiguous()

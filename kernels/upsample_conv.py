@@ -39,8 +39,7 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LN_EPS
 
-from ._runtime import (HAS_TRITON, can_run, cdiv, launch, next_pow2, symbolic, triton, triton_op, tl,
-                       tuning_allowed)
+from ._runtime import HAS_TRITON, cdiv, launch, next_pow2, runs_kernel, symbolic, tl, triton, triton_op, tuning_allowed
 from ._tuning import choose
 from .conv_norm import pack_conv_weight, reference_with_stats, with_merged_stats
 from .upsample_concat import _scale, upsample_concat_reference
@@ -274,7 +273,7 @@ def _upsample_conv_op(features: torch.Tensor, label: torch.Tensor, wg: torch.Ten
     n, cf, h, w = features.shape
     cl, H, W = label.shape[1:]
     cout = wl.shape[2]
-    if not can_run(features) or features.dtype == torch.float64:
+    if not runs_kernel(features) or features.dtype == torch.float64:
         return reference_with_stats(upsample_conv_reference(features, label, _unpack(wg, wl)).to(features.dtype),
                                     stats, eps)
     f = features.permute(0, 2, 3, 1)  # (N, h, w, Cf): a view when the features are channels_last

@@ -615,6 +615,41 @@ def test_every_operator_takes_strided_views(view):
     torch.testing.assert_close(got, K.upsample_conv_reference(x, lab, up_w), atol=1e-4, rtol=1e-4)
 
 
+def test_an_empty_batch_gives_empty_outputs():
+    """A batch of 0 (eager's ops return empty results for it): every operator returns the empty
+    outputs of its torch path instead of planning a launch over nothing (it raised IndexError),
+    and the triton generator matches eager in every conv mode, with and without grad."""
+    x, lab, w, b = torch.zeros(0, 6, 3, 5, device=DEV), torch.zeros(0, 4, 6, 10, device=DEV), \
+        torch.ones(6, device=DEV), torch.zeros(6, device=DEV)
+    xs = x.clone().requires_grad_()
+    y = K.layer_norm_lrelu(xs, w, b)
+    y.sum().backward()
+    assert y.shape == x.shape and xs.grad.shape == x.shape
+    mean, rstd = K.layer_norm_stats(x)
+    assert mean.shape == rstd.shape == (0,)
+    assert K.norm_lrelu(x, mean, rstd, w, b).shape == x.shape
+    fs = x.clone().requires_grad_()
+    out = K.upsample_concat(fs, lab)
+    out.sum().backward()
+    assert out.shape == (0, 10, 6, 10) and fs.grad.shape == x.shape
+    assert K.norm_lrelu_upsample_concat(x, mean, rstd, w, b, lab, channels_multiple=8).shape == (0, 10, 6, 10)
+    assert [t.shape for t in K.area_pyramid(lab, 2)] == [(0, 4, 6, 10), (0, 4, 3, 5)]
+    with torch.no_grad():
+        yc, m, r = K.conv_norm(x, K.pack_conv_weight(torch.ones(8, 6, 3, 3, device=DEV)), None, (mean, rstd, w, b))
+        assert yc.shape == (0, 8, 3, 5) and m.shape == r.shape == (0,)
+        assert K.upsample_conv(x, lab, *K.pack_upsample_conv_weight(torch.ones(8, 10, 3, 3, device=DEV), 6),
+                               stats=False).shape == (0, 8, 6, 10)
+    cfg = CRNConfig(widths=(8, 8, 4), num_classes=5, k=2)
+    layout = torch.zeros(0, 5, 16, 32, device=DEV)
+    for modes in (False, {0: "fused", 1: "split", 2: "lowres"}):
+        model = CRN(cfg, backend="triton", fused_conv=modes, fused_head=True).to(DEV)
+        with torch.no_grad():
+            assert model(layout).shape == (0, 6, 16, 32)
+    out = model(layout)
+    out.sum().backward()
+    assert out.shape == (0, 6, 16, 32) and all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
 def test_synthesize_with_the_triton_backend(tmp_path):
     from PIL import Image as PILImage
     from crn_fast import save_generator
