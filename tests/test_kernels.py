@@ -650,6 +650,18 @@ def test_an_empty_batch_gives_empty_outputs():
     assert out.shape == (0, 6, 16, 32) and all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("family, cases, seed", [(f, 2, 3) for f in ("layer_norm", "upsample", "fused_upsample",
+                                                                       "pyramid", "conv", "upsample_conv")] +
+                         [("generator", 1, 0)])  # a generator case costs 1-10 s in the interpreter: a small one
+def test_fuzz_smoke(family, cases, seed, capsys):
+    """tests/fuzz_kernels.py (random shapes, dtypes, formats and strided views against the torch
+    references) runs: a few cases of each family here; a failed case is reported with its draws."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fuzz_kernels
+    assert fuzz_kernels.run(cases, seed=seed, device=DEV, families=(family,)) == 0, capsys.readouterr().out
+    assert f"{cases} cases (seed {seed}" in capsys.readouterr().out
+
+
 def test_synthesize_with_the_triton_backend(tmp_path):
     from PIL import Image as PILImage
     from crn_fast import save_generator
