@@ -122,8 +122,8 @@ def can_time(t) -> bool:
     runs no kernel, so there is nothing to time)."""
     import torch
     from torch._subclasses.fake_tensor import is_fake
-    return t.is_cuda and t.numel() > 0 and not torch.compiler.is_compiling() and not is_fake(t) and \
-        not torch.cuda.is_current_stream_capturing()
+    return t.is_cuda and not torch.compiler.is_compiling() and not is_fake(t) and \
+        not torch.cuda.is_current_stream_capturing() and t.numel() > 0
 
 
 def interpreter_enabled() -> bool:
