@@ -18,7 +18,7 @@ import random
 import sys
 import traceback
 
-if __name__ == "__main__" and "cuda" not in sys.argv[1:]:  # the interpreter, set before Triton is imported
+if __name__ == "__main__" and not any(a.endswith("cuda") for a in sys.argv[1:]):  # the interpreter, before Triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402

@@ -16,6 +16,9 @@ from crn_fast import kernels as K  # noqa: E402
 from crn_fast import CRN, CRNConfig  # noqa: E402
 from crn_fast.labels import one_hot  # noqa: E402
 
+import fuzz_kernels  # noqa: E402  (tests/, on sys.path under pytest)
+from fuzz_kernels import view_of  # noqa: E402
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=3e-2, rtol=2e-2), torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -548,41 +551,26 @@ def test_layer_norm_stats_match_torch():
     torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-12), atol=1e-6, rtol=1e-5)
 
 
-def _strided(t, view):
-    """t's values in a tensor that is neither NCHW- nor channels_last-dense: a channel slice of a
-    wider NCHW or channels_last buffer (batch and pixel strides larger than the view's), or every
-    other column of a twice-as-wide one (unit stride nowhere)."""
-    n, c, h, w = t.shape
-    if view == "every_other_column":
-        full = torch.zeros(n, c, h, 2 * w, dtype=t.dtype, device=t.device)
-        full[..., ::2] = t
-        return full[..., ::2]
-    fmt = torch.channels_last if view == "channel_slice_cl" else torch.contiguous_format
-    full = torch.zeros(n, c + 3, h, w, dtype=t.dtype, device=t.device).contiguous(memory_format=fmt)
-    full[:, 1:c + 1] = t
-    return full[:, 1:c + 1]
-
-
 @pytest.mark.parametrize("view", ["channel_slice", "channel_slice_cl", "every_other_column"])
 def test_every_operator_takes_strided_views(view):
-    """A user may hand an operator a view (a channel slice, a strided column pick): every operator
-    gives the reference's values for it, forward and (where it has one) backward, fp32 to 1e-5.
-    Random fuzzing (shapes, dtypes, these views and dense formats; 1000+ cases) found no mismatch;
-    these are its three view kinds at one shape each."""
+    """A user may hand an operator a view that is neither NCHW- nor channels_last-dense (a channel
+    slice of a wider buffer in either format, every other column): every operator gives the
+    reference's values for it, forward and (where it has one) backward, fp32 to 1e-5. These are
+    tests/fuzz_kernels.py's three view kinds at one shape each; it draws them at random shapes."""
     g = torch.Generator().manual_seed(11)
     n, c, h, w, cl = 2, 6, 3, 5, 4
-    x = _strided(torch.randn(n, c, h, w, generator=g), view).to(DEV)
-    lab = _strided(torch.rand(n, cl, 2 * h, 2 * w, generator=g), view).to(DEV)
+    x = view_of(torch.randn(n, c, h, w, generator=g), view).to(DEV)
+    lab = view_of(torch.rand(n, cl, 2 * h, 2 * w, generator=g), view).to(DEV)
     wt, b = torch.randn(c, generator=g).to(DEV), torch.randn(c, generator=g).to(DEV)
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     tol = TOL[torch.float32]
     # layer norm + leaky ReLU, its statistics and apply pass; gradients of x, weight and bias
-    xs, ws, bs = (t.clone().requires_grad_() if t is not x else x.detach().requires_grad_() for t in (x, wt, b))
+    xs, ws, bs = (t.detach().requires_grad_() for t in (x, wt, b))  # x keeps its strides
     y = K.layer_norm_lrelu(xs, ws, bs, num_programs=2)
     xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, wt, b))
     yr = K.layer_norm_lrelu_reference(xr, wr, br)
     torch.testing.assert_close(y, yr, **tol)
-    dy = _strided(torch.randn(y.shape, generator=g), view).to(DEV)
+    dy = view_of(torch.randn(y.shape, generator=g), view).to(DEV)
     for got, ref in zip(torch.autograd.grad(y, (xs, ws, bs), dy), torch.autograd.grad(yr, (xr, wr, br), dy)):
         torch.testing.assert_close(got, ref, **GRAD_TOL[torch.float32])
     mean, rstd = K.layer_norm_stats(x, num_programs=2)
@@ -599,7 +587,7 @@ def test_every_operator_takes_strided_views(view):
     fr = x.detach().clone().requires_grad_()
     ref = K.upsample_concat_reference(fr, lab)
     torch.testing.assert_close(out, ref, **tol)
-    dy = _strided(torch.randn(out.shape, generator=g), view).to(DEV)
+    dy = view_of(torch.randn(out.shape, generator=g), view).to(DEV)
     torch.testing.assert_close(torch.autograd.grad(out, fs, dy)[0], torch.autograd.grad(ref, fr, dy)[0],
                                **GRAD_TOL[torch.float32])
     # the layout pyramid; the fused convs (the layout's own conv, and conv1 before the upsampling)
@@ -656,8 +644,6 @@ def test_an_empty_batch_gives_empty_outputs():
 def test_fuzz_smoke(family, cases, seed, capsys):
     """tests/fuzz_kernels.py (random shapes, dtypes, formats and strided views against the torch
     references) runs: a few cases of each family here; a failed case is reported with its draws."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    import fuzz_kernels
     assert fuzz_kernels.run(cases, seed=seed, device=DEV, families=(family,)) == 0, capsys.readouterr().out
     assert f"{cases} cases (seed {seed}" in capsys.readouterr().out
 
