@@ -64,7 +64,6 @@ def save_png_copies(array: np.ndarray, paths, compress_level: int = 6) -> bytes:
     return data
 
 
-
 class _Now:
     """A future whose work runs when its result is asked for (``workers=0``: in the calling thread)."""
 
