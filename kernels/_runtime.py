@@ -147,11 +147,22 @@ def can_run(t) -> bool:
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpreter_enabled()))
 
 
+MAX_GRID_BATCH = 65535  # CUDA's limit on a grid's y and z axes, where most kernels put the batch
+
+
 def runs_kernel(t) -> bool:
-    """Does an operator launch its Triton kernel for input ``t``? Where it can run (can_run) and
-    ``t`` is not empty: for a batch of 0 there is nothing to launch over, and the operator's torch
-    path returns the empty results that eager gives."""
-    return can_run(t) and t.numel() > 0
+    """Does an operator launch its Triton kernel for input ``t`` (batch first)? Where it can run
+    (can_run), ``t`` is not empty (for a batch of 0 there is nothing to launch over, and the
+    operator's torch path returns the empty results that eager gives), and its batch fits a grid
+    axis: beyond MAX_GRID_BATCH samples the launch would fail, so the torch path computes the same
+    values (slower). The same rule under the interpreter, which has no such limit, so that CPU
+    tests take the GPU's paths. A symbolic batch (torch.compile(dynamic=True), torch.export) is
+    not compared, which would add a guard: a graph traced with one launches its kernels for any
+    batch, and CUDA rejects a batch over the limit there."""
+    if not (can_run(t) and t.numel() > 0):
+        return False
+    n = t.shape[0]
+    return not isinstance(n, int) or n <= MAX_GRID_BATCH
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

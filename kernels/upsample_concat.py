@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE
 
+from . import _runtime
 from ._runtime import HAS_TRITON, cdiv, launch, next_pow2, runs_kernel, symbolic, tl, triton, triton_op
 from .layer_norm_lrelu import layer_norm_lrelu_reference, norm_lrelu_reference
 
@@ -534,7 +535,7 @@ def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device
     """Output rows one forward program walks (either format): 16 (a source row is then loaded about
     9 times per 16 output rows instead of 16), fewer where the grid would not fill the GPU four
     times over; 4 under the interpreter, so that small test shapes cross row blocks. More where
-    batch x row blocks would pass the grid's 65535 limit."""
+    batch x row blocks would pass the grid's limit (a batch beyond it runs the torch path)."""
     if device.type != "cuda":
         r = min(next_pow2(rows), 4)
     else:
@@ -542,7 +543,7 @@ def _rows_per_program(rows: int, batch: int, programs_per_row_block: int, device
         r = min(next_pow2(rows), 16)
         while r > 2 and batch * cdiv(rows, r) * programs_per_row_block < 4 * sms:
             r //= 2
-    while batch * cdiv(rows, r) > 65535 and r < rows:
+    while batch * cdiv(rows, r) > _runtime.MAX_GRID_BATCH and r < rows:
         r *= 2
     return r
 

@@ -558,11 +558,17 @@ def test_every_operator_takes_strided_views(view):
     reference's values for it, forward and (where it has one) backward, fp32 to 1e-5. These are
     tests/fuzz_kernels.py's three view kinds at one shape each; it draws them at random shapes."""
     g = torch.Generator().manual_seed(11)
-    n, c, h, w, cl = 2, 6, 3, 5, 4
-    x = view_of(torch.randn(n, c, h, w, generator=g), view).to(DEV)
-    lab = view_of(torch.rand(n, cl, 2 * h, 2 * w, generator=g), view).to(DEV)
-    wt, b = torch.randn(c, generator=g).to(DEV), torch.randn(c, generator=g).to(DEV)
+    x = view_of(torch.randn(2, 6, 3, 5, generator=g), view).to(DEV)
+    lab = view_of(torch.rand(2, 4, 6, 10, generator=g), view).to(DEV)
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    _every_operator_matches_its_reference(x, lab, g, lambda shape: view_of(torch.randn(shape, generator=g), view))
+
+
+def _every_operator_matches_its_reference(x, lab, g, grad_like):
+    """Every operator on features x (N, C, h, w) and a layout lab (N, L, 2h, 2w) against its torch
+    reference, fp32, forward and backward; grad_like(shape) makes the incoming gradients (CPU)."""
+    c, cl = x.shape[1], lab.shape[1]
+    wt, b = torch.randn(c, generator=g).to(DEV), torch.randn(c, generator=g).to(DEV)
     tol = TOL[torch.float32]
     # layer norm + leaky ReLU, its statistics and apply pass; gradients of x, weight and bias
     xs, ws, bs = (t.detach().requires_grad_() for t in (x, wt, b))  # x keeps its strides
@@ -570,7 +576,7 @@ def test_every_operator_takes_strided_views(view):
     xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, wt, b))
     yr = K.layer_norm_lrelu_reference(xr, wr, br)
     torch.testing.assert_close(y, yr, **tol)
-    dy = view_of(torch.randn(y.shape, generator=g), view).to(DEV)
+    dy = grad_like(y.shape).to(DEV)
     for got, ref in zip(torch.autograd.grad(y, (xs, ws, bs), dy), torch.autograd.grad(yr, (xr, wr, br), dy)):
         torch.testing.assert_close(got, ref, **GRAD_TOL[torch.float32])
     mean, rstd = K.layer_norm_stats(x, num_programs=2)
@@ -587,7 +593,7 @@ def test_every_operator_takes_strided_views(view):
     fr = x.detach().clone().requires_grad_()
     ref = K.upsample_concat_reference(fr, lab)
     torch.testing.assert_close(out, ref, **tol)
-    dy = view_of(torch.randn(out.shape, generator=g), view).to(DEV)
+    dy = grad_like(out.shape).to(DEV)
     torch.testing.assert_close(torch.autograd.grad(out, fs, dy)[0], torch.autograd.grad(ref, fr, dy)[0],
                                **GRAD_TOL[torch.float32])
     # the layout pyramid; the fused convs (the layout's own conv, and conv1 before the upsampling)
@@ -601,6 +607,36 @@ def test_every_operator_takes_strided_views(view):
     with torch.no_grad():
         got = K.upsample_conv(x, lab, *K.pack_upsample_conv_weight(up_w, c), stats=False)
     torch.testing.assert_close(got, K.upsample_conv_reference(x, lab, up_w), atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_beyond_the_grid_limit_runs_the_torch_path(monkeypatch):
+    """Most kernels put the batch on a grid axis that CUDA limits to 65535: a larger batch takes
+    every operator's torch path (the same values) instead of a launch that would fail. Here the
+    limit is lowered to 2: a batch of 3 launches nothing and matches the references, forward and
+    backward; a batch of 2 launches every kernel (the upsampling walks whole columns to fit)."""
+    import importlib
+    launched = []
+    for name in ("layer_norm_lrelu", "upsample_concat", "area_pyramid", "conv_norm", "upsample_conv"):
+        mod = importlib.import_module(f"crn_fast.kernels.{name}")
+        monkeypatch.setattr(mod, "launch", lambda kernel, *a, _go=mod.launch, **kw: (launched.append(kernel),
+                                                                                      _go(kernel, *a, **kw)))
+    monkeypatch.setattr(K._runtime, "MAX_GRID_BATCH", 2)
+    g = torch.Generator().manual_seed(12)
+    for n in (3, 2):
+        launched.clear()
+        x, lab = torch.randn(n, 6, 3, 5, generator=g).to(DEV), torch.rand(n, 4, 6, 10, generator=g).to(DEV)
+        assert K._runtime.runs_kernel(x) == (n == 2)
+        _every_operator_matches_its_reference(x, lab, g, lambda shape: torch.randn(shape, generator=g))
+        assert bool(launched) == (n == 2), launched
+    cfg = CRNConfig(widths=(8, 8, 4), num_classes=5, k=2)
+    layout = one_hot(torch.randint(0, 5, (3, 16, 32), generator=g), 5).to(DEV)
+    eager = CRN(cfg).to(DEV)
+    fast = CRN(cfg, backend="triton", fused_conv={0: "fused", 1: "split", 2: "lowres"}, fused_head=True).to(DEV)
+    fast.load_state_dict(eager.state_dict())
+    launched.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(layout), eager(layout), atol=2e-3, rtol=0)
+    assert not launched
 
 
 def test_an_empty_batch_gives_empty_outputs():
