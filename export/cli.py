@@ -117,6 +117,10 @@ def check_options(args, cfg) -> dict:
             except CRNError as e:
                 raise UsageError(f"{name}: {e}") from None
     lo, hi = args.min_res or res, args.max_res or res
+    if args.min_res and args.max_res and not (lo[0] <= hi[0] and lo[1] <= hi[1]):
+        raise UsageError(f"--min-res {lo[0]}x{lo[1]} is larger than --max-res {hi[0]}x{hi[1]} (in height or width); "
+                         f"the dynamic range needs min <= max in both, e.g. --min-res {min(lo[0], hi[0])}x"
+                         f"{min(lo[1], hi[1])} --max-res {max(lo[0], hi[0])}x{max(lo[1], hi[1])}")
     for name, r in (("--res", res), ("--opt-res", opt)):
         if not (lo[0] <= r[0] <= hi[0] and lo[1] <= r[1] <= hi[1]):
             raise UsageError(f"{name} {r[0]}x{r[1]} is outside --min-res {lo[0]}x{lo[1]} .. --max-res "
