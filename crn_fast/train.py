@@ -418,8 +418,12 @@ def check_resume_state(state: dict, path: Path, cfg: TrainConfig, config) -> Non
     saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items() if k != "name"}
     wanted = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.to_dict().items() if k != "name"}
     if saved != wanted:
-        raise UsageError(f"--resume: {path} holds a {state['config']} model, but the options describe "
-                         f"{config.to_dict()}")
+        differ = ", ".join(f"{k} {saved.get(k)} (now {wanted.get(k)})" for k in sorted(set(saved) | set(wanted))
+                           if saved.get(k) != wanted.get(k))
+        name = state["config"].get("name")
+        raise UsageError(f"--resume: {path} holds a different model ({state['config']}): {differ}; resume with "
+                         f"the run's model options" + (f" (--preset {name} --k {saved.get('k')})" if name else "") +
+                         ", or start a new run in another --out")
     old = state.get("options")
     if old is not None:
         new = cfg.identity()
