@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import device_label, machine_info  # noqa: E402
 
 from crn_fast import CRN, CRNConfig, save_generator  # noqa: E402
+from crn_fast.cli import positive_int  # noqa: E402
 from crn_fast.config import parse_resolution  # noqa: E402
 from crn_fast.data import decode_label  # noqa: E402
 from crn_fast.images import save_png  # noqa: E402
@@ -80,7 +81,7 @@ def pipeline_stages(files, out: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--files", type=int, default=10, help="the small folder; the large one has 10x (default 10)")
+    ap.add_argument("--files", type=positive_int, default=10, help="the small folder; the large one has 10x (default 10)")
     ap.add_argument("--res", default="1024x2048")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

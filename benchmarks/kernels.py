@@ -38,6 +38,7 @@ from _util import (FORMATS, context_broken, conv_configs, device_label, error_te
                    fresh_process, inject_fault, machine_info, time_fn, write_text_atomic)
 
 from crn_fast import kernels as K  # noqa: E402
+from crn_fast.cli import positive_int  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
 from crn_fast.constants import DTYPES, LEAKY_SLOPE, LN_EPS  # noqa: E402
 from crn_fast.fast_inference import CUDNN_CHANNELS  # noqa: E402
@@ -88,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="1024p")
     ap.add_argument("--res", default=None, help="HxW (default: the preset's)")
     ap.add_argument("--dtypes", default=None, help="default: bf16,fp32 on GPU, fp32 on CPU")
-    ap.add_argument("--iters", type=int, default=5, help="CPU timing repeats (GPU uses do_bench)")
+    ap.add_argument("--iters", type=positive_int, default=5, help="CPU timing repeats (GPU uses do_bench)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     conv = ap.add_mutually_exclusive_group()
     conv.add_argument("--no-conv", action="store_true", help="skip the conv rows (GPU)")

@@ -32,6 +32,7 @@ from _util import (FORMATS, PeakMemory, context_broken, conv_configs, device_lab
                    write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
+from crn_fast.cli import non_negative_int, positive_float, positive_int  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
 from crn_fast.constants import DTYPES  # noqa: E402
 from crn_fast.errors import CRNError  # noqa: E402
@@ -491,7 +492,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--res", default="1024x2048", help="HxW (default 1024x2048)")
     ap.add_argument("--preset", default=None, help="default: the preset whose top module matches --res")
-    ap.add_argument("--batch-size", "--batch", dest="batch", type=int, default=1, help="layouts per pass (default 1)")
+    ap.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=1, help="layouts per pass (default 1)")
     ap.add_argument("--backends", default=None, help=f"comma list of {', '.join(ALL_BACKENDS)} (default: all)")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
     ap.add_argument("--formats", default=None, help="comma list of nchw,channels_last (default: both on GPU, "
@@ -500,9 +501,9 @@ def parse_args(argv=None):
                     "BACKEND:DTYPE:FORMAT, in the order to run them (e.g. triton-cudagraph:bf16:channels_last)")
     ap.add_argument("--train-backends", default=None, help="--train: comma list of eager, triton, compile, "
                     "triton-compile (default: all)")
-    ap.add_argument("--warmup", type=int, default=None, help="default: 3 on GPU (10 if fast), 0 on CPU at 2 MP")
-    ap.add_argument("--iters", type=int, default=None, help="default: 20 on GPU; on CPU 3 (1 at >= 512x1024)")
-    ap.add_argument("--max-seconds", type=float, default=3600, help="bound on the whole run (default 3600)")
+    ap.add_argument("--warmup", type=non_negative_int, default=None, help="default: 3 on GPU (10 if fast), 0 on CPU at 2 MP")
+    ap.add_argument("--iters", type=positive_int, default=None, help="default: 20 on GPU; on CPU 3 (1 at >= 512x1024)")
+    ap.add_argument("--max-seconds", type=positive_float, default=3600, help="bound on the whole run (default 3600)")
     ap.add_argument("--device", default=None, help="default: cuda if available")
     ap.add_argument("--layout", default=None, help="a real label map PNG (default: a shared Cityscapes one)")
     ap.add_argument("--train", action="store_true", help="benchmark one training step per variant instead")
@@ -534,8 +535,6 @@ def parse_args(argv=None):
         args.config.validate_input_size(*args.size)
     except CRNError as e:
         ap.error(str(e))
-    if args.batch < 1:
-        ap.error(f"--batch {args.batch}: must be >= 1")
     if args.layout and not Path(args.layout).is_file():
         ap.error(f"--layout {args.layout}: no such file")
     args.backends = choices(args.backends, ALL_BACKENDS, "--backends", list(ALL_BACKENDS))

@@ -472,3 +472,19 @@ def test_profilers_reject_a_bad_shape_in_one_line(argv, capsys):
         err = capsys.readouterr().err.strip().splitlines()  # argparse: the usage, then the error
         assert e.value.code == 2 and ": error: " in err[-1] and "Traceback" not in "".join(err), err
         assert ("e.g." in err[-1] or "valid" in err[-1]) and not Path("/nonexistent").exists(), err
+
+
+@pytest.mark.parametrize("script, argv, msg", [
+    ("run", ["--iters", "0"], "--iters: 0 must be >= 1"), ("run", ["--warmup", "-1"], "--warmup: -1 must be >= 0"),
+    ("run", ["--batch", "0"], "0 must be >= 1"), ("run", ["--max-seconds", "0"], "--max-seconds: 0 must be > 0"),
+    ("kernels", ["--iters", "0"], "--iters: 0 must be >= 1")])
+def test_benchmark_counts_out_of_range_are_one_line(script, argv, msg, capsys):
+    """An iteration count, warm-up, batch or time budget the benchmarks cannot use is argparse's
+    one-line error (--iters 0 used to time one pass, --warmup -1 none, silently), before any model
+    is built."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    module = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        (module.parse_args if script == "run" else module.main)(["--res", "64x128", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and msg in err[-1], err
