@@ -44,11 +44,21 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
+def label_kind(path: Path) -> str:
+    """How decode_label reads a label file, by its name: Cityscapes' ``*_labelIds.png`` as label ids,
+    ``*_labelTrainIds.png`` as train ids, any other by its image mode ("auto")."""
+    return "label_ids" if path.name.endswith("_labelIds.png") else \
+        "train_ids" if path.name.endswith("_labelTrainIds.png") else "auto"
+
+
 def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") -> np.ndarray:
     """A label PNG -> train ids (H, W) uint8, void = 19.
 
     kind: "train_ids" (values are train ids, 255 void), "label_ids" (Cityscapes labelIds),
     "color" (palette colours) or "auto": greyscale -> train ids, RGB or palette-mode -> colours.
+    A colour outside the Cityscapes table, or a train id that is none of 0-18, 19 or 255 (the
+    values of Cityscapes' labelIds, say), is a DataError naming the file and the values; with
+    unknown_colors="void" both are read as void (the authors' rule for colours).
     """
     im = _open(path)
     if kind == "auto":
@@ -64,7 +74,14 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") 
         raise DataError(f"{path}: expected a single-channel id image, got mode {im.mode}")
     if kind == "label_ids":
         return label_ids_to_train_ids(np.clip(arr, 0, 255).astype(np.uint8))
-    return np.where(arr < VOID, arr, VOID).astype(np.uint8)
+    bad = (arr < 0) | (arr > VOID) & (arr != 255)
+    if unknown_colors != "void" and bad.any():
+        values = np.unique(arr[bad])
+        shown = ", ".join(map(str, values[:8])) + (f" ... ({values.size} values)" if values.size > 8 else "")
+        raise DataError(f"{path}: values {shown} are not train ids (0-{VOID - 1}, void {VOID} or 255); Cityscapes "
+                        f"label ids are read as such from files named *_labelIds.png (use --unknown-colors void "
+                        f"to treat other values as void)")
+    return np.where((arr < VOID) & ~bad, arr, VOID).astype(np.uint8)
 
 
 def resize_pair(ids: np.ndarray, image: np.ndarray | None, size: tuple[int, int] | None):
@@ -233,13 +250,13 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
     if not labels:
         raise DataError(f"{label_dir}: no label images ({', '.join(IMAGE_EXTS)})")
     if image_dir is None:
-        return [(lab, None, "auto") for lab in labels], []
+        return [(lab, None, label_kind(lab)) for lab in labels], []
     _need_dir(image_dir, "image folder")
     by_stem = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
     pairs, missing = [], []
     for lab in labels:
         if lab.stem in by_stem:
-            pairs.append((lab, by_stem[lab.stem], "auto"))
+            pairs.append((lab, by_stem[lab.stem], label_kind(lab)))
         else:
             missing.append(f"{lab}: no image named {lab.stem}.* in {image_dir}")
     return pairs, missing

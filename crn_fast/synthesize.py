@@ -26,15 +26,10 @@ import torch
 
 from .cli import Progress, add_logging_options, cpu_cores, log, non_negative_int, positive_int, resolution, run_tool, \
     setup_logging, torch_device
-from .data import _open_header, decode_label, label_files, resize_pair
+from .data import _open_header, decode_label, label_files, label_kind, resize_pair
 from .errors import CRNError, UsageError
 from .images import OrderedWrites, save_png, side_by_side, to_uint8
 from .labels import one_hot
-
-
-def _label_kind(path: Path) -> str:
-    return "label_ids" if path.name.endswith("_labelIds.png") else \
-        "train_ids" if path.name.endswith("_labelTrainIds.png") else "auto"
 
 
 def load_generator_for(args, device):
@@ -109,7 +104,7 @@ def synthesize(args) -> list[Path]:
     bar = Progress(len(todo), "synthesize", "image", enabled=args.progress and len(todo) > 1)
 
     def decode(f):
-        return resize_pair(decode_label(f, _label_kind(f), args.unknown_colors), None, args.res)[0]
+        return resize_pair(decode_label(f, label_kind(f), args.unknown_colors), None, args.res)[0]
 
     written: list[Path] = []
 
@@ -185,7 +180,8 @@ def build_parser():
     ap.add_argument("--res", "--resolution", dest="res", type=resolution, default=None,
                     help="resize layouts to HxW (nearest neighbour) first")
     ap.add_argument("--unknown-colors", default="error", choices=("error", "void"),
-                    help="label colours outside the Cityscapes table: error, or void (the authors' rule)")
+                    help="label colours outside the Cityscapes table, and greyscale values that are not train ids "
+                         "(0-18, 19, 255): error, or void (the authors' rule for colours)")
     ap.add_argument("--workers", type=non_negative_int, default=None,
                     help="threads that decode layouts and write PNGs beside the generator (default: one a core, "
                          "at most 8; 0: everything in order in the main thread)")

@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
            "most 8; on a CPU 0, as training uses every core)")
     a("--skip-bad", action="store_true", help="leave out (and report) bad data files instead of stopping")
     a("--unknown-colors", default="error", choices=("error", "void"),
-      help="colour labels with colours outside the Cityscapes table: error, or void (the authors' rule)")
+      help="label colours outside the Cityscapes table, and greyscale values that are not train ids (0-18, "
+           "19, 255): error, or void (the authors' rule for colours)")
     a("--scan-labels", default="auto", choices=SCAN_MODES,
       help=f"decode every label before training to find bad files and colours: auto (datasets of up to "
            f"{SCAN_AUTO_LIMIT} pairs), always, never (default auto)")

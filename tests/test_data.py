@@ -104,7 +104,7 @@ def test_real_authors_labels_decode(shared):
 
 @pytest.mark.parametrize("problem,msg", [
     ("missing", "no image named"), ("size", "is 16x32 but its image"), ("color", "not Cityscapes label colours"),
-    ("unreadable", "unreadable image"),
+    ("unreadable", "unreadable image"), ("ids", r"values 20, 33 are not train ids \(0-18, void 19 or 255\)"),
 ])
 def test_bad_data_names_the_file_and_skip_bad_counts_it(tmp_path, problem, msg):
     root = write_pairs(tmp_path / "p", n=3)
@@ -115,6 +115,8 @@ def test_bad_data_names_the_file_and_skip_bad_counts_it(tmp_path, problem, msg):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "00000001.jpg")
     elif problem == "color":
         Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(bad)
+    elif problem == "ids":  # greyscale train ids with labelIds-like values among them
+        Image.fromarray(np.array([[0, 18, 19, 255], [20, 33, 33, 1]] * 8, np.uint8).repeat(8, axis=1)).save(bad)
     else:
         bad.write_bytes(b"not a png")
     spec = f"pairs:{root / 'labels'},{root / 'images'}"
@@ -129,6 +131,20 @@ def test_bad_data_names_the_file_and_skip_bad_counts_it(tmp_path, problem, msg):
 def test_unknown_colors_void_follows_the_authors_rule(tmp_path):
     Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(tmp_path / "x.png")
     assert (decode_label(tmp_path / "x.png", unknown_colors="void") == VOID).all()
+    ids = np.array([[0, 18, 19, 255, 20, 33]], np.uint8)  # greyscale values that are no train ids: void too
+    Image.fromarray(ids).save(tmp_path / "g.png")
+    assert decode_label(tmp_path / "g.png", unknown_colors="void").tolist() == [[0, 18, VOID, VOID, VOID, VOID]]
+
+
+def test_pairs_read_cityscapes_label_ids_by_their_name(tmp_path):
+    """A pairs folder (and crn-synthesize) reads a *_labelIds.png through Cityscapes' table, as the
+    cityscapes: form does: its ids 7/8/26 are road/sidewalk/car, not classes 7/8 and an error."""
+    (tmp_path / "l").mkdir()
+    (tmp_path / "i").mkdir()
+    Image.fromarray(np.array([[7, 8, 26, 0]] * 16, np.uint8).repeat(8, axis=1)).save(tmp_path / "l" / "a_labelIds.png")
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(tmp_path / "i" / "a_labelIds.png")
+    ids, _ = make_dataset(f"pairs:{tmp_path / 'l'},{tmp_path / 'i'}")[0]
+    assert ids[0, ::8].tolist() == [TRAIN_ID["road"], TRAIN_ID["sidewalk"], TRAIN_ID["car"], VOID]
 
 
 def test_empty_folder_and_unknown_form(tmp_path):
