@@ -366,8 +366,10 @@ def rng_state(device) -> dict:
     return state
 
 
-def prepare_out(cfg: TrainConfig) -> None:
-    """Refuse to replace a run silently; with --overwrite, remove it; clean our stale temporaries."""
+def check_out(cfg: TrainConfig) -> None:
+    """Before anything is built: refuse to replace a run silently, and check that --out can be
+    written (in the folder it will be made in, if it is not there yet). Nothing is created or
+    removed: a run stopped by a bad option or bad data leaves the disk as it was (prepare_out)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
@@ -376,6 +378,23 @@ def prepare_out(cfg: TrainConfig) -> None:
         what = describe_run(out)
         raise UsageError(f"{out} already holds a run ({what}); continue it with --resume, or replace it with "
                          f"--overwrite")
+    where = out.absolute()
+    while not where.exists():
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{where} is a file")
+        probe = where / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
+def prepare_out(cfg: TrainConfig) -> None:
+    """Once the run is set up (model, data, loss: any bad option or file has stopped it by then):
+    with --overwrite, remove the old run; make the folders; clean our stale temporaries."""
+    out = Path(cfg.out)
     if cfg.overwrite:
         import shutil
         for f in RUN_FILES:
@@ -385,9 +404,6 @@ def prepare_out(cfg: TrainConfig) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
         raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
     for path in remove_stale_temporaries(out) + remove_stale_temporaries(out / "samples"):
@@ -604,7 +620,7 @@ def train(cfg: TrainConfig) -> Path:
     cfg = dataclasses.replace(cfg, backend=choose_backend(cfg.backend, device))
     out = Path(cfg.out)
     if rank == 0:
-        prepare_out(cfg)
+        check_out(cfg)
     config = get_preset(cfg.preset) if cfg.k is None else get_preset(cfg.preset).replace(k=cfg.k)
     res = cfg.res or config.resolution
     try:
@@ -649,6 +665,7 @@ def train(cfg: TrainConfig) -> Path:
     amp_dtype = DTYPES[cfg.amp] if cfg.amp != "off" else None
 
     if rank == 0:
+        prepare_out(cfg)  # everything above could still stop the run: only now is --overwrite's old run removed
         log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
                  f", backend {model.backend}, amp {cfg.amp}")
         log.info(f"  model  {config.name} {list(config.widths)} k={config.k}, "

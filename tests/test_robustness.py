@@ -62,6 +62,22 @@ def test_training_into_an_existing_run_refuses_then_overwrite_restarts(tmp_path,
     assert steps_in(out) == [1, 2] and torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
 
 
+def test_a_run_stopped_by_bad_data_keeps_the_disk_as_it_was(tmp_path, capsys):
+    """--overwrite removes the old run only once the new one is set up: a typo in --data (or any
+    bad option or file found while setting up) stops it with the old run intact; a new --out that
+    fails the same way is never created."""
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "2", *SMALL]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    bad = ["--data", f"pairs:{tmp_path / 'nope'},{tmp_path / 'nope'}"]
+    assert train_main(["--out", out, "--steps", "2", "--overwrite", *bad, *SMALL]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert train_main(["--out", tmp_path / "new" / "run", "--steps", "2", *bad, *SMALL]) == 1
+    assert train_main(["--out", tmp_path / "new2", "--steps", "2", *SMALL, "--res", "30x64"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_atomic_files_get_the_permissions_open_would_give(tmp_path, tiny_ckpt, umask):
     from crn_fast.images import save_png
