@@ -63,10 +63,12 @@ def load_generator_for(args, device):
     return model
 
 
-def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
+def plan(files: list[Path], config, size, out_dir: Path) -> list[tuple[Path, tuple[int, int]]]:
     """The cheap first pass: each file's header (readable, its size after --res) and unique output
-    names. Nothing is decoded or kept but (path, size)."""
+    names, none of them an input file (--out the labels' own folder). Nothing is decoded or kept
+    but (path, size)."""
     by_name: dict[str, Path] = {}
+    inputs = {f.resolve() for f in files}
     out = []
     if size:
         try:
@@ -79,6 +81,9 @@ def plan(files: list[Path], config, size) -> list[tuple[Path, tuple[int, int]]]:
             raise UsageError(f"{by_name[name]} and {f} would both be written as {name}; rename one or synthesize "
                              f"them into different --out folders")
         by_name[name] = f
+        if (out_dir / name).resolve() in inputs:
+            raise UsageError(f"--out {out_dir} would overwrite the layout {out_dir / name} with an image; write the "
+                             f"images to another folder")
         hw = size or _open_header(f)
         try:
             config.validate_input_size(*hw)
@@ -94,8 +99,8 @@ def synthesize(args) -> list[Path]:
     files = label_files(Path(args.labels))
     model = load_generator_for(args, device)
     config = model.config
-    todo = plan(files, config, args.res)
     out_dir = Path(args.out)
+    todo = plan(files, config, args.res, out_dir)
     from .checkpoint import remove_stale_temporaries
     for f in remove_stale_temporaries(out_dir, "*.png"):
         log.info(f"removed {f} (left by an interrupted crn-synthesize)")

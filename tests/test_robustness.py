@@ -129,6 +129,23 @@ def test_synthesize_refuses_two_labels_with_one_output_name(tmp_path, tiny_ckpt,
     assert not (tmp_path / "o").exists()
 
 
+def test_synthesize_never_writes_over_its_own_layouts(tmp_path, tiny_ckpt, capsys):
+    """--out the labels' own folder would replace each PNG layout by its image (it did, silently):
+    refused before anything is written, however the folder is spelled; other names may share it."""
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(labels / "000.png")
+    before = (labels / "000.png").read_bytes()
+    for out in (labels, tmp_path / "labels" / ".." / "labels"):
+        assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "would overwrite the layout" in err and "another folder" in err and one_line(err), err
+    assert (labels / "000.png").read_bytes() == before and sorted(labels.iterdir()) == [labels / "000.png"]
+    (labels / "000.png").rename(labels / "000.bmp")  # its image, 000.png, is no layout: written beside it
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(labels), "--no-progress"]) == 0
+    assert sorted(p.name for p in labels.iterdir()) == ["000.bmp", "000.png"]
+
+
 # ----------------------------------------------------------------------------- bad data, found early
 def test_unknown_colour_is_found_before_the_first_step(tmp_path, capsys):
     root = write_pairs(tmp_path / "p", n=12)
