@@ -459,7 +459,7 @@ def load_resume_point(cfg: TrainConfig, config, model) -> dict:
         what = describe_run(out) if out.is_dir() else "nothing"
         raise CRNError(f"--resume: {out} has no train_state.pt to resume from ({what or 'empty folder'}); "
                        f"start again with --overwrite" + (f", or keep the weights with --overwrite --init-from "
-                                                          f"<a copy of {out / 'model.ckpt'}>"
+                                                          f"{out / 'model.ckpt'}"
                                                           if (out / 'model.ckpt').is_file() else ""))
     state = load_train_state(state_path)
     check_resume_state(state, state_path, cfg, config)

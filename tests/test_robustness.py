@@ -103,8 +103,9 @@ def test_a_run_without_train_state_says_what_is_there_and_stale_temporaries_go(t
     stale.write_bytes(b"\0" * 1000)
     assert train_main(["--out", out, "--steps", "2", "--resume", *SMALL]) == 1
     err = capsys.readouterr().err
-    assert "no train_state.pt" in err and "model.ckpt" in err and "--overwrite" in err and one_line(err)
-    assert train_main(["--out", out, "--steps", "1", "--overwrite", *SMALL]) == 0
+    assert "no train_state.pt" in err and f"--overwrite --init-from {out / 'model.ckpt'}" in err and one_line(err)
+    # the advice works as given: the old weights are read before --overwrite removes the old run
+    assert train_main(["--out", out, "--steps", "1", "--overwrite", "--init-from", out / "model.ckpt", *SMALL]) == 0
     assert not stale.exists() and not list(out.glob(".*.tmp"))
 
 
