@@ -125,6 +125,12 @@ def main(argv=None) -> int:
     setup_logging(args)
     if Path(args.out).is_dir():
         ap.error(f"output {args.out} is a folder; give a file name, e.g. {Path(args.out) / 'model.ckpt'}")
+    from .tf_checkpoint import _checkpoint_prefix
+    prefix, out = _checkpoint_prefix(args.checkpoint).resolve(), Path(args.out).resolve()
+    if out.parent == prefix.parent and (out.name == f"{prefix.name}.index" or
+                                        out.name.startswith(f"{prefix.name}.data-")):
+        ap.error(f"output {args.out} is a file of the TensorFlow checkpoint being converted; give another name, "
+                 f"e.g. {Path(args.out).with_name(prefix.parent.name + '.ckpt')}")
     name = args.name or Path(args.checkpoint).resolve().parent.name or "converted"
 
     def run():

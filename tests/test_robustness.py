@@ -250,6 +250,20 @@ def test_convert_tf_into_a_folder_is_a_usage_error(tmp_path):
     assert code == 2 and "is a folder" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("out", ["model.ckpt.index", "model.ckpt.data-00000-of-00001"])
+def test_convert_tf_never_writes_over_the_checkpoint_it_reads(tmp_path, out):
+    """An output named like a file of the TF checkpoint would replace it (the index was overwritten
+    by the converted generator, silently): a usage error, with every file of the checkpoint kept."""
+    import shutil
+    from conftest import FIXTURES
+    tf = tmp_path / "tf"
+    shutil.copytree(FIXTURES / "tf_crn", tf)
+    before = {p.name: p.read_bytes() for p in tf.iterdir()}
+    code, err = cli("-m", "crn_fast.convert_tf", tf / "model.ckpt", tmp_path / "tf" / ".." / "tf" / out)
+    assert code == 2 and "is a file of the TensorFlow checkpoint being converted" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in tf.iterdir()} == before
+
+
 def test_a_full_disk_is_named(tmp_path):
     """/dev/full answers every write with ENOSPC, as a full disk does."""
     from crn_fast.cli import run_tool
