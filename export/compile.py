@@ -96,26 +96,29 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
         m = CastingGenerator(m, DTYPES[dtype]).eval()
     cfg = model.config
     dynamic_batch = bool(max_batch and max_batch > batch)
-    # A realistic layout: with an all-void example and the casting wrapper, Inductor (torch 2.13,
-    # CPU) produced a package that was wrong on other inputs (max error 94 on 0..255). A dynamic
-    # batch needs an example batch of 2 or more (torch.export specialises sizes 0 and 1).
-    example = verification_layouts(tuple(size), cfg.num_classes, count=max(batch, 2 if dynamic_batch else 1))
-    # AOTInductor bakes the example's strides into the package without a runtime check: an input with
-    # other strides is read wrongly (measured: max error 150 on 0..255 for a channels_last-strided
-    # one_hot layout fed to a package exported from a contiguous one). The package takes contiguous
-    # NCHW layouts, as the sidecar says; load_aoti's runner makes its input contiguous.
-    example = example.to(device).contiguous()
-    dynamic = None
+    dynamic, trace = None, list(size)
     if min_size or max_size or dynamic_batch:
         s = cfg.stride
         lo, hi = min_size or size, max_size or size
         dims = {}
         if dynamic_batch:
             dims[0] = Dim("batch", min=1, max=max_batch)
-        if lo != hi:
-            dims[2] = s * Dim("h", min=lo[0] // s, max=hi[0] // s)
-            dims[3] = s * Dim("w", min=lo[1] // s, max=hi[1] // s)
+        for i, name in enumerate("hw"):  # a side whose range holds one size stays static
+            if lo[i] != hi[i]:
+                dims[2 + i] = s * Dim(name, min=lo[i] // s, max=hi[i] // s)
+                # traced at 2 strides or more: at one stride the coarsest level is 1 pixel high or wide,
+                # a size torch.export specialises (the package would then refuse every other size)
+                trace[i] = max(size[i], min(2 * s, hi[i]))
         dynamic = {"layout": dims} if dims else None
+    # A realistic layout: with an all-void example and the casting wrapper, Inductor (torch 2.13,
+    # CPU) produced a package that was wrong on other inputs (max error 94 on 0..255). A dynamic
+    # batch needs an example batch of 2 or more (torch.export specialises sizes 0 and 1).
+    example = verification_layouts(tuple(trace), cfg.num_classes, count=max(batch, 2 if dynamic_batch else 1))
+    # AOTInductor bakes the example's strides into the package without a runtime check: an input with
+    # other strides is read wrongly (measured: max error 150 on 0..255 for a channels_last-strided
+    # one_hot layout fed to a package exported from a contiguous one). The package takes contiguous
+    # NCHW layouts, as the sidecar says; load_aoti's runner makes its input contiguous.
+    example = example.to(device).contiguous()
     with torch.no_grad(), quiet_torch_export():
         program = torch.export.export(m, (example,), dynamic_shapes=dynamic)
         out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))

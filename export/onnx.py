@@ -103,10 +103,14 @@ def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: i
     m = onnx_model_for_export(model, dtype)
     cfg = m.config
     s = cfg.stride
-    hmax, wmax = max_size or (max(example_size[0], 4096), max(example_size[1], 8192))
+    # traced at 2 strides or more a side: at one stride the coarsest level is 1 pixel high or wide,
+    # a size torch.export specialises (the graph would then hold for that size only); the model
+    # exported runs at any multiple of the stride, one included (verify() checks the sizes asked for)
+    trace = (max(example_size[0], 2 * s), max(example_size[1], 2 * s))
+    hmax, wmax = max_size or (max(trace[0], 4096), max(trace[1], 8192))
     batch = Dim("batch", min=1, max=max_batch)
-    h, w = Dim("h", min=1, max=max(1, hmax // s)), Dim("w", min=1, max=max(1, wmax // s))
-    example = torch.zeros(2, cfg.num_classes, *example_size)
+    h, w = Dim("h", min=1, max=max(2, hmax // s)), Dim("w", min=1, max=max(2, wmax // s))
+    example = torch.zeros(2, cfg.num_classes, *trace)
     example[:, -1] = 1
     with torch.no_grad(), quiet_torch_export():
         program = torch.onnx.export(m, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
