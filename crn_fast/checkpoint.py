@@ -113,8 +113,14 @@ def save_generator(model, path: str | os.PathLike, extra: dict | None = None) ->
 
 
 def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, torch.Tensor], dict]:
-    """(config, state_dict, extra metadata) of a crn_fast generator file, with clear errors."""
+    """(config, state_dict, extra metadata) of a crn_fast generator file, with clear errors; or of
+    the authors' TensorFlow checkpoints (``.../512p/model.ckpt``, its prefix), read through
+    convert_tf as crn-convert-tf reads them, so every tool takes those too."""
     from safetensors import SafetensorError, safe_open
+    from .tf_checkpoint import is_tf_checkpoint
+    if is_tf_checkpoint(path):
+        from .convert_tf import read_tf_generator
+        return read_tf_generator(path)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
@@ -131,6 +137,10 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied (the file is not readable by this user)") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        import zipfile
+        if zipfile.is_zipfile(path):  # what torch.save writes: a training run's train_state.pt, say
+            raise CheckpointError(f"{path} is a PyTorch file (torch.save), not a crn_fast generator; a training "
+                                  f"run's generator is the model.ckpt beside its train_state.pt") from None
         raise CheckpointError(f"{path} is not a readable crn_fast checkpoint (corrupt, truncated or another "
                               f"format): {' '.join(str(e).split())[:300]}") from None
     try:

@@ -99,16 +99,25 @@ def tf_to_state_dict(ckpt: TFCheckpoint, config: CRNConfig) -> dict[str, torch.T
     return state
 
 
-def convert(src, dst, name: str = "converted"):
+def read_tf_generator(src, name: str | None = None) -> tuple[CRNConfig, dict[str, torch.Tensor], dict]:
+    """(config, state_dict, extra) of the generator in TF checkpoint ``src`` (its prefix, its
+    .index or a data shard), as checkpoint.read_generator_file gives them for a crn_fast file: the
+    architecture inferred from the variable shapes, every needed shard checked before a tensor is
+    read. ``name``: the config's name (default: the checkpoint's folder, e.g. "512p")."""
+    ckpt = TFCheckpoint(src)
+    config = infer_config(ckpt.shapes(), name or ckpt.prefix.resolve().parent.name or "converted")
+    ckpt.check_shards(list(generator_variables(ckpt.shapes())))
+    return config, tf_to_state_dict(ckpt, config), {"converted_from": str(ckpt.prefix)}
+
+
+def convert(src, dst, name: str | None = None):
     """Convert TF checkpoint ``src`` (prefix) to crn_fast file ``dst``; nothing is written on error."""
     from .checkpoint import save_generator
     from .model import CRN
-    ckpt = TFCheckpoint(src)
-    config = infer_config(ckpt.shapes(), name)
-    ckpt.check_shards(list(generator_variables(ckpt.shapes())))
+    config, state, extra = read_tf_generator(src, name)
     model = CRN(config)
-    model.load_state_dict(tf_to_state_dict(ckpt, config), strict=True)
-    save_generator(model, dst, extra={"converted_from": str(ckpt.prefix)})
+    model.load_state_dict(state, strict=True)
+    save_generator(model, dst, extra=extra)
     return model
 
 
@@ -131,12 +140,10 @@ def main(argv=None) -> int:
                                         out.name.startswith(f"{prefix.name}.data-")):
         ap.error(f"output {args.out} is a file of the TensorFlow checkpoint being converted; give another name, "
                  f"e.g. {Path(args.out).with_name(prefix.parent.name + '.ckpt')}")
-    name = args.name or Path(args.checkpoint).resolve().parent.name or "converted"
-
     def run():
         from .checkpoint import remove_stale_temporaries
         remove_stale_temporaries(Path(args.out).parent, Path(args.out).name)  # left by a killed conversion
-        c = convert(args.checkpoint, args.out, name).config
+        c = convert(args.checkpoint, args.out, args.name).config
         log.info(f"wrote {args.out}: {c.num_modules} modules, widths {list(c.widths)}, {c.num_classes} layout "
                  f"channels, k={c.k}, nominal {c.resolution[0]}x{c.resolution[1]}")
     return run_tool("crn-convert-tf", run)

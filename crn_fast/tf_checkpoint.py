@@ -257,6 +257,17 @@ def _checkpoint_prefix(path: str | os.PathLike) -> Path:
     return p
 
 
+def is_tf_checkpoint(path: str | os.PathLike) -> bool:
+    """Does ``path`` name a TF checkpoint (its prefix, its .index or a data shard) rather than a
+    file of its own (a file named like the prefix, say model.ckpt beside model.ckpt.index, is
+    read as the file it is)?"""
+    p = Path(path)
+    if p.is_file() and not (p.name.endswith(".index") or ".data-" in p.name):
+        return False
+    prefix = _checkpoint_prefix(p)
+    return prefix.with_name(prefix.name + ".index").is_file()
+
+
 class TFCheckpoint:
     """Random access to the tensors of a TF V2 checkpoint given its prefix (``.../model.ckpt``)."""
 

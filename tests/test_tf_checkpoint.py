@@ -71,6 +71,34 @@ def test_tf_written_checkpoint_converts_and_matches_tf_output(tmp_path):
     assert err < 0.05, f"max abs error {err} on the 0..255 scale"
 
 
+def test_every_tool_loads_the_tf_checkpoint_itself(tmp_path, capsys):
+    """load_generator (so crn-synthesize, crn-export and --init-from) takes the authors' checkpoint as
+    released: its prefix, .index or data shard gives the converted file's config and weights; a file
+    named like the prefix is still read as the file it is."""
+    assert convert_main([str(TF_FIXTURE / "model.ckpt"), str(tmp_path / "m.ckpt")]) == 0
+    want = load_generator(tmp_path / "m.ckpt")
+    for path in ("model.ckpt", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
+        got = load_generator(TF_FIXTURE / path)
+        assert got.config == want.config and got.config.name == "tf_crn"
+        assert all(torch.equal(v, want.state_dict()[k]) for k, v in got.state_dict().items())
+    from crn_fast.synthesize import main as synth_main
+    ids = np.load(TF_FIXTURE / "expected.npz")["layout_ids"]
+    from PIL import Image
+    Image.fromarray(ids.astype(np.uint8)).save(tmp_path / "layout.png")
+    assert synth_main([str(TF_FIXTURE / "model.ckpt"), "--labels", str(tmp_path / "layout.png"), "--out",
+                       str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "layout.png").is_file()
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    for f in TF_FIXTURE.glob("model.ckpt.*"):
+        (shadow / f.name).write_bytes(f.read_bytes())
+    (shadow / "model.ckpt").write_bytes((tmp_path / "m.ckpt").read_bytes())
+    assert load_generator(shadow / "model.ckpt").config.name == want.config.name  # the file, not the prefix
+    torch.save({"step": 1}, tmp_path / "train_state.pt")
+    with pytest.raises(CheckpointError, match="a PyTorch file \\(torch.save\\), not a crn_fast generator"):
+        load_generator(tmp_path / "train_state.pt")
+
+
 def test_the_fixture_layout_is_what_crn_fast_decodes_from_the_real_label(shared):
     from crn_fast.data import decode_label
     ids = decode_label(shared / "labels" / "cityscapes_256" / "00100027.png")
