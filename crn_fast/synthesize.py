@@ -212,7 +212,8 @@ def main(argv=None) -> int:
         ap.error(f"--fused-head needs --backend triton (the fused head is a Triton kernel), "
                  f"got --backend {args.backend}")
     if not args.ckpt and args.backend != "tensorrt":
-        ap.error("a checkpoint is required: crn-synthesize model.ckpt ... (convert TF checkpoints with crn-convert-tf)")
+        ap.error("a checkpoint is required: crn-synthesize model.ckpt ... (a crn_fast generator file, or the "
+                 "authors' TF checkpoint prefix, e.g. models/512p/model.ckpt)")
     setup_logging(args)
 
     def run():
