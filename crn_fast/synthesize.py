@@ -162,7 +162,8 @@ def png_level(text: str) -> int:
 def build_parser():
     ap = argparse.ArgumentParser(prog="crn-synthesize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", nargs="?", default=None, help="crn_fast generator file (model.ckpt)")
+    ap.add_argument("checkpoint", nargs="?", default=None,
+                    help="crn_fast generator file (model.ckpt), or the authors' TF checkpoint prefix")
     ap.add_argument("--ckpt", default=None, help="the same, as an option")
     ap.add_argument("--labels", required=True, help="a label PNG or a folder of them")
     ap.add_argument("--out", required=True, help="output folder")

@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="eager torch ops or fused Triton kernels; auto: triton on a CUDA device, eager elsewhere (default)")
     a("--checkpointing", action="store_true", help="activation checkpointing per refinement module")
     a("--init-from", default=None, help="progressive training: copy every module of this lower-resolution "
-      "crn_fast checkpoint; the new top module and head start fresh")
+      "generator (a crn_fast model.ckpt or the authors' TF checkpoint prefix); the new top module and head start "
+      "fresh")
     a("--train-modules", default=None, help="train only these modules, e.g. '7,8,head' or '5-8,head' (default: all)")
     a("--out", default="runs/demo", help="output folder (default runs/demo)")
     g = ap.add_mutually_exclusive_group()

@@ -42,7 +42,7 @@ WORK_PREFIX = ".crn-export-"
 def build_parser():
     ap = argparse.ArgumentParser(prog="crn-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="crn_fast generator file (model.ckpt)")
+    ap.add_argument("checkpoint", help="crn_fast generator file (model.ckpt), or the authors' TF checkpoint prefix")
     ap.add_argument("--onnx", action="store_true", help="ONNX model (onnxruntime, TensorRT)")
     ap.add_argument("--trt", action="store_true", help="TensorRT engine (implies building the ONNX model)")
     ap.add_argument("--compile", action="store_true", help="AOTInductor package (torch.export + Inductor)")
