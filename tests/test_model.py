@@ -191,7 +191,7 @@ def test_corrupt_truncated_and_foreign_checkpoints(tmp_path):
     from safetensors.torch import save_file
     save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     for name, msg in [("trunc.ckpt", "not a readable"), ("garbage.ckpt", "not a readable"),
-                      ("torch.pt", "not a readable"), ("other.safetensors", "not a crn_fast generator"),
+                      ("torch.pt", r"a PyTorch file \(torch.save\), not a crn_fast generator"), ("other.safetensors", "not a crn_fast generator"),
                       ("missing.ckpt", "does not exist")]:
         with pytest.raises(CheckpointError, match=msg):
             load_generator(tmp_path / name)
