@@ -81,7 +81,8 @@ def pipeline_stages(files, out: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--files", type=positive_int, default=10, help="the small folder; the large one has 10x (default 10)")
+    ap.add_argument("--files", type=positive_int, default=10,
+                    help="the small folder; the large one has 10x (default 10)")
     ap.add_argument("--res", default="1024x2048")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

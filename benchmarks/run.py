@@ -492,7 +492,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--res", default="1024x2048", help="HxW (default 1024x2048)")
     ap.add_argument("--preset", default=None, help="default: the preset whose top module matches --res")
-    ap.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=1, help="layouts per pass (default 1)")
+    ap.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=1,
+                    help="layouts per pass (default 1)")
     ap.add_argument("--backends", default=None, help=f"comma list of {', '.join(ALL_BACKENDS)} (default: all)")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
     ap.add_argument("--formats", default=None, help="comma list of nchw,channels_last (default: both on GPU, "
@@ -501,7 +502,8 @@ def parse_args(argv=None):
                     "BACKEND:DTYPE:FORMAT, in the order to run them (e.g. triton-cudagraph:bf16:channels_last)")
     ap.add_argument("--train-backends", default=None, help="--train: comma list of eager, triton, compile, "
                     "triton-compile (default: all)")
-    ap.add_argument("--warmup", type=non_negative_int, default=None, help="default: 3 on GPU (10 if fast), 0 on CPU at 2 MP")
+    ap.add_argument("--warmup", type=non_negative_int, default=None,
+                    help="default: 3 on GPU (10 if fast), 0 on CPU at 2 MP")
     ap.add_argument("--iters", type=positive_int, default=None, help="default: 20 on GPU; on CPU 3 (1 at >= 512x1024)")
     ap.add_argument("--max-seconds", type=positive_float, default=3600, help="bound on the whole run (default 3600)")
     ap.add_argument("--device", default=None, help="default: cuda if available")

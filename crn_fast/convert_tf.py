@@ -140,6 +140,7 @@ def main(argv=None) -> int:
                                         out.name.startswith(f"{prefix.name}.data-")):
         ap.error(f"output {args.out} is a file of the TensorFlow checkpoint being converted; give another name, "
                  f"e.g. {Path(args.out).with_name(prefix.parent.name + '.ckpt')}")
+
     def run():
         from .checkpoint import remove_stale_temporaries
         remove_stale_temporaries(Path(args.out).parent, Path(args.out).name)  # left by a killed conversion
