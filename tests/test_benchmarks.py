@@ -460,7 +460,7 @@ def test_training_profile_splits_one_step_by_phase_and_stage(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--res", "63x128", "--preset", "tiny"], ["--res", "abc"], ["--preset", "nope"]])
-def test_profilers_reject_a_bad_shape_in_one_line(argv, capsys):
+def test_profilers_reject_a_bad_shape_in_one_line(argv, capsys, tmp_path):
     """A resolution or preset the profilers cannot run: argparse's one-line error naming what is
     wrong and what would be valid, exit 2, nothing written."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -468,10 +468,10 @@ def test_profilers_reject_a_bad_shape_in_one_line(argv, capsys):
     import profile_train
     for script in (profile_train, profile_stages):
         with pytest.raises(SystemExit) as e:
-            script.main(argv + ["--out", "/nonexistent/never"])
+            script.main(argv + ["--out", str(tmp_path / "never" / "p")])
         err = capsys.readouterr().err.strip().splitlines()  # argparse: the usage, then the error
         assert e.value.code == 2 and ": error: " in err[-1] and "Traceback" not in "".join(err), err
-        assert ("e.g." in err[-1] or "valid" in err[-1]) and not Path("/nonexistent").exists(), err
+        assert ("e.g." in err[-1] or "valid" in err[-1]) and not (tmp_path / "never").exists(), err
 
 
 @pytest.mark.parametrize("script, argv, msg", [
