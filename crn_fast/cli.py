@@ -17,7 +17,7 @@ import time
 import warnings
 
 from .constants import EXIT_RUNTIME, EXIT_USAGE
-from .errors import CRNError, UsageError
+from .errors import CRNError, RankStopped, UsageError
 
 log = logging.getLogger("crn_fast")
 
@@ -70,18 +70,31 @@ def run_tool(prog: str, fn, *args) -> int:
     try:
         rc = fn(*args)
         return 0 if rc is None else int(rc)
-    except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except CRNError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except OSError as e:
-        print(f"{prog}: error: {describe_os_error(e)}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except RankStopped as e:  # another rank failed: rank 0 names it, the rest say nothing more
+        if not e.quiet:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (CRNError, OSError) as e:
+        code, message = describe_failure(e)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_failure(e: Exception) -> tuple[int, str]:
+    """The exit status and the one line a tool prints for ``e``; for anything else (a bug, whose
+    traceback is shown where it happened) its type and message."""
+    if isinstance(e, RankStopped):
+        return e.exit_code, str(e)
+    if isinstance(e, UsageError):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, CRNError):
+        return EXIT_RUNTIME, str(e)
+    if isinstance(e, OSError):
+        return EXIT_RUNTIME, describe_os_error(e)
+    return EXIT_RUNTIME, f"{type(e).__name__}: {e}"
 
 
 def describe_os_error(e: OSError) -> str:

@@ -11,3 +11,12 @@ class UsageError(CRNError):
 
 class CheckpointError(CRNError):
     """A checkpoint file is missing, truncated, corrupt or not what it claims to be."""
+
+
+class RankStopped(CRNError):
+    """This rank stops because another rank of the same run failed (``crn_fast.distributed``). Rank 0
+    says which rank and why; the other ranks exit quietly; all with the failed rank's exit status."""
+
+    def __init__(self, message: str, exit_code: int, quiet: bool):
+        super().__init__(message)
+        self.exit_code, self.quiet = exit_code, quiet

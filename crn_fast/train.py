@@ -42,6 +42,7 @@ from .cli import Progress, add_logging_options, cpu_cores, log, non_negative_int
 from .config import get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
+from .distributed import setup_distributed, shutdown
 from .errors import CheckpointError, CRNError, UsageError
 from .images import OrderedWrites, sample_sheet, save_png_copies
 from .labels import one_hot
@@ -338,22 +339,6 @@ def loader_workers(workers: int | None, device) -> int:
     return max(1, min(8, cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
-def setup_distributed():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -614,38 +599,48 @@ def _quiet_tensorboard_thread() -> None:
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> Path:
     """Train a generator as ``cfg`` says; returns the output folder."""
-    cfg.validate()
     # --- setup: distributed, output folder, model, data, loss, optimizer -------------------------
-    rank, world, device = setup_distributed()
-    # "auto" is settled here, so the run's options (and what --resume compares) name what ran
-    cfg = dataclasses.replace(cfg, backend=choose_backend(cfg.backend, device))
+    # Under torchrun, whatever can fail on one rank alone runs in ranks.together(): if it fails on
+    # any rank, every rank stops there, in one line, with the disk as it was (crn_fast.distributed).
+    ranks = setup_distributed()
+    rank, world, device = ranks.rank, ranks.world, ranks.device
+    with ranks.together():  # the options, and the output folder (rank 0)
+        cfg.validate()
+        # "auto" is settled here, so the run's options (and what --resume compares) name what ran
+        cfg = dataclasses.replace(cfg, backend=choose_backend(cfg.backend, device))
+        if rank == 0:
+            check_out(cfg)
+        config = get_preset(cfg.preset) if cfg.k is None else get_preset(cfg.preset).replace(k=cfg.k)
+        res = cfg.res or config.resolution
+        try:
+            config.validate_input_size(*res)
+        except CRNError as e:
+            raise UsageError(f"--res: {e}") from None
     out = Path(cfg.out)
-    if rank == 0:
-        check_out(cfg)
-    config = get_preset(cfg.preset) if cfg.k is None else get_preset(cfg.preset).replace(k=cfg.k)
-    res = cfg.res or config.resolution
-    try:
-        config.validate_input_size(*res)
-    except CRNError as e:
-        raise UsageError(f"--res: {e}") from None
     kind = cfg.loss or ("diversity" if config.k > 1 else "perceptual")
     lambdas = cfg.lambdas or ("256p" if kind == "diversity" else "1024p")
     torch.manual_seed(cfg.seed)
 
-    model = CRN(config, backend=cfg.backend, checkpointing=cfg.checkpointing)
-    state = load_resume_point(cfg, config, model) if cfg.resume else None
-    start = int(state["step"]) if state else 0
-    if cfg.init_from and not cfg.resume:
-        log.info(f"init-from {cfg.init_from}: copied {', '.join(init_from(model, cfg.init_from))}")
-    trainable = parse_train_modules(cfg.train_modules, config.num_modules)
-    if trainable is not None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(name.startswith(t + ".") for t in trainable))
-
-    dataset = make_dataset(cfg.data, res, cfg.seed, cfg.split, cfg.skip_bad, cfg.unknown_colors, cfg.scan_labels)
-    for msg in dataset.skipped:
-        log.warning(f"skipped: {msg}")
-    vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)
+    with ranks.together():  # the files every rank reads: the resume point, the weights, the data
+        model = CRN(config, backend=cfg.backend, checkpointing=cfg.checkpointing)
+        state = load_resume_point(cfg, config, model) if cfg.resume else None
+        start = int(state["step"]) if state else 0
+        if cfg.init_from and not cfg.resume:
+            copied = init_from(model, cfg.init_from)
+            if rank == 0:
+                log.info(f"init-from {cfg.init_from}: copied {', '.join(copied)}")
+        trainable = parse_train_modules(cfg.train_modules, config.num_modules)
+        if trainable is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(any(name.startswith(t + ".") for t in trainable))
+        dataset = make_dataset(cfg.data, res, cfg.seed, cfg.split, cfg.skip_bad, cfg.unknown_colors,
+                               cfg.scan_labels)
+        for msg in dataset.skipped if rank == 0 else ():  # every rank finds the same
+            log.warning(f"skipped: {msg}")
+        vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)
+        total = cfg.steps if cfg.steps is not None else \
+            math.ceil(cfg.epochs * (len(dataset) // cfg.batch_size)) if cfg.epochs is not None else DEFAULT_STEPS
+        sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, cfg.seed, start, total)
     criterion = CRNLoss(vgg, kind, lambdas)
     model.to(device).train()
     criterion.to(device)
@@ -654,35 +649,33 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     if state is not None:
         restore_training_state(state, opt, scaler, criterion, device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None) if world > 1 else model
 
-    total = cfg.steps if cfg.steps is not None else \
-        math.ceil(cfg.epochs * (len(dataset) // cfg.batch_size)) if cfg.epochs is not None else DEFAULT_STEPS
-    sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, cfg.seed, start, total)
     workers = loader_workers(cfg.workers, device)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     amp_dtype = DTYPES[cfg.amp] if cfg.amp != "off" else None
 
-    if rank == 0:
-        prepare_out(cfg)  # everything above could still stop the run: only now is --overwrite's old run removed
-        log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
-                 f", backend {model.backend}, amp {cfg.amp}")
-        log.info(f"  model  {config.name} {list(config.widths)} k={config.k}, "
-                 f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable params, training at {res[0]}x{res[1]}")
-        log.info(f"  data   {dataset.describe()}, global batch {cfg.batch_size}, steps {start}->{total}, "
-                 f"{workers} loader worker(s)")
-        log.info(f"  loss   {kind}, lambdas {lambdas}, VGG-19 weights: {vgg.source}")
-        log.info(f"  out    {out}" + (f" (resumed at step {start})" if cfg.resume else ""))
-        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "backend_used": model.backend,
-                                                     "model": config.to_dict()}, indent=2))
-        if cfg.resume:
-            truncate_metrics(out / "metrics.jsonl", start)
+    with ranks.together():  # only now, with every rank set up, is --overwrite's old run removed
+        if rank == 0:
+            fixed = [dataset[i] for i in range(min(4, len(dataset)))]  # the sample sheets' layouts and images
+            fixed_ids = torch.stack([f[0] for f in fixed]).to(device)
+            fixed_img = torch.stack([f[1] for f in fixed])
+            prepare_out(cfg)
+            log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
+                     f", backend {model.backend}, amp {cfg.amp}")
+            log.info(f"  model  {config.name} {list(config.widths)} k={config.k}, "
+                     f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable params, training at {res[0]}x{res[1]}")
+            log.info(f"  data   {dataset.describe()}, global batch {cfg.batch_size}, steps {start}->{total}, "
+                     f"{workers} loader worker(s)")
+            log.info(f"  loss   {kind}, lambdas {lambdas}, VGG-19 weights: {vgg.source}")
+            log.info(f"  out    {out}" + (f" (resumed at step {start})" if cfg.resume else ""))
+            (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "backend_used": model.backend,
+                                                         "model": config.to_dict()}, indent=2))
+            if cfg.resume:
+                truncate_metrics(out / "metrics.jsonl", start)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None) if world > 1 else model
     tensorboard = TensorBoardLog(out) if rank == 0 else None
-    fixed = [dataset[i] for i in range(min(4, len(dataset)))]
-    fixed_ids = torch.stack([f[0] for f in fixed]).to(device)
-    fixed_img = torch.stack([f[1] for f in fixed])
 
     def checkpoint(step):
         save_train_state(out / "train_state.pt", {
@@ -707,10 +700,15 @@ def train(cfg: TrainConfig) -> Path:
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t_last, seen, step = time.perf_counter(), 0, start
     watch = FirstNonFinite(device)
-    for ids, target in batches(loader):
+    loading = batches(loader)
+    while True:
+        with ranks.together():  # a bad file in one rank's share of the data stops every rank
+            batch = next(loading, None)
+        if batch is None:
+            break
         # Nothing in a step reads a value back from the device, so on a GPU the host queues the
         # next step (and loads its batch) while this one runs. The loop waits only when it reports.
-        ids, target = ids.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        ids, target = (t.to(device, non_blocking=True) for t in batch)
         loss, terms = train_step(ddp, criterion, opt, scaler, one_hot(ids, config.num_classes), target, amp_dtype)
         step += 1
         seen += ids.shape[0] * world
@@ -720,56 +718,48 @@ def train(cfg: TrainConfig) -> Path:
         if not scaler.is_enabled():  # fp16 scaling skips such steps itself
             watch.update(loss, step)
         due = [step % every == 0 or step == total for every in (cfg.log_every, cfg.sample_every, cfg.save_every)]
-        if any(due):  # on every rank, before anything is logged or saved: the last good state stays
-            watch.check(step, out / "train_state.pt")
-        logs, sample, save = (d and rank == 0 for d in due)
         loss_val = None
-        if logs:
-            loss_val, *term_vals = torch.stack([loss.float(), *terms.values()]).tolist()  # one wait
+        if any(due):
+            with ranks.together():  # a NaN, or rank 0's failed write, stops every rank
+                # on every rank, before anything is logged or saved: the last good state stays
+                watch.check(step, out / "train_state.pt")
+                logs, sample, save = (d and rank == 0 for d in due)
+                if logs:
+                    loss_val, *term_vals = torch.stack([loss.float(), *terms.values()]).tolist()  # one wait
+                    now = time.perf_counter()
+                    rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in zip(terms, term_vals)},
+                           "images_per_s": seen / max(now - t_last, 1e-9), "peak_memory_mb": peak_memory_mb(device),
+                           "lr": cfg.lr}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    if tensorboard is not None:
+                        tensorboard.scalars({k: v for k, v in rec.items() if k != "step"}, step)
+                    t_last, seen = now, 0
+                if sample:
+                    samples(step)
+                if save:
+                    checkpoint(step)
         bar.update(1, **({} if loss_val is None else {"loss": f"{loss_val:.3f}"}))
-        # --- log, sample, checkpoint (rank 0) ----------------------------------------------------
-        if logs:
-            now = time.perf_counter()
-            rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in zip(terms, term_vals)},
-                   "images_per_s": seen / max(now - t_last, 1e-9), "peak_memory_mb": peak_memory_mb(device),
-                   "lr": cfg.lr}
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            if tensorboard is not None:
-                tensorboard.scalars({k: v for k, v in rec.items() if k != "step"}, step)
-            t_last, seen = now, 0
-        if sample:
-            samples(step)
-        if save:
-            checkpoint(step)
 
     # --- the end ----------------------------------------------------------------------------------
     bar.close()
-    if rank == 0:
-        metrics.close()
-        if step == start:  # nothing to do (already at --steps): still leave the files in place
-            checkpoint(step)
-            samples(step)
-        sheets.close()  # the last sheet written (and given to TensorBoard), or its error raised
-        if tensorboard is not None:
-            tensorboard.close()
-        log.info(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
-    if dist.is_initialized():
-        spread = ranks_spread(model)
+    with ranks.together():
+        if rank == 0:
+            metrics.close()
+            if step == start:  # nothing to do (already at --steps): still leave the files in place
+                checkpoint(step)
+                samples(step)
+            sheets.close()  # the last sheet written (and given to TensorBoard), or its error raised
+            if tensorboard is not None:
+                tensorboard.close()
+            log.info(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
+    if world > 1:
+        spread = ranks.weight_spread(model)
         if rank == 0:
             log.info(f"ranks in sync: max |weight difference| between ranks = {spread:g}")
             (out / "ddp.json").write_text(json.dumps({"world_size": world, "max_weight_spread": spread}))
         dist.barrier()
     return out
-
-
-def ranks_spread(model) -> float:
-    """Largest difference of any weight between ranks (0 when DDP kept them identical)."""
-    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-    hi, lo = flat.clone(), flat.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    return float((hi - lo).max())
 
 
 def main(argv=None) -> int:
@@ -779,8 +769,7 @@ def main(argv=None) -> int:
     try:
         return run_tool(ap.prog, lambda: train(config_from_args(args)) and None)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
 
 if __name__ == "__main__":

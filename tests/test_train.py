@@ -14,7 +14,7 @@ from crn_fast import CRN, CRNConfig, load_generator, save_generator
 from crn_fast.train import init_from, main as train_main, parse_train_modules
 from crn_fast.synthesize import main as synth_main
 
-from test_data import write_cityscapes
+from test_data import write_cityscapes, write_pairs
 
 SMALL = ["--resolution", "32x64", "--batch-size", "2", "--no-progress", "--log-every", "1"]
 
@@ -86,6 +86,48 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     s1 = load_generator(tmp_path / "one" / "model.ckpt").state_dict()
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], atol=2e-5, rtol=1e-4)
+
+
+def torchrun_lines(r) -> list[str]:
+    """crn_fast's own lines on stderr (torchrun's warnings and its failure report left out)."""
+    return [line for line in r.stderr.splitlines() if "crn_fast.train" in line and "torch/distributed" not in line
+            and not line.lstrip().startswith(("File", "Failures", "crn_fast.train FAILED"))]
+
+
+def test_ddp_a_run_refused_by_rank_0_stops_every_rank_in_one_line(tmp_path):
+    """Only rank 0 checks --out. Before, rank 1 went on into DDP and died on the closed connection
+    with a gloo traceback (with NCCL it would have waited for its timeout)."""
+    common = ["--steps", "1", "--resolution", "32x64", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
+    assert train_main(common) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crn_fast.train", *common])
+    assert r.returncode != 0
+    assert torchrun_lines(r) == [f"python -m crn_fast.train: error: {tmp_path} already holds a run (train_state.pt at "
+                                 "step 1); continue it with --resume, or replace it with --overwrite"], r.stderr
+    assert "[rank1]" not in r.stderr and "Connection closed" not in r.stderr and "exitcode  : 2" in r.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_ddp_a_bad_file_in_one_ranks_share_stops_both_ranks(tmp_path):
+    """Rank 1's first batch holds a cut image (found only when loaded): rank 1 names the file, rank 0
+    says that rank 1 stopped the run, and neither is left waiting in DDP's all-reduce."""
+    from crn_fast.train import StepBatches
+    root = write_pairs(tmp_path / "p", n=6, size=(32, 64))
+    # a seed whose first global batch gives rank 1 a sample outside the 4 of the sample sheets
+    seed = next(s for s in range(100) if list(StepBatches(6, 2, 1, 2, s, 0, 1))[0][0] >= 4)
+    (bad,) = list(StepBatches(6, 2, 1, 2, seed, 0, 1))[0]
+    image = root / "images" / f"{bad:08d}.jpg"  # noisy, so that half of it keeps the whole header
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(image)
+    image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crn_fast.train",
+             "--data", f"pairs:{root / 'labels'},{root / 'images'}", "--seed", str(seed), "--steps", "2",
+             "--out", str(tmp_path / "run"), *SMALL, "-q"])
+    assert r.returncode != 0
+    mine, rank1 = torchrun_lines(r), [line for line in torchrun_lines(r) if "rank 1 stopped the run" not in line]
+    assert len(mine) == 2 and len(rank1) == 1 and image.name in rank1[0], r.stderr
+    assert f"python -m crn_fast.train: error: rank 1 stopped the run: {rank1[0].split('error: ', 1)[1]}" in mine
+    assert "[rank0]" not in r.stderr and "Connection closed" not in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text()  # stopped before the first step
 
 
 def test_fake_cityscapes_trains(tmp_path):

@@ -1,0 +1,106 @@
+"""One run in several processes (torchrun): set up, stop together, compare the weights.
+
+Ranks must stop at the same point. One that leaves alone strands the others in their next
+collective: with NCCL until its timeout, with gloo in a traceback about a closed connection that
+hides the real error. So whatever can fail on one rank alone (an option rank 0 checks, a bad file in
+one rank's share of the data, rank 0's writes) runs in ``Ranks.together()``: each rank says whether
+it failed, and if one did, every rank stops there. The first rank that failed prints its own error;
+rank 0, if it is not that rank, prints one line naming it; the other ranks exit quietly. Every rank
+exits with the failed rank's status. A failure inside a step's collectives (out of memory in the
+backward, say) is not covered: the others are already waiting in DDP's all-reduce.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .cli import describe_failure
+from .errors import RankStopped
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world: int
+    device: torch.device
+    group: object = None  # a gloo group for the host's decisions (None: the default group, or one process)
+    stopping: bool = False  # the ranks agreed to stop: see shutdown()
+
+    @contextlib.contextmanager
+    def together(self):
+        """Run the block on every rank; if it failed on any rank, stop every rank here."""
+        failure = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - settled across the ranks, then raised again
+            failure = e
+        self.settle(failure)
+
+    def settle(self, failure: Exception | None) -> None:
+        if self.world == 1:
+            if failure is not None:
+                raise failure
+            return
+        # one small all-reduce on the host (gloo) when nothing failed, the usual case
+        flag = torch.tensor([int(failure is not None)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if not flag.item():
+            return
+        self.stopping = True
+        said = [None] * self.world
+        dist.all_gather_object(said, None if failure is None else describe_failure(failure), group=self.group)
+        first = next(r for r, s in enumerate(said) if s is not None)
+        if self.rank == first:
+            raise failure
+        code, message = said[first]
+        raise RankStopped(f"rank {first} stopped the run: {message}", code, quiet=self.rank != 0)
+
+    def weight_spread(self, model) -> float:
+        """Largest difference of any weight between ranks (0 when DDP kept them identical)."""
+        flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        return float((hi - lo).max())
+
+
+def setup_distributed() -> Ranks:
+    """torchrun's process group (NCCL on GPUs, gloo on CPU), or one process when WORLD_SIZE is unset."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    global _ranks
+    if _ranks is None or (_ranks.rank, _ranks.world) != (rank, world):
+        group = None
+        if world > 1 and dist.get_backend() != "gloo":  # decisions stay on the host: no device sync per step
+            group = dist.new_group(backend="gloo")
+        _ranks = Ranks(rank, world, device, group)
+    return _ranks
+
+
+_ranks: Ranks | None = None
+
+
+def shutdown() -> None:
+    """End the process group (a command line tool's last step). After a stop the ranks agreed on,
+    first wait until every rank has printed its line: torchrun ends the other ranks as soon as one
+    exits, which would cut rank 0's message."""
+    global _ranks
+    if dist.is_initialized():
+        if _ranks is not None and _ranks.stopping:
+            dist.barrier(group=_ranks.group)
+        dist.destroy_process_group()
+    _ranks = None
