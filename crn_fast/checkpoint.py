@@ -123,6 +123,10 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
         return read_tf_generator(path)
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            inside = [f"{path / n}" for n in ("model.ckpt",) if (path / n).is_file()]
+            raise CheckpointError(f"checkpoint {path} is a folder, not a generator file" +
+                                  (f"; the run's generator is {inside[0]}" if inside else ""))
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
                               else f"checkpoint {path} is not a file")
     try:

@@ -202,6 +202,10 @@ def _need_dir(path: Path, what: str) -> Path:
 
 def cityscapes_pairs(root: Path, split: str = "train", skip_bad: bool = False):
     """Official layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/{split}/{city}/*_gtFine_*.png."""
+    if not (root / "leftImg8bit" / split).is_dir() and (root / "leftImg8bit").is_dir():
+        splits = sorted(d.name for d in (root / "leftImg8bit").iterdir() if d.is_dir())
+        raise DataError(f"Cityscapes split {split!r} not found: no folder {root / 'leftImg8bit' / split}; the "
+                        f"splits there: {', '.join(splits) if splits else 'none'} (--split)")
     img_root = _need_dir(root / "leftImg8bit" / split, "Cityscapes images folder")
     gt_root = _need_dir(root / "gtFine" / split, "Cityscapes gtFine folder")
     images = sorted(img_root.glob("*/*_leftImg8bit.png"))

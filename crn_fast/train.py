@@ -131,18 +131,19 @@ class TrainConfig:
 
 def parse_lambdas(value):
     """None, a preset name, 'auto', six numbers, or their comma-separated text."""
-    if value is None or isinstance(value, (tuple, list)):
-        return tuple(float(v) for v in value) if value is not None else None
-    if value in LAMBDA_PRESETS or value == "auto":
+    if value is None or (isinstance(value, str) and (value in LAMBDA_PRESETS or value == "auto")):
         return value
     try:
-        numbers = tuple(float(v) for v in str(value).split(","))
-    except ValueError:
+        numbers = tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
         raise UsageError(f"--lambdas {value!r}: give {', '.join(LAMBDA_PRESETS)}, auto, or {len(TERM_NAMES)} "
                          f"comma-separated numbers ({', '.join(TERM_NAMES)})") from None
-    if len(numbers) != len(TERM_NAMES) or not all(math.isfinite(v) and v >= 0 for v in numbers):
-        raise UsageError(f"--lambdas {value!r}: needs {len(TERM_NAMES)} finite numbers >= 0 "
-                         f"({', '.join(TERM_NAMES)}), got {len(numbers)}")
+    if len(numbers) != len(TERM_NAMES):
+        raise UsageError(f"--lambdas {value!r}: needs {len(TERM_NAMES)} numbers ({', '.join(TERM_NAMES)}), "
+                         f"got {len(numbers)}")
+    bad = [f"{name} {v:g}" for name, v in zip(TERM_NAMES, numbers) if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise UsageError(f"--lambdas {value!r}: each weight must be a finite number >= 0, not {', '.join(bad)}")
     return numbers
 
 

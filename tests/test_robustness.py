@@ -5,6 +5,7 @@ Every tool answers a bad option or a fault with one line on stderr and its docum
 """
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -15,12 +16,13 @@ import torch
 from PIL import Image
 
 from crn_fast import CRN, CRNConfig, CheckpointError, load_generator, save_generator
+from crn_fast.errors import UsageError
 from crn_fast.labels import PALETTE, TRAIN_ID, VOID, VOID_COLORS, one_hot
 from crn_fast.train import TrainConfig, main as train_main, train
 from crn_fast.synthesize import main as synth_main
 
 from released_models import ADAM_SLOTS, INDEX_ENTRIES, variables
-from test_data import write_pairs
+from test_data import write_cityscapes, write_pairs
 
 SMALL = ["--res", "32x64", "--batch-size", "2", "--no-progress", "--log-every", "1", "-q"]
 
@@ -236,6 +238,29 @@ def test_training_options_are_usage_errors(tmp_path, args, msg):
     code, err = cli("-m", "crn_fast.train", "--out", tmp_path / "run", "--no-progress", *args)
     assert code == 2 and msg in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("lambdas,msg", [
+    ("1,2,3", "needs 6 numbers (pixel, conv1_2, conv2_2, conv3_2, conv4_2, conv5_2), got 3"),
+    ("1,2,3,4,-5,inf", "each weight must be a finite number >= 0, not conv4_2 -5, conv5_2 inf"),
+    ((1.0, 2.0), "needs 6 numbers"),  # from Python too: TrainConfig(lambdas=...) is checked the same way
+    ([0, 0, 0, 0, 0, float("nan")], "not conv5_2 nan"), (5, "give 1024p, 256p, auto, or 6"),
+])
+def test_bad_loss_weights_name_the_weight(lambdas, msg):
+    with pytest.raises(UsageError, match=re.escape(msg)):
+        TrainConfig(lambdas=lambdas).validate()
+    assert TrainConfig(lambdas=[1, 0, 0, 0, 0, 2]).validate().lambdas == (1.0, 0.0, 0.0, 0.0, 0.0, 2.0)
+
+
+def test_a_folder_or_a_missing_split_says_what_is_there(tmp_path):
+    from crn_fast.checkpoint import read_generator_file
+    from crn_fast.data import DataError, make_dataset
+    with pytest.raises(CheckpointError, match=re.escape(f"the run's generator is {tmp_path / 'model.ckpt'}")):
+        save_generator(CRN(CRNConfig(widths=(8, 6, 4), k=1)), tmp_path / "model.ckpt")
+        read_generator_file(tmp_path)  # --init-from runs/256p, say
+    root = write_cityscapes(tmp_path / "cs")
+    with pytest.raises(DataError, match="split 'valid' not found: .* the splits there: train \\(--split\\)"):
+        make_dataset(f"cityscapes:{root}", split="valid")
 
 
 def test_unwritable_out_is_one_line(tmp_path):
