@@ -125,10 +125,13 @@ def check_options(args, cfg) -> dict:
         if not (lo[0] <= r[0] <= hi[0] and lo[1] <= r[1] <= hi[1]):
             raise UsageError(f"{name} {r[0]}x{r[1]} is outside --min-res {lo[0]}x{lo[1]} .. --max-res "
                              f"{hi[0]}x{hi[1]}; choose min <= res <= max in both height and width")
-    if args.max_batch is not None and args.max_batch < args.batch or \
-            args.min_batch is not None and args.min_batch > args.batch:
-        raise UsageError(f"batch sizes must satisfy --min-batch <= --batch <= --max-batch, got "
-                         f"{args.min_batch} / {args.batch} / {args.max_batch}")
+    bmin = args.batch if args.min_batch is None else args.min_batch
+    bmax = args.batch if args.max_batch is None else args.max_batch
+    if not bmin <= args.batch <= bmax:
+        given = (("--min-batch", args.min_batch), ("--batch", args.batch), ("--max-batch", args.max_batch))
+        said = [f"{name} {v}" for name, v in given if v is not None]
+        raise UsageError(f"batch sizes must satisfy --min-batch <= --batch <= --max-batch (each range end defaults "
+                         f"to --batch), got {', '.join(said)}")
     opset = args.opset or DEFAULT_OPSET[args.dtype]
     if args.onnx or args.trt:
         try:
@@ -191,6 +194,8 @@ def run(args) -> int:
         profile = make_profile(cfg.num_classes, cfg.stride, opt_res, min_res, max_res, args.batch,
                                args.min_batch, args.max_batch)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; the artefacts go into a folder (default: exported)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_work_dirs(out)

@@ -134,7 +134,8 @@ def test_trt_without_tensorrt_fails_cleanly(ckpt, tmp_path):
     ("maxres", "outside --min-res 64x128 .. --max-res 32x64", 2), ("opset16", "need opset 17 or later", 2),
     ("bf16opset", "bf16 ONNX models need opset 22", 2), ("minmax", "--min-res 64x128 is larger than --max-res 32x64", 2),
     ("nan", "must be a finite number >= 0", 2), ("negative", "must be a finite number >= 0", 2),
-    ("badres", "is not HEIGHTxWIDTH", 2),
+    ("badres", "is not HEIGHTxWIDTH", 2), ("batch", "got --batch 8, --max-batch 4", 2),
+    ("outfile", "is a file, not a folder", 2),
 ])
 def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, msg, code):
     out = tmp_path / "out"
@@ -173,10 +174,15 @@ def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, 
         args += ["--tolerance", "-1"]
     elif case == "badres":
         args += ["--res", "big"]
+    elif case == "batch":
+        args += ["--batch", "8", "--max-batch", "4"]  # --min-batch unset: not named ('None' before)
+    elif case == "outfile":
+        out.write_bytes(b"x")
+        args[3] = out
     rc, err = cli(*args)
     assert rc == code and msg in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 or code == 2 and "usage:" in err  # argparse prints its usage line
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists() or (out.read_bytes() == b"x" if case == "outfile" else not any(out.iterdir()))
 
 
 def test_tensorrt_profile_and_precision_logic():
