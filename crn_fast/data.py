@@ -23,6 +23,9 @@ from .synthetic import render_scene
 DATA_FORMS = "synthetic | cityscapes:ROOT | crn:ROOT | pairs:LABEL_DIR,IMAGE_DIR"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SCAN_MODES = ("auto", "always", "never")
+# a Cityscapes frame's gtFine files, and those that are layouts, in the order one is chosen
+CITYSCAPES_GT = re.compile(r"(.+)_gtFine_(labelTrainIds|labelIds|color|instanceIds)\.png")
+CITYSCAPES_LAYOUTS = ("labelTrainIds", "labelIds", "color")
 SCAN_AUTO_LIMIT = 1000  # --scan-labels auto decodes every label up front for datasets up to this size
 log = logging.getLogger("crn_fast")
 # what PIL raises for an unknown format, cut data, a broken chunk or a decompression bomb
@@ -215,13 +218,12 @@ def cityscapes_pairs(root: Path, split: str = "train", skip_bad: bool = False):
     for img in images:
         stem = img.name[: -len("_leftImg8bit.png")]
         base = gt_root / img.parent.name / stem
-        train_ids, label_ids = Path(f"{base}_gtFine_labelTrainIds.png"), Path(f"{base}_gtFine_labelIds.png")
-        if train_ids.is_file():
-            pairs.append((train_ids, img, "train_ids"))
-        elif label_ids.is_file():
-            pairs.append((label_ids, img, "label_ids"))
+        label = next((f for kind in CITYSCAPES_LAYOUTS[:2] if (f := Path(f"{base}_gtFine_{kind}.png")).is_file()), None)
+        if label is not None:
+            pairs.append((label, img, label_kind(label)))
         else:
-            missing.append(f"{img}: no label {label_ids.name} (or *_labelTrainIds.png) in {label_ids.parent}")
+            missing.append(f"{img}: no label {stem}_gtFine_labelIds.png (or *_labelTrainIds.png) in "
+                           f"{base.parent}")
     return pairs, missing
 
 
@@ -294,13 +296,44 @@ def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train"
     return ds
 
 
-def label_files(path: Path) -> list[Path]:
-    """Label images to synthesize from: one file or every image in a folder."""
+def label_files(path: Path, exclude: Path | None = None) -> list[Path]:
+    """Label images to synthesize from: one file; every image in a folder; or, in a folder with no
+    image of its own, every image in its subfolders (Cityscapes' gtFine/val/{city}/), except those
+    under ``exclude`` (the output folder). A Cityscapes frame gives one layout, not one per file
+    beside it: its labelTrainIds, else labelIds, else colour PNG (never its instanceIds)."""
     if path.is_file():
         return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-        if files:
-            return files
-        raise DataError(f"{path}: no label images ({', '.join(IMAGE_EXTS)})")
-    raise DataError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    if (path / "gtFine").is_dir() and (path / "leftImg8bit").is_dir():
+        splits = sorted(d.name for d in (path / "gtFine").iterdir() if d.is_dir()) or ["val"]
+        raise DataError(f"{path} is a Cityscapes root (photographs and labels): give its labels, e.g. --labels "
+                        f"{path / 'gtFine' / ('val' if 'val' in splits else splits[0])}")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        skip = exclude.resolve() if exclude is not None else None
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file() and
+                       (skip is None or not p.resolve().is_relative_to(skip)))
+    files = one_layout_per_frame(files)
+    if not files:
+        raise DataError(f"{path}: no label images ({', '.join(IMAGE_EXTS)}) in it or its subfolders")
+    return files
+
+
+def one_layout_per_frame(files: list[Path]) -> list[Path]:
+    """Of each Cityscapes frame's gtFine files (``{frame}_gtFine_{kind}.png``) keep one layout, in
+    CITYSCAPES_LAYOUTS' order; other files stay as they are, in order."""
+    best: dict[tuple[Path, str], int] = {}
+    for f in files:
+        m = CITYSCAPES_GT.fullmatch(f.name)
+        if m and m.group(2) in CITYSCAPES_LAYOUTS:
+            rank = CITYSCAPES_LAYOUTS.index(m.group(2))
+            best[f.parent, m.group(1)] = min(rank, best.get((f.parent, m.group(1)), rank))
+    keep = []
+    for f in files:
+        m = CITYSCAPES_GT.fullmatch(f.name)
+        if m is None:
+            keep.append(f)
+        elif m.group(2) in CITYSCAPES_LAYOUTS and CITYSCAPES_LAYOUTS.index(m.group(2)) == best[f.parent, m.group(1)]:
+            keep.append(f)
+    return keep

@@ -4,8 +4,9 @@
     crn-synthesize --backend tensorrt --engine generator.engine --labels DIR --out DIR
 
 Labels are read like training labels: Cityscapes colour PNGs (the authors' format), palette PNGs,
-greyscale train-id PNGs, or Cityscapes *_labelIds.png. One PNG per layout, named after it; with
-k > 1 the k images side by side. Values are clipped to 0..255.
+greyscale train-id PNGs, or Cityscapes *_labelIds.png. --labels is a file, a folder, or a folder of
+folders (Cityscapes' gtFine/val: one layout per frame, its labelIds; see data.label_files). One PNG
+per layout, named after it; with k > 1 the k images side by side. Values are clipped to 0..255.
 
 A folder is streamed: a first pass reads only the file headers (sizes, and two labels that would
 write the same output name), then layouts are decoded, synthesized and written one batch at a
@@ -96,7 +97,7 @@ def plan(files: list[Path], config, size, out_dir: Path) -> list[tuple[Path, tup
 
 def synthesize(args) -> list[Path]:
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    files = label_files(Path(args.labels))
+    files = label_files(Path(args.labels), exclude=Path(args.out))
     model = load_generator_for(args, device)
     config = model.config
     out_dir = Path(args.out)

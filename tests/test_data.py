@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crn_fast.data import DataError, SyntheticStreets, decode_label, make_dataset
+from crn_fast.data import DataError, SyntheticStreets, decode_label, label_files, make_dataset
 from crn_fast.errors import UsageError
 from crn_fast.labels import PALETTE, TRAIN_ID, VOID, one_hot
 from crn_fast.synthetic import render_scene
@@ -68,6 +68,18 @@ def test_cityscapes_official_layout(tmp_path):
     assert set(ids.unique().tolist()) <= {0, 1, 2, 8, 10, 13, VOID}
     root2 = write_cityscapes(tmp_path / "cs2", train_ids=True)
     assert make_dataset(f"cityscapes:{root2}")[0][0].unique().tolist() == [3]  # labelTrainIds preferred
+
+
+def add_cityscapes_extras(root):
+    """What the real gtFine folders hold beside each labelIds PNG: instance ids (16-bit, 26001 is car
+    instance 1), the colour rendering and the polygons."""
+    for f in sorted(root.rglob("*_gtFine_labelIds.png")):
+        frame = f.name[: -len("_labelIds.png")]
+        size = Image.open(f).size[::-1]
+        Image.fromarray(np.full(size, 26001, np.uint16)).save(f.parent / f"{frame}_instanceIds.png")
+        Image.fromarray(PALETTE[np.zeros(size, int)]).save(f.parent / f"{frame}_color.png")
+        (f.parent / f"{frame}_polygons.json").write_text("{}")
+    return root
 
 
 def write_pairs(root, n=3, size=(16, 32)):
@@ -156,3 +168,29 @@ def test_empty_folder_and_unknown_form(tmp_path):
         make_dataset("imagenet:/x")
     with pytest.raises(DataError, match="does not exist"):
         make_dataset(f"cityscapes:{tmp_path / 'nope'}")
+
+
+def test_label_files_take_one_layout_per_cityscapes_frame_from_its_subfolders(tmp_path):
+    """crn-synthesize --labels gtFine/val: the cities' subfolders are read, and of each frame's four
+    gtFine files only the labelIds PNG is a layout (the instanceIds PNG used to fail, and the colour
+    PNG made a second output); labelTrainIds wins where present, the colour PNG where it is alone."""
+    root = add_cityscapes_extras(write_cityscapes(tmp_path / "cs", n=4, split="val"))
+    with pytest.raises(DataError, match=f"is a Cityscapes root .* --labels {root / 'gtFine' / 'val'}$"):
+        label_files(root)
+    val = root / "gtFine" / "val"
+    names = [f.name for f in label_files(val)]
+    assert names == [f"{c}_{i:06d}_000019_gtFine_labelIds.png" for c, i in
+                     (("aachen", 1), ("aachen", 3), ("bremen", 0), ("bremen", 2))]
+    assert [f.name for f in label_files(val / "aachen")] == names[:2]
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(val / "aachen" / "aachen_000001_000019_gtFine_labelTrainIds.png")
+    for f in (val / "bremen").glob("bremen_000000_*_gtFine_labelIds.png"):
+        f.unlink()
+    assert [f.name for f in label_files(val)] == [
+        "aachen_000001_000019_gtFine_labelTrainIds.png", names[1], "bremen_000000_000019_gtFine_color.png", names[3]]
+    # a folder with images of its own is read as it is, not its subfolders; the output folder never
+    (val / "out").mkdir()
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(val / "out" / "earlier_output.png")
+    assert "earlier_output.png" not in [f.name for f in label_files(val, exclude=val / "out")]
+    assert [f.name for f in label_files(val / "out")] == ["earlier_output.png"]
+    with pytest.raises(DataError, match="no label images .* in it or its subfolders"):
+        label_files((tmp_path / "empty" / "sub").mkdir(parents=True) or tmp_path / "empty")

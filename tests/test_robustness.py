@@ -22,7 +22,7 @@ from crn_fast.train import TrainConfig, main as train_main, train
 from crn_fast.synthesize import main as synth_main
 
 from released_models import ADAM_SLOTS, INDEX_ENTRIES, variables
-from test_data import write_cityscapes, write_pairs
+from test_data import add_cityscapes_extras, write_cityscapes, write_pairs
 
 SMALL = ["--res", "32x64", "--batch-size", "2", "--no-progress", "--log-every", "1", "-q"]
 
@@ -147,6 +147,19 @@ def test_synthesize_never_writes_over_its_own_layouts(tmp_path, tiny_ckpt, capsy
     (labels / "000.png").rename(labels / "000.bmp")  # its image, 000.png, is no layout: written beside it
     assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(labels), "--no-progress"]) == 0
     assert sorted(p.name for p in labels.iterdir()) == ["000.bmp", "000.png"]
+
+
+def test_synthesize_a_cityscapes_label_folder_as_it_is_shipped(tmp_path, tiny_ckpt):
+    """--labels gtFine/val: one image per frame from its labelIds, through the cities' folders; run
+    again with --out inside it, the earlier outputs are not read as layouts."""
+    val = add_cityscapes_extras(write_cityscapes(tmp_path / "cs", n=3, size=(64, 128), split="val")) / "gtFine" / "val"
+    for out in (tmp_path / "o", val / "o", val / "o"):
+        assert synth_main([str(tiny_ckpt), "--labels", str(val), "--out", str(out), "--no-progress", "-q"]) == 0
+        assert sorted(p.name for p in out.iterdir()) == [
+            "aachen_000001_000019_gtFine_labelIds.png", "bremen_000000_000019_gtFine_labelIds.png",
+            "bremen_000002_000019_gtFine_labelIds.png"]
+    assert (val / "o" / "bremen_000000_000019_gtFine_labelIds.png").read_bytes() == \
+        (tmp_path / "o" / "bremen_000000_000019_gtFine_labelIds.png").read_bytes()
 
 
 # ----------------------------------------------------------------------------- bad data, found early
