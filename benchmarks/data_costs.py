@@ -2,7 +2,8 @@
 apart (streaming: bounded by --batch-size, not by the folder), the same folder with --workers 0
 (all in the main thread), the CPU stages crn-synthesize runs beside the generator (decoding a
 layout, writing a PNG at zlib levels 6 and 1) in one thread and in its default thread count, and the
-up-front label scan of training (--scan-labels) per 2048x1024 colour label.
+up-front label scan of training (--scan-labels) per 2048x1024 colour label, in one thread and in
+the threads crn-train gives it.
 
     python benchmarks/data_costs.py [--files 10] [--res 1024x2048]     # writes results/data_costs_<device>.json
 """
@@ -25,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import device_label, machine_info  # noqa: E402
 
 from crn_fast import CRN, CRNConfig, save_generator  # noqa: E402
-from crn_fast.cli import positive_int  # noqa: E402
+from crn_fast.cli import cores_per_rank, positive_int  # noqa: E402
 from crn_fast.config import parse_resolution  # noqa: E402
-from crn_fast.data import decode_label  # noqa: E402
+from crn_fast.data import PairDataset, decode_label  # noqa: E402
 from crn_fast.images import save_png  # noqa: E402
 from crn_fast.synthesize import default_workers  # noqa: E402
 from crn_fast.labels import PALETTE  # noqa: E402
@@ -110,15 +111,17 @@ def main():
         stages = pipeline_stages(files, tmp / f"out_{args.files}_None")
         print("per image, 1 thread vs " + str(stages["threads"]) + ": " + ", ".join(
             f"{k} {v:.0f}" for k, v in stages.items() if k != "threads"), flush=True)
-        t0 = time.perf_counter()
-        for f in files:
-            decode_label(f)
-        scan_ms = (time.perf_counter() - t0) / len(files) * 1e3
-        print(f"label scan: {scan_ms:.1f} ms per {h}x{w} colour label "
-              f"(Cityscapes train, 2975 labels: {2975 * scan_ms / 1e3:.0f} s)")
+        scan = {}
+        for threads in sorted({1, cores_per_rank()}):  # what crn-train runs: the dataset's own check
+            t0 = time.perf_counter()
+            PairDataset([(f, None, "auto") for f in files], scan="always", threads=threads)
+            scan[threads] = (time.perf_counter() - t0) / len(files) * 1e3
+            print(f"label scan, {threads} thread(s): {scan[threads]:.1f} ms per {h}x{w} colour label "
+                  f"(Cityscapes train, 2975 labels: {2975 * scan[threads] / 1e3:.0f} s)")
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     out.write_text(json.dumps({"machine": machine_info("cpu"), "resolution": [h, w], "synthesize": rows,
-                               "synthesize_stages_ms_per_image": stages, "scan_ms_per_label": scan_ms}, indent=2))
+                               "synthesize_stages_ms_per_image": stages, "scan_ms_per_label": scan[1],
+                               "scan_ms_per_label_by_threads": scan}, indent=2))
     print(f"wrote {out}")
 
 

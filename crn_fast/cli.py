@@ -112,6 +112,11 @@ def cpu_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def cores_per_rank() -> int:
+    """This process's share of its cores when torchrun runs several ranks on the node (LOCAL_WORLD_SIZE)."""
+    return max(1, cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def _int_at_least(lowest: int):
     def parse(text: str) -> int:
         try:

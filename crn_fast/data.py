@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,35 +131,42 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, pairs, resolution=None, skip_bad: bool = False, unknown_colors: str = "error",
-                 name: str = "pairs", scan: str = "auto"):
+                 name: str = "pairs", scan: str = "auto", threads: int = 1):
         if scan not in SCAN_MODES:
             raise DataError(f"--scan-labels {scan!r}: valid: {', '.join(SCAN_MODES)}")
         self.resolution, self.unknown_colors, self.name, self.skip_bad = resolution, unknown_colors, name, skip_bad
         self.skipped: list[str] = []
         self.scanned = scan == "always" or scan == "auto" and len(pairs) <= SCAN_AUTO_LIMIT
         good = []
-        for label, image, kind in pairs:
-            try:
-                self._check(label, image)
-                if self.scanned:
-                    decode_label(label, kind, unknown_colors)  # full decode: bad colours and cut files now
-                good.append((label, image, kind))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                self.skipped.append(str(e))
+        # the checks run in `threads` threads (PIL and numpy release the GIL), in order: the first bad
+        # pair stops the rest at once unless skip_bad
+        for pair, problem in zip(pairs, in_threads(self._problem, pairs, threads)):
+            if problem is None:
+                good.append(pair)
+            elif not skip_bad:
+                raise DataError(problem)
+            else:
+                self.skipped.append(problem)
         if not good:
             raise DataError(f"{name}: no usable label/image pairs" + (f" ({len(self.skipped)} skipped)"
                                                                        if self.skipped else ""))
         self.pairs = good
 
-    @staticmethod
-    def _check(label: Path, image: Path | None):
-        lab = _open_header(label)
-        if image is not None:
-            img = _open_header(image)
-            if lab != img:
-                raise DataError(f"{label} is {lab[0]}x{lab[1]} but its image {image} is {img[0]}x{img[1]}")
+    def _problem(self, pair) -> str | None:
+        """What is wrong with a pair (None: nothing): a missing or unreadable file, sizes that differ,
+        and, when scanned, a label that does not decode (bad colours, cut data)."""
+        label, image, kind = pair
+        try:
+            lab = _open_header(label)
+            if image is not None:
+                img = _open_header(image)
+                if lab != img:
+                    raise DataError(f"{label} is {lab[0]}x{lab[1]} but its image {image} is {img[0]}x{img[1]}")
+            if self.scanned:
+                decode_label(label, kind, self.unknown_colors)
+        except DataError as e:
+            return str(e)
+        return None
 
     def __len__(self):
         return len(self.pairs)
@@ -185,6 +193,19 @@ class PairDataset(torch.utils.data.Dataset):
         s = f"{self.name} ({len(self.pairs)} pairs"
         s += ", labels scanned up front" if self.scanned else ", labels checked when loaded (--scan-labels always)"
         return s + (f", {len(self.skipped)} skipped)" if self.skipped else ")")
+
+
+def in_threads(fn, items, threads: int):
+    """``fn`` over ``items``, results in order, in ``threads`` threads (1: this one). Leaving the
+    loop early cancels the calls not yet started."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="crn-scan")
+    try:
+        yield from pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _open_header(path: Path) -> tuple[int, int]:
@@ -269,8 +290,9 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
 
 
 def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train", skip_bad: bool = False,
-                 unknown_colors: str = "error", scan: str = "auto"):
-    """Build the dataset named by a ``--data`` spec (see DATA_FORMS)."""
+                 unknown_colors: str = "error", scan: str = "auto", threads: int = 1):
+    """Build the dataset named by a ``--data`` spec (see DATA_FORMS); its files are checked in
+    ``threads`` threads."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
         return SyntheticStreets(resolution or (64, 128), seed)
@@ -289,7 +311,7 @@ def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train"
         raise DataError(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                         "; pass --skip-bad to train on the rest")
     try:
-        ds = PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}", scan=scan)
+        ds = PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}", scan=scan, threads=threads)
     except DataError as e:
         raise DataError(f"{e} (or --skip-bad to leave bad files out)") from None
     ds.skipped = missing + ds.skipped

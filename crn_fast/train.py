@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_generator, load_train_state, remove_stale_temporaries, save_generator, \
     save_train_state
-from .cli import Progress, add_logging_options, cpu_cores, log, non_negative_int, positive_float, positive_int, \
+from .cli import Progress, add_logging_options, cores_per_rank, log, non_negative_int, positive_float, positive_int, \
     resolution, run_tool, setup_logging
 from .config import get_preset
 from .constants import DTYPES
@@ -337,7 +337,7 @@ def loader_workers(workers: int | None, device) -> int:
         return workers
     if torch.device(device).type != "cuda":
         return 0
-    return max(1, min(8, cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    return min(8, cores_per_rank())
 
 
 def peak_memory_mb(device) -> float:
@@ -635,7 +635,7 @@ def train(cfg: TrainConfig) -> Path:
             for name, p in model.named_parameters():
                 p.requires_grad_(any(name.startswith(t + ".") for t in trainable))
         dataset = make_dataset(cfg.data, res, cfg.seed, cfg.split, cfg.skip_bad, cfg.unknown_colors,
-                               cfg.scan_labels)
+                               cfg.scan_labels, threads=cores_per_rank())  # before training: every core
         for msg in dataset.skipped if rank == 0 else ():  # every rank finds the same
             log.warning(f"skipped: {msg}")
         vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)

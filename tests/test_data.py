@@ -1,4 +1,6 @@
 """Datasets and bad-data reporting."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +196,28 @@ def test_label_files_take_one_layout_per_cityscapes_frame_from_its_subfolders(tm
     assert [f.name for f in label_files(val / "out")] == ["earlier_output.png"]
     with pytest.raises(DataError, match="no label images .* in it or its subfolders"):
         label_files((tmp_path / "empty" / "sub").mkdir(parents=True) or tmp_path / "empty")
+
+
+def test_the_up_front_check_runs_in_threads_with_the_same_outcome(tmp_path, monkeypatch):
+    """make_dataset(threads=N) (crn-train: the cores of its rank) checks and decodes the labels in N
+    threads: the same pairs kept, the same skipped files in the same order, and without skip_bad the
+    first bad pair in the folder's order is the error, the checks after it cancelled."""
+    root = write_pairs(tmp_path / "p", n=40)
+    for i in (5, 17):  # an unknown colour, and a label of another size than its image
+        Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(root / "labels" / f"{i:08d}.png")
+    Image.fromarray(PALETTE[np.zeros((8, 32), int)]).save(root / "labels" / "00000030.png")
+    spec = f"pairs:{root / 'labels'},{root / 'images'}"
+    one, four = (make_dataset(spec, skip_bad=True, scan="always", threads=t) for t in (1, 4))
+    assert one.pairs == four.pairs and one.skipped == four.skipped and len(four.pairs) == 37
+    assert "00000005" in four.skipped[0] and "00000017" in four.skipped[1] and "is 8x32 but" in four.skipped[2]
+    import crn_fast.data as data
+    calls, real = [], data.decode_label
+
+    def slow_decode(path, *args):  # every label after the first bad one takes a while
+        calls.append(path.name)
+        time.sleep(0 if path.name <= "00000005.png" else 0.05)
+        return real(path, *args)
+    monkeypatch.setattr(data, "decode_label", slow_decode)
+    with pytest.raises(DataError, match="00000005.png"):
+        make_dataset(spec, scan="always", threads=4)
+    assert len(calls) < 40, "the checks after the first bad pair were not cancelled"

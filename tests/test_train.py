@@ -354,7 +354,7 @@ def test_loader_workers_default_to_the_cores_on_a_gpu_and_to_none_on_a_cpu(monke
     (one a core, shared by the node's torchrun ranks, at most 8); on a CPU none. A given --workers
     always wins. It does not change the data (each sample depends on its index only)."""
     from crn_fast.train import loader_workers
-    monkeypatch.setattr("crn_fast.train.cpu_cores", lambda: 16)
+    monkeypatch.setattr("crn_fast.cli.cpu_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert loader_workers(None, "cpu") == 0 and loader_workers(3, torch.device("cpu")) == 3
     assert loader_workers(None, torch.device("cuda", 1)) == 8 and loader_workers(0, "cuda") == 0
