@@ -3,6 +3,7 @@
 Exit codes (the same for crn-train, crn-synthesize, crn-export, crn-convert-tf, benchmarks/run.py):
     0  done                       1  runtime error (bad file, no GPU, disk full, ...)
     2  usage error (bad option)   3  verification failed (crn-export)
+    128 + N  crn-train stopped by signal N (SIGTERM 143, Ctrl-C 130), its state saved
 Errors are one line on stderr, ``<prog>: error: <what is wrong and what would be valid>``.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import warnings
 
 from .constants import EXIT_RUNTIME, EXIT_USAGE
-from .errors import CRNError, RankStopped, UsageError
+from .errors import CRNError, RankStopped, RunStopped, UsageError
 
 log = logging.getLogger("crn_fast")
 
@@ -70,6 +71,10 @@ def run_tool(prog: str, fn, *args) -> int:
     try:
         rc = fn(*args)
         return 0 if rc is None else int(rc)
+    except RunStopped as e:  # a signal stopped a training run, which saved where it was
+        if not e.quiet:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except RankStopped as e:  # another rank failed: rank 0 names it, the rest say nothing more
         if not e.quiet:
             print(f"{prog}: error: {e}", file=sys.stderr)

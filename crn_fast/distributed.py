@@ -30,25 +30,31 @@ class Ranks:
     group: object = None  # a gloo group for the host's decisions (None: the default group, or one process)
     stopping: bool = False  # the ranks agreed to stop: see shutdown()
 
+    stop_signal: int = 0  # a signal that asked some rank to stop, as agreed at the last together(signals)
+
     @contextlib.contextmanager
-    def together(self):
-        """Run the block on every rank; if it failed on any rank, stop every rank here."""
+    def together(self, signals=None):
+        """Run the block on every rank; if it failed on any rank, stop every rank here. With
+        ``signals`` (a train.StopSignals), the ranks also agree whether any of them was asked to stop:
+        ``stop_signal`` is then the signal's number on every rank, else 0."""
         failure = None
         try:
             yield
         except Exception as e:  # noqa: BLE001 - settled across the ranks, then raised again
             failure = e
-        self.settle(failure)
+        self.settle(failure, signals.signum if signals is not None else 0)
 
-    def settle(self, failure: Exception | None) -> None:
+    def settle(self, failure: Exception | None, stop_signal: int = 0) -> None:
         if self.world == 1:
             if failure is not None:
                 raise failure
+            self.stop_signal = stop_signal
             return
         # one small all-reduce on the host (gloo) when nothing failed, the usual case
-        flag = torch.tensor([int(failure is not None)], dtype=torch.int32)
+        flag = torch.tensor([int(failure is not None), stop_signal], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if not flag.item():
+        self.stop_signal = int(flag[1])
+        if not flag[0]:
             return
         self.stopping = True
         said = [None] * self.world

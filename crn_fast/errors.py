@@ -20,3 +20,13 @@ class RankStopped(CRNError):
     def __init__(self, message: str, exit_code: int, quiet: bool):
         super().__init__(message)
         self.exit_code, self.quiet = exit_code, quiet
+
+
+class RunStopped(Exception):
+    """A training run that a signal (SIGTERM, a first Ctrl-C) stopped between two steps, after it
+    saved where it was: --resume continues it. Not an error: the tool's exit status is 128 + the
+    signal's number, as a shell reports a process ended by that signal. ``quiet``: another rank says it."""
+
+    def __init__(self, message: str, signum: int, quiet: bool = False):
+        super().__init__(message)
+        self.signum, self.quiet = signum, quiet

@@ -14,6 +14,7 @@ and TensorBoard events when tensorboard is installed. Every file is written atom
 An existing run is never replaced silently: continue it with --resume (exactly where it
 stopped; only --steps/--epochs, --out, the logging/sample/save intervals, --workers, --skip-bad,
 --checkpointing and --no-progress may differ) or start over with --overwrite.
+SIGTERM or a first Ctrl-C stops the run after its step, saved there (exit status 143 / 130).
 Exit status: 0 done, 1 runtime error, 2 usage error.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -43,7 +45,7 @@ from .config import get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
 from .distributed import setup_distributed, shutdown
-from .errors import CheckpointError, CRNError, UsageError
+from .errors import CheckpointError, CRNError, RunStopped, UsageError
 from .images import OrderedWrites, sample_sheet, save_png_copies
 from .labels import one_hot
 from .loss import LAMBDA_PRESETS, LOSS_KINDS, TERM_NAMES, CRNLoss
@@ -304,6 +306,43 @@ def train_step(model, criterion, opt, scaler, layout, target, amp_dtype, phase=_
         scaler.step(opt)
         scaler.update()
     return value, terms
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption; torchrun passes its own on) or a first Ctrl-C asks the run
+    to stop after the step it is in, with its state saved (--resume continues it); a second Ctrl-C
+    stops it at once. Handlers are set only in the main thread, and put back on leaving. The data
+    loader's worker processes ignore both: the main process ends them (ignore_stop_signals)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, rank: int = 0):
+        self.rank, self.signum, self.previous = rank, 0, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+            if self.rank == 0:
+                log.warning(f"{signal.Signals(signum).name}: stopping after this step, with the run saved (Ctrl-C "
+                            f"again: stop at once, losing the steps since the last checkpoint)")
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data loader worker's start: SIGTERM and Ctrl-C are for the main process, which stops the
+    run between steps and then ends its workers (a worker killed first would fail the run)."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class FirstNonFinite:
@@ -653,7 +692,8 @@ def train(cfg: TrainConfig) -> Path:
 
     workers = loader_workers(cfg.workers, device)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
+                                         pin_memory=device.type == "cuda", persistent_workers=False,
+                                         worker_init_fn=ignore_stop_signals if workers else None)
     amp_dtype = DTYPES[cfg.amp] if cfg.amp != "off" else None
 
     with ranks.together():  # only now, with every rank set up, is --overwrite's old run removed
@@ -702,64 +742,78 @@ def train(cfg: TrainConfig) -> Path:
     t_last, seen, step = time.perf_counter(), 0, start
     watch = FirstNonFinite(device)
     loading = batches(loader)
-    while True:
-        with ranks.together():  # a bad file in one rank's share of the data stops every rank
-            batch = next(loading, None)
-        if batch is None:
-            break
-        # Nothing in a step reads a value back from the device, so on a GPU the host queues the
-        # next step (and loads its batch) while this one runs. The loop waits only when it reports.
-        ids, target = (t.to(device, non_blocking=True) for t in batch)
-        loss, terms = train_step(ddp, criterion, opt, scaler, one_hot(ids, config.num_classes), target, amp_dtype)
-        step += 1
-        seen += ids.shape[0] * world
-        if dist.is_initialized():  # the mean over ranks: every rank sees the same loss, and stops together
-            dist.all_reduce(loss)
-            loss = loss / world
-        if not scaler.is_enabled():  # fp16 scaling skips such steps itself
-            watch.update(loss, step)
-        due = [step % every == 0 or step == total for every in (cfg.log_every, cfg.sample_every, cfg.save_every)]
-        loss_val = None
-        if any(due):
-            with ranks.together():  # a NaN, or rank 0's failed write, stops every rank
-                # on every rank, before anything is logged or saved: the last good state stays
-                watch.check(step, out / "train_state.pt")
-                logs, sample, save = (d and rank == 0 for d in due)
-                if logs:
-                    loss_val, *term_vals = torch.stack([loss.float(), *terms.values()]).tolist()  # one wait
-                    now = time.perf_counter()
-                    rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in zip(terms, term_vals)},
-                           "images_per_s": seen / max(now - t_last, 1e-9), "peak_memory_mb": peak_memory_mb(device),
-                           "lr": cfg.lr}
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    if tensorboard is not None:
-                        tensorboard.scalars({k: v for k, v in rec.items() if k != "step"}, step)
-                    t_last, seen = now, 0
-                if sample:
-                    samples(step)
-                if save:
-                    checkpoint(step)
-        bar.update(1, **({} if loss_val is None else {"loss": f"{loss_val:.3f}"}))
+    with StopSignals(rank) as signals:  # SIGTERM or a first Ctrl-C: stop after this step, saved
+        while True:
+            # every rank, every step: a bad file in one rank's share of the data, or a signal that
+            # reached one rank, stops all of them here
+            with ranks.together(signals):
+                batch = next(loading, None) if not signals.signum else None
+            if batch is None or ranks.stop_signal:
+                break
+            # Nothing in a step reads a value back from the device, so on a GPU the host queues the
+            # next step (and loads its batch) while this one runs. The loop waits only when it reports.
+            ids, target = (t.to(device, non_blocking=True) for t in batch)
+            loss, terms = train_step(ddp, criterion, opt, scaler, one_hot(ids, config.num_classes), target,
+                                     amp_dtype)
+            step += 1
+            seen += ids.shape[0] * world
+            if dist.is_initialized():  # the mean over ranks: every rank sees the same loss, and stops together
+                dist.all_reduce(loss)
+                loss = loss / world
+            if not scaler.is_enabled():  # fp16 scaling skips such steps itself
+                watch.update(loss, step)
+            due = [step % every == 0 or step == total for every in (cfg.log_every, cfg.sample_every, cfg.save_every)]
+            loss_val = None
+            if any(due):
+                with ranks.together():  # a NaN, or rank 0's failed write, stops every rank
+                    # on every rank, before anything is logged or saved: the last good state stays
+                    watch.check(step, out / "train_state.pt")
+                    logs, sample, save = (d and rank == 0 for d in due)
+                    if logs:
+                        loss_val, *term_vals = torch.stack([loss.float(), *terms.values()]).tolist()  # one wait
+                        now = time.perf_counter()
+                        rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in zip(terms, term_vals)},
+                               "images_per_s": seen / max(now - t_last, 1e-9),
+                               "peak_memory_mb": peak_memory_mb(device), "lr": cfg.lr}
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
+                        if tensorboard is not None:
+                            tensorboard.scalars({k: v for k, v in rec.items() if k != "step"}, step)
+                        t_last, seen = now, 0
+                    if sample:
+                        samples(step)
+                    if save:
+                        checkpoint(step)
+            bar.update(1, **({} if loss_val is None else {"loss": f"{loss_val:.3f}"}))
 
-    # --- the end ----------------------------------------------------------------------------------
-    bar.close()
-    with ranks.together():
-        if rank == 0:
-            metrics.close()
-            if step == start:  # nothing to do (already at --steps): still leave the files in place
-                checkpoint(step)
-                samples(step)
-            sheets.close()  # the last sheet written (and given to TensorBoard), or its error raised
-            if tensorboard is not None:
-                tensorboard.close()
-            log.info(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in {out / 'metrics.jsonl'}")
-    if world > 1:
-        spread = ranks.weight_spread(model)
-        if rank == 0:
-            log.info(f"ranks in sync: max |weight difference| between ranks = {spread:g}")
-            (out / "ddp.json").write_text(json.dumps({"world_size": world, "max_weight_spread": spread}))
-        dist.barrier()
+        # --- the end (or a stop: the resume point saved where the run stopped) ---------------------
+        bar.close()
+        stopped = ranks.stop_signal if step < total else 0  # a signal after the last step changes nothing
+        with ranks.together():
+            if stopped:  # as at a checkpoint: a NaN since the last check is not saved
+                watch.check(step, out / "train_state.pt")
+            if rank == 0:
+                metrics.close()
+                if step == start or stopped and step % cfg.save_every:  # this step is not saved yet
+                    checkpoint(step)
+                if step == start and not stopped:  # nothing to do (already at --steps): the files still there
+                    samples(step)
+                sheets.close()  # the last sheet written (and given to TensorBoard), or its error raised
+                if tensorboard is not None:
+                    tensorboard.close()
+                if not stopped:
+                    log.info(f"done: {out / 'model.ckpt'}, samples in {out / 'samples'}, metrics in "
+                             f"{out / 'metrics.jsonl'}")
+        if world > 1:
+            spread = ranks.weight_spread(model)
+            if rank == 0:
+                log.info(f"ranks in sync: max |weight difference| between ranks = {spread:g}")
+                (out / "ddp.json").write_text(json.dumps({"world_size": world, "max_weight_spread": spread}))
+            dist.barrier()
+    if stopped:
+        name = signal.Signals(stopped).name
+        raise RunStopped(f"stopped by {name} at step {step} of {total}; its state is saved in "
+                         f"{out / 'train_state.pt'}: continue with --resume", stopped, quiet=rank != 0)
     return out
 
 

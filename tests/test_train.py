@@ -229,6 +229,71 @@ def test_killed_run_resumes_bitwise(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _run_until_logged(cmd, metrics, steps=3, timeout=300):
+    """Start a training run; return it once ``metrics`` holds ``steps`` lines."""
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return proc
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"the run did not log {steps} steps: {proc.communicate()[1][-2000:]}")
+
+
+def test_sigterm_stops_after_the_step_with_the_run_saved(tmp_path):
+    """A scheduler's SIGTERM (preemption) no longer loses the steps since the last checkpoint: the
+    run finishes its step, saves, and exits 143; --resume then matches an uninterrupted run bitwise."""
+    import signal
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "crn_fast.train", "--out", str(out), "--save-every", "1000", "--sample-every",
+           "1000", "--steps", "100000", *SMALL]
+    proc = _run_until_logged(cmd, out / "metrics.jsonl")
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == saved
+    assert err.strip().splitlines()[-1] == (f"python -m crn_fast.train: stopped by SIGTERM at step {saved} of 100000; "
+                                           f"its state is saved in {out / 'train_state.pt'}: continue with --resume")
+    total = saved + 2
+    assert train_main(["--out", str(out), "--steps", str(total), "--resume", "--sample-every", "1000", *SMALL]) == 0
+    assert train_main(["--out", str(tmp_path / "ref"), "--steps", str(total), "--sample-every", "1000", *SMALL]) == 0
+    a, b = load_generator(out / "model.ckpt").state_dict(), load_generator(tmp_path / "ref" / "model.ckpt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
+    """torchrun passes a SIGTERM on to its ranks, which may see it at different steps: they agree on
+    one, both finish it, rank 0 saves it once, and the weights are still identical across ranks."""
+    import signal
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "crn_fast.train", "--out", str(out), "--save-every", "1000", "--steps", "100000", *SMALL]
+    proc = _run_until_logged(cmd, out / "metrics.jsonl")
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == saved
+    assert err.count(f"stopped by SIGTERM at step {saved} of 100000") == 1, err
+    assert json.loads((out / "ddp.json").read_text())["max_weight_spread"] == 0.0
+    assert "[rank0]" not in err and "[rank1]" not in err, err
+
+
+def test_stop_signals_a_second_ctrl_c_stops_at_once_and_handlers_are_put_back():
+    import signal
+    from crn_fast.train import StopSignals
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.signum == signal.SIGINT  # the first: noted, the step goes on
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
     assert train_main(["--out", str(tmp_path), "--steps", "1", *SMALL]) == 0
     assert train_main(["--out", str(tmp_path), "--steps", "2", "--resume", "--k", "2", *SMALL]) == 2
