@@ -73,19 +73,26 @@ def run_tool(prog: str, fn, *args) -> int:
         return 0 if rc is None else int(rc)
     except RunStopped as e:  # a signal stopped a training run, which saved where it was
         if not e.quiet:
-            print(f"{prog}: {e}", file=sys.stderr)
+            say(f"{prog}: {e}")
         return 128 + e.signum
     except RankStopped as e:  # another rank failed: rank 0 names it, the rest say nothing more
         if not e.quiet:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            say(f"{prog}: error: {e}")
         return e.exit_code
     except (CRNError, OSError) as e:
         code, message = describe_failure(e)
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        say(f"{prog}: error: {message}")
         return code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        say(f"{prog}: interrupted")
         return 130
+
+
+def say(line: str) -> None:
+    """One line on stderr in one write, so that the lines of torchrun's ranks, which share the
+    stream, never interleave mid-line (print writes the text and its newline apart when unbuffered)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def describe_failure(e: Exception) -> tuple[int, str]:
