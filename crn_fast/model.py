@@ -188,12 +188,16 @@ class CRN(FastInference, nn.Module):
         c = self.config
         if not isinstance(layout, torch.Tensor) or layout.dim() != 4:
             shape = tuple(layout.shape) if isinstance(layout, torch.Tensor) else type(layout).__name__
-            raise CRNError(f"layout must be a 4-D (N, {c.num_classes}, H, W) tensor, got {shape}")
+            ids = isinstance(layout, torch.Tensor) and layout.dim() == 3 and not layout.is_floating_point()
+            raise CRNError(f"layout must be a 4-D (N, {c.num_classes}, H, W) tensor, got {shape}" +
+                           (f" of {layout.dtype}: label ids? one-hot them with crn_fast.labels.one_hot(ids, "
+                            f"{c.num_classes})" if ids else ""))
         if layout.shape[1] != c.num_classes:
             raise CRNError(f"layout has {layout.shape[1]} channels but this CRN takes {c.num_classes} "
                            f"(one-hot classes plus void)")
         if not layout.is_floating_point():
-            raise CRNError(f"layout must be a float tensor (one-hot), got {layout.dtype}")
+            raise CRNError(f"layout must be a float tensor (one-hot), got {layout.dtype}: crn_fast.labels.one_hot "
+                           f"gives float32, or convert it with .float()")
         c.validate_input_size(layout.shape[2], layout.shape[3])
 
     def forward(self, layout: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,7 @@ def test_flop_count_matches_conv_shapes_by_hooks():
     (torch.zeros(1, 20, 8, 8), "multiples .* the nearest valid size is 16x16"),
     (torch.zeros(1, 20, 1023, 2040), "the nearest valid size is 1024x2048"),
     (torch.zeros(1, 20, 64, 128, dtype=torch.long), "float"),
+    (torch.zeros(1, 64, 128, dtype=torch.long), r"label ids\? one-hot them with crn_fast.labels.one_hot\(ids, 20\)"),
 ])
 def test_bad_input_raises_one_clear_error(bad, msg):
     with pytest.raises(CRNError, match=msg):
