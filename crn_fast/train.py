@@ -661,7 +661,7 @@ def train(cfg: TrainConfig) -> Path:
     lambdas = cfg.lambdas or ("256p" if kind == "diversity" else "1024p")
     torch.manual_seed(cfg.seed)
 
-    with ranks.together():  # the files every rank reads: the resume point, the weights, the data
+    with ranks.together():  # what every rank builds: model, resume point, data, loss, optimizer
         model = CRN(config, backend=cfg.backend, checkpointing=cfg.checkpointing)
         state = load_resume_point(cfg, config, model) if cfg.resume else None
         start = int(state["step"]) if state else 0
@@ -681,14 +681,14 @@ def train(cfg: TrainConfig) -> Path:
         total = cfg.steps if cfg.steps is not None else \
             math.ceil(cfg.epochs * (len(dataset) // cfg.batch_size)) if cfg.epochs is not None else DEFAULT_STEPS
         sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, cfg.seed, start, total)
-    criterion = CRNLoss(vgg, kind, lambdas)
-    model.to(device).train()
-    criterion.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg.lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    if state is not None:
-        restore_training_state(state, opt, scaler, criterion, device)
+        criterion = CRNLoss(vgg, kind, lambdas)
+        model.to(device).train()
+        criterion.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg.lr, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        if state is not None:
+            restore_training_state(state, opt, scaler, criterion, device)
 
     workers = loader_workers(cfg.workers, device)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
