@@ -65,6 +65,14 @@ class Ranks:
         code, message = said[first]
         raise RankStopped(f"rank {first} stopped the run: {message}", code, quiet=self.rank != 0)
 
+    def sum(self, n: int) -> int:
+        """``n`` summed over the ranks."""
+        if self.world == 1:
+            return n
+        total = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(total, group=self.group)
+        return int(total)
+
     def weight_spread(self, model) -> float:
         """Largest difference of any weight between ranks (0 when DDP kept them identical)."""
         flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])

@@ -2,6 +2,7 @@
 
     crn-synthesize model.ckpt --labels FILE_OR_DIR --out DIR   (also: --ckpt model.ckpt; python -m crn_fast.synthesize)
     crn-synthesize --backend tensorrt --engine generator.engine --labels DIR --out DIR
+    torchrun --nproc_per_node 8 -m crn_fast.synthesize model.ckpt --labels DIR --out DIR   # a share a GPU
 
 Labels are read like training labels: Cityscapes colour PNGs (the authors' format), palette PNGs,
 greyscale train-id PNGs, or Cityscapes *_labelIds.png. --labels is a file, a folder, or a folder of
@@ -28,6 +29,7 @@ import torch
 from .cli import Progress, add_logging_options, cpu_cores, log, non_negative_int, positive_int, resolution, run_tool, \
     setup_logging, torch_device
 from .data import _open_header, decode_label, label_files, label_kind, resize_pair
+from .distributed import setup_distributed, shutdown
 from .errors import CRNError, UsageError
 from .images import OrderedWrites, save_png, side_by_side, to_uint8
 from .labels import one_hot
@@ -96,18 +98,26 @@ def plan(files: list[Path], config, size, out_dir: Path) -> list[tuple[Path, tup
 
 
 def synthesize(args) -> list[Path]:
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    files = label_files(Path(args.labels), exclude=Path(args.out))
-    model = load_generator_for(args, device)
-    config = model.config
+    """Synthesize every layout of --labels into --out; returns the files this process wrote. Under
+    torchrun each rank (one a GPU) takes every world-th layout, in batches; the ranks stop together
+    (crn_fast.distributed), each batch settled, so an error on one rank stops them all there."""
+    ranks = setup_distributed()
+    device = args.device or ranks.device
     out_dir = Path(args.out)
-    todo = plan(files, config, args.res, out_dir)
-    from .checkpoint import remove_stale_temporaries
-    for f in remove_stale_temporaries(out_dir, "*.png"):
-        log.info(f"removed {f} (left by an interrupted crn-synthesize)")
+    with ranks.together():  # the same files, model and plan on every rank; rank 0 cleans up first
+        files = label_files(Path(args.labels), exclude=out_dir)
+        model = load_generator_for(args, device)
+        config = model.config
+        todo = plan(files, config, args.res, out_dir)
+        if ranks.rank == 0:  # before any rank writes: their temporaries are not stale
+            from .checkpoint import remove_stale_temporaries
+            for f in remove_stale_temporaries(out_dir, "*.png"):
+                log.info(f"removed {f} (left by an interrupted crn-synthesize)")
+    mine = todo[ranks.rank::ranks.world]
     workers = default_workers() if args.workers is None else args.workers
-    chunks = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    bar = Progress(len(todo), "synthesize", "image", enabled=args.progress and len(todo) > 1)
+    chunks = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    rounds = -(-len(todo[::ranks.world]) // args.batch_size)  # rank 0's share is the largest: every rank's count
+    bar = Progress(len(mine), "synthesize", "image", enabled=args.progress and len(mine) > 1 and ranks.rank == 0)
 
     def decode(f):
         return resize_pair(decode_label(f, label_kind(f), args.unknown_colors), None, args.res)[0]
@@ -124,27 +134,30 @@ def synthesize(args) -> list[Path]:
     # decoding and PNG writing in threads beside the generator (the next batch decoded while this
     # one runs), the PNGs finished in order: an error leaves every image before it written whole
     with OrderedWrites(workers, max(2 * workers, args.batch_size) if workers else 0, done, "crn-synthesize") as pipe:
-        def decode_ahead(chunk):
-            return [(f, hw, pipe.submit(decode, f)) for f, hw in chunk]
-        ahead = decode_ahead(chunks[0]) if chunks else []
-        for i in range(len(chunks)):
-            current, ahead = ahead, decode_ahead(chunks[i + 1]) if i + 1 < len(chunks) else []
-            by_shape: dict[tuple, list] = {}
-            for f, hw, decoded in current:
-                by_shape.setdefault(hw, []).append((f, decoded))
-            for group in by_shape.values():
-                # uint8 train ids to the device (one_hot widens them there): 1/8 of int64's bytes
-                ids = torch.from_numpy(np.stack([d.result() for _, d in group])).to(device)
-                with torch.inference_mode():
-                    out = model(one_hot(ids, config.num_classes))
-                    finite = torch.isfinite(out).flatten(1).all(1)
-                # one read back per batch: its images (k side by side) and which are finite
-                images = to_uint8(out.view(out.shape[0], -1, 3, *out.shape[2:]))
-                for (f, _), image, ok in zip(group, images, finite.tolist()):
-                    if not ok:
-                        raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights finite?); "
-                                       f"stopped after {len(written) + len(pipe.pending)} image(s)")
-                    pipe.write(write, image, out_dir / f"{f.stem}.png")
+        def decode_ahead(i):
+            return [(f, hw, pipe.submit(decode, f)) for f, hw in chunks[i]] if i < len(chunks) else []
+        ahead = decode_ahead(0)
+        for i in range(rounds):
+            current, ahead = ahead, decode_ahead(i + 1)
+            with ranks.together():  # one rank's bad layout, bad output or failed write stops every rank
+                by_shape: dict[tuple, list] = {}
+                for f, hw, decoded in current:
+                    by_shape.setdefault(hw, []).append((f, decoded))
+                for group in by_shape.values():
+                    # uint8 train ids to the device (one_hot widens them there): 1/8 of int64's bytes
+                    ids = torch.from_numpy(np.stack([d.result() for _, d in group])).to(device)
+                    with torch.inference_mode():
+                        out = model(one_hot(ids, config.num_classes))
+                        finite = torch.isfinite(out).flatten(1).all(1)
+                    # one read back per batch: its images (k side by side) and which are finite
+                    images = to_uint8(out.view(out.shape[0], -1, 3, *out.shape[2:]))
+                    for (f, _), image, ok in zip(group, images, finite.tolist()):
+                        if not ok:
+                            raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights "
+                                           f"finite?); stopped after {len(written) + len(pipe.pending)} image(s)")
+                        pipe.write(write, image, out_dir / f"{f.stem}.png")
+        with ranks.together():
+            pipe.drain()
     bar.close()
     return written
 
@@ -219,9 +232,15 @@ def main(argv=None) -> int:
     setup_logging(args)
 
     def run():
-        written = synthesize(args)
-        log.info(f"wrote {len(written)} image(s) to {args.out}")
-    return run_tool("crn-synthesize", run)
+        written = len(synthesize(args))
+        ranks = setup_distributed()
+        total = ranks.sum(written)
+        if ranks.rank == 0:
+            log.info(f"wrote {total} image(s) to {args.out}" + (f" ({ranks.world} ranks)" if ranks.world > 1 else ""))
+    try:
+        return run_tool("crn-synthesize", run)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -88,10 +88,10 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(s2[k], s1[k], atol=2e-5, rtol=1e-4)
 
 
-def torchrun_lines(r) -> list[str]:
+def torchrun_lines(r, prog="crn_fast.train") -> list[str]:
     """crn_fast's own lines on stderr (torchrun's warnings and its failure report left out)."""
-    return [line for line in r.stderr.splitlines() if "crn_fast.train" in line and "torch/distributed" not in line
-            and not line.lstrip().startswith(("File", "Failures", "crn_fast.train FAILED"))]
+    return [line for line in r.stderr.splitlines() if prog in line and "torch/distributed" not in line
+            and not line.lstrip().startswith(("File", "Failures", f"{prog} FAILED"))]
 
 
 def test_ddp_a_run_refused_by_rank_0_stops_every_rank_in_one_line(tmp_path):
@@ -128,6 +128,35 @@ def test_ddp_a_bad_file_in_one_ranks_share_stops_both_ranks(tmp_path):
     assert f"python -m crn_fast.train: error: rank 1 stopped the run: {rank1[0].split('error: ', 1)[1]}" in mine
     assert "[rank0]" not in r.stderr and "Connection closed" not in r.stderr, r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").read_text()  # stopped before the first step
+
+
+def test_synthesize_under_torchrun_shares_the_layouts_and_stops_together(tmp_path):
+    """torchrun -m crn_fast.synthesize: each rank writes every second layout, the files the same bytes
+    as one process writes; a layout that fails on rank 1 stops both ranks at that batch, every image
+    before it whole."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.ckpt"
+    save_generator(CRN(CRNConfig(widths=(8, 6, 4), k=2)), ckpt)
+    labels = write_pairs(tmp_path / "p", n=5, size=(32, 64)) / "labels"
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crn_fast.synthesize",
+                str(ckpt), "--labels", str(labels), "--no-progress"]
+    assert synth_main([str(ckpt), "--labels", str(labels), "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    r = run([*torchrun, "--out", str(tmp_path / "two")])
+    assert r.returncode == 0 and "wrote 5 image(s) to" in r.stderr and "(2 ranks)" in r.stderr, r.stderr
+    one = sorted((tmp_path / "one").iterdir())
+    assert [f.name for f in one] == [f"{i:08d}.png" for i in range(5)]
+    assert all(f.read_bytes() == (tmp_path / "two" / f.name).read_bytes() for f in one)
+    bad = labels / "00000003.png"  # rank 1's second layout (ranks take 0,2,4 and 1,3)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])  # the header whole, the data cut
+    r = run([*torchrun, "--out", str(tmp_path / "cut")])
+    lines = torchrun_lines(r, "crn-synthesize")
+    assert r.returncode != 0 and len(lines) == 2 and "Traceback" not in "\n".join(lines), r.stderr
+    assert f"crn-synthesize: error: {bad}: unreadable image" in lines[0] + lines[1]
+    assert any(line.startswith("crn-synthesize: error: rank 1 stopped the run: ") for line in lines)
+    # the first batch of each rank (00, 01) and rank 0's second (02) are whole; nothing after the cut one
+    assert sorted(f.name for f in (tmp_path / "cut").iterdir()) == [f"{i:08d}.png" for i in range(3)]
+    assert all(f.read_bytes() == (tmp_path / "two" / f.name).read_bytes() for f in (tmp_path / "cut").iterdir())
 
 
 def test_fake_cityscapes_trains(tmp_path):
