@@ -285,8 +285,8 @@ def test_sigterm_stops_after_the_step_with_the_run_saved(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
     saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == saved
-    assert err.strip().splitlines()[-1] == (f"python -m crn_fast.train: stopped by SIGTERM at step {saved} of 100000; "
-                                           f"its state is saved in {out / 'train_state.pt'}: continue with --resume")
+    said = f"stopped by SIGTERM at step {saved} of 100000; its state is saved in {out / 'train_state.pt'}"
+    assert err.strip().splitlines()[-1] == f"python -m crn_fast.train: {said}: continue with --resume"
     total = saved + 2
     assert train_main(["--out", str(out), "--steps", str(total), "--resume", "--sample-every", "1000", *SMALL]) == 0
     assert train_main(["--out", str(tmp_path / "ref"), "--steps", str(total), "--sample-every", "1000", *SMALL]) == 0
