@@ -80,6 +80,23 @@ def test_a_run_stopped_by_bad_data_keeps_the_disk_as_it_was(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_cut_image_among_the_sample_sheets_layouts_keeps_the_old_run(tmp_path, capsys):
+    """The sample sheets' first layouts and images are loaded before --overwrite removes the old run:
+    an image whose data is cut (its header whole, so only loading finds it) used to stop the new run
+    after the old one was gone."""
+    root = write_pairs(tmp_path / "p", n=4, size=(32, 64))
+    image = root / "images" / "00000001.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(image)
+    image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "1", *SMALL]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert train_main(["--out", out, "--steps", "1", "--overwrite", "--data",
+                       f"pairs:{root / 'labels'},{root / 'images'}", *SMALL]) == 1
+    assert "00000001.jpg: unreadable image" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_atomic_files_get_the_permissions_open_would_give(tmp_path, tiny_ckpt, umask):
     from crn_fast.images import save_png
