@@ -123,6 +123,13 @@ def test_training_benchmark_smoke(tmp_path):
     assert len(eager) == 2 and all("median_ms" in r and r["peak_memory_mib"] > 0 for r in eager)
 
 
+def test_settle_cost_smoke(tmp_path):
+    j = tmp_path / "s.json"
+    run("benchmarks/settle_cost.py", "--iters", "5", "--json", j)
+    row = json.loads(j.read_text())
+    assert row["ranks"] == 2 and row["median_us"] > 0 and row["p90_us"] >= row["median_us"]
+
+
 def test_kernel_benchmark_smoke(tmp_path):
     j = tmp_path / "k.json"
     # NCHW at 16x32 (the interpreter's slowest rows); the fault test below runs every row in channels_last
