@@ -124,9 +124,9 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
-            inside = [f"{path / n}" for n in ("model.ckpt",) if (path / n).is_file()]
+            inside = path / "model.ckpt"
             raise CheckpointError(f"checkpoint {path} is a folder, not a generator file" +
-                                  (f"; the run's generator is {inside[0]}" if inside else ""))
+                                  (f"; the run's generator is {inside}" if inside.is_file() else ""))
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
                               else f"checkpoint {path} is not a file")
     try:

@@ -343,19 +343,15 @@ def label_files(path: Path, exclude: Path | None = None) -> list[Path]:
 
 
 def one_layout_per_frame(files: list[Path]) -> list[Path]:
-    """Of each Cityscapes frame's gtFine files (``{frame}_gtFine_{kind}.png``) keep one layout, in
-    CITYSCAPES_LAYOUTS' order; other files stay as they are, in order."""
-    best: dict[tuple[Path, str], int] = {}
-    for f in files:
-        m = CITYSCAPES_GT.fullmatch(f.name)
-        if m and m.group(2) in CITYSCAPES_LAYOUTS:
-            rank = CITYSCAPES_LAYOUTS.index(m.group(2))
-            best[f.parent, m.group(1)] = min(rank, best.get((f.parent, m.group(1)), rank))
-    keep = []
+    """Of each Cityscapes frame's gtFine files (``{frame}_gtFine_{kind}.png``) keep one layout, the
+    first of CITYSCAPES_LAYOUTS' kinds present; other files stay as they are, in order."""
+    present, keep = set(files), []
     for f in files:
         m = CITYSCAPES_GT.fullmatch(f.name)
         if m is None:
             keep.append(f)
-        elif m.group(2) in CITYSCAPES_LAYOUTS and CITYSCAPES_LAYOUTS.index(m.group(2)) == best[f.parent, m.group(1)]:
-            keep.append(f)
+        elif m.group(2) in CITYSCAPES_LAYOUTS:
+            better = CITYSCAPES_LAYOUTS[:CITYSCAPES_LAYOUTS.index(m.group(2))]
+            if not any(f.with_name(f"{m.group(1)}_gtFine_{kind}.png") in present for kind in better):
+                keep.append(f)
     return keep
