@@ -3,7 +3,8 @@ apart (streaming: bounded by --batch-size, not by the folder), the same folder w
 (all in the main thread), the CPU stages crn-synthesize runs beside the generator (decoding a
 layout, writing a PNG at zlib levels 6 and 1) in one thread and in its default thread count, and the
 up-front label scan of training (--scan-labels) per 2048x1024 colour label, in one thread and in
-the threads crn-train gives it.
+the threads crn-train gives it, and by two torchrun ranks at once, sharing the labels or (as before)
+each checking them all.
 
     python benchmarks/data_costs.py [--files 10] [--res 1024x2048]     # writes results/data_costs_<device>.json
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,32 @@ def peak_rss_mib(cmd) -> float:
             "sys.exit(r.returncode)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
+
+
+def _scan_rank(files, rank: int, world: int, shared: bool, start, times) -> None:
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # cores_per_rank(): this machine's cores / its ranks
+    ds = PairDataset([(f, None, "auto") for f in files], scan="always", check=False)
+    start.wait()  # every rank imported and ready: the clock starts together
+    t0 = time.perf_counter()
+    assert not ds.check(cores_per_rank(), rank, world) if shared else not ds.check(cores_per_rank())
+    times[rank] = time.perf_counter() - t0
+
+
+def scan_ranks_ms(files, world: int, shared: bool) -> float:
+    """ms per label of the up-front scan when ``world`` processes (torchrun's ranks on this machine,
+    each with its cores_per_rank() threads) run it at once: each checking its share of the labels
+    (``shared``, as crn-train does), or each checking all of them (as it did before). Timed from a
+    common start to the last rank's end."""
+    ctx = multiprocessing.get_context("spawn")
+    start, times = ctx.Barrier(world), ctx.Array("d", world)
+    procs = [ctx.Process(target=_scan_rank, args=(files, r, world, shared, start, times)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode for proc in procs):
+        raise SystemExit("the label scan failed in a rank")
+    return max(times) / len(files) * 1e3
 
 
 def stage_ms(fn, items, threads: int) -> float:
@@ -118,10 +147,15 @@ def main():
             scan[threads] = (time.perf_counter() - t0) / len(files) * 1e3
             print(f"label scan, {threads} thread(s): {scan[threads]:.1f} ms per {h}x{w} colour label "
                   f"(Cityscapes train, 2975 labels: {2975 * scan[threads] / 1e3:.0f} s)")
+        many = sorted((tmp / f"labels_{10 * args.files}").glob("*.png"))
+        ranks = {how: scan_ranks_ms(many, 2, how == "shared") for how in ("every rank all", "shared")}
+        print(f"label scan by 2 ranks at once, {len(many)} labels: " +
+              ", ".join(f"{how} {ms:.1f} ms per label" for how, ms in ranks.items()))
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     out.write_text(json.dumps({"machine": machine_info("cpu"), "resolution": [h, w], "synthesize": rows,
                                "synthesize_stages_ms_per_image": stages, "scan_ms_per_label": scan[1],
-                               "scan_ms_per_label_by_threads": scan}, indent=2))
+                               "scan_ms_per_label_by_threads": scan, "scan_ms_per_label_2_ranks": ranks},
+                              indent=2))
     print(f"wrote {out}")
 
 

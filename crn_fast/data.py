@@ -116,6 +116,12 @@ class SyntheticStreets(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return _to_tensors(*render_scene(*self.resolution, self.seed, i))
 
+    def check(self, threads: int = 1, rank: int = 0, world: int = 1) -> list:  # nothing to check:
+        return []  # the scenes are drawn, not read (PairDataset.check)
+
+    def keep(self, found) -> None:
+        pass
+
     def describe(self) -> str:
         return f"synthetic streets ({self.length} scenes, seed {self.seed})"
 
@@ -127,30 +133,52 @@ class PairDataset(torch.utils.data.Dataset):
     image's size. ``scan`` also decodes every label up front, so unknown colours and cut files
     are found before the first step: "always", "never", or "auto" (for up to SCAN_AUTO_LIMIT
     pairs). With ``skip_bad`` a bad file found up front is left out, and one found later (an image
-    with cut data) is replaced by the next good sample, with a warning naming it.
+    with cut data) is replaced by the next good sample, with a warning naming it. ``skipped``: what
+    was already left out (pairs with a file missing), for the count and the warnings.
+
+    The check runs in ``threads`` threads. With ``check=False`` it is left to the caller, in two
+    steps that several processes can share (crn-train under torchrun): each runs ``check`` on its
+    share of the pairs, and every one passes the problems found by all to ``keep``.
     """
 
     def __init__(self, pairs, resolution=None, skip_bad: bool = False, unknown_colors: str = "error",
-                 name: str = "pairs", scan: str = "auto", threads: int = 1):
+                 name: str = "pairs", scan: str = "auto", threads: int = 1, skipped=(), check: bool = True):
         if scan not in SCAN_MODES:
             raise DataError(f"--scan-labels {scan!r}: valid: {', '.join(SCAN_MODES)}")
         self.resolution, self.unknown_colors, self.name, self.skip_bad = resolution, unknown_colors, name, skip_bad
-        self.skipped: list[str] = []
-        self.scanned = scan == "always" or scan == "auto" and len(pairs) <= SCAN_AUTO_LIMIT
-        good = []
-        # the checks run in `threads` threads (PIL and numpy release the GIL), in order: the first bad
-        # pair stops the rest at once unless skip_bad
-        for pair, problem in zip(pairs, in_threads(self._problem, pairs, threads)):
-            if problem is None:
-                good.append(pair)
-            elif not skip_bad:
-                raise DataError(problem)
-            else:
-                self.skipped.append(problem)
-        if not good:
-            raise DataError(f"{name}: no usable label/image pairs" + (f" ({len(self.skipped)} skipped)"
-                                                                       if self.skipped else ""))
-        self.pairs = good
+        self.pairs, self.skipped = list(pairs), list(skipped)
+        self.scanned = scan == "always" or scan == "auto" and len(self.pairs) <= SCAN_AUTO_LIMIT
+        self.checked = False
+        if check:
+            self.keep(self.check(threads))
+
+    def check(self, threads: int = 1, rank: int = 0, world: int = 1) -> list[tuple[int, str]]:
+        """What is wrong in a share of the pairs (every ``world``-th, from ``rank``), as (index,
+        problem) in order. The pairs are checked in ``threads`` threads (PIL and numpy release the
+        GIL); without skip_bad the share's first bad pair stops the rest at once."""
+        share = range(rank, len(self.pairs), world)
+        found = []
+        for i, problem in zip(share, in_threads(lambda i: self._problem(self.pairs[i]), share, threads)):
+            if problem is not None:
+                found.append((i, problem))
+                if not self.skip_bad:
+                    break
+        return found
+
+    def keep(self, found) -> None:
+        """Act on the problems ``check`` found (all shares'): without skip_bad the first bad pair is
+        the error, as if one process had checked them all in order; with it the bad pairs are left
+        out, in order in ``skipped``."""
+        found = sorted(found)
+        if found and not self.skip_bad:
+            raise DataError(f"{found[0][1]} (or --skip-bad to leave bad files out)")
+        bad = {i for i, _ in found}
+        self.pairs = [p for i, p in enumerate(self.pairs) if i not in bad]
+        self.skipped += [problem for _, problem in found]
+        self.checked = True
+        if not self.pairs:
+            raise DataError(f"{self.name}: no usable label/image pairs" +
+                            (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
 
     def _problem(self, pair) -> str | None:
         """What is wrong with a pair (None: nothing): a missing or unreadable file, sizes that differ,
@@ -290,9 +318,9 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
 
 
 def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train", skip_bad: bool = False,
-                 unknown_colors: str = "error", scan: str = "auto", threads: int = 1):
+                 unknown_colors: str = "error", scan: str = "auto", threads: int = 1, check: bool = True):
     """Build the dataset named by a ``--data`` spec (see DATA_FORMS); its files are checked in
-    ``threads`` threads."""
+    ``threads`` threads, or with ``check=False`` by the caller (PairDataset.check and keep)."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
         return SyntheticStreets(resolution or (64, 128), seed)
@@ -310,12 +338,8 @@ def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train"
     if missing and not skip_bad:
         raise DataError(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                         "; pass --skip-bad to train on the rest")
-    try:
-        ds = PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}", scan=scan, threads=threads)
-    except DataError as e:
-        raise DataError(f"{e} (or --skip-bad to leave bad files out)") from None
-    ds.skipped = missing + ds.skipped
-    return ds
+    return PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}", scan=scan,
+                       threads=threads, skipped=missing, check=check)
 
 
 def label_files(path: Path, exclude: Path | None = None) -> list[Path]:

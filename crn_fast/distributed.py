@@ -67,6 +67,15 @@ class Ranks:
         code, message = said[first]
         raise RankStopped(f"rank {first} stopped the run: {message}", code, quiet=self.rank != 0)
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order. Call it only where every rank gets to: right
+        after a together() block, before anything that may fail on one rank alone."""
+        if self.world == 1:
+            return [obj]
+        said = [None] * self.world
+        dist.all_gather_object(said, obj, group=self.group)
+        return said
+
     def sum(self, n: int) -> int:
         """``n`` summed over the ranks."""
         if self.world == 1:

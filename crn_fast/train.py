@@ -661,7 +661,7 @@ def train(cfg: TrainConfig) -> Path:
     lambdas = cfg.lambdas or ("256p" if kind == "diversity" else "1024p")
     torch.manual_seed(cfg.seed)
 
-    with ranks.together():  # what every rank builds: model, resume point, data, loss, optimizer
+    with ranks.together():  # what every rank builds: model, resume point, data and its share of the data's check
         model = CRN(config, backend=cfg.backend, checkpointing=cfg.checkpointing)
         state = load_resume_point(cfg, config, model) if cfg.resume else None
         start = int(state["step"]) if state else 0
@@ -674,8 +674,12 @@ def train(cfg: TrainConfig) -> Path:
             for name, p in model.named_parameters():
                 p.requires_grad_(any(name.startswith(t + ".") for t in trainable))
         dataset = make_dataset(cfg.data, res, cfg.seed, cfg.split, cfg.skip_bad, cfg.unknown_colors,
-                               cfg.scan_labels, threads=cores_per_rank())  # before training: every core
-        for msg in dataset.skipped if rank == 0 else ():  # every rank finds the same
+                               cfg.scan_labels, check=False)
+        found = dataset.check(cores_per_rank(), rank, world)  # every world-th file, with this rank's cores
+
+    with ranks.together():  # the data as checked by all, then the loss and optimizer
+        dataset.keep(sum(ranks.gather(found), []))  # the same on every rank: the first bad file, or all left out
+        for msg in dataset.skipped if rank == 0 else ():
             log.warning(f"skipped: {msg}")
         vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)
         total = cfg.steps if cfg.steps is not None else \

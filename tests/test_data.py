@@ -221,3 +221,34 @@ def test_the_up_front_check_runs_in_threads_with_the_same_outcome(tmp_path, monk
     with pytest.raises(DataError, match="00000005.png"):
         make_dataset(spec, scan="always", threads=4)
     assert len(calls) < 40, "the checks after the first bad pair were not cancelled"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_check_shared_by_ranks_keeps_what_one_process_keeps(tmp_path, monkeypatch, world):
+    """crn-train under torchrun: each rank checks every world-th pair (PairDataset.check), and every
+    rank passes all the ranks' findings to keep(): the same pairs and skipped files, in the same
+    order, as one process checking them all; without skip_bad, the same first bad file."""
+    root = write_pairs(tmp_path / "p", n=12)
+    for i in (4, 7, 9):  # unknown colours in the shares of different ranks
+        Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(root / "labels" / f"{i:08d}.png")
+    spec = f"pairs:{root / 'labels'},{root / 'images'}"
+    one = make_dataset(spec, skip_bad=True, scan="always")
+    import crn_fast.data as data
+    decoded, real = [], data.decode_label
+    monkeypatch.setattr(data, "decode_label", lambda path, *a: decoded.append(path.name) or real(path, *a))
+    for skip_bad in (True, False):
+        datasets = [make_dataset(spec, skip_bad=skip_bad, scan="always", check=False) for _ in range(world)]
+        found = []
+        for rank, ds in enumerate(datasets):
+            decoded.clear()
+            found.append(ds.check(1, rank, world))  # in threads: test_the_up_front_check_runs_in_threads
+            stop = found[-1][0][0] if found[-1] and not skip_bad else 11  # a share stops at its first bad pair
+            assert decoded == [f"{i:08d}.png" for i in range(rank, stop + 1, world)]
+        merged = [f for share in reversed(found) for f in share]  # the order of the shares does not matter
+        for ds in datasets:
+            if skip_bad:
+                ds.keep(merged)
+                assert ds.pairs == one.pairs and ds.skipped == one.skipped and len(ds) == 9
+            else:
+                with pytest.raises(DataError, match=r"00000004.png.* \(or --skip-bad to leave bad files out\)"):
+                    ds.keep(merged)

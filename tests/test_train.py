@@ -130,6 +130,28 @@ def test_ddp_a_bad_file_in_one_ranks_share_stops_both_ranks(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").read_text()  # stopped before the first step
 
 
+def test_ddp_ranks_share_the_data_check_and_keep_the_same_pairs(tmp_path):
+    """Under torchrun each rank checks every second label (crn_fast.data.PairDataset.check), and the
+    ranks pool what they found: a bad label in each rank's share is left out by both ranks, named
+    once by rank 0, in the folder's order; without --skip-bad the first is the one error line."""
+    root = write_pairs(tmp_path / "p", n=6, size=(32, 64))
+    for i in (1, 2):  # rank 1's share, then rank 0's
+        Image.fromarray(np.full((32, 64, 3), 7, np.uint8)).save(root / "labels" / f"{i:08d}.png")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crn_fast.train",
+                "--data", f"pairs:{root / 'labels'},{root / 'images'}", "--scan-labels", "always", "--steps", "1",
+                *SMALL]
+    r = run([*torchrun, "--skip-bad", "--out", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = [line.split("skipped: ", 1)[1] for line in r.stderr.splitlines() if "skipped: " in line]
+    assert [s.split(":")[0] for s in skipped] == [str(root / "labels" / f"0000000{i}.png") for i in (1, 2)], r.stderr
+    assert "(4 pairs, labels scanned up front, 2 skipped)" in r.stderr
+    assert json.loads((tmp_path / "run" / "ddp.json").read_text())["max_weight_spread"] == 0.0
+    r = run([*torchrun, "--out", str(tmp_path / "stopped")])
+    assert r.returncode != 0 and not (tmp_path / "stopped").exists()
+    assert torchrun_lines(r) == [f"python -m crn_fast.train: error: {skipped[0]} (or --skip-bad to leave bad files "
+                                 "out)"], r.stderr
+
+
 def test_synthesize_under_torchrun_shares_the_layouts_and_stops_together(tmp_path):
     """torchrun -m crn_fast.synthesize: each rank writes every second layout, the files the same bytes
     as one process writes; a layout that fails on rank 1 stops both ranks at that batch, every image
