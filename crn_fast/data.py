@@ -55,6 +55,12 @@ def label_kind(path: Path) -> str:
         "train_ids" if path.name.endswith("_labelTrainIds.png") else "auto"
 
 
+# a JPEG label's colours or ids are changed by its lossy compression wherever two classes meet: void
+# there (--unknown-colors void) would quietly teach the model wrong edges
+_JPEG_LABEL = ("; it is a JPEG, whose lossy compression changes the values where classes meet: save "
+               "labels in a lossless format (PNG)")
+
+
 def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") -> np.ndarray:
     """A label PNG -> train ids (H, W) uint8, void = 19.
 
@@ -70,8 +76,9 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") 
     if kind == "color":
         ids, bad = colors_to_train_ids(np.asarray(im.convert("RGB")), unknown_colors)
         if bad:
-            raise DataError(f"{path}: colours {bad} are not Cityscapes label colours (use --unknown-colors void "
-                            f"to treat them as void, as the authors did)")
+            raise DataError(f"{path}: colours {bad} are not Cityscapes label colours" + (
+                _JPEG_LABEL if im.format == "JPEG" else
+                " (use --unknown-colors void to treat them as void, as the authors did)"))
         return ids
     arr = np.asarray(im).astype(np.int64)
     if arr.ndim != 2:
@@ -82,9 +89,9 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") 
     if unknown_colors != "void" and bad.any():
         values = np.unique(arr[bad])
         shown = ", ".join(map(str, values[:8])) + (f" ... ({values.size} values)" if values.size > 8 else "")
-        raise DataError(f"{path}: values {shown} are not train ids (0-{VOID - 1}, void {VOID} or 255); Cityscapes "
-                        f"label ids are read as such from files named *_labelIds.png (use --unknown-colors void "
-                        f"to treat other values as void)")
+        raise DataError(f"{path}: values {shown} are not train ids (0-{VOID - 1}, void {VOID} or 255)" + (
+            _JPEG_LABEL if im.format == "JPEG" else "; Cityscapes label ids are read as such from files named "
+            "*_labelIds.png (use --unknown-colors void to treat other values as void)"))
     return np.where((arr < VOID) & ~bad, arr, VOID).astype(np.uint8)
 
 

@@ -1,7 +1,7 @@
 """crn-synthesize: layouts in, photographs out.
 
     crn-synthesize model.ckpt --labels FILE_OR_DIR --out DIR   (also: --ckpt model.ckpt; python -m crn_fast.synthesize)
-    crn-synthesize --backend tensorrt --engine generator.engine --labels DIR --out DIR
+    crn-synthesize --engine generator.engine --labels DIR --out DIR   # TensorRT: --backend tensorrt
     torchrun --nproc_per_node 8 -m crn_fast.synthesize model.ckpt --labels DIR --out DIR   # a share a GPU
 
 Labels are read like training labels: Cityscapes colour PNGs (the authors' format), palette PNGs,
@@ -37,8 +37,6 @@ from .labels import one_hot
 
 def load_generator_for(args, device):
     if args.backend == "tensorrt":
-        if not args.engine:
-            raise UsageError("--backend tensorrt needs --engine PATH (build one with crn-export --trt)")
         from crn_fast.export.tensorrt import TensorRTGenerator
         gen = TensorRTGenerator(args.engine)
         if gen.config is None:
@@ -182,8 +180,9 @@ def build_parser():
     ap.add_argument("--labels", required=True, help="a label PNG or a folder of them")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--backend", default="auto", choices=("auto", "eager", "triton", "tensorrt"),
-                    help="auto: triton on a CUDA device, eager elsewhere (default); tensorrt needs --engine")
-    ap.add_argument("--engine", help="TensorRT engine (with --backend tensorrt)")
+                    help="auto (default): tensorrt when --engine is given, else triton on a CUDA device, eager "
+                         "elsewhere; tensorrt needs --engine")
+    ap.add_argument("--engine", help="a TensorRT engine (crn-export --trt) to run instead of a checkpoint")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the whole generator as a CUDA graph (GPU)")
     ap.add_argument("--fused-conv", default="off", choices=("off", "on", "split", "lowres", "auto"),
                     help="with --backend triton: the convs as Triton kernels with the layer norms folded in, in "
@@ -220,6 +219,18 @@ def main(argv=None) -> int:
     if args.checkpoint and args.ckpt and args.checkpoint != args.ckpt:
         ap.error(f"two checkpoints given ({args.checkpoint} and --ckpt {args.ckpt}): give one")
     args.ckpt = args.ckpt or args.checkpoint
+    if args.engine and args.backend == "auto":  # the engine given is what runs
+        args.backend = "tensorrt"
+    if args.engine and args.backend != "tensorrt":
+        ap.error(f"--engine {args.engine} is a TensorRT engine: it runs with --backend tensorrt (or auto), "
+                 f"not --backend {args.backend} (leave --engine out to run the checkpoint)")
+    if args.backend == "tensorrt" and not args.engine:
+        ap.error("--backend tensorrt needs --engine PATH (build one with crn-export --trt)")
+    if args.backend == "tensorrt" and args.ckpt:
+        ap.error(f"give a checkpoint or --engine, not both: the engine {args.engine} runs alone, its weights built "
+                 f"in, so {args.ckpt} would be ignored")
+    if args.backend == "tensorrt" and args.cuda_graph:
+        ap.error("--cuda-graph replays a PyTorch generator: TensorRT runs its engine itself (leave --cuda-graph out)")
     if args.fused_conv != "off" and args.backend not in ("triton", "auto"):
         ap.error(f"--fused-conv {args.fused_conv} needs --backend triton (the fused conv is a Triton kernel), "
                  f"got --backend {args.backend}")

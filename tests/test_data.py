@@ -150,6 +150,17 @@ def test_unknown_colors_void_follows_the_authors_rule(tmp_path):
     assert decode_label(tmp_path / "g.png", unknown_colors="void").tolist() == [[0, 18, VOID, VOID, VOID, VOID]]
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_jpeg_label_is_named_as_the_cause(tmp_path, mode):
+    """A label saved as JPEG gets new colours (or ids) where classes meet: the error says so and
+    asks for PNG, rather than suggesting --unknown-colors void, which would train on wrong edges."""
+    ids = np.random.default_rng(0).integers(0, 19, (32, 64)).astype(np.uint8)
+    Image.fromarray(PALETTE[ids] if mode == "RGB" else ids).save(tmp_path / "x.jpg", quality=90)
+    with pytest.raises(DataError, match=r"x.jpg: (colours|values) .* it is a JPEG, whose lossy compression changes "
+                                        r"the values where classes meet: save labels in a lossless format \(PNG\)$"):
+        decode_label(tmp_path / "x.jpg")
+
+
 def test_pairs_read_cityscapes_label_ids_by_their_name(tmp_path):
     """A pairs folder (and crn-synthesize) reads a *_labelIds.png through Cityscapes' table, as the
     cityscapes: form does: its ids 7/8/26 are road/sidewalk/car, not classes 7/8 and an error."""

@@ -450,6 +450,27 @@ def test_synthesize_pipeline_options_are_usage_errors(tmp_path, tiny_ckpt, args,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--engine", "g.engine", "--backend", "eager"], "--engine g.engine is a TensorRT engine: it runs with --backend "
+     "tensorrt (or auto), not --backend eager (leave --engine out to run the checkpoint)"),
+    (["CKPT", "--engine", "g.engine"], "give a checkpoint or --engine, not both: the engine g.engine runs alone, its "
+     "weights built in, so CKPT would be ignored"),
+    (["CKPT", "--backend", "tensorrt"], "--backend tensorrt needs --engine PATH (build one with crn-export --trt)"),
+    (["--engine", "g.engine", "--cuda-graph"], "--cuda-graph replays a PyTorch generator"),
+])
+def test_synthesize_engine_options_are_usage_errors(tmp_path, tiny_ckpt, capsys, args, msg):
+    """--engine used to be ignored unless --backend tensorrt was given too: the checkpoint ran
+    instead of the engine the user named. Now the engine implies tensorrt under auto, and what
+    would be ignored (a checkpoint beside it, --cuda-graph) is refused."""
+    from crn_fast.synthesize import main
+    args = [str(tiny_ckpt) if a == "CKPT" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--labels", str(tmp_path / "l.png"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg.replace("CKPT", str(tiny_ckpt)) in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_synthesize_colour_error_does_not_suggest_a_missing_option(tmp_path, tiny_ckpt):
     Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(tmp_path / "l.png")
     code, err = cli("-m", "crn_fast.synthesize", tiny_ckpt, "--labels", tmp_path / "l.png", "--out", tmp_path / "o")
