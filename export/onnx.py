@@ -78,6 +78,24 @@ def check_opset(opset: int, dtype: str = "fp32") -> None:
         why = "LayerNormalization" if MIN_OPSET[dtype] == 17 else "bf16 Conv and AveragePool"
         raise CRNError(f"--opset {opset}: {dtype} ONNX models need opset {MIN_OPSET[dtype]} or later ({why}); "
                        f"the default is {DEFAULT_OPSET[dtype]}")
+    highest = highest_opset()
+    if highest is not None and opset > highest:
+        raise CRNError(f"--opset {opset}: the onnx package here knows opsets up to {highest} (valid: "
+                       f"{MIN_OPSET[dtype]}-{highest}); the default is {DEFAULT_OPSET[dtype]}")
+
+
+def highest_opset() -> int | None:
+    """The newest default-domain opset the installed onnx package defines (None: onnx not installed)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return onnx.defs.onnx_opset_version()
+
+
+def model_opset(proto) -> int:
+    """The default-domain opset an ONNX model declares."""
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def onnx_model_for_export(model, dtype: str = "fp32"):
@@ -117,6 +135,10 @@ def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: i
                                     output_names=[OUTPUT_NAME], verbose=False,
                                     dynamic_shapes={"layout": {0: batch, 2: s * h, 3: s * w}})
     import onnx
+    from crn_fast.errors import CRNError
+    if model_opset(program.model_proto) != opset:  # the exporter falls back to its own opset with a warning
+        raise CRNError(f"--opset {opset}: the exporter wrote opset {model_opset(program.model_proto)} instead (its "
+                       f"version conversion failed; the default is {DEFAULT_OPSET[dtype]})")
     proto = _broadcast_unit_scales(program.model_proto)
     proto.metadata_props.add(key="crn_fast.dtype", value=dtype)
     onnx.save(proto, str(path))

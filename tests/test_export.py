@@ -135,7 +135,7 @@ def test_trt_without_tensorrt_fails_cleanly(ckpt, tmp_path):
     ("bf16opset", "bf16 ONNX models need opset 22", 2), ("minmax", "--min-res 64x128 is larger than --max-res 32x64", 2),
     ("nan", "must be a finite number >= 0", 2), ("negative", "must be a finite number >= 0", 2),
     ("badres", "is not HEIGHTxWIDTH", 2), ("batch", "got --batch 8, --max-batch 4", 2),
-    ("outfile", "is a file, not a folder", 2),
+    ("outfile", "is a file, not a folder", 2), ("opset99", "--opset 99: the onnx package here knows opsets up to", 2),
 ])
 def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, msg, code):
     out = tmp_path / "out"
@@ -166,6 +166,8 @@ def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, 
         args += ["--opset", "16"]
     elif case == "bf16opset":
         args += ["--dtype", "bf16", "--opset", "18"]
+    elif case == "opset99":  # beyond onnx's opsets: the exporter kept 18 and the sidecar said 99
+        args += ["--opset", "99"]
     elif case == "minmax":
         args = [ckpt, "--compile", "--out", out, "--min-res", "64x128", "--max-res", "32x64", "--res", "32x64"]
     elif case == "nan":
@@ -183,6 +185,17 @@ def test_bad_input_is_one_clear_error_and_nothing_written(ckpt, tmp_path, case, 
     assert rc == code and msg in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 or code == 2 and "usage:" in err  # argparse prints its usage line
     assert not out.exists() or (out.read_bytes() == b"x" if case == "outfile" else not any(out.iterdir()))
+
+
+def test_an_opset_the_exporter_falls_back_from_is_an_error(ckpt, tmp_path, monkeypatch):
+    """torch.onnx falls back to its own opset, with a warning, when it cannot convert to the one
+    asked for; export_onnx says so rather than writing a model whose opset is not the one named."""
+    import crn_fast.export.onnx as onnx_export
+    from crn_fast.checkpoint import load_generator
+    monkeypatch.setattr(onnx_export, "highest_opset", lambda: 1000)  # an onnx that would know opset 99
+    with pytest.raises(CRNError, match=r"--opset 99: the exporter wrote opset \d+ instead"):
+        onnx_export.export_onnx(load_generator(ckpt), tmp_path / "g.onnx", (32, 64), opset=99)
+    assert not (tmp_path / "g.onnx").exists()
 
 
 def test_tensorrt_profile_and_precision_logic():
