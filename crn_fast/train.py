@@ -108,6 +108,8 @@ class TrainConfig:
             raise UsageError(f"--lr {self.lr}: must be > 0")
         if self.k is not None and self.k < 1:
             raise UsageError(f"--k {self.k}: must be >= 1")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"--seed {self.seed}: must be an integer >= 0")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be >= 0")
         for name, valid in (("amp", ("off", *DTYPES)), ("backend", ("auto", *BACKENDS)),
@@ -182,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out (deletes its checkpoints, "
                    "metrics and samples)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=non_negative_int, default=0,
+      help="seeds the weights, the data order, the synthetic scenes and a random VGG (default 0)")
     a("--log-every", type=positive_int, default=10, help="steps between metrics.jsonl lines (default 10)")
     a("--sample-every", type=positive_int, default=100, help="steps between sample grids (default 100)")
     a("--save-every", type=positive_int, default=100, help="steps between checkpoints (default 100; always at the end)")

@@ -9,6 +9,7 @@ downloaded and nothing falls back silently.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -115,8 +116,7 @@ def _load_vgg19(weights: str | os.PathLike | None, seed: int) -> VGG19Features:
         return vgg
     path = Path(weights)
     if not path.is_file():
-        raise CRNError(f"VGG-19 weights {path} not found (give a vgg19-*.pth, imagenet-vgg-verydeep-19.mat "
-                       f"or 'random')")
+        raise CRNError(f"VGG-19 weights {path} not found (give {VGG_FILES}, or 'random')")
     if path.suffix == ".mat":
         vgg = _from_matconvnet(path)
     else:
@@ -125,11 +125,38 @@ def _load_vgg19(weights: str | os.PathLike | None, seed: int) -> VGG19Features:
     return vgg
 
 
-def _from_torchvision(path: Path) -> VGG19Features:
+VGG_FILES = "a torchvision vgg19-*.pth, its state dict as .safetensors, or the matconvnet imagenet-vgg-verydeep-19.mat"
+
+
+def _read_state(path: Path) -> dict:
+    """A state dict from a torch.save file (weights only: nothing pickled runs) or a safetensors
+    file, with errors that name what the file is instead."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[8:10] == b'{"':  # safetensors: an 8-byte header length, then the JSON header
+        from safetensors import SafetensorError, safe_open
+        from .checkpoint import FORMAT
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CRNError(f"{path} is not a readable safetensors file: {' '.join(str(e).split())[:200]}") from None
+        if meta.get("format") == FORMAT:
+            raise CRNError(f"{path} is a crn_fast generator, not VGG-19 weights (give {VGG_FILES})")
+        return state
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CRNError(f"{path} is not a readable torch state dict: {str(e).splitlines()[0][:200]}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds; each becomes one line
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if pickled:  # torch.save(model) rather than torch.save(model.state_dict())
+            raise CRNError(f"{path} holds a pickled {pickled.group(1)}, not a state dict: crn_fast loads weights "
+                           f"only, never pickled code (save the model's state_dict() instead)") from None
+        why = "" if "Weights only load failed" in str(e) else f": {type(e).__name__} {str(e).splitlines()[0][:200]}"
+        raise CRNError(f"{path} is not a torch state dict or safetensors file{why} (give {VGG_FILES})") from None
+
+
+def _from_torchvision(path: Path) -> VGG19Features:
+    state = _read_state(path)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     vgg = VGG19Features("torchvision")

@@ -132,6 +132,28 @@ def test_vgg_keys_match_torchvision_and_load(tmp_path):
         load_vgg19(tmp_path / "bad.pth")
 
 
+def test_vgg_weights_as_safetensors_load_and_wrong_files_are_named(tmp_path):
+    """The same state dict as .safetensors loads as the .pth does; a crn_fast generator, a pickled
+    module (torch.save(model)) and a file of another kind each get one line saying what they are."""
+    from safetensors.torch import save_file
+    from crn_fast import CRN, CRNConfig, save_generator
+    state = {k: torch.randn_like(v) for k, v in VGG19Features().state_dict().items()}
+    save_file(state, str(tmp_path / "vgg19.safetensors"))
+    loaded = load_vgg19(tmp_path / "vgg19.safetensors")
+    assert loaded.normalization == "torchvision" and torch.equal(loaded.features[0].weight, state["features.0.weight"])
+    save_generator(CRN(CRNConfig(widths=(8, 8), k=1)), tmp_path / "model.ckpt")
+    torch.save(torch.nn.Conv2d(1, 1, 1), tmp_path / "module.pth")
+    (tmp_path / "notes.pth").write_text("hello")
+    for name, msg in [("model.ckpt", "is a crn_fast generator, not VGG-19 weights (give a torchvision vgg19-*.pth"),
+                      ("module.pth", "holds a pickled torch.nn.modules.conv.Conv2d, not a state dict: crn_fast "
+                                     "loads weights only, never pickled code (save the model's state_dict() instead)"),
+                      ("notes.pth", "is not a torch state dict or safetensors file")]:
+        with pytest.raises(CRNError) as e:
+            load_vgg19(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name} {msg}") and "\n" not in str(e.value), str(e.value)
+        assert "weights_only" not in str(e.value)
+
+
 def test_matconvnet_mat_loads(tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     from crn_fast.vgg import _matconvnet_names

@@ -263,6 +263,7 @@ def test_metrics_after_a_resume_do_not_repeat_steps(tmp_path):
     (["--log-every", "0"], "--log-every: 0 must be >= 1"), (["--steps", "0"], "--steps: 0 must be >= 1"),
     (["--steps", "-3"], "--steps: -3 must be >= 1"), (["--lambdas", "1,2,x"], "--lambdas '1,2,x'"),
     (["--res", "30x64"], "multiples of 2^4 = 16"), (["--lr", "nan"], "finite number"),
+    (["--seed", "-1"], "--seed: -1 must be >= 0"),  # was a traceback from the data order's generator
 ])
 def test_training_options_are_usage_errors(tmp_path, args, msg):
     code, err = cli("-m", "crn_fast.train", "--out", tmp_path / "run", "--no-progress", *args)
@@ -280,6 +281,8 @@ def test_bad_loss_weights_name_the_weight(lambdas, msg):
     with pytest.raises(UsageError, match=re.escape(msg)):
         TrainConfig(lambdas=lambdas).validate()
     assert TrainConfig(lambdas=[1, 0, 0, 0, 0, 2]).validate().lambdas == (1.0, 0.0, 0.0, 0.0, 0.0, 2.0)
+    with pytest.raises(UsageError, match=re.escape("--seed -3: must be an integer >= 0")):
+        TrainConfig(seed=-3).validate()
 
 
 def test_a_folder_or_a_missing_split_says_what_is_there(tmp_path):
