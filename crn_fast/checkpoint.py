@@ -117,7 +117,7 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
     the authors' TensorFlow checkpoints (``.../512p/model.ckpt``, its prefix), read through
     convert_tf as crn-convert-tf reads them, so every tool takes those too."""
     from safetensors import SafetensorError, safe_open
-    from .tf_checkpoint import is_tf_checkpoint
+    from .tf_checkpoint import folder_checkpoints, is_tf_checkpoint
     if is_tf_checkpoint(path):
         from .convert_tf import read_tf_generator
         return read_tf_generator(path)
@@ -125,8 +125,11 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
     if not path.is_file():
         if path.is_dir():
             inside = path / "model.ckpt"
-            raise CheckpointError(f"checkpoint {path} is a folder, not a generator file" +
-                                  (f"; the run's generator is {inside}" if inside.is_file() else ""))
+            several = folder_checkpoints(path)
+            raise CheckpointError(f"checkpoint {path} is a folder, not a generator file" + (
+                f"; the run's generator is {inside}" if inside.is_file() else
+                f"; it holds {len(several)} TF checkpoints: give one prefix, {' or '.join(map(str, several))}"
+                if several else ""))
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
                               else f"checkpoint {path} is not a file")
     try:

@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     from .cli import add_logging_options, log, run_tool, setup_logging
     ap = argparse.ArgumentParser(prog="crn-convert-tf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="TF checkpoint prefix, e.g. models/512p/model.ckpt (or its .index file)")
+    ap.add_argument("checkpoint", help="TF checkpoint prefix, e.g. models/512p/model.ckpt (or its .index file, "
+                    "or its folder)")
     ap.add_argument("out", help="output crn_fast generator file, e.g. 512p.ckpt")
     ap.add_argument("--name", default=None, help="config name stored in the file (default: the folder name)")
     add_logging_options(ap)

@@ -11,6 +11,7 @@ the proto fields below. Everything else is reported as a :class:`CheckpointError
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,8 +248,25 @@ def read_index(index_path: str | os.PathLike) -> tuple[int, dict[str, BundleEntr
     return num_shards, entries
 
 
+def folder_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint prefixes a TF training folder holds: the one its ``checkpoint`` state file
+    names (``model_checkpoint_path: "model.ckpt"``, TF's latest), else each ``*.index`` in it."""
+    state = folder / "checkpoint"
+    if state.is_file():
+        m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(errors="replace"), re.M)
+        if m:  # often an absolute path on the machine that trained it: then the same name here
+            named = folder / Path(m.group(1))
+            moved = folder / named.name
+            return [named if named.with_name(named.name + ".index").is_file() or
+                    not moved.with_name(moved.name + ".index").is_file() else moved]
+    return sorted(i.with_name(i.name[: -len(".index")]) for i in folder.glob("*.index"))
+
+
 def _checkpoint_prefix(path: str | os.PathLike) -> Path:
     p = Path(path)
+    if p.is_dir():  # the authors' models/512p: its one checkpoint
+        found = folder_checkpoints(p)
+        return found[0] if len(found) == 1 else p
     for suffix in (".index",):
         if p.name.endswith(suffix):
             return p.with_name(p.name[: -len(suffix)])
@@ -274,6 +292,12 @@ class TFCheckpoint:
     def __init__(self, path: str | os.PathLike):
         self.prefix = _checkpoint_prefix(path)
         index = self.prefix.with_name(self.prefix.name + ".index")
+        if self.prefix.is_dir():
+            found = folder_checkpoints(self.prefix)
+            raise CheckpointError(f"{self.prefix} is a folder with " + (
+                f"{len(found)} TF checkpoints: give one prefix, {' or '.join(map(str, found))}" if found else
+                "no TF checkpoint (no *.index file): pass the checkpoint prefix, e.g. '.../model.ckpt' for "
+                "model.ckpt.index + model.ckpt.data-00000-of-00001"))
         if not index.exists():
             raise CheckpointError(f"no checkpoint index at {index}: pass the checkpoint prefix, e.g. "
                                   f"'.../model.ckpt' for model.ckpt.index + model.ckpt.data-00000-of-00001")

@@ -1,4 +1,5 @@
 """The TF checkpoint reader, the converter and the authors' real checkpoint indexes."""
+import re
 import shutil
 
 import numpy as np
@@ -97,6 +98,31 @@ def test_every_tool_loads_the_tf_checkpoint_itself(tmp_path, capsys):
     torch.save({"step": 1}, tmp_path / "train_state.pt")
     with pytest.raises(CheckpointError, match="a PyTorch file \\(torch.save\\), not a crn_fast generator"):
         load_generator(tmp_path / "train_state.pt")
+
+
+def test_a_tf_checkpoint_folder_loads_its_checkpoint(tmp_path, capsys):
+    """The authors' models/512p folder itself: its one checkpoint, or the one TF's `checkpoint`
+    state file names when it holds several; without that file, several are an error naming each."""
+    assert convert_main([str(TF_FIXTURE / "model.ckpt"), str(tmp_path / "m.ckpt")]) == 0
+    want = load_generator(tmp_path / "m.ckpt").state_dict()
+    folder = tmp_path / "512p"
+    folder.mkdir()
+    _copy_fixture(folder)
+    got = load_generator(folder)
+    assert got.config.name == "512p" and all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
+    shutil.copy(folder / "model.ckpt.index", folder / "model.ckpt-100.index")  # an older one beside it
+    with pytest.raises(CheckpointError, match=re.escape(f"it holds 2 TF checkpoints: give one prefix, "
+                                                        f"{folder / 'model.ckpt'} or {folder / 'model.ckpt-100'}")):
+        load_generator(folder)
+    assert convert_main([str(folder), str(tmp_path / "x.ckpt")]) == 1
+    assert f"{folder} is a folder with 2 TF checkpoints" in capsys.readouterr().err
+    (folder / "checkpoint").write_text('model_checkpoint_path: "/home/them/train/model.ckpt"\n'  # as TF writes it
+                                       'all_model_checkpoint_paths: "/home/them/train/model.ckpt"\n')
+    assert convert_main([str(folder), str(tmp_path / "x.ckpt")]) == 0  # TF's latest
+    assert all(torch.equal(v, want[k]) for k, v in load_generator(tmp_path / "x.ckpt").state_dict().items())
+    (tmp_path / "empty").mkdir()
+    assert convert_main([str(tmp_path / "empty"), str(tmp_path / "y.ckpt")]) == 1
+    assert "is a folder with no TF checkpoint (no *.index file)" in capsys.readouterr().err
 
 
 def test_the_fixture_layout_is_what_crn_fast_decodes_from_the_real_label(shared):
