@@ -13,6 +13,7 @@ import errno
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -66,8 +67,20 @@ def setup_logging(args) -> None:
     warnings.showwarning = show_warning
 
 
+# what each tool can change when memory runs out (the key: its name, "python -m crn_fast.x" as crn-x)
+OUT_OF_MEMORY_HINTS = {
+    "crn-train": "lower --batch-size or --res, or add --checkpointing and --amp bf16",
+    "crn-synthesize": "lower --batch-size or --res",
+    "crn-export": "lower --res, --max-res or --max-batch",
+    "run.py": "lower --batch-size or --res",
+}
+_tool = ""  # the tool run_tool is running: describe_failure's hint for running out of memory
+
+
 def run_tool(prog: str, fn, *args) -> int:
     """Call ``fn(*args)`` and turn every expected failure into one line and an exit code."""
+    global _tool
+    _tool = prog.replace("python -m crn_fast.", "crn-")
     try:
         rc = fn(*args)
         return 0 if rc is None else int(rc)
@@ -83,6 +96,11 @@ def run_tool(prog: str, fn, *args) -> int:
         code, message = describe_failure(e)
         say(f"{prog}: error: {message}")
         return code
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise  # a bug: its traceback
+        say(f"{prog}: error: {describe_failure(e)[1]}")
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         say(f"{prog}: interrupted")
         return 130
@@ -106,7 +124,30 @@ def describe_failure(e: Exception) -> tuple[int, str]:
         return EXIT_RUNTIME, str(e)
     if isinstance(e, OSError):
         return EXIT_RUNTIME, describe_os_error(e)
+    if out_of_memory(e):
+        return EXIT_RUNTIME, describe_out_of_memory(e)
     return EXIT_RUNTIME, f"{type(e).__name__}: {e}"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Did an allocation fail: on a GPU (torch.OutOfMemoryError), in torch's CPU allocator (a
+    RuntimeError), or in numpy or Python (MemoryError)?"""
+    return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__) or \
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def describe_out_of_memory(e: BaseException) -> str:
+    """One line: what could not be allocated, where, and what the running tool can lower."""
+    text = " ".join(str(e).split())
+    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if cpu:
+        what = f"the CPU allocator could not allocate {int(cpu.group(1)) / 2 ** 30:.2f} GiB"
+    elif isinstance(e, MemoryError):
+        what = text or "the host ran out of memory"
+    else:  # torch's CUDA message: what it tried, and the device's capacity and free memory, then advice
+        what = " ".join(re.split(r"(?<=\.) ", text)[:3]).rstrip(".")
+    hint = OUT_OF_MEMORY_HINTS.get(_tool)
+    return f"out of memory: {what}" + (f"; {hint}" if hint else "")
 
 
 def describe_os_error(e: OSError) -> str:

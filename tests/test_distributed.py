@@ -20,7 +20,16 @@ SCENARIOS = {
     "both": {0: lambda: CRNError("bad file a.png"), 1: lambda: CRNError("bad file b.png")},
     "rank 0 disk": {0: lambda: OSError(errno.ENOSPC, "No space left on device", "out/model.ckpt")},
     "rank 1 bug": {1: lambda: KeyError("step")},
+    "rank 1 memory": {1: lambda: _caught(lambda: torch.empty(2 ** 55, dtype=torch.uint8))},  # a real failed allocation
 }
+
+
+def _caught(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    raise AssertionError("it did not fail")
 
 
 def _rank(rank, store, results):
@@ -91,6 +100,13 @@ def test_a_bug_on_one_rank_keeps_its_traceback_there(outcomes):
     assert r1 == {"own": True, "type": "KeyError"}  # raised again as itself: its traceback on rank 1
     assert r0 == {"stopped": "rank 1 stopped the run: KeyError: 'step'", "code": EXIT_RUNTIME, "quiet": False}
     assert outcomes[0]["after"] == outcomes[1]["after"] == 1.0  # and the ranks still agree after all of it
+
+
+def test_running_out_of_memory_on_one_rank_is_named_by_rank_0(outcomes):
+    r0, r1 = (o["rank 1 memory"] for o in outcomes)
+    assert r1 == {"own": True, "type": "RuntimeError"}  # run_tool prints it as one line (test_robustness)
+    assert r0 == {"stopped": "rank 1 stopped the run: out of memory: the CPU allocator could not allocate "
+                             "33554432.00 GiB", "code": EXIT_RUNTIME, "quiet": False}
 
 
 def test_a_quiet_stop_prints_nothing_and_keeps_the_exit_status(capsys):

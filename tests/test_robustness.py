@@ -296,6 +296,34 @@ def test_a_folder_or_a_missing_split_says_what_is_there(tmp_path):
         make_dataset(f"cityscapes:{root}", split="valid")
 
 
+def test_running_out_of_memory_is_one_line_with_what_the_tool_can_lower(capsys):
+    """A failed allocation is no bug: one line saying what could not be allocated, and the options
+    of the tool that need less memory. torch's CPU allocator and numpy fail for real here; a CUDA
+    out-of-memory carries torch's own message, cut after the device's free memory."""
+    from crn_fast.cli import run_tool
+    cuda = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+        "is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. If reserved but "
+        "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    for prog, fn, said in [
+        ("crn-synthesize", lambda: torch.empty(2 ** 55, dtype=torch.uint8),
+         "the CPU allocator could not allocate 33554432.00 GiB; lower --batch-size or --res"),
+        ("python -m crn_fast.train", lambda: np.empty(2 ** 55, np.uint8),
+         "Unable to allocate 32.0 PiB for an array with shape (36028797018963968,) and data type uint8; lower "
+         "--batch-size or --res, or add --checkpointing and --amp bf16"),
+        ("crn-export", lambda: _raise(cuda), "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+         "capacity of 79.19 GiB of which 1.06 GiB is free; lower --res, --max-res or --max-batch"),
+    ]:
+        assert run_tool(prog, fn) == 1
+        assert capsys.readouterr().err == f"{prog}: error: out of memory: {said}\n"
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
+        run_tool("crn-train", lambda: _raise(RuntimeError("a bug")))
+
+
+def _raise(e):
+    raise e
+
+
 def test_unwritable_out_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     code, err = cli("-m", "crn_fast.train", "--out", tmp_path / "file" / "run", "--steps", "1", "--no-progress")
