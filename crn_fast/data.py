@@ -155,7 +155,6 @@ class PairDataset(torch.utils.data.Dataset):
         self.resolution, self.unknown_colors, self.name, self.skip_bad = resolution, unknown_colors, name, skip_bad
         self.pairs, self.skipped = list(pairs), list(skipped)
         self.scanned = scan == "always" or scan == "auto" and len(self.pairs) <= SCAN_AUTO_LIMIT
-        self.checked = False
         if check:
             self.keep(self.check(threads))
 
@@ -182,7 +181,6 @@ class PairDataset(torch.utils.data.Dataset):
         bad = {i for i, _ in found}
         self.pairs = [p for i, p in enumerate(self.pairs) if i not in bad]
         self.skipped += [problem for _, problem in found]
-        self.checked = True
         if not self.pairs:
             raise DataError(f"{self.name}: no usable label/image pairs" +
                             (f" ({len(self.skipped)} skipped)" if self.skipped else ""))

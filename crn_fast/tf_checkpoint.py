@@ -250,15 +250,16 @@ def read_index(index_path: str | os.PathLike) -> tuple[int, dict[str, BundleEntr
 
 def folder_checkpoints(folder: Path) -> list[Path]:
     """The checkpoint prefixes a TF training folder holds: the one its ``checkpoint`` state file
-    names (``model_checkpoint_path: "model.ckpt"``, TF's latest), else each ``*.index`` in it."""
+    names (``model_checkpoint_path: "model.ckpt"``, TF's latest) if it is there, else each
+    ``*.index`` in it."""
     state = folder / "checkpoint"
     if state.is_file():
         m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(errors="replace"), re.M)
         if m:  # often an absolute path on the machine that trained it: then the same name here
             named = folder / Path(m.group(1))
-            moved = folder / named.name
-            return [named if named.with_name(named.name + ".index").is_file() or
-                    not moved.with_name(moved.name + ".index").is_file() else moved]
+            for prefix in (named, folder / named.name):
+                if prefix.with_name(prefix.name + ".index").is_file():
+                    return [prefix]
     return sorted(i.with_name(i.name[: -len(".index")]) for i in folder.glob("*.index"))
 
 

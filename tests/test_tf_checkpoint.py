@@ -120,6 +120,9 @@ def test_a_tf_checkpoint_folder_loads_its_checkpoint(tmp_path, capsys):
                                        'all_model_checkpoint_paths: "/home/them/train/model.ckpt"\n')
     assert convert_main([str(folder), str(tmp_path / "x.ckpt")]) == 0  # TF's latest
     assert all(torch.equal(v, want[k]) for k, v in load_generator(tmp_path / "x.ckpt").state_dict().items())
+    (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-999"\n')  # not here: the one that is
+    (folder / "model.ckpt-100.index").unlink()
+    assert load_generator(folder).config.name == "512p"
     (tmp_path / "empty").mkdir()
     assert convert_main([str(tmp_path / "empty"), str(tmp_path / "y.ckpt")]) == 1
     assert "is a folder with no TF checkpoint (no *.index file)" in capsys.readouterr().err
