@@ -8,6 +8,7 @@ a float32 (3, H, W) tensor on the 0..255 scale. The layout one-hot is built on t
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +133,10 @@ class SyntheticStreets(torch.utils.data.Dataset):
     def describe(self) -> str:
         return f"synthetic streets ({self.length} scenes, seed {self.seed})"
 
+    def fingerprint(self) -> str:
+        """What the data order depends on: the same for the same scenes (PairDataset.fingerprint)."""
+        return f"synthetic {self.resolution[0]}x{self.resolution[1]} seed {self.seed} x{self.length}"
+
 
 class PairDataset(torch.utils.data.Dataset):
     """(label file, image file or None, label kind) triples.
@@ -221,6 +226,12 @@ class PairDataset(torch.utils.data.Dataset):
                     raise
                 log.warning(f"skipped (found while training): {e}; using sample {(j + 1) % len(self.pairs)}")
         raise DataError(f"{self.name}: every file failed to decode")
+
+    def fingerprint(self) -> str:
+        """A digest of the pairs' file names, in order: a resumed run compares it with the run's, as
+        the batches of every step depend on which files there are."""
+        names = "".join(f"{label.name}\t{image.name if image else ''}\n" for label, image, _ in self.pairs)
+        return hashlib.sha256(names.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         s = f"{self.name} ({len(self.pairs)} pairs"

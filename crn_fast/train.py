@@ -684,6 +684,12 @@ def train(cfg: TrainConfig) -> Path:
         dataset.keep(sum(ranks.gather(found), []))  # the same on every rank: the first bad file, or all left out
         for msg in dataset.skipped if rank == 0 else ():
             log.warning(f"skipped: {msg}")
+        data_id = {"pairs": len(dataset), "fingerprint": dataset.fingerprint()}
+        if state is not None and rank == 0 and state.get("data", data_id) != data_id:
+            log.warning(f"--resume: the data now holds {len(dataset)} samples, the run had {state['data']['pairs']}"
+                        + ("" if len(dataset) != state["data"]["pairs"] else " but other files") +
+                        f" (added, removed, renamed or skipped since): the batches from step {start} on differ "
+                        f"from the run's own")
         vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)
         total = cfg.steps if cfg.steps is not None else \
             math.ceil(cfg.epochs * (len(dataset) // cfg.batch_size)) if cfg.epochs is not None else DEFAULT_STEPS
@@ -727,7 +733,7 @@ def train(cfg: TrainConfig) -> Path:
 
     def checkpoint(step):
         save_train_state(out / "train_state.pt", {
-            "step": step, "config": config.to_dict(), "options": cfg.identity(),
+            "step": step, "config": config.to_dict(), "options": cfg.identity(), "data": data_id,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "loss": criterion.state_dict(), "rng": rng_state(device)})

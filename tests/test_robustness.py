@@ -238,6 +238,25 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
                        "--res", "32x64", "--batch-size", "2", "--no-progress", "-q"]) == 0
 
 
+def test_resume_says_when_the_data_changed_since_the_run(tmp_path, capsys):
+    """--resume continues exactly only on the same files: the batches of every step depend on them.
+    Files added, removed or renamed since the run was saved give one warning (the run goes on)."""
+    root = write_pairs(tmp_path / "p", n=6, size=(32, 64))
+    out, data = tmp_path / "run", ["--data", f"pairs:{root / 'labels'},{root / 'images'}"]
+    assert train_main(["--out", out, "--steps", "1", *data, *SMALL]) == 0
+    assert train_main(["--out", out, "--steps", "2", "--resume", *data, *SMALL]) == 0
+    assert "--resume:" not in capsys.readouterr().err  # the same files: nothing said
+    for f in ("labels/00000006.png", "images/00000006.jpg"):
+        (root / f).write_bytes((root / f.replace("6", "0")).read_bytes())
+    assert train_main(["--out", out, "--steps", "3", "--resume", *data, *SMALL]) == 0
+    assert ("--resume: the data now holds 7 samples, the run had 6 (added, removed, renamed or skipped since): "
+            "the batches from step 2 on differ from the run's own") in capsys.readouterr().err
+    for f in ("labels/00000006.png", "images/00000006.jpg"):
+        (root / f).rename(root / f.replace("6", "9"))
+    assert train_main(["--out", out, "--steps", "4", "--resume", *data, *SMALL]) == 0
+    assert "the data now holds 7 samples, the run had 7 but other files" in capsys.readouterr().err
+
+
 def test_resume_from_a_foreign_train_state_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(["--out", out, "--steps", "1", *SMALL]) == 0
