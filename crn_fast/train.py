@@ -118,6 +118,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: valid: {', '.join(valid)}")
         if self.loss is not None and self.loss not in LOSS_KINDS:
             raise UsageError(f"--loss {self.loss!r}: valid: {', '.join(LOSS_KINDS)}")
+        if self.split != "train" and not str(self.data).startswith("cityscapes:"):
+            raise UsageError(f"--split {self.split}: only --data cityscapes:ROOT has splits (--data {self.data})")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: choose one")
         try:

@@ -302,6 +302,9 @@ def test_bad_loss_weights_name_the_weight(lambdas, msg):
     assert TrainConfig(lambdas=[1, 0, 0, 0, 0, 2]).validate().lambdas == (1.0, 0.0, 0.0, 0.0, 0.0, 2.0)
     with pytest.raises(UsageError, match=re.escape("--seed -3: must be an integer >= 0")):
         TrainConfig(seed=-3).validate()
+    with pytest.raises(UsageError, match=re.escape("--split val: only --data cityscapes:ROOT has splits (--data "
+                                                   "synthetic)")):  # it was ignored
+        TrainConfig(split="val").validate()
 
 
 def test_a_folder_or_a_missing_split_says_what_is_there(tmp_path):
