@@ -323,13 +323,21 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
     if image_dir is None:
         return [(lab, None, label_kind(lab)) for lab in labels], []
     _need_dir(image_dir, "image folder")
-    by_stem = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    if image_dir.resolve() == label_dir.resolve():  # every label would be its own image, or a.jpg a label
+        raise UsageError(f"--data pairs:{label_dir},{image_dir}: the labels and the images are one folder; "
+                         f"pairs are matched by name across two folders (LABEL_DIR,IMAGE_DIR)")
+    by_stem: dict[str, list[Path]] = {}
+    for f in sorted(image_dir.iterdir()):
+        if f.suffix.lower() in IMAGE_EXTS:
+            by_stem.setdefault(f.stem, []).append(f)
     pairs, missing = [], []
     for lab in labels:
-        if lab.stem in by_stem:
-            pairs.append((lab, by_stem[lab.stem], label_kind(lab)))
-        else:
-            missing.append(f"{lab}: no image named {lab.stem}.* in {image_dir}")
+        found = by_stem.get(lab.stem, [])
+        if len(found) == 1:
+            pairs.append((lab, found[0], label_kind(lab)))
+        else:  # none, or two such as a.jpg and a.png: which one is the photograph is not for us to guess
+            missing.append(f"{lab}: no image named {lab.stem}.* in {image_dir}" if not found else
+                           f"{lab}: {len(found)} images match it ({', '.join(f.name for f in found)}); keep one")
     return pairs, missing
 
 

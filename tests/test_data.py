@@ -119,6 +119,7 @@ def test_real_authors_labels_decode(shared):
 @pytest.mark.parametrize("problem,msg", [
     ("missing", "no image named"), ("size", "is 16x32 but its image"), ("color", "not Cityscapes label colours"),
     ("unreadable", "unreadable image"), ("ids", r"values 20, 33 are not train ids \(0-18, void 19 or 255\)"),
+    ("two images", r"2 images match it \(00000001.jpg, 00000001.png\); keep one"),  # one was picked by chance
 ])
 def test_bad_data_names_the_file_and_skip_bad_counts_it(tmp_path, problem, msg):
     root = write_pairs(tmp_path / "p", n=3)
@@ -129,6 +130,8 @@ def test_bad_data_names_the_file_and_skip_bad_counts_it(tmp_path, problem, msg):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "00000001.jpg")
     elif problem == "color":
         Image.fromarray(np.full((16, 32, 3), 7, np.uint8)).save(bad)
+    elif problem == "two images":
+        Image.fromarray(np.full((16, 32, 3), 9, np.uint8)).save(root / "images" / "00000001.png")
     elif problem == "ids":  # greyscale train ids with labelIds-like values among them
         Image.fromarray(np.array([[0, 18, 19, 255], [20, 33, 33, 1]] * 8, np.uint8).repeat(8, axis=1)).save(bad)
     else:
@@ -140,6 +143,15 @@ def test_bad_data_names_the_file_and_skip_bad_counts_it(tmp_path, problem, msg):
     assert "00000001" in str(e.value)
     ds = make_dataset(spec, skip_bad=True)
     assert len(ds) == 2 and len(ds.skipped) == 1 and "00000001" in ds.skipped[0]
+
+
+def test_pairs_from_one_folder_is_a_usage_error(tmp_path):
+    """pairs:DIR,DIR made every label its own target (and a JPEG photograph a label)."""
+    root = write_pairs(tmp_path / "p", n=2)
+    for f in (root / "images").iterdir():
+        f.rename(root / "labels" / f.name)
+    with pytest.raises(UsageError, match="the labels and the images are one folder"):
+        make_dataset(f"pairs:{root / 'labels'},{root / 'labels' / '.'}")
 
 
 def test_unknown_colors_void_follows_the_authors_rule(tmp_path):
