@@ -59,9 +59,14 @@ def setup_logging(args) -> None:
     log.setLevel(level)
     log.propagate = False
     verbose = level == logging.DEBUG
+    shown = set()
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        # one line for the user, as the tool's other messages; where it came from with -v
+        # one line for the user, as the tool's other messages, once (Python's own once-per-place
+        # registry is reset whenever any code changes the warning filters); where it came from with -v
+        if (category, str(message)) in shown:
+            return
+        shown.add((category, str(message)))
         where = f" ({category.__name__} at {filename}:{lineno})" if verbose else ""
         log.warning(f"warning: {message}{where}")
     warnings.showwarning = show_warning

@@ -809,3 +809,23 @@ def test_cli_warnings_are_one_plain_line(tmp_path, tiny_ckpt, verbose):
     lines = [line for line in r.stderr.splitlines() if "requested but" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: backend='triton' requested but"), r.stderr
     assert ("(RuntimeWarning at " in lines[0]) == verbose and "self.set_backend" not in r.stderr, r.stderr
+
+
+def test_a_cli_warning_is_shown_once(capsys):
+    """torch's DataLoader warned twice about --workers 3 on 2 cores: Python's once-per-place
+    registry is reset whenever code changes the warning filters, as torch does in between."""
+    import argparse
+    import warnings
+    from crn_fast.cli import setup_logging
+    showwarning = warnings.showwarning
+    try:
+        setup_logging(argparse.Namespace(quiet=True, verbose=False))
+        for _ in range(2):
+            with warnings.catch_warnings():  # changes the filters, resetting Python's registry
+                warnings.simplefilter("default")
+            warnings.warn("This DataLoader will create 3 worker processes", UserWarning)
+        warnings.warn("another warning", UserWarning)
+    finally:
+        warnings.showwarning = showwarning
+    assert capsys.readouterr().err == ("warning: This DataLoader will create 3 worker processes\n"
+                                       "warning: another warning\n")
