@@ -304,6 +304,9 @@ def crn_pairs(root: Path, resolution=None):
     if not labels:
         raise DataError(f"{root / f'Label{size}Full'}: empty folder")
     img_dir = root / f"RGB{size}Full"
+    if not img_dir.is_dir():  # else each label would be reported missing its image
+        raise DataError(f"{img_dir} does not exist: the crn: form pairs Label{size}Full/%08d.png labels with "
+                        f"RGB{size}Full/%08d.png images")
     pairs, missing = [], []
     for lab in labels:
         img = next((img_dir / (lab.stem + e) for e in IMAGE_EXTS if (img_dir / (lab.stem + e)).is_file()), None)
@@ -358,6 +361,9 @@ def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train"
         if "," not in arg:
             raise UsageError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r}")
         lab, img = arg.split(",", 1)
+        if not lab or not img:
+            raise UsageError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r} (the "
+                             f"{'LABEL_DIR' if not lab else 'IMAGE_DIR'} is empty)")
         pairs, missing = folder_pairs(Path(lab), Path(img))
     if missing and not skip_bad:
         raise DataError(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +

@@ -193,6 +193,13 @@ def test_empty_folder_and_unknown_form(tmp_path):
         make_dataset("imagenet:/x")
     with pytest.raises(DataError, match="does not exist"):
         make_dataset(f"cityscapes:{tmp_path / 'nope'}")
+    with pytest.raises(UsageError, match=r"got ',/x' \(the LABEL_DIR is empty\)"):  # it read labels from '.'
+        make_dataset("pairs:,/x")
+    (tmp_path / "crn" / "Label256Full").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(tmp_path / "crn" / "Label256Full" / "00000001.png")
+    with pytest.raises(DataError, match=r"RGB256Full does not exist: the crn: form pairs Label256Full/%08d.png "
+                                        r"labels with RGB256Full/%08d.png images"):  # not one line per label
+        make_dataset(f"crn:{tmp_path / 'crn'}")
 
 
 def test_label_files_take_one_layout_per_cityscapes_frame_from_its_subfolders(tmp_path):
