@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     if args.checkpoint and args.ckpt and args.checkpoint != args.ckpt:
         ap.error(f"two checkpoints given ({args.checkpoint} and --ckpt {args.ckpt}): give one")
     args.ckpt = args.ckpt or args.checkpoint
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file, not a folder")
     if args.engine and args.backend == "auto":  # the engine given is what runs
         args.backend = "tensorrt"
     if args.engine and args.backend != "tensorrt":

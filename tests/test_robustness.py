@@ -510,18 +510,22 @@ def test_synthesize_pipeline_options_are_usage_errors(tmp_path, tiny_ckpt, args,
      "weights built in, so CKPT would be ignored"),
     (["CKPT", "--backend", "tensorrt"], "--backend tensorrt needs --engine PATH (build one with crn-export --trt)"),
     (["--engine", "g.engine", "--cuda-graph"], "--cuda-graph replays a PyTorch generator"),
+    (["CKPT", "--out", "FILE"], "--out FILE is a file, not a folder"),  # was 'cannot write to ...: File exists'
 ])
-def test_synthesize_engine_options_are_usage_errors(tmp_path, tiny_ckpt, capsys, args, msg):
+def test_synthesize_engine_and_out_options_are_usage_errors(tmp_path, tiny_ckpt, capsys, args, msg):
     """--engine used to be ignored unless --backend tensorrt was given too: the checkpoint ran
     instead of the engine the user named. Now the engine implies tensorrt under auto, and what
     would be ignored (a checkpoint beside it, --cuda-graph) is refused."""
     from crn_fast.synthesize import main
-    args = [str(tiny_ckpt) if a == "CKPT" else a for a in args]
+    (tmp_path / "file").write_text("x")
+    names = {"CKPT": str(tiny_ckpt), "FILE": str(tmp_path / "file")}
     with pytest.raises(SystemExit) as e:
-        main([*args, "--labels", str(tmp_path / "l.png"), "--out", str(tmp_path / "o")])
+        main(["--labels", str(tmp_path / "l.png"), "--out", str(tmp_path / "o"), *(names.get(a, a) for a in args)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and msg.replace("CKPT", str(tiny_ckpt)) in err, err
-    assert not (tmp_path / "o").exists()
+    for name, value in names.items():
+        msg = msg.replace(name, value)
+    assert e.value.code == 2 and msg in err, err
+    assert not (tmp_path / "o").exists() and (tmp_path / "file").read_text() == "x"
 
 
 def test_synthesize_colour_error_does_not_suggest_a_missing_option(tmp_path, tiny_ckpt):
