@@ -37,8 +37,10 @@ from .labels import one_hot
 
 def load_generator_for(args, device):
     if args.backend == "tensorrt":
+        if device.type != "cuda":
+            raise UsageError(f"--engine {args.engine}: TensorRT runs on a CUDA device, not {device}")
         from crn_fast.export.tensorrt import TensorRTGenerator
-        gen = TensorRTGenerator(args.engine)
+        gen = TensorRTGenerator(args.engine, device, cuda_graph=args.cuda_graph)  # this rank's GPU
         if gen.config is None:
             raise CRNError(f"{args.engine}.json (the sidecar crn-export writes beside the engine) is missing or "
                            f"unreadable: it holds the model config synthesis needs")
@@ -64,10 +66,10 @@ def load_generator_for(args, device):
     return model
 
 
-def plan(files: list[Path], config, size, out_dir: Path) -> list[tuple[Path, tuple[int, int]]]:
-    """The cheap first pass: each file's header (readable, its size after --res) and unique output
-    names, none of them an input file (--out the labels' own folder). Nothing is decoded or kept
-    but (path, size)."""
+def plan(files: list[Path], config, size, out_dir: Path, profile=None) -> list[tuple[Path, tuple[int, int]]]:
+    """The cheap first pass: each file's header (readable, its size after --res, and within a
+    TensorRT engine's ``profile``) and unique output names, none of them an input file (--out the
+    labels' own folder). Nothing is decoded or kept but (path, size)."""
     by_name: dict[str, Path] = {}
     inputs = {f.resolve() for f in files}
     out = []
@@ -91,6 +93,11 @@ def plan(files: list[Path], config, size, out_dir: Path) -> list[tuple[Path, tup
         except CRNError as e:
             raise UsageError(f"{f}: {e} Pass --res to resize the layouts, e.g. --res "
                              f"{'x'.join(map(str, config.nearest_valid_size(*hw)))}.") from None
+        if profile is not None:  # the engine runs only the sizes it was built for
+            try:
+                profile.check((profile.min[0], config.num_classes, *hw))
+            except CRNError as e:
+                raise UsageError(f"{f}: {e}") from None
         out.append((f, tuple(hw)))
     return out
 
@@ -105,8 +112,11 @@ def synthesize(args) -> list[Path]:
     with ranks.together():  # the same files, model and plan on every rank; rank 0 cleans up first
         files = label_files(Path(args.labels), exclude=out_dir)
         model = load_generator_for(args, device)
-        config = model.config
-        todo = plan(files, config, args.res, out_dir)
+        config, profile = model.config, getattr(model, "profile", None)
+        if profile is not None and not profile.min[0] <= min(args.batch_size, len(files)) <= profile.max[0]:
+            raise UsageError(f"--batch-size {args.batch_size}: the engine runs batches of {profile.min[0]}-"
+                             f"{profile.max[0]} (build it with crn-export --trt --max-batch {args.batch_size})")
+        todo = plan(files, config, args.res, out_dir, profile)
         if ranks.rank == 0:  # before any rank writes: their temporaries are not stale
             from .checkpoint import remove_stale_temporaries
             for f in remove_stale_temporaries(out_dir, "*.png"):
@@ -231,8 +241,6 @@ def main(argv=None) -> int:
     if args.backend == "tensorrt" and args.ckpt:
         ap.error(f"give a checkpoint or --engine, not both: the engine {args.engine} runs alone, its weights built "
                  f"in, so {args.ckpt} would be ignored")
-    if args.backend == "tensorrt" and args.cuda_graph:
-        ap.error("--cuda-graph replays a PyTorch generator: TensorRT runs its engine itself (leave --cuda-graph out)")
     if args.fused_conv != "off" and args.backend not in ("triton", "auto"):
         ap.error(f"--fused-conv {args.fused_conv} needs --backend triton (the fused conv is a Triton kernel), "
                  f"got --backend {args.backend}")

@@ -106,6 +106,17 @@ class Profile:
     def to_dict(self) -> dict:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
+    def check(self, shape) -> None:
+        """A CRNError unless the layout ``shape`` (N, C, H, W) lies within the profile, which an
+        engine runs only inside, naming the range and how to build an engine for the shape."""
+        shape = tuple(shape)
+        if len(shape) == 4 and all(lo <= d <= hi for lo, d, hi in zip(self.min, shape, self.max)):
+            return
+        (n0, c, h0, w0), (n1, _, h1, w1) = self.min, self.max
+        raise CRNError(f"layout {'x'.join(map(str, shape))} is outside the engine's profile: batch {n0}-{n1}, "
+                       f"{c} channels, {h0}x{w0} to {h1}x{w1}; build an engine for it with crn-export --trt "
+                       f"(--min-res, --max-res, --max-batch), or --res to resize the layouts")
+
 
 def make_profile(num_classes: int, stride: int, res, min_res=None, max_res=None, batch: int = 1,
                  min_batch: int | None = None, max_batch: int | None = None) -> Profile:
@@ -186,11 +197,12 @@ class TensorRTGenerator:
         self.context = self.engine.create_execution_context()
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple] = {}
-        self.config = _config_from_sidecar(engine_path)
+        self.config, self.profile = _from_sidecar(engine_path)
 
     def _run(self, layout: torch.Tensor, stream) -> torch.Tensor:
         trt, ctx = self._trt, self.context
-        ctx.set_input_shape(INPUT_NAME, tuple(layout.shape))
+        if not ctx.set_input_shape(INPUT_NAME, tuple(layout.shape)):  # False: outside the engine's profile
+            raise CRNError(f"TensorRT refused the layout shape {tuple(layout.shape)} (outside the engine's profile)")
         out_shape = tuple(ctx.get_tensor_shape(OUTPUT_NAME))
         out = torch.empty(out_shape, device=self.device,
                           dtype=_torch_dtype(trt, self.engine.get_tensor_dtype(OUTPUT_NAME)))
@@ -201,6 +213,8 @@ class TensorRTGenerator:
         return out
 
     def __call__(self, layout: torch.Tensor) -> torch.Tensor:
+        if self.profile is not None:  # before TensorRT logs its own error
+            self.profile.check(layout.shape)
         layout = layout.to(self.device, torch.float32).contiguous()
         stream = torch.cuda.current_stream(self.device)
         if not self.cuda_graph:
@@ -223,13 +237,22 @@ class TensorRTGenerator:
         return static_out
 
 
-def _config_from_sidecar(engine_path):
+def _from_sidecar(engine_path):
+    """(model config, Profile) from the JSON crn-export writes beside an engine; each None when
+    the sidecar or its entry is missing or unreadable."""
     import json
     from crn_fast.config import CRNConfig
     side = Path(str(engine_path) + ".json")
-    if side.is_file():
-        try:
-            return CRNConfig.from_dict(json.loads(side.read_text())["model"])
-        except (KeyError, ValueError):
-            return None
-    return None
+    try:
+        facts = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None, None
+    try:
+        config = CRNConfig.from_dict(facts["model"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        config = None
+    try:
+        profile = Profile(*(tuple(int(d) for d in facts["profile"][k]) for k in ("min", "opt", "max")))
+    except (KeyError, ValueError, TypeError):
+        profile = None
+    return config, profile

@@ -1,17 +1,19 @@
 """crn-export on the tiny preset: ONNX in onnxruntime, AOTInductor in a fresh process, TensorRT logic."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from crn_fast import CRN, save_generator
+from crn_fast import CRN, CRNConfig, save_generator
 from crn_fast.export.cli import main as export_main
 from crn_fast.export.tensorrt import make_profile, tensorrt_missing_reason
-from crn_fast.errors import CRNError
+from crn_fast.errors import CRNError, UsageError
 from crn_fast.labels import one_hot
 
 
@@ -196,6 +198,32 @@ def test_an_opset_the_exporter_falls_back_from_is_an_error(ckpt, tmp_path, monke
     with pytest.raises(CRNError, match=r"--opset 99: the exporter wrote opset \d+ instead"):
         onnx_export.export_onnx(load_generator(ckpt), tmp_path / "g.onnx", (32, 64), opset=99)
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_an_engine_is_given_only_the_shapes_of_its_profile(tmp_path):
+    """A TensorRT engine runs only inside its optimisation profile (in the sidecar crn-export writes):
+    crn-synthesize checks each layout's size against it in its first pass, naming the file, and
+    the runner checks every call's shape, before TensorRT would log its own error."""
+    from crn_fast.export.tensorrt import _from_sidecar
+    from crn_fast.synthesize import plan
+    profile = make_profile(20, 16, (64, 128), (32, 64), (64, 128), batch=1, max_batch=2)
+    profile.check((2, 20, 32, 64))
+    with pytest.raises(CRNError, match=re.escape(
+            "layout 3x20x64x128 is outside the engine's profile: batch 1-2, 20 channels, 32x64 to 64x128; build an "
+            "engine for it with crn-export --trt (--min-res, --max-res, --max-batch), or --res to resize the layouts")):
+        profile.check((3, 20, 64, 128))
+    with pytest.raises(CRNError, match="layout 1x20x128x256 is outside"):
+        profile.check((1, 20, 128, 256))
+    config = CRNConfig(widths=(8, 8, 8, 8, 8), k=1)
+    (tmp_path / "g.engine.json").write_text(json.dumps({"model": config.to_dict(), "profile": profile.to_dict()}))
+    assert _from_sidecar(tmp_path / "g.engine") == (config, profile)
+    assert _from_sidecar(tmp_path / "missing.engine") == (None, None)
+    for name, hw in (("fits.png", (64, 128)), ("big.png", (128, 256))):
+        Image.fromarray(np.zeros(hw, np.uint8)).save(tmp_path / name)
+    assert plan([tmp_path / "fits.png"], config, None, tmp_path / "o", profile) == [(tmp_path / "fits.png", (64, 128))]
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'big.png'}: layout 1x20x128x256 is outside")):
+        plan([tmp_path / "fits.png", tmp_path / "big.png"], config, None, tmp_path / "o", profile)
+    assert plan([tmp_path / "big.png"], config, (64, 128), tmp_path / "o", profile)  # --res brings it inside
 
 
 def test_tensorrt_profile_and_precision_logic():

@@ -509,13 +509,12 @@ def test_synthesize_pipeline_options_are_usage_errors(tmp_path, tiny_ckpt, args,
     (["CKPT", "--engine", "g.engine"], "give a checkpoint or --engine, not both: the engine g.engine runs alone, its "
      "weights built in, so CKPT would be ignored"),
     (["CKPT", "--backend", "tensorrt"], "--backend tensorrt needs --engine PATH (build one with crn-export --trt)"),
-    (["--engine", "g.engine", "--cuda-graph"], "--cuda-graph replays a PyTorch generator"),
     (["CKPT", "--out", "FILE"], "--out FILE is a file, not a folder"),  # was 'cannot write to ...: File exists'
 ])
 def test_synthesize_engine_and_out_options_are_usage_errors(tmp_path, tiny_ckpt, capsys, args, msg):
     """--engine used to be ignored unless --backend tensorrt was given too: the checkpoint ran
     instead of the engine the user named. Now the engine implies tensorrt under auto, and what
-    would be ignored (a checkpoint beside it, --cuda-graph) is refused."""
+    would be ignored (a checkpoint beside it) is refused; TensorRT needs a CUDA device."""
     from crn_fast.synthesize import main
     (tmp_path / "file").write_text("x")
     names = {"CKPT": str(tiny_ckpt), "FILE": str(tmp_path / "file")}
@@ -526,6 +525,15 @@ def test_synthesize_engine_and_out_options_are_usage_errors(tmp_path, tiny_ckpt,
         msg = msg.replace(name, value)
     assert e.value.code == 2 and msg in err, err
     assert not (tmp_path / "o").exists() and (tmp_path / "file").read_text() == "x"
+
+
+def test_synthesize_runs_an_engine_on_a_cuda_device_only(tmp_path, capsys):
+    from crn_fast.synthesize import main
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "l.png")
+    assert main(["--engine", "g.engine", "--labels", str(tmp_path / "l.png"), "--out", str(tmp_path / "o"),
+                 "--device", "cpu"]) == 2
+    assert "--engine g.engine: TensorRT runs on a CUDA device, not cpu" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_synthesize_colour_error_does_not_suggest_a_missing_option(tmp_path, tiny_ckpt):
