@@ -517,10 +517,23 @@ def restore_training_state(state: dict, opt, scaler, criterion, device) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines after ``step`` (written after the checkpoint a resume starts from)."""
+    """Drop metrics.jsonl lines after ``step`` (written after the checkpoint a resume starts from),
+    and lines that do not parse: a run killed while writing one leaves it cut."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        elif line.strip():
+            torn += 1
+    if torn:
+        log.warning(f"{path}: left out {torn} unreadable line(s) (a write cut when the run was stopped)")
     from .checkpoint import atomic_path
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))

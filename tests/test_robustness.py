@@ -276,6 +276,19 @@ def test_metrics_after_a_resume_do_not_repeat_steps(tmp_path):
     assert steps_in(out) == [1, 2, 3, 4]
 
 
+def test_a_metrics_line_cut_by_a_kill_does_not_stop_the_resume(tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves its last line cut: --resume was a
+    JSONDecodeError traceback. The cut line is left out, with a warning."""
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "2", *SMALL]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')
+    assert train_main(["--out", out, "--steps", "3", "--resume", *SMALL]) == 0
+    assert "metrics.jsonl: left out 1 unreadable line(s) (a write cut when the run was stopped)" in \
+        capsys.readouterr().err
+    assert steps_in(out) == [1, 2, 3]
+
+
 # ----------------------------------------------------------------------------- one line, not a traceback
 @pytest.mark.parametrize("args,msg", [
     (["--batch-size", "0"], "--batch-size/--batch: 0 must be >= 1"), (["--save-every", "0"], "--save-every: 0 must be"),
