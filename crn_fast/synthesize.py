@@ -117,6 +117,11 @@ def synthesize(args) -> list[Path]:
             raise UsageError(f"--batch-size {args.batch_size}: the engine runs batches of {profile.min[0]}-"
                              f"{profile.max[0]} (build it with crn-export --trt --max-batch {args.batch_size})")
         todo = plan(files, config, args.res, out_dir, profile)
+        if getattr(args, "skip_existing", False):  # a run stopped part way: its images are whole (atomic writes)
+            planned, todo = len(todo), [(f, hw) for f, hw in todo if not (out_dir / f"{f.stem}.png").is_file()]
+            if ranks.rank == 0 and planned > len(todo):
+                log.info(f"--skip-existing: {planned - len(todo)} of {planned} layout(s) already have their image "
+                         f"in {out_dir}")
         if ranks.rank == 0:  # before any rank writes: their temporaries are not stale
             from .checkpoint import remove_stale_temporaries
             for f in remove_stale_temporaries(out_dir, "*.png"):
@@ -214,6 +219,9 @@ def build_parser():
     ap.add_argument("--workers", type=non_negative_int, default=None,
                     help="threads that decode layouts and write PNGs beside the generator (default: one a core, "
                          "at most 8; 0: everything in order in the main thread)")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="leave out the layouts whose image is already in --out, to finish a run that was stopped "
+                         "(its images are whole: each is written to a temporary name, then renamed)")
     ap.add_argument("--png-compression", type=png_level, default=6,
                     help="zlib level of the PNGs, 0-9 (default 6, PIL's): 1 wrote 2-megapixel outputs 2.5x faster "
                          "in 26%% more bytes")

@@ -489,6 +489,26 @@ def test_synthesize_threads_write_what_one_thread_writes(tmp_path, tiny_ckpt):
         assert np.array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(one)))
 
 
+def test_synthesize_skip_existing_finishes_a_stopped_run(tmp_path, tiny_ckpt, capsys):
+    """--skip-existing leaves out the layouts whose image is in --out: a run stopped after 3 of 7
+    images is finished with the other 4, the 3 untouched, and the folder as one whole run's."""
+    labels = _noisy_labels(tmp_path / "labels", 7)
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "whole"), "-q"]) == 0
+    part = tmp_path / "part"
+    part.mkdir()
+    for name in ("0.png", "3.png", "6.png"):  # what a stopped run left: whole images only
+        (part / name).write_bytes((tmp_path / "whole" / name).read_bytes())
+    os.utime(part / "3.png", (1, 1))
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(part), "--skip-existing",
+                       "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"--skip-existing: 3 of 7 layout(s) already have their image in {part}" in err
+    assert f"wrote 4 image(s) to {part}" in err
+    assert (part / "3.png").stat().st_mtime == 1  # left as it was
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == whole
+
+
 @pytest.mark.parametrize("workers", ["0", "3"])
 def test_synthesize_stops_at_a_cut_layout_with_every_image_before_it_written(tmp_path, tiny_ckpt, workers):
     """A layout whose data is cut (its header passes the first pass) stops the run in one line naming
