@@ -14,7 +14,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -162,6 +164,45 @@ def describe_os_error(e: OSError) -> str:
     if e.errno == errno.EDQUOT:
         return f"disk quota exceeded{where}; free space and run again"
     return f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else "")
+
+
+# ----------------------------------------------------------------------------- stopping on a signal
+class StopSignals:
+    """SIGTERM (a scheduler's preemption; torchrun passes its own on) or a first Ctrl-C asks a tool
+    to stop at its next safe point: training after the step it is in, with its state saved
+    (--resume continues it), synthesis after the batch it is in, every image written whole
+    (--skip-existing finishes it). A second Ctrl-C stops it at once. Rank 0 says so in one line,
+    ``what`` happens next. Handlers are set only in the main thread, and put back on leaving. The
+    data loader's worker processes ignore both: the main process ends them (ignore_stop_signals)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, rank: int = 0, what: str = "stopping at the next safe point (Ctrl-C again: stop at once)"):
+        self.rank, self.what, self.signum, self.previous = rank, what, 0, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+            if self.rank == 0:
+                log.warning(f"{signal.Signals(signum).name}: {self.what}")
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data loader worker's start: SIGTERM and Ctrl-C are for the main process, which stops the
+    run between steps and then ends its workers (a worker killed first would fail the run)."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- option types

@@ -20,17 +20,18 @@ Exit status: 0 done, 1 runtime error, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cli import Progress, add_logging_options, cpu_cores, log, non_negative_int, positive_int, resolution, run_tool, \
+from .cli import Progress, StopSignals, add_logging_options, cpu_cores, log, non_negative_int, positive_int, resolution, run_tool, \
     setup_logging, torch_device
 from .data import _open_header, decode_label, label_files, label_kind, resize_pair
 from .distributed import setup_distributed, shutdown
-from .errors import CRNError, UsageError
+from .errors import CRNError, RunStopped, UsageError
 from .images import OrderedWrites, save_png, side_by_side, to_uint8
 from .labels import one_hot
 
@@ -107,6 +108,7 @@ def synthesize(args) -> list[Path]:
     torchrun each rank (one a GPU) takes every world-th layout, in batches; the ranks stop together
     (crn_fast.distributed), each batch settled, so an error on one rank stops them all there."""
     ranks = setup_distributed()
+    ranks.stop_signal = 0  # agreed again at each batch
     device = args.device or ranks.device
     out_dir = Path(args.out)
     with ranks.together():  # the same files, model and plan on every rank; rank 0 cleans up first
@@ -145,14 +147,20 @@ def synthesize(args) -> list[Path]:
         return save_png(side_by_side(images), path, args.png_compression)
 
     # decoding and PNG writing in threads beside the generator (the next batch decoded while this
-    # one runs), the PNGs finished in order: an error leaves every image before it written whole
-    with OrderedWrites(workers, max(2 * workers, args.batch_size) if workers else 0, done, "crn-synthesize") as pipe:
+    # one runs), the PNGs finished in order: an error leaves every image before it written whole.
+    # SIGTERM or a first Ctrl-C stops after the batch in which it came (every rank after the same one)
+    stop = StopSignals(ranks.rank, "stopping after this batch, every image written whole (Ctrl-C again: stop at "
+                                   "once)")
+    with stop, OrderedWrites(workers, max(2 * workers, args.batch_size) if workers else 0, done,
+                             "crn-synthesize") as pipe:
         def decode_ahead(i):
             return [(f, hw, pipe.submit(decode, f)) for f, hw in chunks[i]] if i < len(chunks) else []
         ahead = decode_ahead(0)
         for i in range(rounds):
+            if ranks.stop_signal:  # agreed at the end of the last batch
+                break
             current, ahead = ahead, decode_ahead(i + 1)
-            with ranks.together():  # one rank's bad layout, bad output or failed write stops every rank
+            with ranks.together(stop):  # one rank's bad layout, bad output or failed write stops every rank
                 by_shape: dict[tuple, list] = {}
                 for f, hw, decoded in current:
                     by_shape.setdefault(hw, []).append((f, decoded))
@@ -169,9 +177,14 @@ def synthesize(args) -> list[Path]:
                             raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights "
                                            f"finite?); stopped after {len(written) + len(pipe.pending)} image(s)")
                         pipe.write(write, image, out_dir / f"{f.stem}.png")
+        stopped = ranks.stop_signal  # the last together() without signals agrees on none
         with ranks.together():
             pipe.drain()
     bar.close()
+    if stopped:
+        total = ranks.sum(len(written))
+        raise RunStopped(f"stopped by {signal.Signals(stopped).name} after {total} of {len(todo)} image(s) in "
+                         f"{out_dir}, each whole: finish with --skip-existing", stopped, quiet=ranks.rank != 0)
     return written
 
 

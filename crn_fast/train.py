@@ -39,8 +39,8 @@ import torch.distributed as dist
 
 from .checkpoint import load_generator, load_train_state, remove_stale_temporaries, save_generator, \
     save_train_state
-from .cli import Progress, add_logging_options, cores_per_rank, log, non_negative_int, positive_float, positive_int, \
-    resolution, run_tool, setup_logging
+from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, ignore_stop_signals, log, \
+    non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
 from .config import get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
@@ -311,43 +311,6 @@ def train_step(model, criterion, opt, scaler, layout, target, amp_dtype, phase=_
         scaler.step(opt)
         scaler.update()
     return value, terms
-
-
-class StopSignals:
-    """SIGTERM (a scheduler's preemption; torchrun passes its own on) or a first Ctrl-C asks the run
-    to stop after the step it is in, with its state saved (--resume continues it); a second Ctrl-C
-    stops it at once. Handlers are set only in the main thread, and put back on leaving. The data
-    loader's worker processes ignore both: the main process ends them (ignore_stop_signals)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, rank: int = 0):
-        self.rank, self.signum, self.previous = rank, 0, {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.signum:
-            self.signum = signum
-            if self.rank == 0:
-                log.warning(f"{signal.Signals(signum).name}: stopping after this step, with the run saved (Ctrl-C "
-                            f"again: stop at once, losing the steps since the last checkpoint)")
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """A data loader worker's start: SIGTERM and Ctrl-C are for the main process, which stops the
-    run between steps and then ends its workers (a worker killed first would fail the run)."""
-    for s in StopSignals.SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
 
 
 class FirstNonFinite:
@@ -770,7 +733,8 @@ def train(cfg: TrainConfig) -> Path:
     t_last, seen, step = time.perf_counter(), 0, start
     watch = FirstNonFinite(device)
     loading = batches(loader)
-    with StopSignals(rank) as signals:  # SIGTERM or a first Ctrl-C: stop after this step, saved
+    with StopSignals(rank, "stopping after this step, with the run saved (Ctrl-C again: stop at once, losing "
+                     "the steps since the last checkpoint)") as signals:  # SIGTERM or a first Ctrl-C
         while True:
             # every rank, every step: a bad file in one rank's share of the data, or a signal that
             # reached one rank, stops all of them here

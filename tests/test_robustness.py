@@ -509,6 +509,34 @@ def test_synthesize_skip_existing_finishes_a_stopped_run(tmp_path, tiny_ckpt, ca
     assert {p.name: p.read_bytes() for p in part.iterdir()} == whole
 
 
+def test_synthesize_sigterm_stops_after_the_batch_and_skip_existing_finishes(tmp_path, tiny_ckpt, capsys):
+    """A scheduler's SIGTERM used to kill crn-synthesize without a word. It now finishes the batch
+    it is in and the images already queued, says how many are written, exits 143, and
+    --skip-existing then finishes the folder as one whole run would have written it."""
+    import signal
+    import time
+    labels = _noisy_labels(tmp_path / "labels", 60, size=(256, 512))
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "crn_fast.synthesize", str(tiny_ckpt), "--labels", str(labels),
+                             "--out", str(out), "--no-progress"], stderr=subprocess.PIPE,  # batches of 1: the
+                            # same bytes as the whole run (batches of other sizes round differently)
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (out.is_dir() and any(out.glob("*.png"))):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    made = sorted(p.name for p in out.iterdir())
+    assert 0 < len(made) < 60 and all(name.endswith(".png") for name in made)  # no temporaries left
+    assert err.strip().splitlines()[-1] == (f"crn-synthesize: stopped by SIGTERM after {len(made)} of 60 image(s) in "
+                                            f"{out}, each whole: finish with --skip-existing"), err
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(out), "--skip-existing", "-q"]) == 0
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "whole"), "-q"]) == 0
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == whole and len(whole) == 60
+
+
 @pytest.mark.parametrize("workers", ["0", "3"])
 def test_synthesize_stops_at_a_cut_layout_with_every_image_before_it_written(tmp_path, tiny_ckpt, workers):
     """A layout whose data is cut (its header passes the first pass) stops the run in one line naming
