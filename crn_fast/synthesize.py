@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import Progress, StopSignals, add_logging_options, cpu_cores, log, non_negative_int, positive_int, resolution, run_tool, \
-    setup_logging, torch_device
+from .cli import Progress, StopSignals, add_logging_options, cpu_cores, log, non_negative_int, positive_int, \
+    resolution, run_tool, setup_logging, torch_device
 from .data import _open_header, decode_label, label_files, label_kind, resize_pair
 from .distributed import setup_distributed, shutdown
 from .errors import CRNError, RunStopped, UsageError
