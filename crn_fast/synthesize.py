@@ -181,8 +181,8 @@ def synthesize(args) -> list[Path]:
         with ranks.together():
             pipe.drain()
     bar.close()
-    if stopped:
-        total = ranks.sum(len(written))
+    total = ranks.sum(len(written)) if stopped else 0
+    if stopped and total < len(todo):  # a signal in the last batch changes nothing: the run is done
         raise RunStopped(f"stopped by {signal.Signals(stopped).name} after {total} of {len(todo)} image(s) in "
                          f"{out_dir}, each whole: finish with --skip-existing", stopped, quiet=ranks.rank != 0)
     return written

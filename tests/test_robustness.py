@@ -537,6 +537,25 @@ def test_synthesize_sigterm_stops_after_the_batch_and_skip_existing_finishes(tmp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == whole and len(whole) == 60
 
 
+def test_synthesize_a_signal_in_the_last_batch_changes_nothing(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """SIGTERM while the generator runs batch 1 of 2 stops after it (exit 143); in the last batch
+    the run is done, so it ends as usual (exit 0), every image written."""
+    import signal
+    import crn_fast.synthesize as synthesize
+    real = synthesize.one_hot
+
+    def one_hot_then_sigterm(*args, **kw):  # the signal arrives while a batch runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+    monkeypatch.setattr(synthesize, "one_hot", one_hot_then_sigterm)
+    labels = _noisy_labels(tmp_path / "labels", 2)
+    argv = [str(tiny_ckpt), "--labels", str(labels), "--no-progress", "--workers", "0"]
+    assert synth_main([*argv, "--out", str(tmp_path / "two")]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after 1 of 2 image(s)" in capsys.readouterr().err
+    assert synth_main([*argv, "--out", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+    assert "wrote 2 image(s)" in capsys.readouterr().err and len(list((tmp_path / "one").iterdir())) == 2
+
+
 @pytest.mark.parametrize("workers", ["0", "3"])
 def test_synthesize_stops_at_a_cut_layout_with_every_image_before_it_written(tmp_path, tiny_ckpt, workers):
     """A layout whose data is cut (its header passes the first pass) stops the run in one line naming
