@@ -3,7 +3,7 @@
 Exit codes (the same for crn-train, crn-synthesize, crn-export, crn-convert-tf, benchmarks/run.py):
     0  done                       1  runtime error (bad file, no GPU, disk full, ...)
     2  usage error (bad option)   3  verification failed (crn-export)
-    128 + N  crn-train stopped by signal N (SIGTERM 143, Ctrl-C 130), its state saved
+    128 + N  crn-train or crn-synthesize stopped by signal N (SIGTERM 143, Ctrl-C 130), its work kept
 Errors are one line on stderr, ``<prog>: error: <what is wrong and what would be valid>``.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run_tool(prog: str, fn, *args) -> int:
     try:
         rc = fn(*args)
         return 0 if rc is None else int(rc)
-    except RunStopped as e:  # a signal stopped a training run, which saved where it was
+    except RunStopped as e:  # a signal stopped a run, which kept its work (training: its state saved)
         if not e.quiet:
             say(f"{prog}: {e}")
         return 128 + e.signum
@@ -179,6 +179,7 @@ class StopSignals:
 
     def __init__(self, rank: int = 0, what: str = "stopping at the next safe point (Ctrl-C again: stop at once)"):
         self.rank, self.what, self.signum, self.previous = rank, what, 0, {}
+        self.agreed = 0  # the signal the ranks agreed on at the last Ranks.together(signals) (0: none)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

@@ -9,7 +9,7 @@ rank 0, if it is not that rank, prints one line naming it; the other ranks exit 
 exits with the failed rank's status. A failure inside a step's collectives (out of memory in the
 backward, say) is not covered: the others are already waiting in DDP's all-reduce. The same
 agreement carries a stop signal (SIGTERM, Ctrl-C) that reached any rank, so that all of them stop
-after the same training step (crn_fast.train.StopSignals).
+after the same training step or synthesis batch (crn_fast.cli.StopSignals).
 """
 from __future__ import annotations
 
@@ -32,30 +32,32 @@ class Ranks:
     device: torch.device
     group: object = None  # a gloo group for the host's decisions (None: the default group, or one process)
     stopping: bool = False  # the ranks agreed to stop on a failure: see shutdown()
-    stop_signal: int = 0  # a signal that asked some rank to stop, as agreed at the last together(signals)
 
     @contextlib.contextmanager
     def together(self, signals=None):
         """Run the block on every rank; if it failed on any rank, stop every rank here. With
-        ``signals`` (a train.StopSignals), the ranks also agree whether any of them was asked to stop:
-        ``stop_signal`` is then the signal's number on every rank, else 0."""
+        ``signals`` (a cli.StopSignals), the ranks also agree whether any of them was asked to stop:
+        ``signals.agreed`` is then the signal's number on every rank, else 0."""
         failure = None
         try:
             yield
         except Exception as e:  # noqa: BLE001 - settled across the ranks, then raised again
             failure = e
-        self.settle(failure, signals.signum if signals is not None else 0)
+        self.settle(failure, signals)
 
-    def settle(self, failure: Exception | None, stop_signal: int = 0) -> None:
+    def settle(self, failure: Exception | None, signals=None) -> None:
         if self.world == 1:
             if failure is not None:
                 raise failure
-            self.stop_signal = stop_signal
+            if signals is not None:
+                signals.agreed = signals.signum
             return
         # one small all-reduce on the host (gloo) when nothing failed, the usual case
-        flag = torch.tensor([int(failure is not None), stop_signal], dtype=torch.int32)
+        flag = torch.tensor([int(failure is not None), signals.signum if signals is not None else 0],
+                            dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        self.stop_signal = int(flag[1])
+        if signals is not None:
+            signals.agreed = int(flag[1])
         if not flag[0]:
             return
         self.stopping = True

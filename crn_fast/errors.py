@@ -23,8 +23,9 @@ class RankStopped(CRNError):
 
 
 class RunStopped(Exception):
-    """A training run that a signal (SIGTERM, a first Ctrl-C) stopped between two steps, after it
-    saved where it was: --resume continues it. Not an error: the tool's exit status is 128 + the
+    """A run that a signal (SIGTERM, a first Ctrl-C) stopped at a safe point, its work kept: training
+    between two steps, its state saved (--resume continues it); synthesis between two batches,
+    every image written whole (--skip-existing finishes it). Not an error: the tool's exit status is 128 + the
     signal's number, as a shell reports a process ended by that signal. ``quiet``: another rank says it."""
 
     def __init__(self, message: str, signum: int, quiet: bool = False):

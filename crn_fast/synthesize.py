@@ -108,7 +108,6 @@ def synthesize(args) -> list[Path]:
     torchrun each rank (one a GPU) takes every world-th layout, in batches; the ranks stop together
     (crn_fast.distributed), each batch settled, so an error on one rank stops them all there."""
     ranks = setup_distributed()
-    ranks.stop_signal = 0  # agreed again at each batch
     device = args.device or ranks.device
     out_dir = Path(args.out)
     with ranks.together():  # the same files, model and plan on every rank; rank 0 cleans up first
@@ -157,7 +156,7 @@ def synthesize(args) -> list[Path]:
             return [(f, hw, pipe.submit(decode, f)) for f, hw in chunks[i]] if i < len(chunks) else []
         ahead = decode_ahead(0)
         for i in range(rounds):
-            if ranks.stop_signal:  # agreed at the end of the last batch
+            if stop.agreed:  # at the end of the last batch
                 break
             current, ahead = ahead, decode_ahead(i + 1)
             with ranks.together(stop):  # one rank's bad layout, bad output or failed write stops every rank
@@ -177,14 +176,13 @@ def synthesize(args) -> list[Path]:
                             raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights "
                                            f"finite?); stopped after {len(written) + len(pipe.pending)} image(s)")
                         pipe.write(write, image, out_dir / f"{f.stem}.png")
-        stopped = ranks.stop_signal  # the last together() without signals agrees on none
         with ranks.together():
             pipe.drain()
     bar.close()
-    total = ranks.sum(len(written)) if stopped else 0
-    if stopped and total < len(todo):  # a signal in the last batch changes nothing: the run is done
-        raise RunStopped(f"stopped by {signal.Signals(stopped).name} after {total} of {len(todo)} image(s) in "
-                         f"{out_dir}, each whole: finish with --skip-existing", stopped, quiet=ranks.rank != 0)
+    total = ranks.sum(len(written)) if stop.agreed else 0
+    if stop.agreed and total < len(todo):  # a signal in the last batch changes nothing: the run is done
+        raise RunStopped(f"stopped by {signal.Signals(stop.agreed).name} after {total} of {len(todo)} image(s) in "
+                         f"{out_dir}, each whole: finish with --skip-existing", stop.agreed, quiet=ranks.rank != 0)
     return written
 
 

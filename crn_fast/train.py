@@ -490,8 +490,9 @@ def truncate_metrics(path: Path, step: int) -> None:
             record = json.loads(line) if line.strip() else None
         except ValueError:
             record = None
-        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
-            if record.get("step", 0) <= step:
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(at, int):
+            if at <= step:
                 keep.append(line)
         elif line.strip():
             torn += 1
@@ -740,7 +741,7 @@ def train(cfg: TrainConfig) -> Path:
             # reached one rank, stops all of them here
             with ranks.together(signals):
                 batch = next(loading, None) if not signals.signum else None
-            if batch is None or ranks.stop_signal:
+            if batch is None or signals.agreed:
                 break
             # Nothing in a step reads a value back from the device, so on a GPU the host queues the
             # next step (and loads its batch) while this one runs. The loop waits only when it reports.
@@ -780,7 +781,7 @@ def train(cfg: TrainConfig) -> Path:
 
         # --- the end (or a stop: the resume point saved where the run stopped) ---------------------
         bar.close()
-        stopped = ranks.stop_signal if step < total else 0  # a signal after the last step changes nothing
+        stopped = signals.agreed if step < total else 0  # a signal after the last step changes nothing
         with ranks.together():
             if stopped:  # as at a checkpoint: a NaN since the last check is not saved
                 watch.check(step, out / "train_state.pt")
