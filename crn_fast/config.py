@@ -3,10 +3,11 @@ every checkpoint's metadata and into every export sidecar; the channel schedule 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .constants import NUM_CLASSES
 from .errors import CRNError
+from .labels import CITYSCAPES, ClassSet
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class CRNConfig:
     num_classes: layout channels, void included (19 Cityscapes classes + void = 20).
     k: number of images the head emits (3k channels, image-major).
     base_size: (height, width) of the first module at the nominal resolution.
+    classes: what the layout channels mean (labels.ClassSet, or its dict form); None: Cityscapes'
+        for 20 channels, else numbered classes (``class_set``). Cityscapes' is stored as None, so
+        the authors' configs and every file written before class sets existed read the same.
     """
 
     widths: tuple[int, ...]
@@ -26,10 +30,18 @@ class CRNConfig:
     k: int = 1
     base_size: tuple[int, int] = (4, 8)
     name: str = field(default="custom", compare=False)
+    classes: ClassSet | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "base_size", tuple(int(s) for s in self.base_size))
+        if isinstance(self.classes, dict):
+            object.__setattr__(self, "classes", ClassSet.from_dict(self.classes, "the config's classes"))
+        if self.classes == CITYSCAPES:
+            object.__setattr__(self, "classes", None)
+        if self.classes is not None and self.classes.layout_channels != self.num_classes:
+            raise CRNError(f"the classes {self.classes.describe()} make {self.classes.layout_channels} layout "
+                           f"channels, but num_classes is {self.num_classes}")
         if not self.widths or any(w < 1 for w in self.widths):
             raise CRNError(f"widths must be a non-empty list of positive channel counts, got {list(self.widths)}")
         if self.num_classes < 1 or self.k < 1:
@@ -56,12 +68,22 @@ class CRNConfig:
         """Nominal height of each module: the number in the authors' variable names."""
         return tuple(self.base_size[0] * 2 ** i for i in range(self.num_modules))
 
+    @property
+    def class_set(self) -> ClassSet:
+        """What the layout channels mean: ``classes``, else Cityscapes' for 20 channels, else
+        numbered classes (greyscale ids 0..num_classes-2, void 255)."""
+        if self.classes is not None:
+            return self.classes
+        return CITYSCAPES if self.num_classes == CITYSCAPES.layout_channels else ClassSet.numbered(self.num_classes - 1)
+
     def in_channels(self, i: int) -> int:
         return self.num_classes + (self.widths[i - 1] if i else 0)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "classes"}
         d["widths"], d["base_size"] = list(self.widths), list(self.base_size)
+        if self.classes is not None:
+            d["classes"] = self.classes.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -69,7 +91,7 @@ class CRNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CRNConfig":
-        known = {"widths", "num_classes", "k", "base_size", "name"}
+        known = {"widths", "num_classes", "k", "base_size", "name", "classes"}
         unknown = set(d) - known
         if unknown or "widths" not in d:
             raise CRNError(f"not a CRN config: unknown keys {sorted(unknown)}" if unknown
@@ -80,6 +102,10 @@ class CRNConfig:
         d = self.to_dict()
         d.update(kw)
         return CRNConfig.from_dict(d)
+
+    def with_classes(self, classes: ClassSet) -> "CRNConfig":
+        """This architecture for another class set (its layout channels follow)."""
+        return self.replace(num_classes=classes.layout_channels, classes=classes)
 
     def validate_input_size(self, height: int, width: int) -> None:
         s = self.stride

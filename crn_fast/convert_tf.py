@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import CRNConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, CRNError, UsageError
 from .tf_checkpoint import TFCheckpoint
 
 _GEN = re.compile(r"^g_(\d+)_conv(1|2|100)/(weights|biases|LayerNorm/gamma|LayerNorm/beta)$")
@@ -110,11 +110,17 @@ def read_tf_generator(src, name: str | None = None) -> tuple[CRNConfig, dict[str
     return config, tf_to_state_dict(ckpt, config), {"converted_from": str(ckpt.prefix)}
 
 
-def convert(src, dst, name: str | None = None):
-    """Convert TF checkpoint ``src`` (prefix) to crn_fast file ``dst``; nothing is written on error."""
+def convert(src, dst, name: str | None = None, classes=None):
+    """Convert TF checkpoint ``src`` (prefix) to crn_fast file ``dst``; nothing is written on error.
+    ``classes`` (a labels.ClassSet): what its layout channels mean, if not Cityscapes'."""
     from .checkpoint import save_generator
     from .model import CRN
     config, state, extra = read_tf_generator(src, name)
+    if classes is not None:
+        if classes.layout_channels != config.num_classes:
+            raise UsageError(f"--classes {classes.describe()} makes {classes.layout_channels} layout channels, but "
+                             f"{src} takes {config.num_classes}")
+        config = config.with_classes(classes)
     model = CRN(config)
     model.load_state_dict(state, strict=True)
     save_generator(model, dst, extra=extra)
@@ -130,6 +136,9 @@ def main(argv=None) -> int:
                     "or its folder)")
     ap.add_argument("out", help="output crn_fast generator file, e.g. 512p.ckpt")
     ap.add_argument("--name", default=None, help="config name stored in the file (default: the folder name)")
+    ap.add_argument("--classes", default=None,
+                    help="what the layout channels mean, if not Cityscapes' (the authors' models): a class count or "
+                         "a JSON classes file, as crn-train's --classes; kept in the file for every tool")
     add_logging_options(ap)
     args = ap.parse_args(argv)
     setup_logging(args)
@@ -145,9 +154,14 @@ def main(argv=None) -> int:
     def run():
         from .checkpoint import remove_stale_temporaries
         remove_stale_temporaries(Path(args.out).parent, Path(args.out).name)  # left by a killed conversion
-        c = convert(args.checkpoint, args.out, args.name).config
+        from .labels import read_classes
+        try:
+            classes = read_classes(args.classes) if args.classes is not None else None
+        except CRNError as e:
+            raise UsageError(str(e)) from None
+        c = convert(args.checkpoint, args.out, args.name, classes).config
         log.info(f"wrote {args.out}: {c.num_modules} modules, widths {list(c.widths)}, {c.num_classes} layout "
-                 f"channels, k={c.k}, nominal {c.resolution[0]}x{c.resolution[1]}")
+                 f"channels ({c.class_set.describe()}), k={c.k}, nominal {c.resolution[0]}x{c.resolution[1]}")
     return run_tool("crn-convert-tf", run)
 
 

@@ -1,8 +1,8 @@
 """Datasets: synthetic streets, Cityscapes, the authors' folder format and generic label/image pairs.
 
-Every dataset yields ``(ids, image)``: ids an int64 (H, W) tensor of train ids (void = 19) and image
-a float32 (3, H, W) tensor on the 0..255 scale. The layout one-hot is built on the device
-(``labels.one_hot``). Labels resize with nearest neighbour, images with area averaging.
+Every dataset yields ``(ids, image)``: ids an int64 (H, W) tensor of class indices (void = the class
+count: 19 for Cityscapes; see labels.ClassSet) and image a float32 (3, H, W) tensor on the 0..255
+scale. The layout one-hot is built on the device (``labels.one_hot``). Labels resize with nearest neighbour, images with area averaging.
 
 ``--data`` forms: ``synthetic``, ``cityscapes:ROOT``, ``crn:ROOT``, ``pairs:LABEL_DIR,IMAGE_DIR``.
 """
@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import CRNError, UsageError
-from .labels import VOID, colors_to_train_ids, label_ids_to_train_ids
+from .labels import CITYSCAPES, ClassSet, describe_ids, label_ids_to_train_ids
 from .synthetic import render_scene
 
 DATA_FORMS = "synthetic | cityscapes:ROOT | crn:ROOT | pairs:LABEL_DIR,IMAGE_DIR"
@@ -49,9 +49,12 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
-def label_kind(path: Path) -> str:
-    """How decode_label reads a label file, by its name: Cityscapes' ``*_labelIds.png`` as label ids,
-    ``*_labelTrainIds.png`` as train ids, any other by its image mode ("auto")."""
+def label_kind(path: Path, classes: ClassSet = CITYSCAPES) -> str:
+    """How decode_label reads a label file, by its name: with Cityscapes' classes its
+    ``*_labelIds.png`` as label ids and ``*_labelTrainIds.png`` as train ids; any other by its
+    image mode ("auto")."""
+    if not classes.is_cityscapes:
+        return "auto"
     return "label_ids" if path.name.endswith("_labelIds.png") else \
         "train_ids" if path.name.endswith("_labelTrainIds.png") else "auto"
 
@@ -62,38 +65,48 @@ _JPEG_LABEL = ("; it is a JPEG, whose lossy compression changes the values where
                "labels in a lossless format (PNG)")
 
 
-def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error") -> np.ndarray:
-    """A label PNG -> train ids (H, W) uint8, void = 19.
+def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error",
+                 classes: ClassSet = CITYSCAPES) -> np.ndarray:
+    """A label image -> class indices (H, W) uint8 of ``classes``, void = its class count (19 for
+    Cityscapes).
 
-    kind: "train_ids" (values are train ids, 255 void), "label_ids" (Cityscapes labelIds),
-    "color" (palette colours) or "auto": greyscale -> train ids, RGB or palette-mode -> colours.
-    A colour outside the Cityscapes table, or a train id that is none of 0-18, 19 or 255 (the
-    values of Cityscapes' labelIds, say), is a DataError naming the file and the values; with
-    unknown_colors="void" both are read as void (the authors' rule for colours).
+    kind: "train_ids" (greyscale values are the classes' ids: Cityscapes' train ids 0-18, void 19
+    or 255), "label_ids" (Cityscapes labelIds), "color" (the classes' colours) or "auto":
+    greyscale -> ids, RGB or palette-mode -> colours. A colour or a value that is not the classes'
+    nor void's (Cityscapes' labelIds under another name, say) is a DataError naming the file and
+    the values; with unknown_colors="void" both are read as void (the authors' rule for colours).
     """
     im = _open(path)
     if kind == "auto":
         kind = "train_ids" if im.mode in ("L", "I", "I;16") else "color"
     if kind == "color":
-        ids, bad = colors_to_train_ids(np.asarray(im.convert("RGB")), unknown_colors)
+        if not classes.colors_given:
+            raise DataError(f"{path} is a colour label, but the classes ({classes.describe()}) have no colours: give "
+                            f"--classes a JSON classes file with each class's \"color\", or use greyscale labels")
+        ids, bad = classes.colors_to_index(np.asarray(im.convert("RGB")), unknown_colors)
         if bad:
-            raise DataError(f"{path}: colours {bad} are not Cityscapes label colours" + (
+            whose = "Cityscapes label colours" if classes.is_cityscapes else f"label colours of {classes.describe()}"
+            raise DataError(f"{path}: colours {bad} are not {whose}" + (
                 _JPEG_LABEL if im.format == "JPEG" else
                 " (use --unknown-colors void to treat them as void, as the authors did)"))
         return ids
-    arr = np.asarray(im).astype(np.int64)
+    arr = np.asarray(im)
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a single-channel id image, got mode {im.mode}")
     if kind == "label_ids":
         return label_ids_to_train_ids(np.clip(arr, 0, 255).astype(np.uint8))
-    bad = (arr < 0) | (arr > VOID) & (arr != 255)
-    if unknown_colors != "void" and bad.any():
-        values = np.unique(arr[bad])
-        shown = ", ".join(map(str, values[:8])) + (f" ... ({values.size} values)" if values.size > 8 else "")
-        raise DataError(f"{path}: values {shown} are not train ids (0-{VOID - 1}, void {VOID} or 255)" + (
-            _JPEG_LABEL if im.format == "JPEG" else "; Cityscapes label ids are read as such from files named "
-            "*_labelIds.png (use --unknown-colors void to treat other values as void)"))
-    return np.where((arr < VOID) & ~bad, arr, VOID).astype(np.uint8)
+    ids, bad = classes.ids_to_index(arr)
+    if unknown_colors != "void" and bad.size:
+        shown = ", ".join(map(str, bad[:8])) + (f" ... ({bad.size} values)" if bad.size > 8 else "")
+        void = " or ".join(map(str, classes.void_ids))
+        raise DataError(f"{path}: values {shown} are " + (
+            f"not train ids ({describe_ids(classes.ids)}, void {void})" if classes.is_cityscapes else
+            f"not ids of {classes.describe()}: class ids {describe_ids(classes.ids)}, void {void}") + (
+            _JPEG_LABEL if im.format == "JPEG" else
+            "; Cityscapes label ids are read as such from files named *_labelIds.png (use --unknown-colors void "
+            "to treat other values as void)" if classes.is_cityscapes else
+            " (use --unknown-colors void to treat other values as void)"))
+    return ids
 
 
 def resize_pair(ids: np.ndarray, image: np.ndarray | None, size: tuple[int, int] | None):
@@ -139,7 +152,7 @@ class SyntheticStreets(torch.utils.data.Dataset):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(label file, image file or None, label kind) triples.
+    """(label file, image file or None, label kind) triples, labels read as ``classes``.
 
     Checked up front: every file exists and its header is readable, and each label matches its
     image's size. ``scan`` also decodes every label up front, so unknown colours and cut files
@@ -154,11 +167,12 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, pairs, resolution=None, skip_bad: bool = False, unknown_colors: str = "error",
-                 name: str = "pairs", scan: str = "auto", threads: int = 1, skipped=(), check: bool = True):
+                 name: str = "pairs", scan: str = "auto", threads: int = 1, skipped=(), check: bool = True,
+                 classes: ClassSet = CITYSCAPES):
         if scan not in SCAN_MODES:
             raise DataError(f"--scan-labels {scan!r}: valid: {', '.join(SCAN_MODES)}")
         self.resolution, self.unknown_colors, self.name, self.skip_bad = resolution, unknown_colors, name, skip_bad
-        self.pairs, self.skipped = list(pairs), list(skipped)
+        self.pairs, self.skipped, self.classes = list(pairs), list(skipped), classes
         self.scanned = scan == "always" or scan == "auto" and len(self.pairs) <= SCAN_AUTO_LIMIT
         if check:
             self.keep(self.check(threads))
@@ -201,7 +215,7 @@ class PairDataset(torch.utils.data.Dataset):
                 if lab != img:
                     raise DataError(f"{label} is {lab[0]}x{lab[1]} but its image {image} is {img[0]}x{img[1]}")
             if self.scanned:
-                decode_label(label, kind, self.unknown_colors)
+                decode_label(label, kind, self.unknown_colors, self.classes)
         except DataError as e:
             return str(e)
         return None
@@ -211,7 +225,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def load(self, i):
         label, image, kind = self.pairs[i]
-        ids = decode_label(label, kind, self.unknown_colors)
+        ids = decode_label(label, kind, self.unknown_colors, self.classes)
         img = np.asarray(_open(image).convert("RGB")) if image is not None else None
         ids, img = resize_pair(ids, img, self.resolution)
         return _to_tensors(ids, img)
@@ -317,14 +331,14 @@ def crn_pairs(root: Path, resolution=None):
     return pairs, missing
 
 
-def folder_pairs(label_dir: Path, image_dir: Path | None):
+def folder_pairs(label_dir: Path, image_dir: Path | None, classes: ClassSet = CITYSCAPES):
     """Generic pairs matched by file stem; image_dir None gives labels only (synthesis)."""
     _need_dir(label_dir, "label folder")
     labels = sorted(p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not labels:
         raise DataError(f"{label_dir}: no label images ({', '.join(IMAGE_EXTS)})")
     if image_dir is None:
-        return [(lab, None, label_kind(lab)) for lab in labels], []
+        return [(lab, None, label_kind(lab, classes)) for lab in labels], []
     _need_dir(image_dir, "image folder")
     if image_dir.resolve() == label_dir.resolve():  # every label would be its own image, or a.jpg a label
         raise UsageError(f"--data pairs:{label_dir},{image_dir}: the labels and the images are one folder; "
@@ -337,7 +351,7 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
     for lab in labels:
         found = by_stem.get(lab.stem, [])
         if len(found) == 1:
-            pairs.append((lab, found[0], label_kind(lab)))
+            pairs.append((lab, found[0], label_kind(lab, classes)))
         else:  # none, or two such as a.jpg and a.png: which one is the photograph is not for us to guess
             missing.append(f"{lab}: no image named {lab.stem}.* in {image_dir}" if not found else
                            f"{lab}: {len(found)} images match it ({', '.join(f.name for f in found)}); keep one")
@@ -345,14 +359,25 @@ def folder_pairs(label_dir: Path, image_dir: Path | None):
 
 
 def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train", skip_bad: bool = False,
-                 unknown_colors: str = "error", scan: str = "auto", threads: int = 1, check: bool = True):
-    """Build the dataset named by a ``--data`` spec (see DATA_FORMS); its files are checked in
-    ``threads`` threads, or with ``check=False`` by the caller (PairDataset.check and keep)."""
+                 unknown_colors: str = "error", scan: str = "auto", threads: int = 1, check: bool = True,
+                 classes: ClassSet = CITYSCAPES):
+    """Build the dataset named by a ``--data`` spec (see DATA_FORMS), its labels read as ``classes``;
+    its files are checked in ``threads`` threads, or with ``check=False`` by the caller
+    (PairDataset.check and keep)."""
     kind, _, arg = spec.partition(":")
-    if kind == "synthetic" and not arg:
-        return SyntheticStreets(resolution or (64, 128), seed)
-    if kind not in ("cityscapes", "crn", "pairs") or not arg:
+    if kind not in ("synthetic", "cityscapes", "crn", "pairs") or bool(arg) == (kind == "synthetic"):
         raise UsageError(f"unknown --data {spec!r}; valid forms: {DATA_FORMS}")
+    if kind in ("synthetic", "cityscapes") and not classes.is_cityscapes:
+        raise UsageError(f"--data {spec}: " + ("the synthetic streets are drawn" if kind == "synthetic" else
+                                               "Cityscapes' labels are read") +
+                         f" in Cityscapes' 19 classes, not --classes {classes.describe()}; train on your own labels "
+                         f"with --data pairs:LABEL_DIR,IMAGE_DIR, or leave --classes out")
+    if kind == "crn" and not classes.colors_given:
+        raise UsageError(f"--data {spec}: the crn: form's labels are colour PNGs, but the classes "
+                         f"({classes.describe()}) have no colours: give --classes a JSON classes file with each "
+                         f"class's \"color\"")
+    if kind == "synthetic":
+        return SyntheticStreets(resolution or (64, 128), seed)
     if kind == "cityscapes":
         pairs, missing = cityscapes_pairs(Path(arg), split)
     elif kind == "crn":
@@ -364,12 +389,12 @@ def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train"
         if not lab or not img:
             raise UsageError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r} (the "
                              f"{'LABEL_DIR' if not lab else 'IMAGE_DIR'} is empty)")
-        pairs, missing = folder_pairs(Path(lab), Path(img))
+        pairs, missing = folder_pairs(Path(lab), Path(img), classes)
     if missing and not skip_bad:
         raise DataError(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                         "; pass --skip-bad to train on the rest")
     return PairDataset(pairs, resolution, skip_bad, unknown_colors, name=f"{kind}:{arg}", scan=scan,
-                       threads=threads, skipped=missing, check=check)
+                       threads=threads, skipped=missing, check=check, classes=classes)
 
 
 def label_files(path: Path, exclude: Path | None = None) -> list[Path]:

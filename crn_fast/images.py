@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import atomic_path
-from .labels import train_ids_to_colors
+from .labels import CITYSCAPES, ClassSet
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -29,11 +29,12 @@ def side_by_side(images: np.ndarray) -> np.ndarray:
     return images[0] if len(images) == 1 else np.concatenate(list(images), axis=1)
 
 
-def sample_sheet(ids: torch.Tensor, targets: torch.Tensor | None, outputs: torch.Tensor) -> np.ndarray:
-    """Rows of layout | target | output(s)."""
+def sample_sheet(ids: torch.Tensor, targets: torch.Tensor | None, outputs: torch.Tensor,
+                 classes: ClassSet = CITYSCAPES) -> np.ndarray:
+    """Rows of layout (in the classes' colours) | target | output(s)."""
     rows = []
     for i in range(outputs.shape[0]):
-        parts = [train_ids_to_colors(ids[i].cpu().numpy().astype(np.uint8))]
+        parts = [classes.to_colors(ids[i].cpu().numpy().astype(np.uint8))]
         if targets is not None:
             parts.append(to_uint8(targets[i]))
         parts.append(output_row(outputs[i]))

@@ -4,8 +4,9 @@
     crn-synthesize --engine generator.engine --labels DIR --out DIR   # TensorRT: --backend tensorrt
     torchrun --nproc_per_node 8 -m crn_fast.synthesize model.ckpt --labels DIR --out DIR   # a share a GPU
 
-Labels are read like training labels: Cityscapes colour PNGs (the authors' format), palette PNGs,
-greyscale train-id PNGs, or Cityscapes *_labelIds.png. --labels is a file, a folder, or a folder of
+Labels are read like training labels, in the model's classes (its config holds them; Cityscapes'
+by default): colour PNGs (the authors' format), palette PNGs, greyscale id PNGs, or Cityscapes'
+*_labelIds.png. --labels is a file, a folder, or a folder of
 folders (Cityscapes' gtFine/val: one layout per frame, its labelIds; see data.label_files). One PNG
 per layout, named after it; with k > 1 the k images side by side. Values are clipped to 0..255.
 
@@ -133,8 +134,10 @@ def synthesize(args) -> list[Path]:
     rounds = -(-len(todo[::ranks.world]) // args.batch_size)  # rank 0's share is the largest: every rank's count
     bar = Progress(len(mine), "synthesize", "image", enabled=args.progress and len(mine) > 1 and ranks.rank == 0)
 
+    classes = config.class_set  # the model's: its checkpoint's (or the engine sidecar's) config says them
+
     def decode(f):
-        return resize_pair(decode_label(f, label_kind(f), args.unknown_colors), None, args.res)[0]
+        return resize_pair(decode_label(f, label_kind(f, classes), args.unknown_colors, classes), None, args.res)[0]
 
     written: list[Path] = []
 
@@ -164,7 +167,7 @@ def synthesize(args) -> list[Path]:
                 for f, hw, decoded in current:
                     by_shape.setdefault(hw, []).append((f, decoded))
                 for group in by_shape.values():
-                    # uint8 train ids to the device (one_hot widens them there): 1/8 of int64's bytes
+                    # uint8 class indices to the device (one_hot widens them there): 1/8 of int64's bytes
                     ids = torch.from_numpy(np.stack([d.result() for _, d in group])).to(device)
                     with torch.inference_mode():
                         out = model(one_hot(ids, config.num_classes))
@@ -225,8 +228,9 @@ def build_parser():
     ap.add_argument("--res", "--resolution", dest="res", type=resolution, default=None,
                     help="resize layouts to HxW (nearest neighbour) first")
     ap.add_argument("--unknown-colors", default="error", choices=("error", "void"),
-                    help="label colours outside the Cityscapes table, and greyscale values that are not train ids "
-                         "(0-18, 19, 255): error, or void (the authors' rule for colours)")
+                    help="label colours and greyscale values that are not the model's classes' (for Cityscapes: "
+                         "its colours, train ids 0-18, void 19 or 255): error, or void (the authors' rule for "
+                         "colours)")
     ap.add_argument("--workers", type=non_negative_int, default=None,
                     help="threads that decode layouts and write PNGs beside the generator (default: one a core, "
                          "at most 8; 0: everything in order in the main thread)")

@@ -3,6 +3,7 @@ r"""Train a CRN generator.
     python -m crn_fast.train                      # tiny preset on built-in synthetic streets (2-core CPU: 70-150 s)
     python -m crn_fast.train --data cityscapes:/data/cityscapes --preset 256p --k 9 --loss diversity \
         --vgg-weights imagenet-vgg-verydeep-19.mat --amp bf16
+    python -m crn_fast.train --data pairs:labels,images --classes my_classes.json --preset 512p ...
     torchrun --nproc_per_node 8 -m crn_fast.train ...   # DDP: NCCL on GPUs, gloo on CPU
 
 From Python:  crn_fast.train.train(TrainConfig(preset="tiny", steps=100, out="runs/x"))
@@ -41,13 +42,13 @@ from .checkpoint import load_generator, load_train_state, remove_stale_temporari
     save_train_state
 from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, ignore_stop_signals, log, \
     non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
-from .config import get_preset
+from .config import CRNConfig, get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
 from .distributed import setup_distributed, shutdown
 from .errors import CheckpointError, CRNError, RunStopped, UsageError
 from .images import OrderedWrites, sample_sheet, save_png_copies
-from .labels import one_hot
+from .labels import ClassSet, one_hot, read_classes
 from .loss import LAMBDA_PRESETS, LOSS_KINDS, TERM_NAMES, CRNLoss
 from .model import BACKENDS, CRN, choose_backend
 from .vgg import load_vgg19
@@ -61,6 +62,7 @@ class TrainConfig:
     """Everything a training run is, as plain values (the CLI fills it from its options)."""
     data: str = "synthetic"
     split: str = "train"
+    classes: str | ClassSet = "cityscapes"
     preset: str = "tiny"
     res: tuple[int, int] | None = None
     k: int | None = None
@@ -90,8 +92,9 @@ class TrainConfig:
     progress: bool = True
 
     # what may differ when a run is resumed: bookkeeping, not the trajectory
+    # (and --classes: the file's path may change; the classes themselves are the model's, compared as such)
     RESUMABLE = ("steps", "epochs", "out", "resume", "overwrite", "log_every", "sample_every", "save_every",
-                 "workers", "skip_bad", "checkpointing", "progress", "init_from")
+                 "workers", "skip_bad", "checkpointing", "progress", "init_from", "classes")
 
     def validate(self) -> "TrainConfig":
         """UsageError naming the first option whose value cannot work."""
@@ -124,10 +127,15 @@ class TrainConfig:
             raise UsageError("--resume and --overwrite contradict each other: choose one")
         try:
             get_preset(self.preset)
+            self.class_set()
         except CRNError as e:
             raise UsageError(str(e)) from None
         self.lambdas = parse_lambdas(self.lambdas)
         return self
+
+    def class_set(self) -> ClassSet:
+        """--classes, read: cityscapes, a count or a classes file (labels.read_classes)."""
+        return self.classes if isinstance(self.classes, ClassSet) else read_classes(self.classes)
 
     def identity(self) -> dict:
         """The options that define the run's trajectory (compared on --resume)."""
@@ -159,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("--data", default="synthetic", help=f"training data: {DATA_FORMS} (default: synthetic)")
     a("--split", default="train", help="Cityscapes split (default: train)")
+    a("--classes", default="cityscapes",
+      help="the labels' classes: cityscapes (default: its 19, as the authors'), a count N (greyscale labels, ids "
+           "0..N-1, void 255), or a JSON classes file (names, ids, colours; see the README). The model, its "
+           "checkpoints and exports keep them: crn-synthesize reads labels in them")
     a("--preset", default="tiny", help="architecture: tiny, 256p, 512p, 1024p, GTA (default: tiny)")
     a("--res", "--resolution", dest="res", type=resolution, default=None,
       help="training HxW, a multiple of the preset's stride (default: the preset's)")
@@ -196,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
            "most 8; on a CPU 0, as training uses every core)")
     a("--skip-bad", action="store_true", help="leave out (and report) bad data files instead of stopping")
     a("--unknown-colors", default="error", choices=("error", "void"),
-      help="label colours outside the Cityscapes table, and greyscale values that are not train ids (0-18, "
-           "19, 255): error, or void (the authors' rule for colours)")
+      help="label colours and greyscale values that are not the classes' (for Cityscapes: its colours, train ids "
+           "0-18, void 19 or 255): error, or void (the authors' rule for colours)")
     a("--scan-labels", default="auto", choices=SCAN_MODES,
       help=f"decode every label before training to find bad files and colours: auto (datasets of up to "
            f"{SCAN_AUTO_LIMIT} pairs), always, never (default auto)")
@@ -263,9 +275,12 @@ def parse_train_modules(spec: str | None, n_modules: int) -> set[str] | None:
 def init_from(model: CRN, path: str) -> list[str]:
     """Copy every refinement module of a lower-resolution generator (progressive training)."""
     src = load_generator(path)
-    if src.config.num_classes != model.config.num_classes:
-        raise CRNError(f"--init-from {path}: it takes {src.config.num_classes} layout channels, the model "
-                       f"{model.config.num_classes}")
+    if src.config.class_set.names != model.config.class_set.names:
+        raise CRNError(f"--init-from {path}: its classes are {src.config.class_set.describe()}, the model's "
+                       f"{model.config.class_set.describe()}" + (
+                           "" if src.config.num_classes != model.config.num_classes else
+                           f" (channel {_first_difference(src.config, model.config)})") +
+                       "; train with the --classes it was trained with")
     if src.config.num_modules > model.config.num_modules:
         raise CRNError(f"--init-from {path}: it has {src.config.num_modules} modules, more than the "
                        f"{model.config.num_modules} being trained")
@@ -280,6 +295,11 @@ def init_from(model: CRN, path: str) -> list[str]:
         model.head.load_state_dict(src.head.state_dict())
         copied.append("head")
     return copied
+
+
+def _first_difference(a, b) -> str:
+    i = next(i for i, (x, y) in enumerate(zip(a.class_set.names, b.class_set.names)) if x != y)
+    return f"{i} is {a.class_set.names[i]!r} there, {b.class_set.names[i]!r} here"
 
 
 def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
@@ -429,12 +449,17 @@ def check_resume_state(state: dict, path: Path, cfg: TrainConfig, config) -> Non
     saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items() if k != "name"}
     wanted = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.to_dict().items() if k != "name"}
     if saved != wanted:
-        differ = ", ".join(f"{k} {saved.get(k)} (now {wanted.get(k)})" for k in sorted(set(saved) | set(wanted))
-                           if saved.get(k) != wanted.get(k))
+        def shown(d: dict, k: str):  # a class set by its name and size, not its every class
+            return CRNConfig.from_dict(d).class_set.describe() if k == "classes" else d.get(k)
+        run = {**state["config"], "classes": shown(state["config"], "classes")}
+        differ = ", ".join(f"{k} {shown(state['config'], k)} (now {shown(config.to_dict(), k)})"
+                           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
         name = state["config"].get("name")
-        raise UsageError(f"--resume: {path} holds a different model ({state['config']}): {differ}; resume with "
-                         f"the run's model options" + (f" (--preset {name} --k {saved.get('k')})" if name else "") +
-                         ", or start a new run in another --out")
+        hint = ([f"--preset {name} --k {saved.get('k')}"] if name else []) + \
+            ([f"--classes giving {run['classes']}"] if saved.get("classes") != wanted.get("classes") else [])
+        raise UsageError(f"--resume: {path} holds a different model ({run}): {differ}; resume with the run's model "
+                         f"options" + (f" ({', '.join(hint)})" if hint else "") + ", or start a new run in another "
+                         "--out")
     old = state.get("options")
     if old is not None:
         new = cfg.identity()
@@ -633,6 +658,7 @@ def train(cfg: TrainConfig) -> Path:
         if rank == 0:
             check_out(cfg)
         config = get_preset(cfg.preset) if cfg.k is None else get_preset(cfg.preset).replace(k=cfg.k)
+        config = config.with_classes(cfg.class_set())
         res = cfg.res or config.resolution
         try:
             config.validate_input_size(*res)
@@ -656,7 +682,7 @@ def train(cfg: TrainConfig) -> Path:
             for name, p in model.named_parameters():
                 p.requires_grad_(any(name.startswith(t + ".") for t in trainable))
         dataset = make_dataset(cfg.data, res, cfg.seed, cfg.split, cfg.skip_bad, cfg.unknown_colors,
-                               cfg.scan_labels, check=False)
+                               cfg.scan_labels, check=False, classes=config.class_set)
         found = dataset.check(cores_per_rank(), rank, world)  # every world-th file, with this rank's cores
 
     with ranks.together():  # the data as checked by all, then the loss and optimizer
@@ -697,7 +723,8 @@ def train(cfg: TrainConfig) -> Path:
             log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
                      f", backend {model.backend}, amp {cfg.amp}")
             log.info(f"  model  {config.name} {list(config.widths)} k={config.k}, "
-                     f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable params, training at {res[0]}x{res[1]}")
+                     f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable params, training at {res[0]}x{res[1]}"
+                     + ("" if config.classes is None else f", classes {config.class_set.describe()}"))
             log.info(f"  data   {dataset.describe()}, global batch {cfg.batch_size}, steps {start}->{total}, "
                      f"{workers} loader worker(s)")
             log.info(f"  loss   {kind}, lambdas {lambdas}, VGG-19 weights: {vgg.source}")
@@ -725,7 +752,7 @@ def train(cfg: TrainConfig) -> Path:
         with torch.no_grad():
             outs = model(one_hot(fixed_ids, config.num_classes))
         model.train()
-        sheet = sample_sheet(fixed_ids, fixed_img, outs)
+        sheet = sample_sheet(fixed_ids, fixed_img, outs, config.class_set)
         sheets.write(sheet, [out / "samples" / f"step_{step:06d}.png", out / "samples" / "latest.png"], step)
 
     # --- the loop: one optimizer step per global batch -------------------------------------------

@@ -113,7 +113,7 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
     # A realistic layout: with an all-void example and the casting wrapper, Inductor (torch 2.13,
     # CPU) produced a package that was wrong on other inputs (max error 94 on 0..255). A dynamic
     # batch needs an example batch of 2 or more (torch.export specialises sizes 0 and 1).
-    example = verification_layouts(tuple(trace), cfg.num_classes, count=max(batch, 2 if dynamic_batch else 1))
+    example = verification_layouts(tuple(trace), cfg.class_set, count=max(batch, 2 if dynamic_batch else 1))
     # AOTInductor bakes the example's strides into the package without a runtime check: an input with
     # other strides is read wrongly (measured: max error 150 on 0..255 for a channels_last-strided
     # one_hot layout fed to a package exported from a contiguous one). The package takes contiguous

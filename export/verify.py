@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crn_fast.data import decode_label, label_files, resize_pair
-from crn_fast.labels import one_hot
+from crn_fast.data import decode_label, label_files, label_kind, resize_pair
+from crn_fast.labels import ClassSet, one_hot
 from crn_fast.synthetic import render_scene
 
 DEFAULT_TOLERANCE = {"fp32": 0.5, "fp16": 8.0, "bf16": 16.0}
@@ -29,15 +29,19 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "psnr_db": float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)}
 
 
-def verification_layouts(size: tuple[int, int], num_classes: int, layouts_dir: str | None = None,
+def verification_layouts(size: tuple[int, int], classes: ClassSet, layouts_dir: str | None = None,
                          count: int = 2) -> torch.Tensor:
-    """(count, num_classes, H, W): real label maps from ``layouts_dir`` resized, else synthetic scenes."""
+    """(count, layout channels, H, W): real label maps of ``classes`` from ``layouts_dir`` resized, else
+    synthetic scenes (in Cityscapes' classes; for other classes renumbered onto theirs, each channel
+    still a region of the scene)."""
     if layouts_dir:
         files = label_files(Path(layouts_dir))[:count]
-        ids = [resize_pair(decode_label(f, unknown_colors="void"), None, size)[0] for f in files]
+        ids = [resize_pair(decode_label(f, label_kind(f, classes), "void", classes), None, size)[0] for f in files]
     else:
         ids = [render_scene(*size, seed=1234, index=i)[0] for i in range(count)]
-    return one_hot(torch.from_numpy(np.stack(ids).astype(np.int64)), num_classes)
+        if not classes.is_cityscapes:
+            ids = [i % classes.layout_channels for i in ids]
+    return one_hot(torch.from_numpy(np.stack(ids).astype(np.int64)), classes.layout_channels)
 
 
 def verify(run, model, sizes, layouts_dir=None, tolerance: float = 0.5, device="cpu", batch: int = 1) -> dict:
@@ -45,7 +49,7 @@ def verify(run, model, sizes, layouts_dir=None, tolerance: float = 0.5, device="
     results = []
     model = model.float().to(device).eval()
     for size in sizes:
-        layout = verification_layouts(tuple(size), model.config.num_classes, layouts_dir, count=batch)
+        layout = verification_layouts(tuple(size), model.config.class_set, layouts_dir, count=batch)
         with torch.no_grad():
             ref = model(layout.to(device))
             out = run(layout.to(device))

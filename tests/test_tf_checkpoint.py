@@ -183,14 +183,11 @@ def test_not_an_index_file(tmp_path):
         TFCheckpoint(tmp_path / "x.ckpt")
 
 
-def test_converts_a_written_authors_layout_checkpoint(tmp_path):
-    """crn_fast -> TF format (authors' names, colour-major head, Adam slots) -> crn_fast is exact."""
-    model = CRN(PRESETS["tiny"].replace(k=2))
-    for p in model.parameters():
-        p.data.normal_()
+def write_authors_checkpoint(prefix, model: CRN) -> None:
+    """``model`` as the authors' TF code saves it: their names, colour-major head, Adam slots."""
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     tf = {"beta1_power": np.float32(0.9) * np.ones((), np.float32)}
-    inv = np.argsort(head_permutation(2))
+    inv = np.argsort(head_permutation(model.config.k))
     for i, h in enumerate(model.config.heights):
         for j in (1, 2):
             tf[f"g_{h}_conv{j}/weights"] = sd[f"refine.{i}.conv{j}.weight"].transpose(2, 3, 1, 0)
@@ -200,7 +197,15 @@ def test_converts_a_written_authors_layout_checkpoint(tmp_path):
     top = model.config.heights[-1]
     tf[f"g_{top}_conv100/weights"] = sd["head.weight"][inv].transpose(2, 3, 1, 0)
     tf[f"g_{top}_conv100/biases"] = sd["head.bias"][inv]
-    write_checkpoint(tmp_path / "model.ckpt", tf)
+    write_checkpoint(prefix, tf)
+
+
+def test_converts_a_written_authors_layout_checkpoint(tmp_path):
+    """crn_fast -> TF format (authors' names, colour-major head, Adam slots) -> crn_fast is exact."""
+    model = CRN(PRESETS["tiny"].replace(k=2))
+    for p in model.parameters():
+        p.data.normal_()
+    write_authors_checkpoint(tmp_path / "model.ckpt", model)
     assert convert_main([str(tmp_path / "model.ckpt"), str(tmp_path / "c.ckpt")]) == 0
     back = load_generator(tmp_path / "c.ckpt")
     for k, v in model.state_dict().items():
