@@ -65,6 +65,18 @@ _JPEG_LABEL = ("; it is a JPEG, whose lossy compression changes the values where
                "labels in a lossless format (PNG)")
 
 
+def jpeg_labels_warning(labels) -> str | None:
+    """What to say, once, when labels are JPEGs. Their values where classes meet are changed by the
+    compression: into values that are no class's (an error, or void with --unknown-colors void) but
+    also, in greyscale, into neighbouring ids that are other classes', read without complaint."""
+    jpegs = [p for p in labels if p.suffix.lower() in (".jpg", ".jpeg")]
+    if not jpegs:
+        return None
+    return (f"{len(jpegs)} of {len(labels)} label(s) are JPEGs (the first: {jpegs[0]}): lossy compression changes "
+            f"their values where classes meet, so those edges are read as other classes or void; save labels in "
+            f"a lossless format (PNG)")
+
+
 def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error",
                  classes: ClassSet = CITYSCAPES) -> np.ndarray:
     """A label image -> class indices (H, W) uint8 of ``classes``, void = its class count (19 for
@@ -130,6 +142,7 @@ class SyntheticStreets(torch.utils.data.Dataset):
     def __init__(self, resolution=(64, 128), seed: int = 0, length: int = 2000):
         self.resolution, self.seed, self.length = tuple(resolution), seed, length
         self.skipped: list[str] = []
+        self.warning = None
 
     def __len__(self):
         return self.length
@@ -173,6 +186,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise DataError(f"--scan-labels {scan!r}: valid: {', '.join(SCAN_MODES)}")
         self.resolution, self.unknown_colors, self.name, self.skip_bad = resolution, unknown_colors, name, skip_bad
         self.pairs, self.skipped, self.classes = list(pairs), list(skipped), classes
+        self.warning = jpeg_labels_warning([label for label, _, _ in self.pairs])  # for the caller to say once
         self.scanned = scan == "always" or scan == "auto" and len(self.pairs) <= SCAN_AUTO_LIMIT
         if check:
             self.keep(self.check(threads))

@@ -30,7 +30,7 @@ import torch
 
 from .cli import Progress, StopSignals, add_logging_options, cpu_cores, log, non_negative_int, positive_int, \
     resolution, run_tool, setup_logging, torch_device
-from .data import _open_header, decode_label, label_files, label_kind, resize_pair
+from .data import _open_header, decode_label, jpeg_labels_warning, label_files, label_kind, resize_pair
 from .distributed import setup_distributed, shutdown
 from .errors import CRNError, RunStopped, UsageError
 from .images import OrderedWrites, save_png, side_by_side, to_uint8
@@ -113,6 +113,8 @@ def synthesize(args) -> list[Path]:
     out_dir = Path(args.out)
     with ranks.together():  # the same files, model and plan on every rank; rank 0 cleans up first
         files = label_files(Path(args.labels), exclude=out_dir)
+        if ranks.rank == 0 and (jpegs := jpeg_labels_warning(files)):
+            log.warning(jpegs)
         model = load_generator_for(args, device)
         config, profile = model.config, getattr(model, "profile", None)
         if profile is not None and not profile.min[0] <= min(args.batch_size, len(files)) <= profile.max[0]:

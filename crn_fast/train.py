@@ -689,6 +689,8 @@ def train(cfg: TrainConfig) -> Path:
         dataset.keep(sum(ranks.gather(found), []))  # the same on every rank: the first bad file, or all left out
         for msg in dataset.skipped if rank == 0 else ():
             log.warning(f"skipped: {msg}")
+        if dataset.warning and rank == 0:
+            log.warning(dataset.warning)
         data_id = {"pairs": len(dataset), "fingerprint": dataset.fingerprint()}
         if state is not None and rank == 0 and state.get("data", data_id) != data_id:
             log.warning(f"--resume: the data now holds {len(dataset)} samples, the run had {state['data']['pairs']}"

@@ -496,3 +496,23 @@ def test_sample_sheets_are_written_in_the_background_one_at_a_time(tmp_path):
     w.write(sheet, [tmp_path / "bad.png"], 3)
     with pytest.raises(CRNError, match="bad.png is a folder"):
         w.close()
+
+
+def test_jpeg_labels_are_named_once_even_when_every_value_reads(tmp_path, capsys):
+    """Greyscale JPEG labels whose compressed edges land on neighbouring ids (other classes) decode
+    without an error: training and synthesis still say, once, that the labels are JPEGs."""
+    for d in ("l", "i"):
+        (tmp_path / d).mkdir()
+    for n in range(2):
+        ids = np.full((32, 64), 11, np.uint8)
+        ids[:, 35:] = 14  # person | truck: the edge's new values, 12 and 13, are rider and car
+        Image.fromarray(ids).save(tmp_path / "l" / f"{n}.jpg", quality=70)
+        assert set(np.unique(np.asarray(Image.open(tmp_path / "l" / f"{n}.jpg")))) == {11, 12, 13, 14}
+        Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "i" / f"{n}.png")
+    args = ["--data", f"pairs:{tmp_path / 'l'},{tmp_path / 'i'}", "--steps", "1", "--out", str(tmp_path / "run"), *SMALL]
+    assert train_main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("2 of 2 label(s) are JPEGs (the first: ") == 1 and "save labels in a lossless format" in err
+    assert synth_main([str(tmp_path / "run" / "model.ckpt"), "--labels", str(tmp_path / "l"), "--out",
+                       str(tmp_path / "syn"), "--no-progress"]) == 0
+    assert capsys.readouterr().err.count("are JPEGs") == 1
