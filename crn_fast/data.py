@@ -84,13 +84,14 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error",
 
     kind: "train_ids" (greyscale values are the classes' ids: Cityscapes' train ids 0-18, void 19
     or 255), "label_ids" (Cityscapes labelIds), "color" (the classes' colours) or "auto":
-    greyscale -> ids, RGB or palette-mode -> colours. A colour or a value that is not the classes'
+    greyscale -> ids, RGB -> colours, palette-mode -> colours, or its palette indices as ids
+    when the classes have no colours (PASCAL VOC's labels with --classes 21). A colour or a value that is not the classes'
     nor void's (Cityscapes' labelIds under another name, say) is a DataError naming the file and
     the values; with unknown_colors="void" both are read as void (the authors' rule for colours).
     """
     im = _open(path)
-    if kind == "auto":
-        kind = "train_ids" if im.mode in ("L", "I", "I;16") else "color"
+    if kind == "auto":  # a palette PNG is its colours, or for classes without colours its indices (PASCAL VOC's)
+        kind = "train_ids" if im.mode in ("L", "I", "I;16") or im.mode == "P" and not classes.colors_given else "color"
     if kind == "color":
         if not classes.colors_given:
             raise DataError(f"{path} is a colour label, but the classes ({classes.describe()}) have no colours: give "

@@ -128,6 +128,14 @@ def test_labels_decode_in_the_classes_ids_and_colours(tmp_path):
     with pytest.raises(DataError, match=r"000.png is a colour label, but the classes \(3 classes \+ void\) have no "
                                         r"colours: give --classes a JSON classes file"):
         decode_label(tmp_path / "colors" / "000.png", classes=ClassSet.numbered(3))
+    # a palette PNG is read by its colours, or, for classes without colours, by its indices (PASCAL VOC's
+    # labels: index = class id, 255 = the void outline)
+    voc = Image.fromarray(np.array([[0, 1, 20, 255]], np.uint8), mode="P")
+    voc.putpalette([v for c in made_up_colors(255) + [(0, 0, 0)] for v in c])
+    voc.save(tmp_path / "voc.png")
+    assert decode_label(tmp_path / "voc.png", classes=read_classes("21")).tolist() == [[0, 1, 20, 21]]
+    with pytest.raises(DataError, match="colours .* are not label colours of blocks"):
+        decode_label(tmp_path / "voc.png", classes=classes)
     # Cityscapes' reading is unchanged: train ids, void 19 or 255
     Image.fromarray(np.array([[0, 18, 19, 255]], np.uint8)).save(tmp_path / "train_ids.png")
     assert decode_label(tmp_path / "train_ids.png").tolist() == [[0, 18, 19, 19]]
