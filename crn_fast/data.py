@@ -2,7 +2,8 @@
 
 Every dataset yields ``(ids, image)``: ids an int64 (H, W) tensor of class indices (void = the class
 count: 19 for Cityscapes; see labels.ClassSet) and image a float32 (3, H, W) tensor on the 0..255
-scale. The layout one-hot is built on the device (``labels.one_hot``). Labels resize with nearest neighbour, images with area averaging.
+scale. The layout one-hot is built on the device (``labels.one_hot``). Labels resize with nearest
+neighbour, images with area averaging.
 
 ``--data`` forms: ``synthetic``, ``cityscapes:ROOT``, ``crn:ROOT``, ``pairs:LABEL_DIR,IMAGE_DIR``.
 """
@@ -85,9 +86,10 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error",
     kind: "train_ids" (greyscale values are the classes' ids: Cityscapes' train ids 0-18, void 19
     or 255), "label_ids" (Cityscapes labelIds), "color" (the classes' colours) or "auto":
     greyscale -> ids, RGB -> colours, palette-mode -> colours, or its palette indices as ids
-    when the classes have no colours (PASCAL VOC's labels with --classes 21). A colour or a value that is not the classes'
-    nor void's (Cityscapes' labelIds under another name, say) is a DataError naming the file and
-    the values; with unknown_colors="void" both are read as void (the authors' rule for colours).
+    when the classes have no colours (PASCAL VOC's labels with --classes 21). A colour or a value
+    that is not the classes' nor void's (Cityscapes' labelIds under another name, say) is a
+    DataError naming the file and the values; with unknown_colors="void" both are read as void
+    (the authors' rule for colours).
     """
     im = _open(path)
     if kind == "auto":  # a palette PNG is its colours, or for classes without colours its indices (PASCAL VOC's)

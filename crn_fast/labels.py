@@ -57,6 +57,7 @@ def label_ids_to_train_ids(ids: np.ndarray) -> np.ndarray:
 
 MAX_CLASSES = 255  # class indices, void included, are stored in 8 bits (void = the class count)
 MAX_ID = 65535  # the largest value a 16-bit greyscale label holds
+_UNKNOWN = 255  # in a decoding table: a value that is no class's nor void's (void is at most 254)
 Color = tuple[int, int, int]
 
 
@@ -138,21 +139,27 @@ class ClassSet:
     # --- label files -> class indices (void = self.void) ------------------------------------------
     @cached_property
     def _id_lut(self) -> np.ndarray:
-        """Greyscale value -> class index, void, or -1 (not a value of this set)."""
-        lut = np.full(max(self.ids + self.void_ids) + 1, -1, np.int32)
+        """Greyscale value 0..MAX_ID -> class index, void, or UNKNOWN (not a value of this set)."""
+        lut = np.full(MAX_ID + 1, _UNKNOWN, np.uint8)
         lut[list(self.void_ids)] = self.void
         lut[list(self.ids)] = np.arange(self.num_classes)
         return lut
 
     def ids_to_index(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Greyscale label values -> (class indices uint8 with void = self.void, the values that are
-        not this set's, sorted; they are void in the indices)."""
-        lut = self._id_lut
-        values = values.astype(np.int64)
-        inside = (values >= 0) & (values < len(lut))
-        index = np.where(inside, lut[np.clip(values, 0, len(lut) - 1)], -1)
-        unknown = index < 0
-        return np.where(unknown, self.void, index).astype(np.uint8), np.unique(values[unknown])
+        not this set's, sorted; they are void in the indices). An 8- or 16-bit label is one table
+        lookup."""
+        raw, lut = values, self._id_lut
+        if values.dtype not in (np.uint8, np.uint16):  # 32-bit ("I") labels: values beyond the table are unknown
+            values = values.astype(np.int64)
+            values = np.where((values >= 0) & (values <= MAX_ID), values, MAX_ID + 1)
+            lut = np.append(lut, np.uint8(_UNKNOWN))
+        index = lut[values]
+        unknown = index == _UNKNOWN
+        if not unknown.any():
+            return index, np.empty(0, np.int64)
+        index[unknown] = self.void
+        return index, np.unique(raw[unknown]).astype(np.int64)
 
     @cached_property
     def _color_lut(self) -> tuple[np.ndarray, np.ndarray]:

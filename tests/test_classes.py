@@ -114,6 +114,10 @@ def test_labels_decode_in_the_classes_ids_and_colours(tmp_path):
     big = ClassSet.from_dict({"classes": [{"name": "a", "id": 300}, {"name": "b", "id": 1000}]})
     Image.fromarray(np.array([[300, 1000, 255]], np.uint16)).save(tmp_path / "wide.png")
     assert decode_label(tmp_path / "wide.png", classes=big).tolist() == [[0, 1, 2]]
+    Image.fromarray(np.array([[300, 70000]], np.int32)).save(tmp_path / "int32.tif")  # mode "I": beyond 16 bits
+    with pytest.raises(DataError, match=r"values 70000 are not ids of classes \(2 classes \+ void\): class ids "
+                                        r"300, 1000"):
+        decode_label(tmp_path / "int32.tif", classes=big)
     # a value or colour that is not the set's is an error naming them, or void when asked
     Image.fromarray(np.array([[1, 7, 9]], np.uint8)).save(tmp_path / "odd.png")
     with pytest.raises(DataError, match=r"odd.png: values 7, 9 are not ids of blocks \(3 classes \+ void\): "
