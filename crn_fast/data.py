@@ -98,7 +98,14 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error",
         if not classes.colors_given:
             raise DataError(f"{path} is a colour label, but the classes ({classes.describe()}) have no colours: give "
                             f"--classes a JSON classes file with each class's \"color\", or use greyscale labels")
-        ids, bad = classes.colors_to_index(np.asarray(im.convert("RGB")), unknown_colors)
+        if im.mode == "P":  # its palette's colours, looked up once, not each pixel's
+            palette = np.zeros((256, 3), np.uint8)
+            entries = np.array(im.getpalette() or [], np.uint8).reshape(-1, 3)[:256]
+            palette[:len(entries)] = entries
+            ids, bad = classes.colors_to_index(np.asarray(im), unknown_colors, palette)
+        else:
+            ids, bad = classes.colors_to_index(np.asarray(im if im.mode == "RGB" else im.convert("RGB")),
+                                               unknown_colors)
         if bad:
             whose = "Cityscapes label colours" if classes.is_cityscapes else f"label colours of {classes.describe()}"
             raise DataError(f"{path}: colours {bad} are not {whose}" + (

@@ -62,8 +62,13 @@ Color = tuple[int, int, int]
 
 
 def _color_key(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.int64)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    """(..., 3) uint8 colours -> (...) uint32 keys 0xRRGGBB, in three in-place passes."""
+    key = rgb[..., 0].astype(np.uint32)
+    key <<= 8
+    key |= rgb[..., 1]
+    key <<= 8
+    key |= rgb[..., 2]
+    return key
 
 
 def made_up_colors(n: int) -> list[Color]:
@@ -162,24 +167,30 @@ class ClassSet:
         return index, np.unique(raw[unknown]).astype(np.int64)
 
     @cached_property
-    def _color_lut(self) -> tuple[np.ndarray, np.ndarray]:
-        keys = np.array([_color_key(np.array(c)) for c in self.colors + self.void_colors], np.int64)
-        vals = np.array(list(range(self.num_classes)) + [self.void] * len(self.void_colors), np.uint8)
-        order = np.argsort(keys)
-        return keys[order], vals[order]
+    def _color_table(self) -> np.ndarray:
+        """24-bit colour -> class index, void or _UNKNOWN: one lookup a pixel (a 16 MiB table, built at
+        the first colour label). A class's colour wins over void's (Cityscapes' polegroup is pole's)."""
+        table = np.full(1 << 24, _UNKNOWN, np.uint8)
+        table[_color_key(np.array(self.void_colors, np.uint8).reshape(-1, 3))] = self.void
+        table[_color_key(np.array(self.colors, np.uint8))] = np.arange(self.num_classes)
+        return table
 
-    def colors_to_index(self, rgb: np.ndarray, unknown: str = "error") -> tuple[np.ndarray, list[Color]]:
-        """(H, W, 3) colour label -> (class indices with void = self.void, up to 5 colours not in
-        the set). unknown="void" maps unknown colours to void silently (the authors' rule); "error"
-        leaves them void too but returns them so the caller can report the file."""
-        key = _color_key(rgb)
-        keys, vals = self._color_lut
-        pos = np.clip(np.searchsorted(keys, key), 0, len(keys) - 1)
-        found = keys[pos] == key
-        index = np.where(found, vals[pos], self.void).astype(np.uint8)
-        bad = [] if unknown == "void" or found.all() else \
-            [tuple(int(v) for v in c) for c in np.unique(rgb[~found].reshape(-1, 3), axis=0)[:5]]
-        return index, bad
+    def colors_to_index(self, rgb: np.ndarray, unknown: str = "error",
+                        palette: np.ndarray | None = None) -> tuple[np.ndarray, list[Color]]:
+        """(H, W, 3) colour label, or (H, W) palette indices and their (256, 3) ``palette`` -> (class
+        indices with void = self.void, up to 5 colours not in the set). unknown="void" maps unknown
+        colours to void silently (the authors' rule); "error" leaves them void too but returns them
+        so the caller can report the file."""
+        if palette is not None:  # 256 lookups, then one gather a pixel
+            index = self._color_table[_color_key(palette)][rgb]
+        else:
+            index = self._color_table[_color_key(rgb)]
+        missing = index == _UNKNOWN
+        if not missing.any():
+            return index, []
+        index[missing] = self.void
+        colors = palette[rgb[missing]] if palette is not None else rgb[missing]
+        return index, [] if unknown == "void" else [tuple(int(v) for v in c) for c in np.unique(colors, axis=0)[:5]]
 
     def to_colors(self, index: np.ndarray) -> np.ndarray:
         """Class indices (void = self.void, or any value above the classes) -> (H, W, 3) uint8 colour
