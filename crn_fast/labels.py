@@ -141,6 +141,25 @@ class ClassSet:
         n = f"{self.num_classes} classes"
         return f"{n} + void" if self.name == n else f"{self.name} ({n} + void)"
 
+    def difference(self, other: "ClassSet") -> str:
+        """The first way ``other`` differs from this set, in words ('' if it does not)."""
+        if self.names != other.names:
+            if len(self.names) != len(other.names):
+                return f"{other.describe()} instead of {self.describe()}"
+            i = next(i for i, (a, b) in enumerate(zip(self.names, other.names)) if a != b)
+            return f"class {i} is {other.names[i]!r} instead of {self.names[i]!r}"
+        for what, mine, theirs in (("id", self.ids, other.ids), ("colour", self.colors, other.colors)):
+            for i, (a, b) in enumerate(zip(mine, theirs)):
+                if a != b:
+                    show = (lambda v: list(v)) if what == "colour" else (lambda v: v)
+                    return f"class {i} ({self.names[i]!r}) has {what} {show(b)} instead of {show(a)}"
+        for what, a, b in (("void ids", self.void_ids, other.void_ids), ("void colours", self.void_colors,
+                                                                         other.void_colors),
+                           ("name", self.name, other.name), ("colours given", self.colors_given, other.colors_given)):
+            if a != b:
+                return f"{what} {b} instead of {a}"
+        return ""
+
     # --- label files -> class indices (void = self.void) ------------------------------------------
     @cached_property
     def _id_lut(self) -> np.ndarray:

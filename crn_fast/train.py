@@ -275,12 +275,10 @@ def parse_train_modules(spec: str | None, n_modules: int) -> set[str] | None:
 def init_from(model: CRN, path: str) -> list[str]:
     """Copy every refinement module of a lower-resolution generator (progressive training)."""
     src = load_generator(path)
-    if src.config.class_set.names != model.config.class_set.names:
+    if src.config.class_set.names != model.config.class_set.names:  # (colours may be fixed along the way)
         raise CRNError(f"--init-from {path}: its classes are {src.config.class_set.describe()}, the model's "
-                       f"{model.config.class_set.describe()}" + (
-                           "" if src.config.num_classes != model.config.num_classes else
-                           f" (channel {_first_difference(src.config, model.config)})") +
-                       "; train with the --classes it was trained with")
+                       f"{model.config.class_set.describe()} ({src.config.class_set.difference(model.config.class_set)}"
+                       f"); train with the --classes it was trained with")
     if src.config.num_modules > model.config.num_modules:
         raise CRNError(f"--init-from {path}: it has {src.config.num_modules} modules, more than the "
                        f"{model.config.num_modules} being trained")
@@ -295,11 +293,6 @@ def init_from(model: CRN, path: str) -> list[str]:
         model.head.load_state_dict(src.head.state_dict())
         copied.append("head")
     return copied
-
-
-def _first_difference(a, b) -> str:
-    i = next(i for i, (x, y) in enumerate(zip(a.class_set.names, b.class_set.names)) if x != y)
-    return f"{i} is {a.class_set.names[i]!r} there, {b.class_set.names[i]!r} here"
 
 
 def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
@@ -449,10 +442,10 @@ def check_resume_state(state: dict, path: Path, cfg: TrainConfig, config) -> Non
     saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items() if k != "name"}
     wanted = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.to_dict().items() if k != "name"}
     if saved != wanted:
-        def shown(d: dict, k: str):  # a class set by its name and size, not its every class
-            return CRNConfig.from_dict(d).class_set.describe() if k == "classes" else d.get(k)
-        run = {**state["config"], "classes": shown(state["config"], "classes")}
-        differ = ", ".join(f"{k} {shown(state['config'], k)} (now {shown(config.to_dict(), k)})"
+        run_classes = CRNConfig.from_dict(state["config"]).class_set
+        run = {**state["config"], "classes": run_classes.describe()}  # a class set by its name, not its every class
+        differ = ", ".join(f"classes: {run_classes.difference(config.class_set)}" if k == "classes" else
+                           f"{k} {saved.get(k)} (now {wanted.get(k)})"
                            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
         name = state["config"].get("name")
         hint = ([f"--preset {name} --k {saved.get('k')}"] if name else []) + \

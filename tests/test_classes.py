@@ -190,8 +190,14 @@ def test_training_on_own_classes_keeps_them_through_checkpoint_export_and_synthe
     # --resume without --classes: one line naming the run's classes
     assert train_main(["--steps", "3", "--out", str(out), "--resume", *common]) == 2
     err = capsys.readouterr().err
-    assert "classes blocks (3 classes + void) (now cityscapes (19 classes + void))" in err, err
+    assert "classes: cityscapes (19 classes + void) instead of blocks (3 classes + void)" in err, err
     assert "--classes giving blocks (3 classes + void)" in err and err.count("\n") == 1
+    # ... or with the file's colours changed since: what changed
+    recoloured = tmp_path / "recoloured.json"
+    water = {"name": "water", "color": "#0000ff"}
+    recoloured.write_text(json.dumps({**BLOCKS, "classes": [*BLOCKS["classes"][:2], water]}))
+    assert train_main(["--classes", str(recoloured), "--steps", "3", "--out", str(out), "--resume", *common]) == 2
+    assert "classes: class 2 ('water') has colour [0, 0, 255] instead of [30, 30, 200]" in capsys.readouterr().err
     assert train_main(["--classes", str(spec), "--steps", "3", "--out", str(out), "--resume", *common]) == 0
     capsys.readouterr()
     # progressive training from a model of other classes with the same count: named, not copied
@@ -199,8 +205,8 @@ def test_training_on_own_classes_keeps_them_through_checkpoint_export_and_synthe
     other.write_text(json.dumps({**BLOCKS, "name": "other", "classes": ["sky", "sand", "water"]}))
     assert train_main(["--classes", str(other), "--init-from", str(out / "model.ckpt"), "--steps", "1",
                        "--out", str(tmp_path / "run2"), *common]) == 1
-    assert "its classes are blocks (3 classes + void), the model's other (3 classes + void) (channel 1 is " \
-           "'grass' there, 'sand' here)" in capsys.readouterr().err
+    assert "its classes are blocks (3 classes + void), the model's other (3 classes + void) (class 1 is 'sand' " \
+           "instead of 'grass'); train with the --classes it was trained with" in capsys.readouterr().err
     # synthesis reads both label forms in the model's classes, with no option
     for form in ("ids", "colors"):
         assert synth_main([str(out / "model.ckpt"), "--labels", str(tmp_path / "data" / form),
