@@ -6,9 +6,9 @@
 
 Labels are read like training labels, in the model's classes (its config holds them; Cityscapes'
 by default): colour PNGs (the authors' format), palette PNGs, greyscale id PNGs, or Cityscapes'
-*_labelIds.png. --labels is a file, a folder, or a folder of
-folders (Cityscapes' gtFine/val: one layout per frame, its labelIds; see data.label_files). One PNG
-per layout, named after it; with k > 1 the k images side by side. Values are clipped to 0..255.
+*_labelIds.png. --labels is a file, a folder, or a folder of folders (Cityscapes' gtFine/val: one
+layout per frame, its labelIds; see data.label_files). One PNG per layout, named after it; with
+k > 1 the k images side by side. Values are clipped to 0..255.
 
 A folder is streamed: a first pass reads only the file headers (sizes, and two labels that would
 write the same output name), then layouts are decoded, synthesized and written one batch at a
