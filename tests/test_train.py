@@ -509,7 +509,8 @@ def test_jpeg_labels_are_named_once_even_when_every_value_reads(tmp_path, capsys
         Image.fromarray(ids).save(tmp_path / "l" / f"{n}.jpg", quality=70)
         assert set(np.unique(np.asarray(Image.open(tmp_path / "l" / f"{n}.jpg")))) == {11, 12, 13, 14}
         Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "i" / f"{n}.png")
-    args = ["--data", f"pairs:{tmp_path / 'l'},{tmp_path / 'i'}", "--steps", "1", "--out", str(tmp_path / "run"), *SMALL]
+    data = f"pairs:{tmp_path / 'l'},{tmp_path / 'i'}"
+    args = ["--data", data, "--steps", "1", "--out", str(tmp_path / "run"), *SMALL]
     assert train_main(args) == 0
     err = capsys.readouterr().err
     assert err.count("2 of 2 label(s) are JPEGs (the first: ") == 1 and "save labels in a lossless format" in err
