@@ -59,7 +59,7 @@ def label_kind(path: Path, classes: ClassSet = CITYSCAPES) -> str:
     if not classes.is_cityscapes:
         return "auto"
     return "label_ids" if path.name.endswith("_labelIds.png") else \
-        "train_ids" if path.name.endswith("_labelTrainIds.png") else "auto"
+        "ids" if path.name.endswith("_labelTrainIds.png") else "auto"
 
 
 # a JPEG label's colours or ids are changed by its lossy compression wherever two classes meet: void
@@ -85,8 +85,8 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error",
     """A label image -> class indices (H, W) uint8 of ``classes``, void = its class count (19 for
     Cityscapes).
 
-    kind: "train_ids" (greyscale values are the classes' ids: Cityscapes' train ids 0-18, void 19
-    or 255), "label_ids" (Cityscapes labelIds), "color" (the classes' colours) or "auto":
+    kind: "ids" (greyscale values are the classes' ids: Cityscapes' train ids 0-18, void 19 or
+    255), "label_ids" (Cityscapes labelIds), "color" (the classes' colours) or "auto":
     greyscale -> ids, RGB -> colours, palette-mode -> colours, or its palette indices as ids
     when the classes have no colours (PASCAL VOC's labels with --classes 21). A colour or a value
     that is not the classes' nor void's (Cityscapes' labelIds under another name, say) is a
@@ -95,7 +95,7 @@ def decode_label(path: Path, kind: str = "auto", unknown_colors: str = "error",
     """
     im = _open(path)
     if kind == "auto":  # a palette PNG is its colours, or for classes without colours its indices (PASCAL VOC's)
-        kind = "train_ids" if im.mode in ("L", "I", "I;16") or im.mode == "P" and not classes.colors_given else "color"
+        kind = "ids" if im.mode in ("L", "I", "I;16") or im.mode == "P" and not classes.colors_given else "color"
     if kind == "color":
         if not classes.colors_given:
             raise DataError(f"{path} is a colour label, but the classes ({classes.describe()}) have no colours: give "
