@@ -112,10 +112,13 @@ def save_generator(model, path: str | os.PathLike, extra: dict | None = None) ->
     return Path(path)
 
 
-def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, torch.Tensor], dict]:
+def read_generator_file(path: str | os.PathLike, weights: bool = True
+                        ) -> tuple[CRNConfig, dict[str, torch.Tensor], dict]:
     """(config, state_dict, extra metadata) of a crn_fast generator file, with clear errors; or of
     the authors' TensorFlow checkpoints (``.../512p/model.ckpt``, its prefix), read through
-    convert_tf as crn-convert-tf reads them, so every tool takes those too."""
+    convert_tf as crn-convert-tf reads them, so every tool takes those too. ``weights=False``
+    reads only a crn_fast file's header: the state's tensors are then on the meta device (names,
+    shapes and dtypes, no data), which is what crn-info needs of a 400 MB file."""
     from safetensors import SafetensorError, safe_open
     from .tf_checkpoint import folder_checkpoints, is_tf_checkpoint
     if is_tf_checkpoint(path):
@@ -138,7 +141,7 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path} is a safetensors file but not a crn_fast generator "
                                       f"(no '{FORMAT}' metadata); convert TF checkpoints with crn-convert-tf")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) if weights else _meta_tensor(f.get_slice(k)) for k in f.keys()}
     except CheckpointError:
         raise
     except PermissionError:
@@ -162,6 +165,19 @@ def read_generator_file(path: str | os.PathLike) -> tuple[CRNConfig, dict[str, t
     except ValueError as e:
         raise CheckpointError(f"{path}: the embedded 'extra' metadata is not valid JSON ({e})") from None
     return config, state, extra
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _meta_tensor(view) -> torch.Tensor:
+    """A safetensors entry's shape and dtype as a meta tensor, its data left unread."""
+    dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+    if dtype is None:
+        raise ValueError(f"a tensor of dtype {view.get_dtype()}, which no crn_fast generator holds")
+    return torch.empty(view.get_shape(), dtype=dtype, device="meta")
 
 
 def load_generator(path: str | os.PathLike, backend: str = "eager", device=None, **kw):

@@ -1,0 +1,140 @@
+"""crn-info: every kind of crn_fast file and folder described from its headers, the command that
+resumes a run, the classes written back as a file, and one line for whatever it cannot read."""
+import json
+import shlex
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from crn_fast import CRN, CRNConfig, save_generator
+from crn_fast.config import get_preset
+from crn_fast.export.cli import main as export_main
+from crn_fast.info import inspect, main as info_main
+from crn_fast.labels import read_classes
+from crn_fast.train import main as train_main
+
+from test_classes import write_blocks
+from test_tf_checkpoint import write_authors_checkpoint
+
+
+def info(capsys, *argv) -> tuple[int, str, str]:
+    rc = info_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_run_is_described_and_its_resume_command_resumes_it(tmp_path, capsys):
+    write_blocks(tmp_path / "data")
+    spec = tmp_path / "data" / "blocks.json"
+    run = tmp_path / "run"
+    assert train_main(["--data", f"pairs:{tmp_path / 'data' / 'ids'},{tmp_path / 'data' / 'images'}",
+                       "--classes", str(spec), "--res", "32x64", "--k", "2", "--lambdas", "auto", "--batch-size", "2",
+                       "--seed", "3", "--steps", "2", "--checkpointing", "--out", str(run), "--no-progress",
+                       "--log-every", "1"]) == 0
+    capsys.readouterr()
+    rc, out, err = info(capsys, run)
+    assert rc == 0 and not err
+    lines = out.splitlines()
+    assert lines[0] == f"{run}: crn_fast training run, step 2 of 2 (finished)"
+    assert "tiny: 5 modules, widths 32, 32, 32, 24, 16; k=2 image(s) per layout" in out
+    assert "classes   blocks (3 classes + void); ids 1-3, void 0; colours given" in out
+    assert "4 pairs at 32x64; global batch 2" in out and "activation checkpointing" in out
+    assert "loss      diversity, lambdas auto, VGG-19 random, seed 3" in out  # the defaults train() settled
+    assert "  last      step 2: loss " in out and "train_state.pt (step 2, " in out
+    resume = next(line for line in lines if line.startswith("  resume    ")).split(None, 1)[1]
+    # the file the run was given is gone: crn-info writes the model's classes back as one
+    (tmp_path / "classes.json").unlink(missing_ok=True)
+    spec.rename(tmp_path / "lost.json")
+    rc, _, err = info(capsys, run / "model.ckpt", "--write-classes", tmp_path / "classes.json")
+    assert rc == 0 and f"give it as --classes {tmp_path / 'classes.json'}" in err
+    assert read_classes(tmp_path / "classes.json") == read_classes(tmp_path / "lost.json")
+    argv = shlex.split(resume)
+    assert argv[0] == "crn-train" and argv[-2:] == ["--steps", "4"] and "--checkpointing" in argv
+    argv[argv.index("--classes") + 1] = str(tmp_path / "classes.json")
+    assert train_main(argv[1:] + ["--no-progress"]) == 0, capsys.readouterr().err
+    assert "(resumed at step 2)" in capsys.readouterr().err
+    rc, out, _ = info(capsys, run / "config.json")  # the run's config.json reads as the run
+    assert rc == 0 and out.startswith(f"{run}: crn_fast training run, step 4 of 4 (finished)")
+    rc, out, _ = info(capsys, run / "train_state.pt")
+    assert rc == 0 and out.startswith(f"{run / 'train_state.pt'}: crn_fast training state at step 4")
+    found = json.loads(info(capsys, run, "--json")[1])
+    assert found["kind"] == "run" and found["step"] == 4 and found["generator"]["step"] == 4
+    assert found["classes"]["name"] == "blocks" and found["options"]["k"] == 2
+
+
+def test_a_generator_and_its_export_are_described_from_their_headers(tmp_path, capsys):
+    model = CRN(get_preset("tiny"))
+    save_generator(model, tmp_path / "model.ckpt", extra={"step": 7})
+    params = sum(p.numel() for p in model.parameters())
+    rc, out, _ = info(capsys, tmp_path / "model.ckpt", "--classes")
+    assert rc == 0 and out.startswith(f"{tmp_path / 'model.ckpt'}: crn_fast generator, ")
+    assert "saved at training step 7" in out and f"weights   {params:,} parameters in 32 tensors, float32" in out
+    assert "       18  bicycle             18  #770b20\n       19  void           19, 255  #000000, #00005a" in out
+    # weights of another architecture than the file's config: said, not hidden
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    wrong = CRNConfig(widths=(32, 32, 32, 24, 8)).to_json()
+    meta = {"format": "crn_fast.generator", "format_version": "1", "config": wrong}
+    save_file(state, str(tmp_path / "wrong.ckpt"), metadata=meta)
+    rc, out, _ = info(capsys, tmp_path / "wrong.ckpt")
+    assert rc == 0 and "THEY DO NOT MATCH THE CONFIG: 7 wrong shape: refine.4.conv1.weight (16, 44, 3, 3) " \
+        "(expected (8, 44, 3, 3))" in out
+    # an export: its sidecar, verification included; a folder of exports lists each
+    assert export_main(["--onnx", str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "exp"), "--res", "32x64"]) == 0
+    capsys.readouterr()
+    rc, out, _ = info(capsys, tmp_path / "exp" / "generator.onnx")
+    assert rc == 0 and out.startswith(f"{tmp_path / 'exp' / 'generator.onnx'}: ONNX, fp32, ")
+    assert "  verified  PASSED against eager fp32: max abs " in out and "32x64 PSNR" in out
+    assert f"  from      {tmp_path / 'model.ckpt'}" in out
+    rc, folder, _ = info(capsys, tmp_path / "exp")
+    assert rc == 0 and folder.startswith(f"{tmp_path / 'exp'}: 1 export(s)") and out in folder
+    (tmp_path / "exp" / "generator.onnx").unlink()
+    rc, out, _ = info(capsys, tmp_path / "exp" / "generator.onnx")
+    assert rc == 0 and "(MISSING: only its sidecar is here)" in out
+
+
+def test_the_authors_tf_checkpoint_is_described_even_without_its_data(tmp_path, capsys):
+    model = CRN(CRNConfig(widths=(16, 12, 8), k=3, name="x"))
+    (tmp_path / "256p").mkdir()
+    write_authors_checkpoint(tmp_path / "256p" / "model.ckpt", model)
+    rc, out, _ = info(capsys, tmp_path / "256p")
+    params = sum(p.numel() for p in model.parameters())
+    assert rc == 0 and out.startswith(f"{tmp_path / '256p' / 'model.ckpt'}: TensorFlow checkpoint")
+    assert "256p: 3 modules, widths 16, 12, 8; k=3" in out and f"{params:,} parameters in" in out
+    for shard in (tmp_path / "256p").glob("model.ckpt.data-*"):
+        shard.unlink()
+    rc, out, _ = info(capsys, tmp_path / "256p" / "model.ckpt.index")
+    assert rc == 0 and f"{params:,} parameters" in out and "its data cannot be read: missing data shard" in out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing", "missing does not exist"),
+    (lambda d: d / "empty", "empty is a folder without a training run (model.ckpt, train_state.pt), exports"),
+    (lambda d: d / "notes.txt", "notes.txt is not a readable crn_fast checkpoint (corrupt, truncated or another"),
+    (lambda d: d / "other.json", "other.json is JSON but not a crn_fast file"),
+    (lambda d: d / "bad_classes.json", "bad_classes.json: classes 0 ('a') and 1 ('a') have the same name 'a'"),
+    (lambda d: d / "generator.pt2", "generator.pt2 has no sidecar generator.pt2.json beside it"),
+    (lambda d: d / "state.pt", "state.pt is a PyTorch file but not a crn_fast training state"),
+])
+def test_what_is_not_a_crn_fast_file_is_one_line(tmp_path, capsys, make, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "bad_classes.json").write_text('{"classes": ["a", "a"]}')
+    (tmp_path / "generator.pt2").write_bytes(b"PK")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
+    rc, out, err = info(capsys, make(tmp_path))
+    assert rc == 1 and not out and err == f"crn-info: error: {make(tmp_path)}{err.split(str(make(tmp_path)))[1]}"
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_classes_files_are_checked_and_written_in_the_form_they_are_read(tmp_path, capsys):
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps({"name": "mine", "first_id": 1, "void": {"ids": [0]}, "classes": ["a", "b", "c"]}))
+    rc, out, _ = info(capsys, spec, "--classes", "--write-classes", tmp_path / "copy.json")
+    assert rc == 0 and "mine: 3 classes + void (4 layout channels); ids 1-3, void 0; colours made up" in out
+    assert "        2  c      3  #808000\n        3  void   0  #000000" in out
+    assert read_classes(tmp_path / "copy.json") == read_classes(spec)
+    assert inspect(tmp_path / "copy.json").classes == read_classes(spec)
+    rc, _, err = info(capsys, spec, "--write-classes", tmp_path)
+    assert rc == 2 and f"--write-classes {tmp_path} is a folder" in err
