@@ -67,7 +67,7 @@ def inspect(path: str | Path) -> Found:
     if p.suffix == ".json":
         return _json_file(p)
     import zipfile
-    if zipfile.is_zipfile(p):
+    if zipfile.is_zipfile(p) or p.suffix == ".pt":  # what torch.save writes (or a cut copy of one)
         return _train_state_file(p)
     return _generator(p)
 
@@ -176,8 +176,11 @@ def _load_train_state(p: Path) -> dict:
     import torch
     try:  # memory-mapped: a 1024p run's state is gigabytes, of which this reads a few numbers
         state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise CheckpointError(f"{p} is not a readable training state: {' '.join(str(e).split())[:300]}") from None
+    except Exception as e:  # torch raises many types for corrupt files; mmap an unhelpful one for a cut file
+        import zipfile
+        why = "truncated or corrupt (no zip directory at its end: a copy or write cut short?)" if not \
+            zipfile.is_zipfile(p) else " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{p} is not a readable training state: {why}") from None
     if not isinstance(state, dict) or not {"step", "config"} <= set(state):
         raise CheckpointError(f"{p} is a PyTorch file but not a crn_fast training state (no step and config)")
     return state

@@ -100,6 +100,25 @@ class CRNLoss(nn.Module):
         self.vgg.eval()  # frozen, always
         return self
 
+    def resume_state(self) -> dict:
+        """What a training state keeps of the loss: its lambdas and running magnitudes, and the
+        VGG-19's fingerprint rather than its 80 MB of frozen weights, which --vgg-weights gives again."""
+        return {"lambdas": self.lambdas.detach().cpu(), "running": self.running.detach().cpu(),
+                "vgg": getattr(self.vgg, "fingerprint", None)}
+
+    def load_resume_state(self, state: dict) -> None:
+        """Restore resume_state(). A training state written before it (which holds the VGG's
+        weights themselves) restores those, as it always did."""
+        if any(k.startswith("vgg.") for k in state):
+            self.load_state_dict(state)
+            return
+        if state.get("vgg") != getattr(self.vgg, "fingerprint", None):
+            raise CRNError(f"the VGG-19 weights {self.vgg.source} are not the ones the run was trained with "
+                           f"(fingerprint {getattr(self.vgg, 'fingerprint', None)}, the run's {state.get('vgg')}): "
+                           f"the perceptual loss would change mid-run; give the weights file the run used")
+        self.lambdas.copy_(state["lambdas"])
+        self.running.copy_(state["running"])
+
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [images] + self.vgg(images)
 

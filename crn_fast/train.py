@@ -426,7 +426,7 @@ def describe_run(out: Path) -> str:
     if (out / "model.ckpt").is_file():
         from .checkpoint import read_generator_file
         try:
-            step = read_generator_file(out / "model.ckpt")[2].get("step")
+            step = read_generator_file(out / "model.ckpt", weights=False)[2].get("step")
             return f"model.ckpt at step {step}" + ("" if (out / "train_state.pt").exists() else
                                                     ", no train_state.pt")
         except CRNError:
@@ -488,7 +488,9 @@ def restore_training_state(state: dict, opt, scaler, criterion, device) -> None:
         opt.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        criterion.load_state_dict(state["loss"])
+        criterion.load_resume_state(state["loss"])
+    except CRNError as e:  # the VGG-19 file changed since: a bad file, not a bad option
+        raise CRNError(f"--resume: {e}") from None
     except (ValueError, KeyError, RuntimeError) as e:
         raise UsageError(f"--resume: the saved optimizer does not fit these options ({str(e).splitlines()[0]}); "
                          f"was --train-modules different?") from None
@@ -737,7 +739,7 @@ def train(cfg: TrainConfig) -> Path:
             "step": step, "config": config.to_dict(), "options": cfg.identity(), "data": data_id,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "loss": criterion.state_dict(), "rng": rng_state(device)})
+            "loss": criterion.resume_state(), "rng": rng_state(device)})
         save_generator(model, out / "model.ckpt", extra={"step": step})
 
     sheets = SampleWriter(tensorboard)

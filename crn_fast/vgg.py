@@ -8,6 +8,7 @@ downloaded and nothing falls back silently.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -56,6 +57,7 @@ class VGG19Features(nn.Module):
         self.set_normalization(normalization)
         self.requires_grad_(False)
         self.source = "uninitialised"
+        self.fingerprint = None  # load_vgg19 sets it: "random (seed N)" or a hash of the weights
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -112,7 +114,7 @@ def _load_vgg19(weights: str | os.PathLike | None, seed: int) -> VGG19Features:
                 m.bias.data.zero_()
         # random filters on 0..255 inputs: scale the first layer so activations stay O(1)
         vgg.features[0].weight.data /= 64.0
-        vgg.source = f"random (seed {seed})"
+        vgg.source = vgg.fingerprint = f"random (seed {seed})"  # the seed says them (a hash would vary with torch)
         return vgg
     path = Path(weights)
     if not path.is_file():
@@ -122,7 +124,19 @@ def _load_vgg19(weights: str | os.PathLike | None, seed: int) -> VGG19Features:
     else:
         vgg = _from_torchvision(path)
     vgg.source = str(path)
+    vgg.fingerprint = weights_fingerprint(vgg)
     return vgg
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A hash of a module's weights (names, shapes, dtypes and bytes): what a training state keeps
+    of the frozen VGG-19 instead of its 80 MB of weights, so --resume can tell the same weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"blake2b-128:{h.hexdigest()}"
 
 
 VGG_FILES = "a torchvision vgg19-*.pth, its state dict as .safetensors, or the matconvnet imagenet-vgg-verydeep-19.mat"

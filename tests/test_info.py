@@ -91,6 +91,16 @@ def test_a_generator_and_its_export_are_described_from_their_headers(tmp_path, c
     (tmp_path / "exp" / "generator.onnx").unlink()
     rc, out, _ = info(capsys, tmp_path / "exp" / "generator.onnx")
     assert rc == 0 and "(MISSING: only its sidecar is here)" in out
+    # a TensorRT engine's sidecar names its profile: the only shapes it runs
+    side = json.loads((tmp_path / "exp" / "generator.onnx.json").read_text())
+    profile = {"min": [1, 20, 32, 64], "opt": [1, 20, 64, 128], "max": [2, 20, 128, 256]}
+    side.update(format="tensorrt", artefact="generator.engine", profile=profile)
+    (tmp_path / "exp" / "generator.engine").write_bytes(b"engine")
+    (tmp_path / "exp" / "generator.engine.json").write_text(json.dumps(side))
+    rc, out, _ = info(capsys, tmp_path / "exp" / "generator.engine")
+    assert rc == 0 and out.startswith(f"{tmp_path / 'exp' / 'generator.engine'}: TensorRT engine, fp32, 0.0 kB")
+    assert "  profile   layouts 1x20x32x64 to 2x20x128x256 (built for 1x20x64x128); no other shape runs" in out
+    assert info(capsys, tmp_path / "exp")[1].startswith(f"{tmp_path / 'exp'}: 2 export(s)")
 
 
 def test_the_authors_tf_checkpoint_is_described_even_without_its_data(tmp_path, capsys):
@@ -115,6 +125,7 @@ def test_the_authors_tf_checkpoint_is_described_even_without_its_data(tmp_path, 
     (lambda d: d / "bad_classes.json", "bad_classes.json: classes 0 ('a') and 1 ('a') have the same name 'a'"),
     (lambda d: d / "generator.pt2", "generator.pt2 has no sidecar generator.pt2.json beside it"),
     (lambda d: d / "state.pt", "state.pt is a PyTorch file but not a crn_fast training state"),
+    (lambda d: d / "cut.pt", "cut.pt is not a readable training state: truncated or corrupt (no zip directory"),
 ])
 def test_what_is_not_a_crn_fast_file_is_one_line(tmp_path, capsys, make, message):
     (tmp_path / "empty").mkdir()
@@ -123,6 +134,7 @@ def test_what_is_not_a_crn_fast_file_is_one_line(tmp_path, capsys, make, message
     (tmp_path / "bad_classes.json").write_text('{"classes": ["a", "a"]}')
     (tmp_path / "generator.pt2").write_bytes(b"PK")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:300])
     rc, out, err = info(capsys, make(tmp_path))
     assert rc == 1 and not out and err == f"crn-info: error: {make(tmp_path)}{err.split(str(make(tmp_path)))[1]}"
     assert message in err and err.count("\n") == 1, err

@@ -357,6 +357,35 @@ def test_resume_with_other_options_is_a_clear_error(tmp_path, capsys):
     assert "has no train_state.pt to resume from" in capsys.readouterr().err
 
 
+def test_the_training_state_keeps_the_vgg_fingerprint_not_its_weights(tmp_path, capsys):
+    """train_state.pt holds the frozen VGG-19's fingerprint, not its 80 MB: --vgg-weights gives the
+    weights again, and a file changed since the run is refused; a state from before (the weights
+    themselves) still resumes."""
+    from safetensors.torch import save_file
+    from crn_fast.vgg import load_vgg19
+    vgg = {k: v.contiguous() for k, v in load_vgg19("random", seed=5).state_dict().items()}
+    save_file(vgg, str(tmp_path / "vgg19.safetensors"))
+    common = ["--vgg-weights", str(tmp_path / "vgg19.safetensors"), "--out", str(tmp_path / "run"), *SMALL]
+    assert train_main(["--steps", "2", *common]) == 0
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert sorted(state["loss"]) == ["lambdas", "running", "vgg"] and state["loss"]["vgg"].startswith("blake2b-128:")
+    assert (tmp_path / "run" / "train_state.pt").stat().st_size < 5e6  # the tiny model and Adam's moments
+    assert train_main(["--steps", "3", "--resume", *common]) == 0
+    capsys.readouterr()
+    # the weights file changed since, under the same name: refused, before any step
+    save_file({**vgg, "features.0.bias": vgg["features.0.bias"] + 1}, str(tmp_path / "vgg19.safetensors"))
+    assert train_main(["--steps", "4", "--resume", *common]) == 1
+    err = capsys.readouterr().err
+    assert f"--resume: the VGG-19 weights {tmp_path / 'vgg19.safetensors'} are not the ones the run was trained " \
+           "with" in err and "give the weights file the run used" in err and err.count("\n") == 1, err
+    # a training state written before the fingerprint holds the weights themselves: they are restored
+    old = {**state, "loss": {"lambdas": state["loss"]["lambdas"], "running": state["loss"]["running"],
+                             **{f"vgg.{k}": v for k, v in vgg.items()}}}
+    torch.save(old, tmp_path / "run" / "train_state.pt")
+    assert train_main(["--steps", "4", "--resume", *common]) == 0
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["step"] == 4
+
+
 def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
     """crn-synthesize --backend triton --fused-conv on|split|lowres|auto and --fused-head (interpreter here, GPU
     in use) write the eager images; either flag without the triton backend is one usage error."""
