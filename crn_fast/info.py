@@ -42,8 +42,9 @@ class Found:
 
 
 # ----------------------------------------------------------------------------- reading
-def inspect(path: str | Path) -> Found:
-    """Read ``path`` as whichever crn_fast thing it is; CheckpointError naming what it is not."""
+def inspect(path: str | Path, deep: bool = True) -> Found:
+    """Read ``path`` as whichever crn_fast thing it is; CheckpointError naming what it is not. A
+    folder that is none of them is read as the things in its subfolders (``deep``)."""
     from .tf_checkpoint import folder_checkpoints, is_tf_checkpoint
     p = Path(path)
     if is_tf_checkpoint(p):
@@ -55,8 +56,13 @@ def inspect(path: str | Path) -> Found:
         if sidecars:
             return _export_folder(p, sidecars)
         several = folder_checkpoints(p)
+        inside = [] if several or not deep else _inside(p)
+        if inside:  # runs/ (every run), the authors' models/ (each checkpoint folder)
+            return Found({"kind": "folder", "path": str(p), "entries": [f.info for f in inside]},
+                         inside[0].classes if len(inside) == 1 else None)
         raise CheckpointError(f"{p} is a folder without a training run (model.ckpt, train_state.pt), exports "
-                              "(generator.onnx, .pt2, .engine and their .json sidecars) or a TF checkpoint" +
+                              "(generator.onnx, .pt2, .engine and their .json sidecars) or a TF checkpoint, "
+                              "in it or in its subfolders" +
                               (f"; it holds {len(several)} TF checkpoints: give one prefix, "
                                f"{' or '.join(map(str, several))}" if several else ""))
     if p.name.endswith(EXPORT_SUFFIXES) or p.name[:-5].endswith(EXPORT_SUFFIXES) and p.suffix == ".json":
@@ -70,6 +76,18 @@ def inspect(path: str | Path) -> Found:
     if zipfile.is_zipfile(p) or p.suffix == ".pt":  # what torch.save writes (or a cut copy of one)
         return _train_state_file(p)
     return _generator(p)
+
+
+def _inside(p: Path) -> list[Found]:
+    """What crn-info reads in ``p``'s subfolders (one level: runs/*, models/*); unreadable ones are
+    left out here, as a listing should, and named when given themselves."""
+    found = []
+    for sub in sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        try:
+            found.append(inspect(sub, deep=False))
+        except (CRNError, OSError):
+            continue
+    return found
 
 
 def _model(config: CRNConfig) -> dict:
@@ -312,9 +330,11 @@ def describe(info: dict) -> list[str]:
         return [f"{path}: classes file, read as --classes reads it",
                 f"  classes   {c['name']}: {c['classes']} classes + void ({c['layout_channels']} layout channels); "
                 f"ids {c['ids']}, void {c['void_ids'] or 'none'}; colours {c['colors']}"]
-    if kind == "exports":
-        lines = [f"{path}: {len(info['exports'])} export(s)"]
-        for e in info["exports"]:
+    if kind in ("exports", "folder"):
+        entries = info["exports"] if kind == "exports" else info["entries"]
+        lines = [f"{path}: {len(entries)} export(s)" if kind == "exports" else
+                 f"{path}: {len(entries)} crn_fast folder(s) or checkpoint(s) inside"]
+        for e in entries:
             lines += [""] + describe(e)
         return lines
     if kind == "generator":
@@ -445,7 +465,9 @@ def main(argv=None) -> int:
         found = inspect(args.path)
         if args.write_classes:
             if found.classes is None:
-                raise UsageError(f"--write-classes: {args.path} holds no classes")
+                raise UsageError(f"--write-classes: {args.path} holds " + (
+                    f"{len(found.info['entries'])} models; give the one whose classes to write"
+                    if found.info["kind"] == "folder" else "no classes"))
             write_classes(found.classes, args.write_classes)
         if args.json:
             info = found.info

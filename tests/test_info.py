@@ -58,6 +58,14 @@ def test_a_run_is_described_and_its_resume_command_resumes_it(tmp_path, capsys):
     assert rc == 0 and out.startswith(f"{run}: crn_fast training run, step 4 of 4 (finished)")
     rc, out, _ = info(capsys, run / "train_state.pt")
     assert rc == 0 and out.startswith(f"{run / 'train_state.pt'}: crn_fast training state at step 4")
+    # runs/: every run in it
+    train_main(["--out", str(tmp_path / "run2"), "--steps", "1", "--res", "32x64", "--no-progress"])
+    capsys.readouterr()
+    rc, out, _ = info(capsys, tmp_path)
+    assert rc == 0 and out.startswith(f"{tmp_path}: 2 crn_fast folder(s) or checkpoint(s) inside\n\n{run}: ")
+    assert f"\n\n{tmp_path / 'run2'}: crn_fast training run, step 1 of 1 (finished)\n" in out
+    rc, _, err = info(capsys, tmp_path, "--write-classes", tmp_path / "x.json")
+    assert rc == 2 and "holds 2 models; give the one whose classes to write" in err
     found = json.loads(info(capsys, run, "--json")[1])
     assert found["kind"] == "run" and found["step"] == 4 and found["generator"]["step"] == 4
     assert found["classes"]["name"] == "blocks" and found["options"]["k"] == 2
