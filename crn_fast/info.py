@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -463,21 +464,25 @@ def main(argv=None) -> int:
 
     def run():
         found = inspect(args.path)
-        if args.write_classes:
-            if found.classes is None:
-                raise UsageError(f"--write-classes: {args.path} holds " + (
-                    f"{len(found.info['entries'])} models; give the one whose classes to write"
+        for option, wanted in (("--classes", args.classes), ("--write-classes", args.write_classes)):
+            if wanted and found.classes is None:
+                raise UsageError(f"{option}: {args.path} holds " + (
+                    f"{len(found.info['entries'])} models; give the one whose classes you want"
                     if found.info["kind"] == "folder" else "no classes"))
+        if args.write_classes:
             write_classes(found.classes, args.write_classes)
         if args.json:
             info = found.info
-            if args.classes and found.classes is not None:
+            if args.classes:
                 info = {**info, "class_table": found.classes.to_dict()}
-            print(json.dumps(info, indent=2, default=str))
+            text = json.dumps(info, indent=2, default=str)
         else:
-            print("\n".join(describe(found.info)))
-            if args.classes and found.classes is not None:
-                print("\n".join(class_table(found.classes)))
+            text = "\n".join(describe(found.info) + (class_table(found.classes) if args.classes else []))
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # crn-info ... | head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
+
         if args.write_classes:
             print(f"wrote {args.write_classes} ({found.classes.describe()}); give it as --classes "
                   f"{args.write_classes}", file=sys.stderr)

@@ -2,6 +2,8 @@
 resumes a run, the classes written back as a file, and one line for whatever it cannot read."""
 import json
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,7 +67,12 @@ def test_a_run_is_described_and_its_resume_command_resumes_it(tmp_path, capsys):
     assert rc == 0 and out.startswith(f"{tmp_path}: 2 crn_fast folder(s) or checkpoint(s) inside\n\n{run}: ")
     assert f"\n\n{tmp_path / 'run2'}: crn_fast training run, step 1 of 1 (finished)\n" in out
     rc, _, err = info(capsys, tmp_path, "--write-classes", tmp_path / "x.json")
-    assert rc == 2 and "holds 2 models; give the one whose classes to write" in err
+    assert rc == 2 and "--write-classes: " in err and "holds 2 models; give the one whose classes you want" in err
+    # piped into a reader that has gone (head, say) before crn-info writes: no error
+    r = subprocess.run(f"{shlex.quote(sys.executable)} -m crn_fast.info {shlex.quote(str(tmp_path))} --json | true; "
+                       "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True, text=True,
+                       timeout=300)
+    assert r.stdout == "0\n" and r.stderr == "", r.stderr
     found = json.loads(info(capsys, run, "--json")[1])
     assert found["kind"] == "run" and found["step"] == 4 and found["generator"]["step"] == 4
     assert found["classes"]["name"] == "blocks" and found["options"]["k"] == 2
