@@ -271,30 +271,13 @@ def _run(p: Path) -> Found:
 
 
 def resume_command(options: dict, out: str, step: int | None, total: int | None) -> str:
-    """The crn-train command that continues the run whose config.json options are ``options``:
-    every option --resume compares that is not its default, --classes, and the options a resume
-    may change but would hardly want to (--checkpointing, which a model may need to fit; --skip-bad)."""
-    from .train import TrainConfig, build_parser
-    defaults = TrainConfig()
-    flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
-    words = ["crn-train"]
-    for name in [*TrainConfig().identity(), "classes", "checkpointing", "skip_bad"]:
-        value = options.get(name, getattr(defaults, name))
-        if value == getattr(defaults, name) or name not in flags:
-            continue
-        if name == "classes" and not isinstance(value, str):  # a ClassSet given from Python: no file to name
-            value = "CLASSES.json"  # crn-info --write-classes writes it
-        if isinstance(value, bool):
-            words.append(flags[name] if value else "")
-            continue
-        if isinstance(value, list):
-            value = "x".join(map(str, value)) if name == "res" else ",".join(map(str, value))
-        words += [flags[name], str(value)]
-    words += ["--out", out, "--resume"]
-    if step is not None and total is not None and step >= total:  # finished: more steps (or epochs) to continue
+    """The crn-train command that continues the run in ``out``: --resume takes every option not
+    given from the run itself, so only a finished run needs one, more steps (or epochs)."""
+    words = ["crn-train", "--out", out, "--resume"]
+    if step is not None and total is not None and step >= total:
         words += ["--epochs", f"{2 * options['epochs']:g}"] if options.get("epochs") is not None else \
             ["--steps", str(2 * total)]
-    return " ".join(shlex.quote(w) for w in words if w)
+    return " ".join(shlex.quote(w) for w in words)
 
 
 # ----------------------------------------------------------------------------- describing

@@ -13,8 +13,9 @@ the run's options: the resume point; loaded with weights_only=True), metrics.jso
 and TensorBoard events when tensorboard is installed. Every file is written atomically.
 
 An existing run is never replaced silently: continue it with --resume (exactly where it
-stopped; only --steps/--epochs, --out, the logging/sample/save intervals, --workers, --skip-bad,
---checkpointing and --no-progress may differ) or start over with --overwrite.
+stopped: every option not given is the run's own, so --out runs/x --resume alone continues it;
+options given may differ from the run's only for --steps/--epochs, the logging/sample/save
+intervals, --workers, --skip-bad, --checkpointing and --no-progress) or start over with --overwrite.
 SIGTERM or a first Ctrl-C stops the run after its step, saved there (exit status 143 / 130).
 Exit status: 0 done, 1 runtime error, 2 usage error.
 """
@@ -222,6 +223,67 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def given_options(argv) -> set[str]:
+    """The TrainConfig fields given on the command line ``argv``, rather than left at their defaults."""
+    ap = build_parser()
+    for action in ap._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(ap.parse_args(argv)))
+
+
+# never the run's: where it is, what to do with it, and how this terminal shows it
+NOT_FROM_THE_RUN = ("out", "resume", "overwrite", "progress", "init_from")
+
+
+def with_run_options(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]:
+    """``--resume`` on the command line: every option not given is the run's own (its config.json),
+    so ``--out runs/x --resume`` alone continues it; options given are compared with the run's as
+    before. The classes are the model's, from the run, so the classes file need not be at hand.
+    Returns the config and the options taken from the run that differ from the defaults."""
+    path = Path(cfg.out) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        return cfg, {}  # no run here, or not a readable one: load_resume_point says which
+    taken = {}
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        if name in given or name in NOT_FROM_THE_RUN or name not in saved:
+            continue
+        if name in ("steps", "epochs") and given & {"steps", "epochs"}:
+            continue  # the length given, either way, is the run's new length
+        value = saved[name]
+        if name == "classes":
+            model_classes = saved.get("model", {}).get("classes") if isinstance(saved.get("model"), dict) else None
+            try:
+                value = ClassSet.from_dict(model_classes, str(path)) if model_classes else "cityscapes"
+            except CRNError:
+                continue  # then --classes is read as given, and the model's are compared as ever
+        elif isinstance(value, list):
+            value = tuple(value)
+        taken[name] = value
+    new = dataclasses.replace(cfg, **taken)
+    return new, {k: v for k, v in taken.items() if v != getattr(cfg, k)}  # cfg: the defaults, for these
+
+
+def describe_options(options: dict) -> str:
+    """TrainConfig values as the command-line options that give them."""
+    words = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "")
+        elif isinstance(value, ClassSet):
+            words.append(f"{flag} {value.describe()!r} (the model's)")
+        elif value is not None:
+            text = "x".join(map(str, value)) if name == "res" else \
+                ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            words.append(f"{flag} {text}")
+    return " ".join(w for w in words if w)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -695,6 +757,11 @@ def train(cfg: TrainConfig) -> Path:
         vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)
         total = cfg.steps if cfg.steps is not None else \
             math.ceil(cfg.epochs * (len(dataset) // cfg.batch_size)) if cfg.epochs is not None else DEFAULT_STEPS
+        if start >= total:  # a finished run resumed with its own length, or less: nothing would train
+            length = f"--steps {cfg.steps}" if cfg.steps is not None else f"--epochs {cfg.epochs:g} ({total} steps)" \
+                if cfg.epochs is not None else f"the default {DEFAULT_STEPS} steps"
+            raise UsageError(f"--resume: the run is already at step {start}, and {length} ends there: nothing to "
+                             f"train; give a longer --steps (e.g. --steps {2 * start}) or --epochs")
         sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, cfg.seed, start, total)
         criterion = CRNLoss(vgg, kind, lambdas)
         model.to(device).train()
@@ -836,10 +903,20 @@ def train(cfg: TrainConfig) -> Path:
 
 def main(argv=None) -> int:
     ap = build_parser()
-    args = ap.parse_args(None if argv is None else [str(a) for a in argv])
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = ap.parse_args(argv)
     setup_logging(args)
+
+    def run():
+        cfg = config_from_args(args)
+        if cfg.resume:
+            cfg, taken = with_run_options(cfg, given_options(argv))
+            if taken and int(os.environ.get("RANK", "0")) == 0:
+                log.info(f"--resume: the run's own options: {describe_options(taken)}")
+        train(cfg)
+
     try:
-        return run_tool(ap.prog, lambda: train(config_from_args(args)) and None)
+        return run_tool(ap.prog, run)
     finally:
         shutdown()
 

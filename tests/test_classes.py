@@ -187,18 +187,21 @@ def test_training_on_own_classes_keeps_them_through_checkpoint_export_and_synthe
     assert sheet.shape == (4 * 32, 3 * 64, 3)  # 4 rows of layout | target | output
     drawn = {tuple(c) for c in sheet[:32, :64].reshape(-1, 3)}
     assert drawn == set(COLORS.values()) | {(0, 0, 0)}
-    # --resume without --classes: one line naming the run's classes
-    assert train_main(["--steps", "3", "--out", str(out), "--resume", *common]) == 2
+    # --resume without --classes: the model's own (the run's options are its own unless given)
+    assert train_main(["--steps", "3", "--out", str(out), "--resume", *common]) == 0
+    assert "--classes 'blocks (3 classes + void)' (the model's)" in capsys.readouterr().err
+    # --classes given, another set: one line naming the first difference
+    assert train_main(["--classes", "cityscapes", "--steps", "4", "--out", str(out), "--resume", *common]) == 2
     err = capsys.readouterr().err
     assert "classes: cityscapes (19 classes + void) instead of blocks (3 classes + void)" in err, err
-    assert "--classes giving blocks (3 classes + void)" in err and err.count("\n") == 1
-    # ... or with the file's colours changed since: what changed
+    assert "--classes giving blocks (3 classes + void)" in err and err.count("error") == 1
+    # ... or the file's colours changed since: what changed
     recoloured = tmp_path / "recoloured.json"
     water = {"name": "water", "color": "#0000ff"}
     recoloured.write_text(json.dumps({**BLOCKS, "classes": [*BLOCKS["classes"][:2], water]}))
-    assert train_main(["--classes", str(recoloured), "--steps", "3", "--out", str(out), "--resume", *common]) == 2
+    assert train_main(["--classes", str(recoloured), "--steps", "4", "--out", str(out), "--resume", *common]) == 2
     assert "classes: class 2 ('water') has colour [0, 0, 255] instead of [30, 30, 200]" in capsys.readouterr().err
-    assert train_main(["--classes", str(spec), "--steps", "3", "--out", str(out), "--resume", *common]) == 0
+    assert train_main(["--classes", str(spec), "--steps", "4", "--out", str(out), "--resume", *common]) == 0
     capsys.readouterr()
     # progressive training from a model of other classes with the same count: named, not copied
     other = tmp_path / "other.json"
