@@ -234,9 +234,12 @@ def _run(p: Path) -> Found:
     generator (model.ckpt), last metrics and samples."""
     from .train import DEFAULT_STEPS
     info: dict = {"kind": "run", "path": str(p)}
-    options = _read_json(p / "config.json") if (p / "config.json").is_file() else None
-    if options is not None and not (isinstance(options, dict) and "model" in options):
-        raise CheckpointError(f"{p / 'config.json'} is not a crn_fast run's config.json (no 'model' entry)")
+    try:
+        options = _read_json(p / "config.json") if (p / "config.json").is_file() else None
+        if options is not None and not (isinstance(options, dict) and "model" in options):
+            raise CheckpointError(f"{p / 'config.json'} is not a crn_fast run's config.json (no 'model' entry)")
+    except CheckpointError as e:  # the run's other files still say what it is (and --resume reads its state)
+        options, info["config_error"] = None, str(e)
     configs = []  # the run's model, from whichever of its files are here
     if (p / "model.ckpt").is_file():
         generator = _generator(p / "model.ckpt")
@@ -265,8 +268,8 @@ def _run(p: Path) -> Found:
             else DEFAULT_STEPS
     info["last_metrics"] = _last_metrics(p / "metrics.jsonl")
     info["samples"] = str(p / "samples" / "latest.png") if (p / "samples" / "latest.png").is_file() else None
-    if o and "train_state" in info:
-        info["resume"] = resume_command(options, str(p), info["step"], info.get("total_steps"))
+    if "train_state" in info:
+        info["resume"] = resume_command(o, str(p), info["step"], info.get("total_steps"))
     return Found(info, config.class_set)
 
 
@@ -372,6 +375,8 @@ def _run_lines(info: dict) -> list[str]:
     state = "no checkpoint yet" if step is None else f"step {step}" + (f" of {total}" if total else "") + \
         (" (finished)" if total and step >= total else "")
     lines = [f"{info['path']}: crn_fast training run, {state}"] + _model_lines(info["model"], info["classes"])
+    if info.get("config_error"):
+        lines.append(f"  options   unknown: {info['config_error']}")
     if "generator" in info:
         lines.append(_weights_line(info["generator"]["weights"]))
     o = info.get("options")

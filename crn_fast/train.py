@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_generator, load_train_state, remove_stale_temporaries, save_generator, \
-    save_train_state
+from .checkpoint import atomic_path, load_generator, load_train_state, remove_stale_temporaries, \
+    save_generator, save_train_state
 from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, ignore_stop_signals, log, \
     non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
 from .config import CRNConfig, get_preset
@@ -247,8 +247,13 @@ def with_run_options(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, di
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         saved = None
-    if not isinstance(saved, dict):
-        return cfg, {}  # no run here, or not a readable one: load_resume_point says which
+    if not isinstance(saved, dict):  # gone, or cut by a crash of an older version: the resume point's own
+        path = Path(cfg.out) / "train_state.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            saved = {**state["options"], "model": state["config"]}
+        except Exception:  # no run here, or not a readable one: load_resume_point says which
+            return cfg, {}
     taken = {}
     for f in dataclasses.fields(TrainConfig):
         name = f.name
@@ -793,8 +798,9 @@ def train(cfg: TrainConfig) -> Path:
                      f"{workers} loader worker(s)")
             log.info(f"  loss   {kind}, lambdas {lambdas}, VGG-19 weights: {vgg.source}")
             log.info(f"  out    {out}" + (f" (resumed at step {start})" if cfg.resume else ""))
-            (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "backend_used": model.backend,
-                                                         "model": config.to_dict()}, indent=2))
+            with atomic_path(out / "config.json") as tmp:  # what a --resume reads the run's options from
+                Path(tmp).write_text(json.dumps({**dataclasses.asdict(cfg), "backend_used": model.backend,
+                                                 "model": config.to_dict()}, indent=2))
             if cfg.resume:
                 truncate_metrics(out / "metrics.jsonl", start)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"

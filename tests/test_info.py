@@ -74,6 +74,11 @@ def test_a_run_is_described_and_its_resume_command_resumes_it(tmp_path, capsys):
     found = json.loads(info(capsys, run, "--json")[1])
     assert found["kind"] == "run" and found["step"] == 4 and found["generator"]["step"] == 4
     assert found["classes"]["name"] == "blocks" and found["options"]["k"] == 2
+    # a config.json cut short: the run is still described from its other files, as --resume reads it
+    (run / "config.json").write_text('{"data": ')
+    rc, out, _ = info(capsys, run)
+    assert rc == 0 and "  options   unknown: " in out and "not valid JSON" in out
+    assert out.rstrip().endswith(f"  resume    crn-train --out {run} --resume")
 
 
 def test_a_generator_and_its_export_are_described_from_their_headers(tmp_path, capsys):

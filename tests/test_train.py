@@ -75,8 +75,9 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 
 def test_resume_takes_the_runs_own_options(tmp_path, capsys):
-    """--out X --resume alone continues a run with its own options, bitwise as if never stopped; a
-    finished run resumed at its own length is one usage error; an option given is still compared."""
+    """--out X --resume alone continues a run with its own options (config.json's, else the training
+    state's), bitwise as if never stopped; a finished run resumed at its own length is one usage
+    error; an option given is still compared."""
     a, b = tmp_path / "a", tmp_path / "b"
     options = ["--k", "2", "--lambdas", "auto", "--seed", "3", *SMALL]
     assert train_main(["--out", str(a), "--steps", "4", *options]) == 0
@@ -97,6 +98,12 @@ def test_resume_takes_the_runs_own_options(tmp_path, capsys):
     assert (b / "train_state.pt").read_bytes() == before
     assert train_main(["--out", str(b), "--resume", "--steps", "5", "--seed", "4", "--no-progress"]) == 2
     assert "--seed 3 (now 4)" in capsys.readouterr().err
+    # config.json gone (or cut by a crash): the training state's own options
+    (b / "config.json").write_text('{"data": "synth')
+    assert train_main(["--out", str(b), "--resume", "--steps", "5", "--no-progress"]) == 0
+    assert "--resume: the run's own options: --res 32x64 --k 2 --lambdas auto --batch-size 2 --backend eager " \
+           "--seed 3\n" in capsys.readouterr().err
+    assert json.loads((b / "config.json").read_text())["k"] == 2  # rewritten whole
 
 
 def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
