@@ -351,7 +351,11 @@ def _export_lines(info: dict) -> list[str]:
              (f" on {info['device']}" if info.get("device") else "")]
     lines += _model_lines(info["model"], info["classes"])
     if info.get("shapes"):
-        lines.append("  shapes    " + ", ".join(f"{k} {list(v)}" for k, v in info["shapes"].items()))
+        dyn = info.get("dynamic")
+        runs = "" if dyn is None else "; static: only this shape runs" if not any(dyn.values()) else \
+            "; dynamic: " + ", ".join(f"{k.replace('_', ' ')} {'x'.join(map(str, v)) if isinstance(v, list) else v}"
+                                      for k, v in dyn.items() if v)
+        lines.append("  shapes    " + ", ".join(f"{k} {list(v)}" for k, v in info["shapes"].items()) + runs)
     if info.get("profile"):
         pr = info["profile"]
         lines.append(f"  profile   layouts {'x'.join(map(str, pr['min']))} to {'x'.join(map(str, pr['max']))} "

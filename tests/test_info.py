@@ -119,6 +119,17 @@ def test_a_generator_and_its_export_are_described_from_their_headers(tmp_path, c
     assert rc == 0 and out.startswith(f"{tmp_path / 'exp' / 'generator.engine'}: TensorRT engine, fp32, 0.0 kB")
     assert "  profile   layouts 1x20x32x64 to 2x20x128x256 (built for 1x20x64x128); no other shape runs" in out
     assert info(capsys, tmp_path / "exp")[1].startswith(f"{tmp_path / 'exp'}: 2 export(s)")
+    # an AOTInductor package's sidecar: its one shape, or the range it was compiled for
+    side.update(format="aotinductor", artefact="generator.pt2", shapes={"layout": [1, 20, 64, 128]},
+                dynamic={"min_res": None, "max_res": None, "max_batch": None})
+    (tmp_path / "exp" / "generator.pt2.json").write_text(json.dumps(side))
+    out = info(capsys, tmp_path / "exp" / "generator.pt2.json")[1]
+    assert "(MISSING: only its sidecar is here)" in out
+    assert "  shapes    layout [1, 20, 64, 128]; static: only this shape runs\n" in out
+    side["dynamic"] = {"min_res": [32, 64], "max_res": [128, 256], "max_batch": 4}
+    (tmp_path / "exp" / "generator.pt2.json").write_text(json.dumps(side))
+    out = info(capsys, tmp_path / "exp" / "generator.pt2.json")[1]
+    assert "; dynamic: min res 32x64, max res 128x256, max batch 4\n" in out
 
 
 def test_the_authors_tf_checkpoint_is_described_even_without_its_data(tmp_path, capsys):
