@@ -165,6 +165,10 @@ class SyntheticStreets(torch.utils.data.Dataset):
     def check(self, threads: int = 1, rank: int = 0, world: int = 1) -> list:  # nothing to check:
         return []  # the scenes are drawn, not read (PairDataset.check)
 
+    def subset(self, n: int) -> None:
+        """Keep the first ``n`` scenes (PairDataset.subset)."""
+        self.length = min(self.length, n)
+
     def keep(self, found) -> None:
         pass
 
@@ -229,6 +233,12 @@ class PairDataset(torch.utils.data.Dataset):
         if not self.pairs:
             raise DataError(f"{self.name}: no usable label/image pairs" +
                             (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+
+    def subset(self, n: int) -> None:
+        """Keep at most ``n`` pairs, spread evenly over the sorted files (every city of Cityscapes' val
+        split, not the first): a fixed validation set, chosen before the files are checked."""
+        if n < len(self.pairs):
+            self.pairs = [self.pairs[i * len(self.pairs) // n] for i in range(n)]
 
     def _problem(self, pair) -> str | None:
         """What is wrong with a pair (None: nothing): a missing or unreadable file, sizes that differ,

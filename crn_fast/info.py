@@ -213,7 +213,8 @@ def _train_state_file(p: Path) -> Found:
                   "options": state.get("options"), "data": state.get("data")}, config.class_set)
 
 
-def _last_metrics(p: Path) -> dict | None:
+def _last_metrics(p: Path, key: str = "loss") -> dict | None:
+    """metrics.jsonl's last record holding ``key``: "loss" (a training step's) or "val_loss"."""
     last = None
     try:
         lines = p.read_text(errors="replace").splitlines()
@@ -224,7 +225,7 @@ def _last_metrics(p: Path) -> dict | None:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill
-        if isinstance(record, dict) and "step" in record:
+        if isinstance(record, dict) and "step" in record and key in record:
             last = record
     return last
 
@@ -267,6 +268,7 @@ def _run(p: Path) -> Found:
             (math.ceil(o["epochs"] * (pairs // o["batch_size"])) if pairs else None) if o.get("epochs") is not None \
             else DEFAULT_STEPS
     info["last_metrics"] = _last_metrics(p / "metrics.jsonl")
+    info["last_validation"] = _last_metrics(p / "metrics.jsonl", "val_loss")
     info["samples"] = str(p / "samples" / "latest.png") if (p / "samples" / "latest.png").is_file() else None
     if "train_state" in info:
         info["resume"] = resume_command(o, str(p), info["step"], info.get("total_steps"))
@@ -400,6 +402,10 @@ def _run_lines(info: dict) -> list[str]:
         rate = f", {m['images_per_s']:.3g} images/s" if isinstance(m.get("images_per_s"), (int, float)) else ""
         loss = f"loss {m['loss']:.5g}" if isinstance(m.get("loss"), (int, float)) else "loss ?"
         lines.append(f"  last      step {m.get('step')}: {loss}{rate} (metrics.jsonl)")
+    v = info.get("last_validation")
+    if v and isinstance(v.get("val_loss"), (int, float)):
+        lines.append(f"  val       step {v.get('step')}: loss {v['val_loss']:.5g} over {v.get('val_images', '?')} "
+                     f"layouts" + (f" of {o['val_data']}" if o and o.get("val_data") else ""))
     files = []
     if "generator" in info:
         files.append(f"model.ckpt (step {info['generator'].get('step', '?')}, {_mb(info['generator']['bytes'])})")

@@ -4,12 +4,14 @@ r"""Train a CRN generator.
     python -m crn_fast.train --data cityscapes:/data/cityscapes --preset 256p --k 9 --loss diversity \
         --vgg-weights imagenet-vgg-verydeep-19.mat --amp bf16
     python -m crn_fast.train --data pairs:labels,images --classes my_classes.json --preset 512p ...
+    python -m crn_fast.train ... --val-data cityscapes:/data/cityscapes   # + a validation loss (its val split)
     torchrun --nproc_per_node 8 -m crn_fast.train ...   # DDP: NCCL on GPUs, gloo on CPU
 
 From Python:  crn_fast.train.train(TrainConfig(preset="tiny", steps=100, out="runs/x"))
 
 Outputs in --out: model.ckpt (crn_fast generator), train_state.pt (weights, optimizer, step, RNG,
-the run's options: the resume point; loaded with weights_only=True), metrics.jsonl, samples/*.png,
+the run's options: the resume point; loaded with weights_only=True), metrics.jsonl (with
+--val-data, validation lines too), samples/*.png,
 and TensorBoard events when tensorboard is installed. Every file is written atomically.
 
 An existing run is never replaced silently: continue it with --resume (exactly where it
@@ -91,15 +93,19 @@ class TrainConfig:
     unknown_colors: str = "error"
     scan_labels: str = "auto"
     progress: bool = True
+    val_data: str | None = None  # held-out data for the validation loss (same forms as data)
+    val_every: int = 1000
+    val_samples: int = 100
 
     # what may differ when a run is resumed: bookkeeping, not the trajectory
     # (and --classes: the file's path may change; the classes themselves are the model's, compared as such)
     RESUMABLE = ("steps", "epochs", "out", "resume", "overwrite", "log_every", "sample_every", "save_every",
-                 "workers", "skip_bad", "checkpointing", "progress", "init_from", "classes")
+                 "workers", "skip_bad", "checkpointing", "progress", "init_from", "classes", "val_data",
+                 "val_every", "val_samples")
 
     def validate(self) -> "TrainConfig":
         """UsageError naming the first option whose value cannot work."""
-        for name in ("batch_size", "log_every", "sample_every", "save_every"):
+        for name in ("batch_size", "log_every", "sample_every", "save_every", "val_every", "val_samples"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.steps is not None and self.steps < 1:
@@ -214,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scan-labels", default="auto", choices=SCAN_MODES,
       help=f"decode every label before training to find bad files and colours: auto (datasets of up to "
            f"{SCAN_AUTO_LIMIT} pairs), always, never (default auto)")
+    a("--val-data", default=None,
+      help="held-out data for a validation loss (the training loss, in eval mode, with no gradients), in "
+           "--data's forms; cityscapes:ROOT reads its val split, synthetic draws other scenes (default: none)")
+    a("--val-every", type=positive_int, default=1000, help="steps between validations (default 1000; and at the "
+      "end)")
+    a("--val-samples", type=positive_int, default=100,
+      help="validation layouts, spread evenly over --val-data's sorted files (default 100)")
     a("--no-progress", dest="progress", action="store_false",
       help="no progress report (a bar on a terminal; in a log file or pipe, a line every 30 s)")
     add_logging_options(ap)
@@ -391,6 +404,57 @@ def train_step(model, criterion, opt, scaler, layout, target, amp_dtype, phase=_
         scaler.step(opt)
         scaler.update()
     return value, terms
+
+
+def make_val_set(cfg: "TrainConfig", res, classes):
+    """--val-data as a dataset of at most --val-samples layouts, evenly spread, its files not yet
+    checked (the caller checks them as the training data's, each rank a share). Cityscapes' val
+    split; synthetic scenes drawn from another seed than the training scenes."""
+    try:
+        val = make_dataset(cfg.val_data, res, cfg.seed + 1, "val", cfg.skip_bad, cfg.unknown_colors, "always",
+                           check=False, classes=classes)
+    except CRNError as e:  # its messages name --data: here it is --val-data
+        text = str(e)
+        text = text.replace("--data ", "--val-data ", 1) if "--data " in text else \
+            f"--val-data {cfg.val_data}: {text.replace(' (--split)', '')}"  # its split is val
+        raise type(e)(text) from None
+    val.subset(cfg.val_samples)
+    return val
+
+
+def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_classes: int, rank: int = 0,
+             world: int = 1, threads: int = 1) -> dict:
+    """The training loss on the validation set, and its terms: their means over every layout, each
+    rank evaluating every world-th one, in eval mode with no gradients. Nothing a training step
+    depends on changes (auto lambdas are not updated in eval mode, no random number is drawn), so
+    a run with validation trains exactly as one without."""
+    from .data import in_threads
+    was_training = model.training
+    model.eval()
+    criterion.eval()
+    sums = torch.zeros(2 + len(TERM_NAMES), dtype=torch.float64, device=device)  # count, loss, terms
+    share = list(range(rank, len(val), world))
+    samples = in_threads(val.__getitem__, share, threads)  # decoded ahead, in order
+    try:
+        with torch.no_grad():
+            for first in range(0, len(share), batch_size):
+                ids, target = (torch.stack(t).to(device) for t in zip(*[next(samples) for _ in
+                                                                        share[first:first + batch_size]]))
+                layout = one_hot(ids, num_classes)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, terms = criterion(model(layout).float(), target, layout)
+                n = ids.shape[0]
+                sums += torch.stack([torch.tensor(float(n), device=device), loss.double() * n,
+                                     *(t.double() * n for t in terms.values())])
+    finally:
+        samples.close()
+        model.train(was_training)
+        criterion.train(was_training)
+    if world > 1:
+        dist.all_reduce(sums)
+    count, loss, *terms = sums.tolist()
+    return {"val_loss": loss / count, **{f"val_loss_{k}": v / count for k, v in zip(TERM_NAMES, terms)},
+            "val_images": int(count)}
 
 
 class FirstNonFinite:
@@ -746,11 +810,17 @@ def train(cfg: TrainConfig) -> Path:
         dataset = make_dataset(cfg.data, res, cfg.seed, cfg.split, cfg.skip_bad, cfg.unknown_colors,
                                cfg.scan_labels, check=False, classes=config.class_set)
         found = dataset.check(cores_per_rank(), rank, world)  # every world-th file, with this rank's cores
+        val = make_val_set(cfg, res, config.class_set) if cfg.val_data else None
+        val_found = val.check(cores_per_rank(), rank, world) if val is not None else []
 
     with ranks.together():  # the data as checked by all, then the loss and optimizer
         dataset.keep(sum(ranks.gather(found), []))  # the same on every rank: the first bad file, or all left out
         for msg in dataset.skipped if rank == 0 else ():
             log.warning(f"skipped: {msg}")
+        if val is not None:
+            val.keep(sum(ranks.gather(val_found), []))
+            for msg in val.skipped if rank == 0 else ():
+                log.warning(f"skipped (--val-data): {msg}")
         if dataset.warning and rank == 0:
             log.warning(dataset.warning)
         data_id = {"pairs": len(dataset), "fingerprint": dataset.fingerprint()}
@@ -796,6 +866,8 @@ def train(cfg: TrainConfig) -> Path:
                      + ("" if config.classes is None else f", classes {config.class_set.describe()}"))
             log.info(f"  data   {dataset.describe()}, global batch {cfg.batch_size}, steps {start}->{total}, "
                      f"{workers} loader worker(s)")
+            if val is not None:
+                log.info(f"  val    {val.describe()}, every {cfg.val_every} steps and at the end")
             log.info(f"  loss   {kind}, lambdas {lambdas}, VGG-19 weights: {vgg.source}")
             log.info(f"  out    {out}" + (f" (resumed at step {start})" if cfg.resume else ""))
             with atomic_path(out / "config.json") as tmp:  # what a --resume reads the run's options from
@@ -874,6 +946,17 @@ def train(cfg: TrainConfig) -> Path:
                         samples(step)
                     if save:
                         checkpoint(step)
+            if val is not None and (step % cfg.val_every == 0 or step == total):
+                with ranks.together():  # every rank its share of the layouts: a bad file on one stops all
+                    scores = validate(model, criterion, val, max(1, cfg.batch_size // world), device, amp_dtype,
+                                      config.num_classes, rank, world, max(1, min(4, cores_per_rank())))
+                    if rank == 0:
+                        metrics.write(json.dumps({"step": step, **scores}) + "\n")
+                        metrics.flush()
+                        if tensorboard is not None:
+                            tensorboard.scalars({k: v for k, v in scores.items() if k != "val_images"}, step)
+                        log.info(f"validation at step {step}: loss {scores['val_loss']:.5g} over "
+                                 f"{scores['val_images']} layouts")
             bar.update(1, **({} if loss_val is None else {"loss": f"{loss_val:.3f}"}))
 
         # --- the end (or a stop: the resume point saved where the run stopped) ---------------------

@@ -107,7 +107,8 @@ def test_resume_takes_the_runs_own_options(tmp_path, capsys):
 
 
 def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
-    common = ["--steps", "3", "--resolution", "32x64", "--batch-size", "4", "--no-progress"]
+    common = ["--steps", "3", "--resolution", "32x64", "--batch-size", "4", "--no-progress",
+              "--val-data", "synthetic", "--val-every", "3", "--val-samples", "3"]
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crn_fast.train",
              "--out", str(tmp_path / "ddp"), *common])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -118,6 +119,11 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     s1 = load_generator(tmp_path / "one" / "model.ckpt").state_dict()
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], atol=2e-5, rtol=1e-4)
+    # the validation loss: each rank its share of the layouts, summed over the ranks
+    val = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+            if "val_loss" in line] for d in ("ddp", "one")]
+    assert [v["val_images"] for v in val[0]] == [v["val_images"] for v in val[1]] == [3]
+    assert val[0][0]["val_loss"] == pytest.approx(val[1][0]["val_loss"], rel=1e-4)
 
 
 def torchrun_lines(r, prog="crn_fast.train") -> list[str]:
@@ -416,6 +422,56 @@ def test_the_training_state_keeps_the_vgg_fingerprint_not_its_weights(tmp_path, 
     torch.save(old, tmp_path / "run" / "train_state.pt")
     assert train_main(["--steps", "4", "--resume", *common]) == 0
     assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["step"] == 4
+
+
+def test_the_validation_loss_is_the_loss_on_held_out_layouts_and_changes_no_step(tmp_path, capsys):
+    """--val-data: the training loss (eval mode, no gradients) averaged over --val-samples layouts,
+    in metrics.jsonl at every --val-every steps and at the end; the run's weights and auto lambdas
+    are those of a run without it, bit for bit."""
+    from crn_fast.data import make_dataset
+    from crn_fast.labels import one_hot
+    from crn_fast.loss import CRNLoss
+    from crn_fast.vgg import load_vgg19
+    root = write_pairs(tmp_path / "val", n=5, size=(32, 64))
+    val_data = f"pairs:{root / 'labels'},{root / 'images'}"
+    common = ["--steps", "3", "--lambdas", "auto", *SMALL]
+    assert train_main(["--out", str(tmp_path / "a"), "--val-data", val_data, "--val-every", "2", "--val-samples", "4",
+                       *common]) == 0
+    assert "validation at step 2: loss " in capsys.readouterr().err
+    assert train_main(["--out", str(tmp_path / "b"), *common]) == 0
+    sa, sb = (load_generator(tmp_path / d / "model.ckpt").state_dict() for d in ("a", "b"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    state = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
+    assert torch.equal(state["loss"]["running"],
+                       torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["loss"]["running"])
+    val = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+           if "val_loss" in line]
+    assert [(v["step"], v["val_images"]) for v in val] == [(2, 4), (3, 4)]
+    # what it is: the mean loss of the final model over 4 of the 5 layouts, evenly spread
+    model = load_generator(tmp_path / "a" / "model.ckpt")
+    criterion = CRNLoss(load_vgg19("random", seed=0), "perceptual", "auto").eval()
+    criterion.running.copy_(state["loss"]["running"])
+    layouts = make_dataset(val_data, (32, 64), split="val")
+    assert len(layouts) == 5
+    layouts.subset(4)
+    with torch.no_grad():
+        losses = [float(criterion(model(one_hot(ids[None], 20)), image[None], one_hot(ids[None], 20))[0])
+                  for ids, image in (layouts[i] for i in range(4))]
+    assert val[-1]["val_loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)
+    from crn_fast.info import main as info_main
+    capsys.readouterr()
+    assert info_main([str(tmp_path / "a")]) == 0
+    assert f"  val       step 3: loss {val[-1]['val_loss']:.5g} over 4 layouts of {val_data}\n" in capsys.readouterr().out
+    # a bad validation file stops the run before its first step, naming the file; --skip-bad leaves it out
+    (root / "labels" / "00000002.png").write_bytes(b"not a png")
+    assert train_main(["--out", str(tmp_path / "c"), "--val-data", val_data, "--val-samples", "4", *common]) == 1
+    err = capsys.readouterr().err
+    assert "00000002.png" in err and "(or --skip-bad to leave bad files out)" in err and err.count("error") == 1
+    assert not (tmp_path / "c" / "train_state.pt").exists()
+    assert train_main(["--out", str(tmp_path / "c"), "--val-data", val_data, "--val-samples", "4", "--skip-bad",
+                       *common]) == 0
+    assert "skipped (--val-data): " in capsys.readouterr().err
+    assert json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])["val_images"] == 3
 
 
 def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
