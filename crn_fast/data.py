@@ -204,6 +204,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.pairs, self.skipped, self.classes = list(pairs), list(skipped), classes
         self.warning = jpeg_labels_warning([label for label, _, _ in self.pairs])  # for the caller to say once
         self.scanned = scan == "always" or scan == "auto" and len(self.pairs) <= SCAN_AUTO_LIMIT
+        self.decode_images = False  # check: decode each image whole too, not its header only (a small set)
         if check:
             self.keep(self.check(threads))
 
@@ -252,6 +253,8 @@ class PairDataset(torch.utils.data.Dataset):
                     raise DataError(f"{label} is {lab[0]}x{lab[1]} but its image {image} is {img[0]}x{img[1]}")
             if self.scanned:
                 decode_label(label, kind, self.unknown_colors, self.classes)
+            if self.decode_images and image is not None:
+                _open(image)
         except DataError as e:
             return str(e)
         return None

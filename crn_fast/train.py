@@ -408,8 +408,9 @@ def train_step(model, criterion, opt, scaler, layout, target, amp_dtype, phase=_
 
 def make_val_set(cfg: "TrainConfig", res, classes):
     """--val-data as a dataset of at most --val-samples layouts, evenly spread, its files not yet
-    checked (the caller checks them as the training data's, each rank a share). Cityscapes' val
-    split; synthetic scenes drawn from another seed than the training scenes."""
+    checked (the caller checks them as the training data's, each rank a share, but each label and
+    image decoded whole). Cityscapes' val split; synthetic scenes drawn from another seed than the
+    training scenes."""
     try:
         val = make_dataset(cfg.val_data, res, cfg.seed + 1, "val", cfg.skip_bad, cfg.unknown_colors, "always",
                            check=False, classes=classes)
@@ -419,15 +420,17 @@ def make_val_set(cfg: "TrainConfig", res, classes):
             f"--val-data {cfg.val_data}: {text.replace(' (--split)', '')}"  # its split is val
         raise type(e)(text) from None
     val.subset(cfg.val_samples)
+    val.decode_images = True  # a few files: each decoded whole up front, so none fails mid-run
     return val
 
 
 def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_classes: int, rank: int = 0,
-             world: int = 1, threads: int = 1) -> dict:
-    """The training loss on the validation set, and its terms: their means over every layout, each
-    rank evaluating every world-th one, in eval mode with no gradients. Nothing a training step
-    depends on changes (auto lambdas are not updated in eval mode, no random number is drawn), so
-    a run with validation trains exactly as one without."""
+             world: int = 1, threads: int = 1) -> torch.Tensor:
+    """The training loss on this rank's share of the validation set (every world-th layout), in
+    eval mode with no gradients: the sums (float64, on the device) of [layouts, loss, each term]
+    over its layouts, for the caller to add up over the ranks (val_scores gives the means). Nothing
+    a training step depends on changes (auto lambdas are not updated in eval mode, no random
+    number is drawn), so a run with validation trains exactly as one without."""
     from .data import in_threads
     was_training = model.training
     model.eval()
@@ -450,8 +453,11 @@ def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_clas
         samples.close()
         model.train(was_training)
         criterion.train(was_training)
-    if world > 1:
-        dist.all_reduce(sums)
+    return sums
+
+
+def val_scores(sums: torch.Tensor) -> dict:
+    """validate()'s sums, added up over the ranks, as the metrics.jsonl record's means."""
     count, loss, *terms = sums.tolist()
     return {"val_loss": loss / count, **{f"val_loss_{k}": v / count for k, v in zip(TERM_NAMES, terms)},
             "val_images": int(count)}
@@ -948,8 +954,12 @@ def train(cfg: TrainConfig) -> Path:
                         checkpoint(step)
             if val is not None and (step % cfg.val_every == 0 or step == total):
                 with ranks.together():  # every rank its share of the layouts: a bad file on one stops all
-                    scores = validate(model, criterion, val, max(1, cfg.batch_size // world), device, amp_dtype,
-                                      config.num_classes, rank, world, max(1, min(4, cores_per_rank())))
+                    sums = validate(model, criterion, val, max(1, cfg.batch_size // world), device, amp_dtype,
+                                    config.num_classes, rank, world, max(1, min(4, cores_per_rank())))
+                if world > 1:  # outside together(): every rank gets here
+                    dist.all_reduce(sums)
+                scores = val_scores(sums)
+                with ranks.together():  # rank 0's failed write stops every rank
                     if rank == 0:
                         metrics.write(json.dumps({"step": step, **scores}) + "\n")
                         metrics.flush()

@@ -463,7 +463,9 @@ def test_the_validation_loss_is_the_loss_on_held_out_layouts_and_changes_no_step
     assert info_main([str(tmp_path / "a")]) == 0
     assert f"  val       step 3: loss {val[-1]['val_loss']:.5g} over 4 layouts of {val_data}\n" in capsys.readouterr().out
     # a bad validation file stops the run before its first step, naming the file; --skip-bad leaves it out
-    (root / "labels" / "00000002.png").write_bytes(b"not a png")
+    label = root / "labels" / "00000002.png"
+    good = label.read_bytes()
+    label.write_bytes(b"not a png")
     assert train_main(["--out", str(tmp_path / "c"), "--val-data", val_data, "--val-samples", "4", *common]) == 1
     err = capsys.readouterr().err
     assert "00000002.png" in err and "(or --skip-bad to leave bad files out)" in err and err.count("error") == 1
@@ -472,6 +474,12 @@ def test_the_validation_loss_is_the_loss_on_held_out_layouts_and_changes_no_step
                        *common]) == 0
     assert "skipped (--val-data): " in capsys.readouterr().err
     assert json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])["val_images"] == 3
+    # an image cut short (its header whole) too: each validation file is decoded whole up front
+    label.write_bytes(good)
+    image = root / "images" / "00000003.jpg"
+    image.write_bytes(image.read_bytes()[:-200])
+    assert train_main(["--out", str(tmp_path / "d"), "--val-data", val_data, "--val-samples", "4", *common]) == 1
+    assert "00000003.jpg: " in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_synthesize_with_the_fused_conv_matches_eager(tmp_path, capsys):
