@@ -404,8 +404,9 @@ def _run_lines(info: dict) -> list[str]:
         lines.append(f"  last      step {m.get('step')}: {loss}{rate} (metrics.jsonl)")
     v = info.get("last_validation")
     if v and isinstance(v.get("val_loss"), (int, float)):
-        lines.append(f"  val       step {v.get('step')}: loss {v['val_loss']:.5g} over {v.get('val_images', '?')} "
-                     f"layouts" + (f" of {o['val_data']}" if o and o.get("val_data") else ""))
+        n = v.get("val_images", "?")
+        lines.append(f"  val       step {v.get('step')}: loss {v['val_loss']:.5g} over {n} layout"
+                     f"{'' if n == 1 else 's'}" + (f" of {o['val_data']}" if o and o.get("val_data") else ""))
     files = []
     if "generator" in info:
         files.append(f"model.ckpt (step {info['generator'].get('step', '?')}, {_mb(info['generator']['bytes'])})")

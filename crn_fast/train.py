@@ -965,8 +965,9 @@ def train(cfg: TrainConfig) -> Path:
                         metrics.flush()
                         if tensorboard is not None:
                             tensorboard.scalars({k: v for k, v in scores.items() if k != "val_images"}, step)
-                        log.info(f"validation at step {step}: loss {scores['val_loss']:.5g} over "
-                                 f"{scores['val_images']} layouts")
+                        n = scores["val_images"]
+                        log.info(f"validation at step {step}: loss {scores['val_loss']:.5g} over {n} "
+                                 f"layout{'s' if n != 1 else ''}")
             bar.update(1, **({} if loss_val is None else {"loss": f"{loss_val:.3f}"}))
 
         # --- the end (or a stop: the resume point saved where the run stopped) ---------------------
