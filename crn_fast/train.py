@@ -824,7 +824,10 @@ def train(cfg: TrainConfig) -> Path:
         for msg in dataset.skipped if rank == 0 else ():
             log.warning(f"skipped: {msg}")
         if val is not None:
-            val.keep(sum(ranks.gather(val_found), []))
+            try:
+                val.keep(sum(ranks.gather(val_found), []))
+            except CRNError as e:  # e.g. every file left out by --skip-bad
+                raise type(e)(f"--val-data {e}" if str(e).startswith(f"{cfg.val_data}:") else str(e)) from None
             for msg in val.skipped if rank == 0 else ():
                 log.warning(f"skipped (--val-data): {msg}")
         if dataset.warning and rank == 0:
