@@ -689,16 +689,16 @@ class SampleWriter(OrderedWrites):
         super().__init__(1, 1, name="crn-samples")
         self.tensorboard = tensorboard
 
-    def write(self, sheet, paths, step: int) -> None:
-        super().write(self._write, sheet, paths, step)
+    def write(self, sheet, paths, step: int, tag: str = "samples") -> None:
+        super().write(self._write, sheet, paths, step, tag)
 
     def wait(self) -> None:
         self.drain()
 
-    def _write(self, sheet, paths, step: int) -> None:
+    def _write(self, sheet, paths, step: int, tag: str) -> None:
         data = save_png_copies(sheet, paths)
         if self.tensorboard is not None:
-            self.tensorboard.png("samples", data, sheet.shape, step)
+            self.tensorboard.png(tag, data, sheet.shape, step)
 
 
 class TensorBoardLog:
@@ -867,6 +867,9 @@ def train(cfg: TrainConfig) -> Path:
             fixed = [dataset[i] for i in range(min(4, len(dataset)))]  # the sample sheets' layouts and images
             fixed_ids = torch.stack([f[0] for f in fixed]).to(device)
             fixed_img = torch.stack([f[1] for f in fixed])
+            if val is not None:  # the validation sheets': up to 4 of the validation layouts, spread
+                shown = [val[i * len(val) // min(4, len(val))] for i in range(min(4, len(val)))]
+                val_ids, val_img = torch.stack([f[0] for f in shown]).to(device), torch.stack([f[1] for f in shown])
             prepare_out(cfg)
             log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
                      f", backend {model.backend}, amp {cfg.amp}")
@@ -898,13 +901,16 @@ def train(cfg: TrainConfig) -> Path:
 
     sheets = SampleWriter(tensorboard)
 
-    def samples(step):
+    def samples(step, ids=None, images=None, name="step", tag="samples"):
+        """A sample sheet (layout | target | output) of the fixed training layouts, or of others."""
+        ids, images = (fixed_ids, fixed_img) if ids is None else (ids, images)
         model.eval()
         with torch.no_grad():
-            outs = model(one_hot(fixed_ids, config.num_classes))
+            outs = model(one_hot(ids, config.num_classes))
         model.train()
-        sheet = sample_sheet(fixed_ids, fixed_img, outs, config.class_set)
-        sheets.write(sheet, [out / "samples" / f"step_{step:06d}.png", out / "samples" / "latest.png"], step)
+        sheet = sample_sheet(ids, images, outs, config.class_set)
+        latest = "latest.png" if name == "step" else f"{name}_latest.png"
+        sheets.write(sheet, [out / "samples" / f"{name}_{step:06d}.png", out / "samples" / latest], step, tag)
 
     # --- the loop: one optimizer step per global batch -------------------------------------------
     bar = Progress(total, "train", "step", initial=start, enabled=rank == 0 and cfg.progress)
@@ -971,6 +977,7 @@ def train(cfg: TrainConfig) -> Path:
                         n = scores["val_images"]
                         log.info(f"validation at step {step}: loss {scores['val_loss']:.5g} over {n} "
                                  f"layout{'s' if n != 1 else ''}")
+                        samples(step, val_ids, val_img, "val", "val_samples")  # unseen layouts' sheet
             bar.update(1, **({} if loss_val is None else {"loss": f"{loss_val:.3f}"}))
 
         # --- the end (or a stop: the resume point saved where the run stopped) ---------------------

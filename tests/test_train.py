@@ -447,6 +447,10 @@ def test_the_validation_loss_is_the_loss_on_held_out_layouts_and_changes_no_step
     val = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
            if "val_loss" in line]
     assert [(v["step"], v["val_images"]) for v in val] == [(2, 4), (3, 4)]
+    # a sample sheet of the validation layouts at each validation: layout | target | output, 4 rows
+    sheets = {f.name for f in (tmp_path / "a" / "samples").glob("val_*.png")}
+    assert sheets == {"val_000002.png", "val_000003.png", "val_latest.png"}
+    assert np.asarray(Image.open(tmp_path / "a" / "samples" / "val_latest.png")).shape == (4 * 32, 3 * 64, 3)
     # what it is: the mean loss of the final model over 4 of the 5 layouts, evenly spread
     model = load_generator(tmp_path / "a" / "model.ckpt")
     criterion = CRNLoss(load_vgg19("random", seed=0), "perceptual", "auto").eval()
@@ -461,7 +465,8 @@ def test_the_validation_loss_is_the_loss_on_held_out_layouts_and_changes_no_step
     from crn_fast.info import main as info_main
     capsys.readouterr()
     assert info_main([str(tmp_path / "a")]) == 0
-    assert f"  val       step 3: loss {val[-1]['val_loss']:.5g} over 4 layouts of {val_data}\n" in capsys.readouterr().out
+    shown = f"  val       step 3: loss {val[-1]['val_loss']:.5g} over 4 layouts of {val_data}\n"
+    assert shown in capsys.readouterr().out
     # a bad validation file stops the run before its first step, naming the file; --skip-bad leaves it out
     label = root / "labels" / "00000002.png"
     good = label.read_bytes()
