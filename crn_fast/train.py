@@ -130,6 +130,8 @@ class TrainConfig:
             raise UsageError(f"--loss {self.loss!r}: valid: {', '.join(LOSS_KINDS)}")
         if self.split != "train" and not str(self.data).startswith("cityscapes:"):
             raise UsageError(f"--split {self.split}: only --data cityscapes:ROOT has splits (--data {self.data})")
+        if self.val_data in ("none", ""):
+            self.val_data = None
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: choose one")
         try:
@@ -195,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", default="off", choices=("bf16", "fp16", "off"), help="autocast precision (default off)")
     a("--backend", default="auto", choices=("auto", *BACKENDS),
       help="eager torch ops or fused Triton kernels; auto: triton on a CUDA device, eager elsewhere (default)")
-    a("--checkpointing", action="store_true", help="activation checkpointing per refinement module")
+    a("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+      help="activation checkpointing per refinement module (--no-checkpointing: off, e.g. resuming a run that "
+           "had it)")
     a("--init-from", default=None, help="progressive training: copy every module of this lower-resolution "
       "generator (a crn_fast model.ckpt or the authors' TF checkpoint prefix); the new top module and head start "
       "fresh")
@@ -213,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--workers", type=non_negative_int, default=None,
       help="data-loading worker processes (default: on a GPU one a core, the node's ranks sharing them, at "
            "most 8; on a CPU 0, as training uses every core)")
-    a("--skip-bad", action="store_true", help="leave out (and report) bad data files instead of stopping")
+    a("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
+      help="leave out (and report) bad data files instead of stopping")
     a("--unknown-colors", default="error", choices=("error", "void"),
       help="label colours and greyscale values that are not the classes' (for Cityscapes: its colours, train ids "
            "0-18, void 19 or 255): error, or void (the authors' rule for colours)")
@@ -222,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
            f"{SCAN_AUTO_LIMIT} pairs), always, never (default auto)")
     a("--val-data", default=None,
       help="held-out data for a validation loss (the training loss, in eval mode, with no gradients), in "
-           "--data's forms; cityscapes:ROOT reads its val split, synthetic draws other scenes (default: none)")
+           "--data's forms; cityscapes:ROOT reads its val split, synthetic draws other scenes; none: no "
+           "validation, e.g. resuming a run that had it (default: none)")
     a("--val-every", type=positive_int, default=1000, help="steps between validations (default 1000; and at the "
       "end)")
     a("--val-samples", type=positive_int, default=100,
@@ -285,6 +291,8 @@ def with_run_options(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, di
             value = tuple(value)
         taken[name] = value
     new = dataclasses.replace(cfg, **taken)
+    if new.val_data in (None, "none", ""):  # no validation: its interval and size say nothing
+        taken = {k: v for k, v in taken.items() if k not in ("val_every", "val_samples")}
     return new, {k: v for k, v in taken.items() if v != getattr(cfg, k)}  # cfg: the defaults, for these
 
 

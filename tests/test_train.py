@@ -104,6 +104,19 @@ def test_resume_takes_the_runs_own_options(tmp_path, capsys):
     assert "--resume: the run's own options: --res 32x64 --k 2 --lambdas auto --batch-size 2 --backend eager " \
            "--seed 3\n" in capsys.readouterr().err
     assert json.loads((b / "config.json").read_text())["k"] == 2  # rewritten whole
+    # what the run had can be turned off when resuming: --no-checkpointing, --val-data none
+    assert train_main(["--out", str(b), "--resume", "--steps", "6", "--checkpointing", "--val-data", "synthetic",
+                       "--val-samples", "2", "--no-progress"]) == 0
+    assert "validation at step 6" in capsys.readouterr().err
+    assert train_main(["--out", str(b), "--resume", "--steps", "7", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--checkpointing --seed 3 --val-data synthetic --val-samples 2\n" in err and "validation at step 7" in err
+    assert train_main(["--out", str(b), "--resume", "--steps", "8", "--no-checkpointing", "--val-data", "none",
+                       "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpointing" not in err and "val" not in err, err
+    saved = json.loads((b / "config.json").read_text())
+    assert saved["checkpointing"] is False and saved["val_data"] is None
 
 
 def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
