@@ -7,7 +7,7 @@
     crn-info models/1024p/model.ckpt       # the authors' TF checkpoint: the generator it converts to
     crn-info classes.json                  # a classes file, checked as crn-train --classes reads it
     crn-info model.ckpt --classes          # ... and the table of classes: channel, name, id, colour
-    crn-info model.ckpt --write-classes my.json   # its classes as a file for --classes (--resume, crn-convert-tf)
+    crn-info model.ckpt --write-classes my.json   # its classes as a file for --classes (a new run, crn-convert-tf)
     crn-info PATH --json                   # all of it as one JSON object, for scripts
 
 Only headers are read: a generator's weights are counted from its safetensors header, a training
