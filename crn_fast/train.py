@@ -445,12 +445,13 @@ def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_clas
     criterion.eval()
     sums = torch.zeros(2 + len(TERM_NAMES), dtype=torch.float64, device=device)  # count, loss, terms
     share = list(range(rank, len(val), world))
-    samples = in_threads(val.__getitem__, share, threads)  # decoded ahead, in order
     try:
         with torch.no_grad():
             for first in range(0, len(share), batch_size):
-                ids, target = (torch.stack(t).to(device) for t in zip(*[next(samples) for _ in
-                                                                        share[first:first + batch_size]]))
+                # a batch decoded at a time, in threads: at 1024x2048 a decoded layout and photograph
+                # take 40 MB, so reading all 100 ahead would hold 4 GB
+                batch = list(in_threads(val.__getitem__, share[first:first + batch_size], threads))
+                ids, target = (torch.stack(t).to(device) for t in zip(*batch))
                 layout = one_hot(ids, num_classes)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, terms = criterion(model(layout).float(), target, layout)
@@ -458,7 +459,6 @@ def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_clas
                 sums += torch.stack([torch.tensor(float(n), device=device), loss.double() * n,
                                      *(t.double() * n for t in terms.values())])
     finally:
-        samples.close()
         model.train(was_training)
         criterion.train(was_training)
     return sums
