@@ -247,10 +247,13 @@ def _run(p: Path) -> Found:
         info["generator"] = generator.info
         configs.append(generator.config)
     if (p / "train_state.pt").is_file():
-        state = _load_train_state(p / "train_state.pt")
-        info["train_state"] = {"step": int(state["step"]), "bytes": (p / "train_state.pt").stat().st_size,
-                               "data": state.get("data")}
-        configs.append(_config_of(state["config"], str(p / "train_state.pt")))
+        try:
+            state = _load_train_state(p / "train_state.pt")
+            info["train_state"] = {"step": int(state["step"]), "bytes": (p / "train_state.pt").stat().st_size,
+                                   "data": state.get("data")}
+            configs.append(_config_of(state["config"], str(p / "train_state.pt")))
+        except CheckpointError as e:  # a crashed run's cut state: the rest still says what the run is
+            info["train_state_error"] = str(e)
     if options is not None:
         info["options"] = {k: v for k, v in options.items() if k != "model"}
         configs.append(_config_of(options["model"], str(p / "config.json")))
@@ -413,6 +416,8 @@ def _run_lines(info: dict) -> list[str]:
     if "train_state" in info:
         ts = info["train_state"]
         files.append(f"train_state.pt (step {ts['step']}, {_mb(ts['bytes'])})")
+    if info.get("train_state_error"):
+        files.append(f"train_state.pt UNREADABLE ({info['train_state_error']}): the run cannot be resumed")
     if info.get("samples"):
         files.append("samples/latest.png")
     lines.append("  files     " + (", ".join(files) or "none yet"))

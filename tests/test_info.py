@@ -79,6 +79,11 @@ def test_a_run_is_described_and_its_resume_command_resumes_it(tmp_path, capsys):
     rc, out, _ = info(capsys, run)
     assert rc == 0 and "  options   unknown: " in out and "not valid JSON" in out
     assert out.rstrip().endswith(f"  resume    crn-train --out {run} --resume")
+    # a training state cut short: named, the rest still described
+    (run / "train_state.pt").write_bytes((run / "train_state.pt").read_bytes()[:1000])
+    rc, out, _ = info(capsys, run)
+    assert rc == 0 and out.startswith(f"{run}: crn_fast training run, step 4\n")  # model.ckpt's; no total known
+    assert "train_state.pt UNREADABLE (" in out and "truncated or corrupt" in out and "cannot be resumed" in out
 
 
 def test_a_generator_and_its_export_are_described_from_their_headers(tmp_path, capsys):
