@@ -216,11 +216,15 @@ def save_train_state(path: str | os.PathLike, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_train_state(path: str | os.PathLike) -> dict:
+def load_train_state(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """A training state (weights_only). ``mmap``: its tensors memory-mapped, not read, for callers
+    that want a few numbers of a 1024p run's gigabytes (its step, options, config)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"no training state at {path}") from None
     except Exception as e:  # torch raises many types for corrupt files; its weights_only refusal explains
-        text = " ".join(str(e).split())  # itself over several lines: keep all of it, on one line
-        raise CheckpointError(f"{path} is not a readable training state: {text[:1500]}") from None
+        import zipfile  # itself over several lines: keep all of it, on one line; a cut file, in words
+        text = "truncated or corrupt (no zip directory at its end: a copy or write cut short?)" if \
+            os.path.isfile(path) and not zipfile.is_zipfile(path) else " ".join(str(e).split())[:1500]
+        raise CheckpointError(f"{path} is not a readable training state: {text}") from None

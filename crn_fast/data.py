@@ -321,12 +321,13 @@ def _need_dir(path: Path, what: str) -> Path:
     return path
 
 
-def cityscapes_pairs(root: Path, split: str = "train", skip_bad: bool = False):
-    """Official layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/{split}/{city}/*_gtFine_*.png."""
+def cityscapes_pairs(root: Path, split: str = "train", skip_bad: bool = False, split_option: str = " (--split)"):
+    """Official layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/{split}/{city}/*_gtFine_*.png.
+    ``split_option``: how a missing split's error names the option that chose it ("" for none)."""
     if not (root / "leftImg8bit" / split).is_dir() and (root / "leftImg8bit").is_dir():
         splits = sorted(d.name for d in (root / "leftImg8bit").iterdir() if d.is_dir())
         raise DataError(f"Cityscapes split {split!r} not found: no folder {root / 'leftImg8bit' / split}; the "
-                        f"splits there: {', '.join(splits) if splits else 'none'} (--split)")
+                        f"splits there: {', '.join(splits) if splits else 'none'}{split_option}")
     img_root = _need_dir(root / "leftImg8bit" / split, "Cityscapes images folder")
     gt_root = _need_dir(root / "gtFine" / split, "Cityscapes gtFine folder")
     images = sorted(img_root.glob("*/*_leftImg8bit.png"))
@@ -399,34 +400,34 @@ def folder_pairs(label_dir: Path, image_dir: Path | None, classes: ClassSet = CI
 
 def make_dataset(spec: str, resolution=None, seed: int = 0, split: str = "train", skip_bad: bool = False,
                  unknown_colors: str = "error", scan: str = "auto", threads: int = 1, check: bool = True,
-                 classes: ClassSet = CITYSCAPES):
+                 classes: ClassSet = CITYSCAPES, option: str = "--data"):
     """Build the dataset named by a ``--data`` spec (see DATA_FORMS), its labels read as ``classes``;
     its files are checked in ``threads`` threads, or with ``check=False`` by the caller
-    (PairDataset.check and keep)."""
+    (PairDataset.check and keep). ``option``: the option its errors name (--val-data: a fixed split)."""
     kind, _, arg = spec.partition(":")
     if kind not in ("synthetic", "cityscapes", "crn", "pairs") or bool(arg) == (kind == "synthetic"):
-        raise UsageError(f"unknown --data {spec!r}; valid forms: {DATA_FORMS}")
+        raise UsageError(f"unknown {option} {spec!r}; valid forms: {DATA_FORMS}")
     if kind in ("synthetic", "cityscapes") and not classes.is_cityscapes:
-        raise UsageError(f"--data {spec}: " + ("the synthetic streets are drawn" if kind == "synthetic" else
-                                               "Cityscapes' labels are read") +
+        raise UsageError(f"{option} {spec}: " + ("the synthetic streets are drawn" if kind == "synthetic" else
+                                                 "Cityscapes' labels are read") +
                          f" in Cityscapes' 19 classes, not --classes {classes.describe()}; train on your own labels "
                          f"with --data pairs:LABEL_DIR,IMAGE_DIR, or leave --classes out")
     if kind == "crn" and not classes.colors_given:
-        raise UsageError(f"--data {spec}: the crn: form's labels are colour PNGs, but the classes "
+        raise UsageError(f"{option} {spec}: the crn: form's labels are colour PNGs, but the classes "
                          f"({classes.describe()}) have no colours: give --classes a JSON classes file with each "
                          f"class's \"color\"")
     if kind == "synthetic":
         return SyntheticStreets(resolution or (64, 128), seed)
     if kind == "cityscapes":
-        pairs, missing = cityscapes_pairs(Path(arg), split)
+        pairs, missing = cityscapes_pairs(Path(arg), split, split_option=" (--split)" if option == "--data" else "")
     elif kind == "crn":
         pairs, missing = crn_pairs(Path(arg), resolution)
     else:
         if "," not in arg:
-            raise UsageError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r}")
+            raise UsageError(f"{option} pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r}")
         lab, img = arg.split(",", 1)
         if not lab or not img:
-            raise UsageError(f"--data pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r} (the "
+            raise UsageError(f"{option} pairs needs LABEL_DIR,IMAGE_DIR, got {arg!r} (the "
                              f"{'LABEL_DIR' if not lab else 'IMAGE_DIR'} is empty)")
         pairs, missing = folder_pairs(Path(lab), Path(img), classes)
     if missing and not skip_bad:

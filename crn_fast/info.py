@@ -192,14 +192,8 @@ def _export_folder(p: Path, sidecars: list[Path]) -> Found:
 
 
 def _load_train_state(p: Path) -> dict:
-    import torch
-    try:  # memory-mapped: a 1024p run's state is gigabytes, of which this reads a few numbers
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt files; mmap an unhelpful one for a cut file
-        import zipfile
-        why = "truncated or corrupt (no zip directory at its end: a copy or write cut short?)" if not \
-            zipfile.is_zipfile(p) else " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{p} is not a readable training state: {why}") from None
+    from .checkpoint import load_train_state
+    state = load_train_state(p, mmap=True)  # a 1024p run's state is gigabytes, of which this reads a few numbers
     if not isinstance(state, dict) or not {"step", "config"} <= set(state):
         raise CheckpointError(f"{p} is a PyTorch file but not a crn_fast training state (no step and config)")
     return state
@@ -233,7 +227,7 @@ def _last_metrics(p: Path, key: str = "loss") -> dict | None:
 def _run(p: Path) -> Found:
     """A training run's folder: its options (config.json), resume point (train_state.pt),
     generator (model.ckpt), last metrics and samples."""
-    from .train import DEFAULT_STEPS
+    from .train import settled_loss, total_steps
     info: dict = {"kind": "run", "path": str(p)}
     try:
         options = _read_json(p / "config.json") if (p / "config.json").is_file() else None
@@ -265,11 +259,9 @@ def _run(p: Path) -> Found:
     o = info.get("options") or {}
     pairs = ((info.get("train_state") or {}).get("data") or {}).get("pairs")
     if o:
-        o["loss"] = o.get("loss") or ("diversity" if config.k > 1 else "perceptual")  # what train() settles
-        o["lambdas"] = o.get("lambdas") or ("256p" if o["loss"] == "diversity" else "1024p")
-        info["total_steps"] = o["steps"] if o.get("steps") is not None else \
-            (math.ceil(o["epochs"] * (pairs // o["batch_size"])) if pairs else None) if o.get("epochs") is not None \
-            else DEFAULT_STEPS
+        o["loss"], o["lambdas"] = settled_loss(o.get("loss"), o.get("lambdas"), config.k)  # as train() settles them
+        known = o.get("steps") is not None or o.get("epochs") is None or pairs  # epochs need the data's size
+        info["total_steps"] = total_steps(o.get("steps"), o.get("epochs"), pairs, o["batch_size"]) if known else None
     info["last_metrics"] = _last_metrics(p / "metrics.jsonl")
     info["last_validation"] = _last_metrics(p / "metrics.jsonl", "val_loss")
     info["samples"] = str(p / "samples" / "latest.png") if (p / "samples" / "latest.png").is_file() else None

@@ -244,6 +244,20 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def settled_loss(loss: str | None, lambdas, k: int) -> tuple[str, object]:
+    """The loss a run trains with when --loss or --lambdas is left out: diversity for k > 1, else
+    perceptual; the 256p lambdas for diversity, else 1024p's."""
+    kind = loss or ("diversity" if k > 1 else "perceptual")
+    return kind, lambdas or ("256p" if kind == "diversity" else "1024p")
+
+
+def total_steps(steps: int | None, epochs: float | None, pairs: int, batch_size: int) -> int:
+    """The step a run ends at: --steps, else --epochs over ``pairs`` in global batches, else the default."""
+    if steps is not None:
+        return steps
+    return math.ceil(epochs * (pairs // batch_size)) if epochs is not None else DEFAULT_STEPS
+
+
 def given_options(argv) -> set[str]:
     """The TrainConfig fields given on the command line ``argv``, rather than left at their defaults."""
     ap = build_parser()
@@ -269,9 +283,9 @@ def with_run_options(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, di
     if not isinstance(saved, dict):  # gone, or cut by a crash of an older version: the resume point's own
         path = Path(cfg.out) / "train_state.pt"
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = load_train_state(path, mmap=True)
             saved = {**state["options"], "model": state["config"]}
-        except Exception:  # no run here, or not a readable one: load_resume_point says which
+        except (CRNError, KeyError, TypeError):  # no run here, or not a readable one: load_resume_point says which
             return cfg, {}
     taken = {}
     for f in dataclasses.fields(TrainConfig):
@@ -421,12 +435,11 @@ def make_val_set(cfg: "TrainConfig", res, classes):
     training scenes."""
     try:
         val = make_dataset(cfg.val_data, res, cfg.seed + 1, "val", cfg.skip_bad, cfg.unknown_colors, "always",
-                           check=False, classes=classes)
-    except CRNError as e:  # its messages name --data: here it is --val-data
-        text = str(e)
-        text = text.replace("--data ", "--val-data ", 1) if "--data " in text else \
-            f"--val-data {cfg.val_data}: {text.replace(' (--split)', '')}"  # its split is val
-        raise type(e)(text) from None
+                           check=False, classes=classes, option="--val-data")
+    except CRNError as e:  # a file's own error (a missing folder, say): which option gave it
+        if str(e).startswith(("--val-data", "unknown --val-data")):
+            raise
+        raise type(e)(f"--val-data {cfg.val_data}: {e}") from None
     val.subset(cfg.val_samples)
     val.decode_images = True  # a few files: each decoded whole up front, so none fails mid-run
     return val
@@ -565,7 +578,7 @@ def prepare_out(cfg: TrainConfig) -> None:
 def describe_run(out: Path) -> str:
     """What is in a run folder, for messages: the step of its training state or model file."""
     try:
-        return f"train_state.pt at step {int(load_train_state(out / 'train_state.pt')['step'])}"
+        return f"train_state.pt at step {int(load_train_state(out / 'train_state.pt', mmap=True)['step'])}"
     except (CRNError, KeyError, TypeError, ValueError):
         pass
     if (out / "model.ckpt").is_file():
@@ -805,8 +818,7 @@ def train(cfg: TrainConfig) -> Path:
         except CRNError as e:
             raise UsageError(f"--res: {e}") from None
     out = Path(cfg.out)
-    kind = cfg.loss or ("diversity" if config.k > 1 else "perceptual")
-    lambdas = cfg.lambdas or ("256p" if kind == "diversity" else "1024p")
+    kind, lambdas = settled_loss(cfg.loss, cfg.lambdas, config.k)
     torch.manual_seed(cfg.seed)
 
     with ranks.together():  # what every rank builds: model, resume point, data and its share of the data's check
@@ -847,8 +859,7 @@ def train(cfg: TrainConfig) -> Path:
                         f" (added, removed, renamed or skipped since): the batches from step {start} on differ "
                         f"from the run's own")
         vgg = load_vgg19(cfg.vgg_weights, seed=cfg.seed)
-        total = cfg.steps if cfg.steps is not None else \
-            math.ceil(cfg.epochs * (len(dataset) // cfg.batch_size)) if cfg.epochs is not None else DEFAULT_STEPS
+        total = total_steps(cfg.steps, cfg.epochs, len(dataset), cfg.batch_size)
         if start >= total:  # a finished run resumed with its own length, or less: nothing would train
             length = f"--steps {cfg.steps}" if cfg.steps is not None else f"--epochs {cfg.epochs:g} ({total} steps)" \
                 if cfg.epochs is not None else f"the default {DEFAULT_STEPS} steps"
