@@ -13,6 +13,7 @@
 #   F5. the issue's targets, checked from those files (benchmarks/targets.py)
 # Usage: bash benchmarks/gpu_session.sh [scale]          (~9.2 min of step limits at scale 1)
 #        CRN_GPU_TRAIN=1 bash benchmarks/gpu_session.sh     (~4 min: a training step under sync-debug "error",
+#                                                           a compiled triton training step against eager,
 #                                                           the convs' forward + backward unpadded and padded,
 #                                                           the training rows, triton vs torch.compile, and a
 #                                                           profiled triton step; a second call while the
@@ -63,13 +64,13 @@ if [ "${CRN_GPU_TRAIN:-0}" = 1 ]; then
   # A second, short call on a machine still warm from the first (which has no training step):
   # the issue's training rows, triton against torch.compile in one run. The H100 session's step 5
   # measured triton and ran out of time while compiling the compile rows.
-  step "T1. the triton backend's training step on hardware: it never waits for the GPU (sync-debug 'error')"
-  timeout $((30 * s)) python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu tests/test_train.py >> "$log" 2>&1
+  step "T1. the triton backend's training step on hardware: it never waits for the GPU (sync-debug 'error'); compiled (crn-train --compile), the same steps"
+  timeout $((60 * s)) python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu tests/test_train.py >> "$log" 2>&1
   step "T0. the 19 convs' forward + backward in bf16, conv1's input unpadded vs padded to 8 channels (the training cascade pads)"
   timeout $((20 * s)) python3 benchmarks/memory_format.py --res $R ${P:+--preset tiny} --train \
     --json "$res/memory_format_${gpu}_${R}_train.json" >> "$log" 2>&1; pack
-  step "T. training at $R, bf16: triton vs torch.compile of the generator, checkpointing off and on"
-  train_rows 150 triton,compile 3
+  step "T. training at $R, bf16: triton vs torch.compile of the generator and loss (crn-train --compile), checkpointing off, then on"
+  train_rows 120 triton,compile 3
   step "P. one triton training step profiled: ms by phase (generator, loss, backward, optimizer) and stage"
   timeout $((30 * s)) python3 benchmarks/profile_train.py ${P:+--preset tiny} --res $R \
     --out "$res/profile_train_${gpu}_${R}" 2>&1 | tail -45 >> "$log"; pack

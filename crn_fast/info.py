@@ -388,7 +388,9 @@ def _run_lines(info: dict) -> list[str]:
             "cityscapes") else "") + (f", {pairs} pairs" if pairs else "") + f" at {res}" +
             f"; global batch {o.get('batch_size')}, lr {o.get('lr')}, amp {o.get('amp')}, backend "
             f"{o.get('backend_used') or o.get('backend')}" + (", activation checkpointing" if o.get(
-                "checkpointing") else "") + (f", modules {o['train_modules']}" if o.get("train_modules") else ""))
+                "checkpointing") else "") + (f", torch.compile ({o['compile']})" if o.get("compile", "off") != "off"
+                                             else "") +
+            (f", modules {o['train_modules']}" if o.get("train_modules") else ""))
         lines.append(f"  loss      {o.get('loss') or 'default'}, lambdas {o.get('lambdas') or 'default'}, VGG-19 "
                      f"{o.get('vgg_weights')}, seed {o.get('seed')}" +
                      (f"; started from {o['init_from']}" if o.get("init_from") else ""))

@@ -5,6 +5,7 @@ r"""Train a CRN generator.
         --vgg-weights imagenet-vgg-verydeep-19.mat --amp bf16
     python -m crn_fast.train --data pairs:labels,images --classes my_classes.json --preset 512p ...
     python -m crn_fast.train ... --val-data cityscapes:/data/cityscapes   # + a validation loss (its val split)
+    python -m crn_fast.train ... --compile        # the generator and the loss through torch.compile
     torchrun --nproc_per_node 8 -m crn_fast.train ...   # DDP: NCCL on GPUs, gloo on CPU
 
 From Python:  crn_fast.train.train(TrainConfig(preset="tiny", steps=100, out="runs/x"))
@@ -17,7 +18,8 @@ and TensorBoard events when tensorboard is installed. Every file is written atom
 An existing run is never replaced silently: continue it with --resume (exactly where it
 stopped: every option not given is the run's own, so --out runs/x --resume alone continues it;
 options given may differ from the run's only for --steps/--epochs, the logging/sample/save
-intervals, --workers, --skip-bad, --checkpointing and --no-progress) or start over with --overwrite.
+intervals, --workers, --skip-bad, --checkpointing, --compile and --no-progress) or start over with
+--overwrite.
 SIGTERM or a first Ctrl-C stops the run after its step, saved there (exit status 143 / 130).
 Exit status: 0 done, 1 runtime error, 2 usage error.
 """
@@ -28,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import resource
@@ -58,6 +61,9 @@ from .vgg import load_vgg19
 
 DEFAULT_STEPS = 300
 RUN_FILES = ("model.ckpt", "train_state.pt", "metrics.jsonl", "config.json", "ddp.json")
+# --compile: torch.compile's modes that suit a training step (the CUDA-graph modes, reduce-overhead and
+# max-autotune, do not: a step's graphs would hold the optimizer's and DDP's buffers across replays)
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -79,6 +85,7 @@ class TrainConfig:
     amp: str = "off"
     backend: str = "auto"
     checkpointing: bool = False
+    compile: str = "off"  # a COMPILE_MODES entry: torch.compile's mode for the generator and the loss
     init_from: str | None = None
     train_modules: str | None = None
     out: str = "runs/demo"
@@ -98,9 +105,10 @@ class TrainConfig:
     val_samples: int = 100
 
     # what may differ when a run is resumed: bookkeeping, not the trajectory
-    # (and --classes: the file's path may change; the classes themselves are the model's, compared as such)
+    # (--classes: the file's path may change; the classes themselves are the model's, compared as such;
+    # --compile: the same steps, rounded as Inductor's kernels round)
     RESUMABLE = ("steps", "epochs", "out", "resume", "overwrite", "log_every", "sample_every", "save_every",
-                 "workers", "skip_bad", "checkpointing", "progress", "init_from", "classes", "val_data",
+                 "workers", "skip_bad", "checkpointing", "compile", "progress", "init_from", "classes", "val_data",
                  "val_every", "val_samples")
 
     def validate(self) -> "TrainConfig":
@@ -123,7 +131,8 @@ class TrainConfig:
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be >= 0")
         for name, valid in (("amp", ("off", *DTYPES)), ("backend", ("auto", *BACKENDS)),
-                            ("unknown_colors", ("error", "void")), ("scan_labels", SCAN_MODES)):
+                            ("unknown_colors", ("error", "void")), ("scan_labels", SCAN_MODES),
+                            ("compile", COMPILE_MODES)):
             if getattr(self, name) not in valid:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: valid: {', '.join(valid)}")
         if self.loss is not None and self.loss not in LOSS_KINDS:
@@ -200,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
       help="activation checkpointing per refinement module (--no-checkpointing: off, e.g. resuming a run that "
            "had it)")
+    a("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES, metavar="MODE",
+      help="the generator and the loss through torch.compile (Inductor): --compile alone is its default mode; "
+           "max-autotune-no-cudagraphs also tunes its matmul/conv choices; off (default). The first step "
+           "compiles (tens of seconds); checkpoints are the same files")
     a("--init-from", default=None, help="progressive training: copy every module of this lower-resolution "
       "generator (a crn_fast model.ckpt or the authors' TF checkpoint prefix); the new top module and head start "
       "fresh")
@@ -404,6 +417,31 @@ def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True if torch.device(device).type == "cuda" else None)
 
 
+def _no_profiler_range_warning(record: logging.LogRecord) -> bool:
+    """DDP's forward marks profiler ranges, which Dynamo leaves out of the graph with a warning on
+    every rank: nothing about the user's run."""
+    return not str(record.msg).startswith("Profiler record function")
+
+
+def compile_for_training(model, criterion, mode: str):
+    """--compile: the generator (DDP-wrapped under torchrun, whose graph Dynamo splits at DDP's
+    gradient buckets, so the all-reduces still overlap the backward) and the loss through
+    torch.compile; ``off`` returns them as they are. The modules themselves are untouched: their
+    state dicts, and so the checkpoints, are the same, and validation and the sample sheets call them
+    uncompiled (eval mode, no gradients), so nothing recompiles for them."""
+    if mode == "off":
+        return model, criterion
+    if mode not in COMPILE_MODES:
+        raise UsageError(f"--compile {mode!r}: valid: {', '.join(COMPILE_MODES)}")
+    logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_no_profiler_range_warning)  # once
+    return torch.compile(model, mode=mode), torch.compile(criterion, mode=mode)
+
+
+def compile_failure(e: BaseException) -> bool:
+    """Did torch.compile fail (Dynamo tracing, or Inductor's code generation and its compiler)?"""
+    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
+
+
 def _no_phase(name: str):
     return contextlib.nullcontext()
 
@@ -539,7 +577,7 @@ def check_out(cfg: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     found = [f for f in RUN_FILES if (out / f).exists()]
-    if found and not (cfg.resume or cfg.overwrite):
+    if found and not (cfg.resume or cfg.overwrite) and not never_stepped(out):
         what = describe_run(out)
         raise UsageError(f"{out} already holds a run ({what}); continue it with --resume, or replace it with "
                          f"--overwrite")
@@ -560,6 +598,11 @@ def prepare_out(cfg: TrainConfig) -> None:
     """Once the run is set up (model, data, loss: any bad option or file has stopped it by then):
     with --overwrite, remove the old run; make the folders; clean our stale temporaries."""
     out = Path(cfg.out)
+    if not cfg.overwrite and not cfg.resume and never_stepped(out):
+        log.info(f"{out}: the run there stopped before its first step (no checkpoint, no metrics): starting "
+                 f"it again in its place")
+        for f in [out / "config.json", out / "metrics.jsonl", *(out / "tb").glob("events.out.tfevents.*")]:
+            f.unlink(missing_ok=True)  # only what such a run writes: no sheet was written before step 1
     if cfg.overwrite:
         import shutil
         for f in RUN_FILES:
@@ -573,6 +616,22 @@ def prepare_out(cfg: TrainConfig) -> None:
         raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
     for path in remove_stale_temporaries(out) + remove_stale_temporaries(out / "samples"):
         log.info(f"removed {path} (a temporary file left by an interrupted run)")
+
+
+def never_stepped(out: Path) -> bool:
+    """Does ``out`` hold only what a run that stopped before its first step leaves (config.json,
+    an empty metrics.jsonl, sample and event folders: say it ran out of memory, or torch.compile
+    failed, at step 1)? Nothing there is worth keeping, so a new run may take its place without
+    --overwrite. Its config.json must be a run's: a folder without one is no run at all."""
+    if any((out / f).exists() for f in ("model.ckpt", "train_state.pt", "ddp.json")):
+        return False
+    try:
+        options = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    metrics = out / "metrics.jsonl"
+    return isinstance(options, dict) and {"model", "data", "backend_used"} <= options.keys() and (
+        not metrics.exists() or metrics.is_file() and metrics.stat().st_size == 0)
 
 
 def describe_run(out: Path) -> str:
@@ -627,6 +686,9 @@ def load_resume_point(cfg: TrainConfig, config, model) -> dict:
     state_path = out / "train_state.pt"
     if not state_path.is_file():
         what = describe_run(out) if out.is_dir() else "nothing"
+        if never_stepped(out) and what:
+            raise CRNError(f"--resume: the run in {out} stopped before its first step ({what}): nothing to resume; "
+                           f"start it again without --resume")
         raise CRNError(f"--resume: {out} has no train_state.pt to resume from ({what or 'empty folder'}); "
                        f"start again with --overwrite" + (f", or keep the weights with --overwrite --init-from "
                                                           f"{out / 'model.ckpt'}"
@@ -891,7 +953,8 @@ def train(cfg: TrainConfig) -> Path:
                 val_ids, val_img = torch.stack([f[0] for f in shown]).to(device), torch.stack([f[1] for f in shown])
             prepare_out(cfg)
             log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
-                     f", backend {model.backend}, amp {cfg.amp}")
+                     f", backend {model.backend}, amp {cfg.amp}" +
+                     ("" if cfg.compile == "off" else f", torch.compile ({cfg.compile}; the first step compiles)"))
             log.info(f"  model  {config.name} {list(config.widths)} k={config.k}, "
                      f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable params, training at {res[0]}x{res[1]}"
                      + ("" if config.classes is None else f", classes {config.class_set.describe()}"))
@@ -908,6 +971,7 @@ def train(cfg: TrainConfig) -> Path:
                 truncate_metrics(out / "metrics.jsonl", start)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None) if world > 1 else model
+    forward, loss_fn = compile_for_training(ddp, criterion, cfg.compile)
     tensorboard = TensorBoardLog(out) if rank == 0 else None
 
     def checkpoint(step):
@@ -949,8 +1013,22 @@ def train(cfg: TrainConfig) -> Path:
             # Nothing in a step reads a value back from the device, so on a GPU the host queues the
             # next step (and loads its batch) while this one runs. The loop waits only when it reports.
             ids, target = (t.to(device, non_blocking=True) for t in batch)
-            loss, terms = train_step(ddp, criterion, opt, scaler, one_hot(ids, config.num_classes), target,
-                                     amp_dtype)
+            t_step = time.perf_counter()
+            try:
+                loss, terms = train_step(forward, loss_fn, opt, scaler, one_hot(ids, config.num_classes), target,
+                                         amp_dtype)
+            except Exception as e:  # torch.compile fails at the first step, where it compiles
+                if cfg.compile == "off" or not compile_failure(e):
+                    raise
+                log.debug("torch.compile's error", exc_info=True)
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise CRNError(f"--compile {cfg.compile}: torch.compile failed at step {step + 1} "
+                               f"({type(e).__name__}: {first.strip()[:300]}); train without it (--compile off; "
+                               f"-v shows torch's traceback)") from None
+            if step == start and cfg.compile != "off" and rank == 0:  # the compile's cost, once
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                log.info(f"compiled: the first step took {time.perf_counter() - t_step:.1f} s")
             step += 1
             seen += ids.shape[0] * world
             if dist.is_initialized():  # the mean over ranks: every rank sees the same loss, and stops together

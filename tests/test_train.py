@@ -19,8 +19,8 @@ from test_data import write_cityscapes, write_pairs
 SMALL = ["--resolution", "32x64", "--batch-size", "2", "--no-progress", "--log-every", "1"]
 
 
-def run(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(args, env=None, **kw):
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
@@ -606,6 +606,95 @@ def test_a_cuda_training_step_never_synchronizes():
         torch.cuda.set_sync_debug_mode("default")
     watch.check(2, Path("unused"))
     assert torch.isfinite(loss) and len(terms) == 6
+
+
+def test_compile_trains_the_same_steps_and_the_same_files(tmp_path):
+    """--compile: the generator and the loss through torch.compile (Inductor's C++ code on a CPU)
+    take the eager run's steps, to rounding, and write the same files; a resume takes --compile from
+    the run unless given (--compile off turns it off)."""
+    from crn_fast.checkpoint import read_generator_file
+    args = ["--steps", "3", *SMALL]
+    assert train_main(["--out", str(tmp_path / "eager"), *args]) == 0
+    r = run(["-m", "crn_fast.train", "--out", str(tmp_path / "c"), "--compile", *args])
+    assert r.returncode == 0, r.stderr
+    assert "torch.compile (default; the first step compiles)" in r.stderr
+    assert "compiled: the first step took" in r.stderr
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("eager", "c")]
+    assert np.allclose(losses[0], losses[1], rtol=1e-4, atol=0), losses
+    weights = [read_generator_file(tmp_path / d / "model.ckpt")[1] for d in ("eager", "c")]
+    assert weights[0].keys() == weights[1].keys()  # the module's own names: no _orig_mod. prefix
+    assert all(torch.allclose(weights[0][k], weights[1][k], rtol=1e-3, atol=1e-5) for k in weights[0])
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["compile"] == "default"
+    r = run(["-m", "crn_fast.train", "--out", str(tmp_path / "c"), "--resume", "--steps", "4", "--compile", "off"])
+    assert r.returncode == 0 and "torch.compile" not in r.stderr, r.stderr
+    with pytest.raises(SystemExit) as e:
+        train_main(["--out", str(tmp_path / "c"), "--resume", "--steps", "5", "--compile", "fastest"])
+    assert e.value.code == 2
+
+
+def test_a_failed_compile_is_one_line_and_the_run_starts_again_in_its_place(tmp_path):
+    """torch.compile failing at step 1 (here Inductor finds no C++ compiler) is one line naming
+    --compile; the folder it leaves (config.json, an empty metrics.jsonl) holds no step, so the same
+    command without --compile starts the run there without --overwrite, and --resume says why not."""
+    out = tmp_path / "run"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ic")}
+    r = run(["-m", "crn_fast.train", "--out", str(out), "--steps", "2", "--compile", *SMALL], env=env)
+    lines = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "--compile default: torch.compile failed at step 1 (" in lines[0] and "--compile off" in lines[0]
+    assert not (out / "metrics.jsonl").read_text() and not (out / "train_state.pt").exists()
+    assert train_main(["--out", str(out), "--resume", "--steps", "2"]) == 1
+    r = run(["-m", "crn_fast.train", "--out", str(out), "--steps", "2", *SMALL])
+    assert r.returncode == 0 and "stopped before its first step (no checkpoint, no metrics): starting it again" \
+        in r.stderr, r.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["compile"] == "off"
+
+
+def test_only_a_run_that_never_stepped_is_taken_over(tmp_path):
+    """Without --overwrite a new run takes the place only of one that wrote nothing but its start: a
+    run with any metrics line, checkpoint, or a folder whose config.json is not a run's is refused."""
+    from crn_fast.train import never_stepped
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": {}, "data": "synthetic", "backend_used": "eager"}))
+    assert never_stepped(out)
+    (out / "metrics.jsonl").write_text("")
+    assert never_stepped(out)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert not never_stepped(out)
+    (out / "metrics.jsonl").write_text("")
+    (out / "model.ckpt").write_bytes(b"x")
+    assert not never_stepped(out)
+    (out / "model.ckpt").unlink()
+    (out / "config.json").write_text('{"name": "someone else\'s"}')
+    assert not never_stepped(out) and not never_stepped(tmp_path / "nothing")
+    assert train_main(["--out", str(out), "--steps", "1", *SMALL]) == 2  # refused: not a run of ours
+
+
+@pytest.mark.gpu
+def test_compiled_triton_training_matches_eager_on_a_gpu():
+    """--compile with the triton backend (crn-train's default on a GPU): the generator with its
+    torch.ops.crn_fast operators (their backward registered) and the VGG-19 loss compiled by
+    Inductor take the uncompiled steps, to bf16 rounding."""
+    from crn_fast.labels import one_hot
+    from crn_fast.loss import CRNLoss
+    from crn_fast.train import compile_for_training, make_optimizer, train_step
+    from crn_fast.vgg import load_vgg19
+    ids = torch.randint(0, 20, (2, 64, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    target = torch.rand(2, 3, 64, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 255
+    losses = {}
+    for mode in ("off", "default"):
+        torch.manual_seed(0)
+        model = CRN.from_preset("tiny", backend="triton").cuda().train()
+        crit = CRNLoss(load_vgg19("random"), "perceptual").cuda()
+        opt = make_optimizer(model.parameters(), 1e-4, torch.device("cuda"))
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        forward, loss_fn = compile_for_training(model, crit, mode)
+        losses[mode] = [float(train_step(forward, loss_fn, opt, scaler, one_hot(ids, 20), target, torch.bfloat16)[0])
+                        for _ in range(3)]
+    assert np.allclose(losses["off"], losses["default"], rtol=2e-2), losses
 
 
 def test_loader_workers_default_to_the_cores_on_a_gpu_and_to_none_on_a_cpu(monkeypatch):
