@@ -1,7 +1,8 @@
 """crn-synthesize: layouts in, photographs out.
 
     crn-synthesize model.ckpt --labels FILE_OR_DIR --out DIR   (also: --ckpt model.ckpt; python -m crn_fast.synthesize)
-    crn-synthesize --engine generator.engine --labels DIR --out DIR   # TensorRT: --backend tensorrt
+    crn-synthesize exported/generator.onnx --labels DIR --out DIR    # what crn-export wrote: .onnx, .pt2, .engine
+    crn-synthesize --engine generator.engine --labels DIR --out DIR   # the same (TensorRT: --backend tensorrt)
     torchrun --nproc_per_node 8 -m crn_fast.synthesize model.ckpt --labels DIR --out DIR   # a share a GPU
 
 Labels are read like training labels, in the model's classes (its config holds them; Cityscapes'
@@ -16,6 +17,12 @@ time with a progress bar, so memory is bounded by --batch-size and --workers, no
 Decoding and PNG writing run in --workers threads beside the generator (the next batch is decoded
 while this one runs); files are written in order, and an error (a bad layout, an output that holds
 NaN or inf, a full disk) stops the run naming its file with every image before it written whole.
+
+An exported generator (crn-export) runs instead of a checkpoint, by its file name: generator.onnx
+through onnxruntime (its CPU provider, or CUDA with --device cuda and onnxruntime-gpu),
+generator.pt2 (AOTInductor) on the device it was compiled for, generator.engine (TensorRT) on a
+GPU. Its sidecar (<artefact>.json) gives the model's classes; a package or engine runs only the
+layout sizes it was built for, and a layout outside them is named in the first pass.
 Exit status: 0 done, 1 runtime error, 2 usage error.
 """
 from __future__ import annotations
@@ -37,16 +44,73 @@ from .images import OrderedWrites, save_png, side_by_side, to_uint8
 from .labels import one_hot
 
 
+# what crn-export writes, by file name: the backend that runs it, and the option that builds it
+EXPORTED = {".onnx": ("onnxruntime", "an ONNX model", "--onnx"),
+            ".pt2": ("aoti", "an AOTInductor package", "--compile"),
+            ".engine": ("tensorrt", "a TensorRT engine", "--trt"), ".plan": ("tensorrt", "a TensorRT engine", "--trt")}
+EXPORT_BACKENDS = {backend: flag for backend, _, flag in EXPORTED.values()}
+
+
+def exported_kind(path: str | None) -> tuple[str, str, str] | None:
+    """(backend, what it is, crn-export's flag) of an exported generator's file name, else None."""
+    return EXPORTED.get(Path(path).suffix.lower()) if path else None
+
+
+def load_exported(args, device):
+    """--engine: an ONNX model, AOTInductor package or TensorRT engine, with the model config its
+    sidecar holds; returns the runner and the device its layouts go to."""
+    from crn_fast.config import CRNConfig
+    from crn_fast.export.compile import read_sidecar
+    path = args.engine
+    if args.backend == "tensorrt" and device.type != "cuda":
+        raise UsageError(f"--engine {path}: TensorRT runs on a CUDA device, not {device}")
+    if not Path(path).is_file():
+        raise CRNError(f"--engine {path}: no such file")
+    if args.backend == "onnxruntime":
+        from crn_fast.export.onnx import ONNXGenerator
+        facts = read_sidecar(path)
+        try:
+            config = CRNConfig.from_dict(facts["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CRNError(f"{path}.json: its model config is unreadable ({type(e).__name__}: {e})") from None
+        want_cuda = device.type == "cuda"
+        if want_cuda and args.device is None:  # the default device: onnxruntime's CPU build runs on the CPU
+            import onnxruntime as ort
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                log.info("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu): running on the CPU")
+                want_cuda, device = False, torch.device("cpu")
+        try:
+            gen = ONNXGenerator(path, "cuda" if want_cuda else "cpu")
+        except RuntimeError as e:  # no CUDA provider for --device cuda; a file onnxruntime cannot read
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CRNError(f"--engine {path}: {first.strip()[:300]}") from None
+        if gen.runtime != "onnxruntime":
+            log.warning(f"{path}: onnxruntime has no kernel here for its {facts.get('dtype', '')} nodes, so it runs "
+                        f"in onnx's reference evaluator (numpy: slow; export in fp32 to run it in onnxruntime)")
+        gen.config = config
+        return gen, device
+    if args.backend == "aoti":
+        from crn_fast.export.compile import AOTIGenerator
+        read_sidecar(path)  # its shapes and config: a package without them would run any shape wrongly
+        gen = AOTIGenerator(path, device if device.type == "cuda" else None)
+        if args.device is not None and args.device.type != gen.device.type:
+            raise UsageError(f"--engine {path} was compiled for {gen.device.type}, not --device {args.device}; "
+                             f"export one on {args.device.type} with crn-export --compile --device "
+                             f"{args.device.type}")
+        return gen, gen.device
+    from crn_fast.export.tensorrt import TensorRTGenerator
+    gen = TensorRTGenerator(path, device, cuda_graph=args.cuda_graph)  # this rank's GPU
+    if gen.config is None:
+        raise CRNError(f"{path}.json (the sidecar crn-export writes beside the engine) is missing or "
+                       f"unreadable: it holds the model config synthesis needs")
+    return gen, device
+
+
 def load_generator_for(args, device):
-    if args.backend == "tensorrt":
-        if device.type != "cuda":
-            raise UsageError(f"--engine {args.engine}: TensorRT runs on a CUDA device, not {device}")
-        from crn_fast.export.tensorrt import TensorRTGenerator
-        gen = TensorRTGenerator(args.engine, device, cuda_graph=args.cuda_graph)  # this rank's GPU
-        if gen.config is None:
-            raise CRNError(f"{args.engine}.json (the sidecar crn-export writes beside the engine) is missing or "
-                           f"unreadable: it holds the model config synthesis needs")
-        return gen
+    """The generator synthesis runs (a checkpoint on its backend, or --engine's artefact), and the
+    device its layouts go to."""
+    if args.backend in EXPORT_BACKENDS:
+        return load_exported(args, device)
     from .checkpoint import load_generator
     from .model import choose_backend
     backend = choose_backend(args.backend, device)
@@ -64,13 +128,14 @@ def load_generator_for(args, device):
         from crn_fast.export import cuda_graph
         runner = cuda_graph(model)
         runner.config = model.config
-        return runner
-    return model
+        return runner, device
+    return model, device
 
 
 def plan(files: list[Path], config, size, out_dir: Path, profile=None) -> list[tuple[Path, tuple[int, int]]]:
     """The cheap first pass: each file's header (readable, its size after --res, and within a
-    TensorRT engine's ``profile``) and unique output names, none of them an input file (--out the
+    TensorRT engine's ``profile`` or an AOTInductor package's shapes: anything with
+    ``check_size(channels, hw)``) and unique output names, none of them an input file (--out the
     labels' own folder). Nothing is decoded or kept but (path, size)."""
     by_name: dict[str, Path] = {}
     inputs = {f.resolve() for f in files}
@@ -97,7 +162,7 @@ def plan(files: list[Path], config, size, out_dir: Path, profile=None) -> list[t
                              f"{'x'.join(map(str, config.nearest_valid_size(*hw)))}.") from None
         if profile is not None:  # the engine runs only the sizes it was built for
             try:
-                profile.check((profile.min[0], config.num_classes, *hw))
+                profile.check_size(config.num_classes, hw)
             except CRNError as e:
                 raise UsageError(f"{f}: {e}") from None
         out.append((f, tuple(hw)))
@@ -115,12 +180,12 @@ def synthesize(args) -> list[Path]:
         files = label_files(Path(args.labels), exclude=out_dir)
         if ranks.rank == 0 and (jpegs := jpeg_labels_warning(files)):
             log.warning(jpegs)
-        model = load_generator_for(args, device)
+        model, device = load_generator_for(args, device)
         config, profile = model.config, getattr(model, "profile", None)
         if profile is not None and not profile.min[0] <= min(args.batch_size, len(files)) <= profile.max[0]:
             raise UsageError(f"--batch-size {args.batch_size}: the engine runs batches of {profile.min[0]}-"
                              f"{profile.max[0]} (build it with crn-export --trt --max-batch {args.batch_size})")
-        todo = plan(files, config, args.res, out_dir, profile)
+        todo = plan(files, config, args.res, out_dir, profile or getattr(model, "shapes", None))
         if getattr(args, "skip_existing", False):  # a run stopped part way: its images are whole (atomic writes)
             planned, todo = len(todo), [(f, hw) for f, hw in todo if not (out_dir / f"{f.stem}.png").is_file()]
             if ranks.rank == 0 and planned > len(todo):
@@ -210,10 +275,12 @@ def build_parser():
     ap.add_argument("--ckpt", default=None, help="the same, as an option")
     ap.add_argument("--labels", required=True, help="a label PNG or a folder of them")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--backend", default="auto", choices=("auto", "eager", "triton", "tensorrt"),
-                    help="auto (default): tensorrt when --engine is given, else triton on a CUDA device, eager "
-                         "elsewhere; tensorrt needs --engine")
-    ap.add_argument("--engine", help="a TensorRT engine (crn-export --trt) to run instead of a checkpoint")
+    ap.add_argument("--backend", default="auto", choices=("auto", "eager", "triton", *EXPORT_BACKENDS),
+                    help="auto (default): with --engine the backend of its kind, else triton on a CUDA device, "
+                         "eager elsewhere; tensorrt, onnxruntime and aoti run an --engine")
+    ap.add_argument("--engine", help="an exported generator (crn-export) to run instead of a checkpoint: "
+                    "generator.onnx (onnxruntime), generator.pt2 (AOTInductor) or generator.engine (TensorRT), "
+                    "with its sidecar JSON; the file given as the checkpoint does the same")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the whole generator as a CUDA graph (GPU)")
     ap.add_argument("--fused-conv", default="off", choices=("off", "on", "split", "lowres", "auto"),
                     help="with --backend triton: the convs as Triton kernels with the layer norms folded in, in "
@@ -256,23 +323,34 @@ def main(argv=None) -> int:
     args.ckpt = args.ckpt or args.checkpoint
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is a file, not a folder")
-    if args.engine and args.backend == "auto":  # the engine given is what runs
-        args.backend = "tensorrt"
-    if args.engine and args.backend != "tensorrt":
-        ap.error(f"--engine {args.engine} is a TensorRT engine: it runs with --backend tensorrt (or auto), "
-                 f"not --backend {args.backend} (leave --engine out to run the checkpoint)")
-    if args.backend == "tensorrt" and not args.engine:
-        ap.error("--backend tensorrt needs --engine PATH (build one with crn-export --trt)")
-    if args.backend == "tensorrt" and args.ckpt:
+    if exported_kind(args.ckpt) and not args.engine:  # crn-export's artefact given as the model: run it
+        args.engine, args.ckpt = args.ckpt, None
+    if args.engine:
+        kind = exported_kind(args.engine)
+        if kind is None:
+            ap.error(f"--engine {args.engine}: not a file crn-export writes; give generator.onnx (onnxruntime), "
+                     f"generator.pt2 (AOTInductor) or generator.engine (TensorRT); a checkpoint is given as the "
+                     f"first argument, without --engine")
+        if args.backend == "auto":  # the engine given is what runs
+            args.backend = kind[0]
+        if args.backend != kind[0]:
+            ap.error(f"--engine {args.engine} is {kind[1]}: it runs with --backend {kind[0]} (or auto), "
+                     f"not --backend {args.backend} (leave --engine out to run the checkpoint)")
+    if args.backend in EXPORT_BACKENDS and not args.engine:
+        ap.error(f"--backend {args.backend} needs --engine PATH (build one with crn-export "
+                 f"{EXPORT_BACKENDS[args.backend]})")
+    if args.backend in EXPORT_BACKENDS and args.ckpt:
         ap.error(f"give a checkpoint or --engine, not both: the engine {args.engine} runs alone, its weights built "
                  f"in, so {args.ckpt} would be ignored")
+    if args.cuda_graph and args.backend in ("onnxruntime", "aoti"):
+        ap.error(f"--cuda-graph replays a checkpoint's generator or a TensorRT engine, not --backend {args.backend}")
     if args.fused_conv != "off" and args.backend not in ("triton", "auto"):
         ap.error(f"--fused-conv {args.fused_conv} needs --backend triton (the fused conv is a Triton kernel), "
                  f"got --backend {args.backend}")
     if args.fused_head and args.backend not in ("triton", "auto"):
         ap.error(f"--fused-head needs --backend triton (the fused head is a Triton kernel), "
                  f"got --backend {args.backend}")
-    if not args.ckpt and args.backend != "tensorrt":
+    if not args.ckpt and args.backend not in EXPORT_BACKENDS:
         ap.error("a checkpoint is required: crn-synthesize model.ckpt ... (a crn_fast generator file, or the "
                  "authors' TF checkpoint prefix, e.g. models/512p/model.ckpt)")
     setup_logging(args)

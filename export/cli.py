@@ -277,7 +277,10 @@ def run(args) -> int:
             finish(path, {"format": "aotinductor", "dtype": args.dtype, "compile_seconds": dt,
                           "shapes": {"layout": [args.batch, cfg.num_classes, *res]},
                           "dynamic": {"min_res": min_res, "max_res": max_res, "max_batch": args.max_batch},
-                          "load": "torch._inductor.aoti_load_package(path)(layout.contiguous())"},
+                          "load": "torch._inductor.aoti_load_package(path)(layout.contiguous())",
+                          "note": "the package checks no input shape (unless AOTI_RUNTIME_CHECK_INPUTS=1): give it "
+                                  "the layout shape above, or one in the dynamic range, only; "
+                                  "crn_fast.export.load_aoti checks them"},
                    load_aoti(path), device, vs, batch=args.batch)
         for f in produced:
             f.replace(out / f.name)

@@ -9,17 +9,24 @@ fresh process loads with ``torch._inductor.aoti_load_package`` alone, without cr
     images = runner(layout.contiguous())   # (N, num_classes, H, W) float32 -> (N, 3k, H, W) float32
 
 The package takes a contiguous NCHW layout (crn_fast.labels.one_hot returns channels_last strides:
-call .contiguous()); AOTInductor does not check input strides.
+call .contiguous()); AOTInductor does not check input strides. Nor, unless AOTI_RUNTIME_CHECK_INPUTS=1
+is set, input sizes: a package exported for one shape, given another, returns an image of its own
+shape computed from memory outside the layout (measured: a 64x128 package given 2 layouts, or a
+32x64 one, ran without an error). ``load_aoti``'s runner checks every layout against the shapes in
+the package's sidecar (``PackageShapes``) and splits or pads batches to the batch sizes it runs.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from crn_fast.constants import DTYPES
+from crn_fast.errors import CRNError
 
 
 def compile_generator(model, mode: str | None = "default", dynamic: bool | None = False, fullgraph: bool = True,
@@ -125,15 +132,106 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
     return Path(out)
 
 
-class AOTIGenerator:
-    """An AOTInductor package, called like the generator: any layout is made contiguous NCHW first."""
+@dataclass(frozen=True)
+class PackageShapes:
+    """The layouts an AOTInductor package runs, from the sidecar crn-export writes beside it: batch
+    sizes ``batch`` (lo, hi), ``channels`` classes, and H, W from ``min_hw`` to ``max_hw`` in steps of
+    ``stride`` (one size when the package is static)."""
+    batch: tuple[int, int]
+    channels: int
+    min_hw: tuple[int, int]
+    max_hw: tuple[int, int]
+    stride: int
 
-    def __init__(self, path: str | Path):
-        self.package = torch._inductor.aoti_load_package(str(path))
+    @classmethod
+    def from_sidecar(cls, facts: dict, stride: int) -> "PackageShapes":
+        """From the sidecar's ``shapes`` (the traced layout) and ``dynamic`` (export_aoti's ranges)."""
+        n, c, h, w = (int(d) for d in facts["shapes"]["layout"])
+        dyn = facts.get("dynamic") or {}
+        lo, hi = (tuple(int(d) for d in dyn.get(k) or (h, w)) for k in ("min_res", "max_res"))
+        top = int(dyn.get("max_batch") or n)
+        return cls((1, top) if top > n else (n, n), c, lo, hi, stride)
+
+    def describe(self) -> str:
+        (h0, w0), (h1, w1) = self.min_hw, self.max_hw
+        sizes = f"{h0}x{w0}" if (h0, w0) == (h1, w1) else f"{h0}x{w0} to {h1}x{w1} (multiples of {self.stride})"
+        return f"{self.channels} classes at {sizes}"
+
+    def check(self, shape) -> None:
+        """A CRNError unless a layout of ``shape`` (N, C, H, W) is one the package runs (any batch:
+        the runner splits or pads it), naming its sizes and how to export a package for it."""
+        _, c, h, w = tuple(shape)
+        if c == self.channels and all(lo <= d <= hi and d % self.stride == 0
+                                      for lo, d, hi in zip(self.min_hw, (h, w), self.max_hw)):
+            return
+        raise CRNError(f"layout {'x'.join(map(str, shape))} is not a shape this AOTInductor package runs: it takes "
+                       f"{self.describe()}; export one for it with crn-export --compile --res HxW (--min-res and "
+                       f"--max-res for a range), or --res to resize the layouts")
+
+    def check_size(self, channels: int, hw) -> None:
+        """check() for a layout of this size (any batch runs)."""
+        self.check((1, channels, *hw))
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The JSON crn-export writes beside an artefact (``<artefact>.json``), or a CRNError naming it."""
+    side = Path(f"{path}.json")
+    try:
+        facts = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        why = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
+        raise CRNError(f"{side} (the sidecar crn-export writes beside {Path(path).name}) is {why}: it holds the "
+                       f"model config and shapes that running {Path(path).name} needs") from None
+    if not isinstance(facts, dict) or "model" not in facts:
+        raise CRNError(f"{side} is not a crn-export sidecar (it has no model config)")
+    return facts
+
+
+class AOTIGenerator:
+    """An AOTInductor package, called like the generator: any layout is made contiguous NCHW first.
+    With its sidecar (crn-export writes one), every layout's shape is checked against the shapes
+    the package runs (it checks none itself), and a batch it does not run is split, or padded with
+    empty layouts whose images are dropped. ``config`` is the model's, from the sidecar."""
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None):
+        path = Path(path)
+        self.path, self.config, self.shapes = path, None, None
+        if Path(f"{path}.json").exists():
+            from crn_fast.config import CRNConfig
+            facts = read_sidecar(path)
+            try:
+                self.config = CRNConfig.from_dict(facts["model"])
+                self.shapes = PackageShapes.from_sidecar(facts, self.config.stride)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CRNError(f"{path}.json: not a sidecar of an AOTInductor package ({type(e).__name__}: {e})"
+                               ) from None
+        index = -1  # a CPU package, or the current GPU
+        if device is not None and torch.device(device).type == "cuda":
+            index = torch.device(device).index if torch.device(device).index is not None else \
+                torch.cuda.current_device()
+        try:
+            package = torch._inductor.aoti_load_package(str(path), device_index=index)
+        except Exception as e:  # a file of another kind, a package for another machine: torch's own words
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CRNError(f"{path}: cannot load it as an AOTInductor package ({first.strip()[:300]})") from None
+        self.package = package
+        meta = package.get_metadata() if hasattr(package, "get_metadata") else {}
+        self.device = torch.device(meta.get("AOTI_DEVICE_KEY") or "cpu")  # what it was compiled for
+        if self.device.type == "cuda" and device is not None:
+            self.device = torch.device(device)
 
     def __call__(self, layout: torch.Tensor) -> torch.Tensor:
+        if self.shapes is None:
+            return self.package(layout.contiguous())
+        self.shapes.check(layout.shape)
+        n, (lo, hi) = layout.shape[0], self.shapes.batch
+        if n > hi:
+            return torch.cat([self(part) for part in layout.split(hi)])
+        if n < lo:  # a static batch: empty layouts after these, their images dropped
+            pad = layout.new_zeros((lo - n, *layout.shape[1:]))
+            return self.package(torch.cat([layout, pad]).contiguous())[:n]
         return self.package(layout.contiguous())
 
 
-def load_aoti(path: str | Path) -> AOTIGenerator:
-    return AOTIGenerator(path)
+def load_aoti(path: str | Path, device: str | torch.device | None = None) -> AOTIGenerator:
+    return AOTIGenerator(path, device)

@@ -117,6 +117,10 @@ class Profile:
                        f"{c} channels, {h0}x{w0} to {h1}x{w1}; build an engine for it with crn-export --trt "
                        f"(--min-res, --max-res, --max-batch), or --res to resize the layouts")
 
+    def check_size(self, channels: int, hw) -> None:
+        """check() for a layout of this size at the profile's smallest batch."""
+        self.check((self.min[0], channels, *hw))
+
 
 def make_profile(num_classes: int, stride: int, res, min_res=None, max_res=None, batch: int = 1,
                  min_batch: int | None = None, max_batch: int | None = None) -> Profile:

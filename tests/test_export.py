@@ -1,4 +1,5 @@
 """crn-export on the tiny preset: ONNX in onnxruntime, AOTInductor in a fresh process, TensorRT logic."""
+import dataclasses
 import json
 import os
 import re
@@ -113,6 +114,73 @@ def test_aoti_package_runs_in_a_fresh_process_without_crn_fast(ckpt, tmp_path):
     runner = load_aoti(out / "generator.pt2")  # either memory format in: the runner makes it NCHW
     for fmt in (torch.channels_last, torch.contiguous_format):
         torch.testing.assert_close(runner(x.contiguous(memory_format=fmt)), ref, atol=0.01, rtol=0)
+    check_the_package_runner(runner, ckpt, out, tmp_path)
+
+
+def check_the_package_runner(runner, ckpt, out, tmp_path):
+    """load_aoti's runner checks each layout against the shapes in the package's sidecar (the
+    package itself runs any shape given, wrongly), and splits or pads batches to those it runs;
+    crn-synthesize runs the package given as the model, checking every layout's size first."""
+    from crn_fast import load_generator
+    from crn_fast.export.compile import PackageShapes
+    from crn_fast.synthesize import main as synth_main
+    model = load_generator(ckpt)
+    assert runner.shapes == PackageShapes((1, 2), 20, (16, 32), (64, 128), 16) and runner.device.type == "cpu"
+    for shape in ((1, 20, 128, 256), (1, 20, 40, 64), (1, 19, 32, 64)):  # too large, not a multiple, 19 classes
+        with pytest.raises(CRNError, match=re.escape(f"layout {'x'.join(map(str, shape))} is not a shape this "
+                                                     "AOTInductor package runs: it takes 20 classes at 16x32 to "
+                                                     "64x128 (multiples of 16)")):
+            runner(torch.zeros(shape))
+    x = layout(5, 32, 64, seed=4)  # batches of at most 2: split
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(runner(x), ref, atol=0.01, rtol=0)
+    runner.shapes = dataclasses.replace(runner.shapes, batch=(2, 2))  # as a package of batch 2 alone: padded
+    torch.testing.assert_close(runner(x[:1]), ref[:1], atol=0.01, rtol=0)
+    static = {"shapes": {"layout": [2, 20, 64, 128]}, "dynamic": {"min_res": None, "max_res": None, "max_batch": None}}
+    assert PackageShapes.from_sidecar(static, 16) == PackageShapes((2, 2), 20, (64, 128), (64, 128), 16)
+    with pytest.raises(CRNError, match="1x20x32x64 is not a shape this AOTInductor package runs: it takes 20 "
+                                       "classes at 64x128; export one"):
+        PackageShapes.from_sidecar(static, 16).check((1, 20, 32, 64))
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    rng = np.random.default_rng(0)
+    for name, hw in (("a", (32, 64)), ("b", (64, 128)), ("c", (16, 32))):
+        Image.fromarray(rng.integers(0, 20, hw).astype(np.uint8)).save(labels / f"{name}.png")
+    assert synth_main([str(out / "generator.pt2"), "--labels", str(labels), "--out", str(tmp_path / "pkg"),
+                       "--batch-size", "3", "--no-progress"]) == 0
+    assert synth_main([str(ckpt), "--labels", str(labels), "--out", str(tmp_path / "eager"), "--no-progress"]) == 0
+    for name in "abc":
+        got, want = (np.asarray(Image.open(tmp_path / d / f"{name}.png"), np.int16) for d in ("pkg", "eager"))
+        assert np.abs(got - want).max() <= 1, name  # the same images, to 8-bit rounding
+    Image.fromarray(np.zeros((128, 256), np.uint8)).save(labels / "big.png")
+    assert synth_main([str(out / "generator.pt2"), "--labels", str(labels), "--out", str(tmp_path / "big")]) == 2
+    assert not (tmp_path / "big").exists()  # named in the first pass, before anything is written
+
+
+def test_synthesize_runs_the_onnx_model_given_as_the_model(onnx_export, ckpt, tmp_path, capsys):
+    """crn-synthesize generator.onnx: onnxruntime runs it (the model's classes from its sidecar),
+    giving the checkpoint's images; without its sidecar it is one line naming the sidecar."""
+    from crn_fast.synthesize import main as synth_main
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    rng = np.random.default_rng(1)
+    for name, hw in (("a", (48, 80)), ("b", (64, 128))):
+        Image.fromarray(rng.integers(0, 20, hw).astype(np.uint8)).save(labels / f"{name}.png")
+    assert synth_main([str(onnx_export / "generator.onnx"), "--labels", str(labels), "--out", str(tmp_path / "o"),
+                       "--batch-size", "2", "--no-progress"]) == 0
+    assert synth_main(["--ckpt", str(ckpt), "--labels", str(labels), "--out", str(tmp_path / "e"),
+                       "--no-progress"]) == 0
+    for name in "ab":
+        got, want = (np.asarray(Image.open(tmp_path / d / f"{name}.png"), np.int16) for d in ("o", "e"))
+        assert np.abs(got - want).max() <= 1, name
+    alone = tmp_path / "alone.onnx"
+    alone.write_bytes((onnx_export / "generator.onnx").read_bytes())
+    capsys.readouterr()
+    assert synth_main([str(alone), "--labels", str(labels), "--out", str(tmp_path / "x")]) == 1
+    assert f"{alone}.json (the sidecar crn-export writes beside alone.onnx) is missing" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def cli(*args):

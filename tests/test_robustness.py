@@ -590,6 +590,13 @@ def test_synthesize_pipeline_options_are_usage_errors(tmp_path, tiny_ckpt, args,
      "weights built in, so CKPT would be ignored"),
     (["CKPT", "--backend", "tensorrt"], "--backend tensorrt needs --engine PATH (build one with crn-export --trt)"),
     (["CKPT", "--out", "FILE"], "--out FILE is a file, not a folder"),  # was 'cannot write to ...: File exists'
+    (["g.pt2", "--backend", "onnxruntime"], "--engine g.pt2 is an AOTInductor package: it runs with --backend aoti "
+     "(or auto), not --backend onnxruntime"),
+    (["--engine", "g.onnx", "--cuda-graph"], "--cuda-graph replays a checkpoint's generator or a TensorRT engine, "
+     "not --backend onnxruntime"),
+    (["--backend", "aoti"], "--backend aoti needs --engine PATH (build one with crn-export --compile)"),
+    (["--engine", "CKPT"], "--engine CKPT: not a file crn-export writes; give generator.onnx (onnxruntime), "
+     "generator.pt2 (AOTInductor) or generator.engine (TensorRT); a checkpoint is given as the first argument"),
 ])
 def test_synthesize_engine_and_out_options_are_usage_errors(tmp_path, tiny_ckpt, capsys, args, msg):
     """--engine used to be ignored unless --backend tensorrt was given too: the checkpoint ran
