@@ -233,6 +233,16 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+def count_or_auto(text: str) -> int | None:
+    """--workers: a count >= 0, or auto (None: the tool's default), e.g. to undo a resumed run's count."""
+    if text == "auto":
+        return None
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or auto)") from None
+
+
 def non_negative_float(text: str) -> float:
     try:
         v = float(text)

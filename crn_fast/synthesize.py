@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import Progress, StopSignals, add_logging_options, cpu_cores, log, non_negative_int, positive_int, \
+from .cli import Progress, StopSignals, add_logging_options, count_or_auto, cpu_cores, log, positive_int, \
     resolution, run_tool, setup_logging, torch_device
 from .data import _open_header, decode_label, jpeg_labels_warning, label_files, label_kind, resize_pair
 from .distributed import setup_distributed, shutdown
@@ -300,9 +300,9 @@ def build_parser():
                     help="label colours and greyscale values that are not the model's classes' (for Cityscapes: "
                          "its colours, train ids 0-18, void 19 or 255): error, or void (the authors' rule for "
                          "colours)")
-    ap.add_argument("--workers", type=non_negative_int, default=None,
-                    help="threads that decode layouts and write PNGs beside the generator (default: one a core, "
-                         "at most 8; 0: everything in order in the main thread)")
+    ap.add_argument("--workers", type=count_or_auto, default=None,
+                    help="threads that decode layouts and write PNGs beside the generator (default auto: one a "
+                         "core, at most 8; 0: everything in order in the main thread)")
     ap.add_argument("--skip-existing", action="store_true",
                     help="leave out the layouts whose image is already in --out, to finish a run that was stopped "
                          "(its images are whole: each is written to a temporary name, then renamed)")

@@ -46,8 +46,8 @@ import torch.distributed as dist
 
 from .checkpoint import atomic_path, load_generator, load_train_state, remove_stale_temporaries, \
     save_generator, save_train_state
-from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, ignore_stop_signals, log, \
-    non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
+from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, count_or_auto, \
+    ignore_stop_signals, log, non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
 from .config import CRNConfig, get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-every", type=positive_int, default=10, help="steps between metrics.jsonl lines (default 10)")
     a("--sample-every", type=positive_int, default=100, help="steps between sample grids (default 100)")
     a("--save-every", type=positive_int, default=100, help="steps between checkpoints (default 100; always at the end)")
-    a("--workers", type=non_negative_int, default=None,
-      help="data-loading worker processes (default: on a GPU one a core, the node's ranks sharing them, at "
+    a("--workers", type=count_or_auto, default=None,
+      help="data-loading worker processes (default auto: on a GPU one a core, the node's ranks sharing them, at "
            "most 8; on a CPU 0, as training uses every core)")
     a("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
       help="leave out (and report) bad data files instead of stopping")

@@ -117,6 +117,14 @@ def test_resume_takes_the_runs_own_options(tmp_path, capsys):
     assert "checkpointing" not in err and "val" not in err, err
     saved = json.loads((b / "config.json").read_text())
     assert saved["checkpointing"] is False and saved["val_data"] is None
+    # --workers: a count the run had, and auto (the default) given back
+    assert train_main(["--out", str(b), "--resume", "--steps", "9", "--workers", "1", "--no-progress"]) == 0
+    assert "1 loader worker(s)" in capsys.readouterr().err
+    assert train_main(["--out", str(b), "--resume", "--steps", "10", "--no-progress"]) == 0
+    assert "--workers 1" in capsys.readouterr().err
+    assert train_main(["--out", str(b), "--resume", "--steps", "11", "--workers", "auto", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--workers" not in err and "0 loader worker(s)" in err, err  # a CPU's auto
 
 
 def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
