@@ -496,19 +496,23 @@ def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_clas
     criterion.eval()
     sums = torch.zeros(2 + len(TERM_NAMES), dtype=torch.float64, device=device)  # count, loss, terms
     share = list(range(rank, len(val), world))
+    cuda = torch.device(device).type == "cuda"
     try:
         with torch.no_grad():
             for first in range(0, len(share), batch_size):
                 # a batch decoded at a time, in threads: at 1024x2048 a decoded layout and photograph
-                # take 40 MB, so reading all 100 ahead would hold 4 GB
+                # take 40 MB, so reading all 100 ahead would hold 4 GB. Nothing here waits for the
+                # device (pinned copies, the count added as a number), so on a GPU the next batch
+                # decodes while this one runs; the caller's read of the sums is the one wait.
                 batch = list(in_threads(val.__getitem__, share[first:first + batch_size], threads))
-                ids, target = (torch.stack(t).to(device) for t in zip(*batch))
+                ids, target = ((torch.stack(t).pin_memory() if cuda else torch.stack(t)).to(device, non_blocking=cuda)
+                               for t in zip(*batch))
                 layout = one_hot(ids, num_classes)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, terms = criterion(model(layout).float(), target, layout)
                 n = ids.shape[0]
-                sums += torch.stack([torch.tensor(float(n), device=device), loss.double() * n,
-                                     *(t.double() * n for t in terms.values())])
+                sums[0] += n
+                sums[1:] += torch.stack([loss.double(), *(t.double() for t in terms.values())]) * n
     finally:
         model.train(was_training)
         criterion.train(was_training)

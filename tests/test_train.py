@@ -682,6 +682,28 @@ def test_only_a_run_that_never_stepped_is_taken_over(tmp_path):
 
 
 @pytest.mark.gpu
+def test_validation_never_waits_for_the_gpu_until_its_sums_are_read():
+    """validate() on a GPU under CUDA's sync debug mode: its layouts are copied from pinned memory
+    and its count added as a number, so the host decodes the next batch while the GPU runs this one."""
+    from crn_fast.labels import CITYSCAPES
+    from crn_fast.loss import CRNLoss
+    from crn_fast.train import TrainConfig, make_val_set, val_scores, validate
+    from crn_fast.vgg import load_vgg19
+    model = CRN.from_preset("tiny", backend="triton").cuda().train()
+    crit = CRNLoss(load_vgg19("random"), "perceptual").cuda()
+    val = make_val_set(TrainConfig(val_data="synthetic", val_samples=4), (64, 128), CITYSCAPES)
+    validate(model, crit, val, 2, torch.device("cuda"), torch.bfloat16, 20)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums = validate(model, crit, val, 2, torch.device("cuda"), torch.bfloat16, 20)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    scores = val_scores(sums)
+    assert scores["val_images"] == 4 and np.isfinite(scores["val_loss"]) and model.training
+
+
+@pytest.mark.gpu
 def test_compiled_triton_training_matches_eager_on_a_gpu():
     """--compile with the triton backend (crn-train's default on a GPU): the generator with its
     torch.ops.crn_fast operators (their backward registered) and the VGG-19 loss compiled by
