@@ -59,8 +59,7 @@ def exported_kind(path: str | None) -> tuple[str, str, str] | None:
 def load_exported(args, device):
     """--engine: an ONNX model, AOTInductor package or TensorRT engine, with the model config its
     sidecar holds; returns the runner and the device its layouts go to."""
-    from crn_fast.config import CRNConfig
-    from crn_fast.export.compile import read_sidecar
+    from crn_fast.export.sidecar import read_sidecar, sidecar_config
     path = args.engine
     if args.backend == "tensorrt" and device.type != "cuda":
         raise UsageError(f"--engine {path}: TensorRT runs on a CUDA device, not {device}")
@@ -69,10 +68,7 @@ def load_exported(args, device):
     if args.backend == "onnxruntime":
         from crn_fast.export.onnx import ONNXGenerator
         facts = read_sidecar(path)
-        try:
-            config = CRNConfig.from_dict(facts["model"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CRNError(f"{path}.json: its model config is unreadable ({type(e).__name__}: {e})") from None
+        config = sidecar_config(path, facts)
         want_cuda = device.type == "cuda"
         if want_cuda and args.device is None:  # the default device: onnxruntime's CPU build runs on the CPU
             import onnxruntime as ort

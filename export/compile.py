@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,20 +172,6 @@ class PackageShapes:
         self.check((1, channels, *hw))
 
 
-def read_sidecar(path: str | Path) -> dict:
-    """The JSON crn-export writes beside an artefact (``<artefact>.json``), or a CRNError naming it."""
-    side = Path(f"{path}.json")
-    try:
-        facts = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        why = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
-        raise CRNError(f"{side} (the sidecar crn-export writes beside {Path(path).name}) is {why}: it holds the "
-                       f"model config and shapes that running {Path(path).name} needs") from None
-    if not isinstance(facts, dict) or "model" not in facts:
-        raise CRNError(f"{side} is not a crn-export sidecar (it has no model config)")
-    return facts
-
-
 class AOTIGenerator:
     """An AOTInductor package, called like the generator: any layout is made contiguous NCHW first.
     With its sidecar (crn-export writes one), every layout's shape is checked against the shapes
@@ -197,10 +182,10 @@ class AOTIGenerator:
         path = Path(path)
         self.path, self.config, self.shapes = path, None, None
         if Path(f"{path}.json").exists():
-            from crn_fast.config import CRNConfig
+            from .sidecar import read_sidecar, sidecar_config
             facts = read_sidecar(path)
+            self.config = sidecar_config(path, facts)
             try:
-                self.config = CRNConfig.from_dict(facts["model"])
                 self.shapes = PackageShapes.from_sidecar(facts, self.config.stride)
             except (KeyError, TypeError, ValueError) as e:
                 raise CRNError(f"{path}.json: not a sidecar of an AOTInductor package ({type(e).__name__}: {e})"

@@ -244,16 +244,14 @@ class TensorRTGenerator:
 def _from_sidecar(engine_path):
     """(model config, Profile) from the JSON crn-export writes beside an engine; each None when
     the sidecar or its entry is missing or unreadable."""
-    import json
-    from crn_fast.config import CRNConfig
-    side = Path(str(engine_path) + ".json")
+    from .sidecar import read_sidecar, sidecar_config
     try:
-        facts = json.loads(side.read_text())
-    except (OSError, ValueError):
+        facts = read_sidecar(engine_path)
+    except CRNError:
         return None, None
     try:
-        config = CRNConfig.from_dict(facts["model"])
-    except (KeyError, ValueError, TypeError, AttributeError):
+        config = sidecar_config(engine_path, facts)
+    except CRNError:
         config = None
     try:
         profile = Profile(*(tuple(int(d) for d in facts["profile"][k]) for k in ("min", "opt", "max")))
