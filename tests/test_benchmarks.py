@@ -125,6 +125,16 @@ def test_training_benchmark_smoke(tmp_path):
     assert len(eager) == 2 and all("median_ms" in r and r["peak_memory_mib"] > 0 for r in eager)
 
 
+def test_bf16_error_smoke(tmp_path):
+    """benchmarks/bf16_error.py: eager and triton bf16 against eager fp32 (the kernels in Triton's
+    interpreter on a CPU), each within what bf16 rounding gives on 0..255."""
+    j = tmp_path / "e.json"
+    run("benchmarks/bf16_error.py", "--preset", "tiny", "--res", "32x64", "--json", j)
+    res = json.loads(j.read_text())
+    for key in ("eager_bf16", "triton_bf16"):
+        assert 0 < res[key]["max_abs"] < 20 and res[key]["psnr_db"] > 30, res
+
+
 def test_settle_cost_smoke(tmp_path):
     j = tmp_path / "s.json"
     run("benchmarks/settle_cost.py", "--iters", "5", "--json", j)
