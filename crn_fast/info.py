@@ -227,7 +227,7 @@ def _last_metrics(p: Path, key: str = "loss") -> dict | None:
 def _run(p: Path) -> Found:
     """A training run's folder: its options (config.json), resume point (train_state.pt),
     generator (model.ckpt), last metrics and samples."""
-    from .train import settled_loss, total_steps
+    from .train import never_stepped, settled_loss, total_steps
     info: dict = {"kind": "run", "path": str(p)}
     try:
         options = _read_json(p / "config.json") if (p / "config.json").is_file() else None
@@ -267,6 +267,8 @@ def _run(p: Path) -> Found:
     info["samples"] = str(p / "samples" / "latest.png") if (p / "samples" / "latest.png").is_file() else None
     if "train_state" in info:
         info["resume"] = resume_command(o, str(p), info["step"], info.get("total_steps"))
+    elif never_stepped(p):
+        info["never_stepped"] = True
     return Found(info, config.class_set)
 
 
@@ -417,6 +419,9 @@ def _run_lines(info: dict) -> list[str]:
     lines.append("  files     " + (", ".join(files) or "none yet"))
     if info.get("resume"):
         lines.append(f"  resume    {info['resume']}")
+    if info.get("never_stepped"):
+        lines.append("  stopped   before its first step (out of memory, a failed --compile?): nothing to resume; its "
+                     "own crn-train command, fixed, starts it again in its place")
     return lines
 
 

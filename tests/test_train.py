@@ -652,6 +652,8 @@ def test_a_failed_compile_is_one_line_and_the_run_starts_again_in_its_place(tmp_
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "--compile default: torch.compile failed at step 1 (" in lines[0] and "--compile off" in lines[0]
     assert not (out / "metrics.jsonl").read_text() and not (out / "train_state.pt").exists()
+    r = run(["-m", "crn_fast.info", str(out)])
+    assert r.returncode == 0 and "stopped   before its first step" in r.stdout and "resume  " not in r.stdout, r.stdout
     assert train_main(["--out", str(out), "--resume", "--steps", "2"]) == 1
     r = run(["-m", "crn_fast.train", "--out", str(out), "--steps", "2", *SMALL])
     assert r.returncode == 0 and "stopped before its first step (no checkpoint, no metrics): starting it again" \
