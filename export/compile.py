@@ -172,6 +172,50 @@ class PackageShapes:
         self.check((1, channels, *hw))
 
 
+def package_metadata(path: str | Path) -> dict:
+    """What AOTInductor records in a package about where it runs (AOTI_DEVICE_KEY, AOTI_PLATFORM,
+    AOTI_MACHINE, AOTI_CPU_ISA, AOTI_COMPUTE_CAPABILITY), read from the archive without loading its
+    library; {} for a package that records none. A file that is no such archive is a CRNError."""
+    import json
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]
+            return json.loads(z.read(names[0])) if names else {}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CRNError(f"{path}: not an AOTInductor package ({type(e).__name__}: {e})") from None
+
+
+def cannot_run_here(meta: dict, device: torch.device | None = None) -> str | None:
+    """Why a package with this metadata cannot run on this machine (on ``device``, for a CUDA
+    package), else None. Loaded anyway, a package for another CPU's vector ISA can stop the process
+    with an illegal instruction, and one for another GPU fails in its first kernel."""
+    import platform
+    import sys
+    where = meta.get("AOTI_DEVICE_KEY") or "cpu"
+    if meta.get("AOTI_PLATFORM") and meta["AOTI_PLATFORM"] != sys.platform:
+        return f"it was compiled on {meta['AOTI_PLATFORM']}, and this is {sys.platform}"
+    if meta.get("AOTI_MACHINE") and meta["AOTI_MACHINE"] != platform.machine():
+        return f"it was compiled for {meta['AOTI_MACHINE']} CPUs, and this one is {platform.machine()}"
+    if where == "cuda":
+        if not torch.cuda.is_available():
+            return "it was compiled for a CUDA GPU, and this machine has none"
+        cc = str(meta.get("AOTI_COMPUTE_CAPABILITY") or "")  # Inductor's major * 10 + minor, e.g. "90"
+        major, minor = torch.cuda.get_device_capability(device if device is not None and device.type == "cuda"
+                                                        else None)
+        if cc and cc != f"{major}{minor}":
+            return (f"it was compiled for GPUs of compute capability {cc[:-1]}.{cc[-1]}, and this one's is "
+                    f"{major}.{minor}")
+        return None
+    levels = ("DEFAULT", "AVX2", "AVX512")  # x86's vector ISAs, in order; others are not compared
+    isa = set(str(meta.get("AOTI_CPU_ISA") or "").split())
+    have = torch.backends.cpu.get_cpu_capability()
+    need = max((levels.index(i) for i in isa if i in levels), default=0)
+    if have in levels and levels.index(have) < need:
+        return f"it was compiled for CPUs with {levels[need]}, and this one's best is {have}"
+    return None
+
+
 class AOTIGenerator:
     """An AOTInductor package, called like the generator: any layout is made contiguous NCHW first.
     With its sidecar (crn-export writes one), every layout's shape is checked against the shapes
@@ -181,6 +225,11 @@ class AOTIGenerator:
     def __init__(self, path: str | Path, device: str | torch.device | None = None):
         path = Path(path)
         self.path, self.config, self.shapes = path, None, None
+        meta = package_metadata(path)  # first: a file of another kind is named as such
+        device = None if device is None else torch.device(device)
+        why = cannot_run_here(meta, device)
+        if why:
+            raise CRNError(f"{path} cannot run here: {why}. Export it on this machine (crn-export --compile)")
         if Path(f"{path}.json").exists():
             from .sidecar import read_sidecar, sidecar_config
             facts = read_sidecar(path)
@@ -191,19 +240,18 @@ class AOTIGenerator:
                 raise CRNError(f"{path}.json: not a sidecar of an AOTInductor package ({type(e).__name__}: {e})"
                                ) from None
         index = -1  # a CPU package, or the current GPU
-        if device is not None and torch.device(device).type == "cuda":
-            index = torch.device(device).index if torch.device(device).index is not None else \
-                torch.cuda.current_device()
+        if device is not None and device.type == "cuda" and meta.get("AOTI_DEVICE_KEY") == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
         try:
             package = torch._inductor.aoti_load_package(str(path), device_index=index)
         except Exception as e:  # a file of another kind, a package for another machine: torch's own words
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise CRNError(f"{path}: cannot load it as an AOTInductor package ({first.strip()[:300]})") from None
         self.package = package
-        meta = package.get_metadata() if hasattr(package, "get_metadata") else {}
         self.device = torch.device(meta.get("AOTI_DEVICE_KEY") or "cpu")  # what it was compiled for
-        if self.device.type == "cuda" and device is not None:
-            self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.device = device if device is not None and device.type == "cuda" else \
+                torch.device("cuda", torch.cuda.current_device())
 
     def __call__(self, layout: torch.Tensor) -> torch.Tensor:
         if self.shapes is None:

@@ -124,8 +124,11 @@ def check_the_package_runner(runner, ckpt, out, tmp_path):
     from crn_fast import load_generator
     from crn_fast.export.compile import PackageShapes
     from crn_fast.synthesize import main as synth_main
+    from crn_fast.export.compile import cannot_run_here, package_metadata
     model = load_generator(ckpt)
     assert runner.shapes == PackageShapes((1, 2), 20, (16, 32), (64, 128), 16) and runner.device.type == "cpu"
+    meta = package_metadata(out / "generator.pt2")
+    assert meta["AOTI_DEVICE_KEY"] == "cpu" and cannot_run_here(meta) is None
     for shape in ((1, 20, 128, 256), (1, 20, 40, 64), (1, 19, 32, 64)):  # too large, not a multiple, 19 classes
         with pytest.raises(CRNError, match=re.escape(f"layout {'x'.join(map(str, shape))} is not a shape this "
                                                      "AOTInductor package runs: it takes 20 classes at 16x32 to "
@@ -157,6 +160,38 @@ def check_the_package_runner(runner, ckpt, out, tmp_path):
     Image.fromarray(np.zeros((128, 256), np.uint8)).save(labels / "big.png")
     assert synth_main([str(out / "generator.pt2"), "--labels", str(labels), "--out", str(tmp_path / "big")]) == 2
     assert not (tmp_path / "big").exists()  # named in the first pass, before anything is written
+
+
+def test_a_package_for_another_machine_is_refused_before_it_loads(tmp_path, monkeypatch):
+    """AOTInductor records where a package runs (platform, machine, CPU vector ISA, CUDA and compute
+    capability); loaded elsewhere, it can stop the process with an illegal instruction. load_aoti
+    reads that from the archive first and refuses in one line; a file that is no package is named."""
+    import platform
+    import zipfile
+    from crn_fast.export import load_aoti
+    from crn_fast.export.compile import cannot_run_here, package_metadata
+    here = {"AOTI_DEVICE_KEY": "cpu", "AOTI_PLATFORM": sys.platform, "AOTI_MACHINE": platform.machine()}
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cannot_run_here({**here, "AOTI_CPU_ISA": "AVX2"}) is None
+    assert cannot_run_here({**here, "AOTI_CPU_ISA": "AVX512 AVX512_VNNI"}) == \
+        "it was compiled for CPUs with AVX512, and this one's best is AVX2"
+    assert cannot_run_here({**here, "AOTI_PLATFORM": "darwin"}) == \
+        f"it was compiled on darwin, and this is {sys.platform}"
+    assert "it was compiled for riscv64 CPUs" in cannot_run_here({**here, "AOTI_MACHINE": "riscv64"})
+    if not torch.cuda.is_available():
+        assert cannot_run_here({**here, "AOTI_DEVICE_KEY": "cuda"}) == \
+            "it was compiled for a CUDA GPU, and this machine has none"
+    package = tmp_path / "generator.pt2"
+    with zipfile.ZipFile(package, "w") as z:  # only what is read before loading: the metadata
+        z.writestr("generator/data/aotinductor/model/x.wrapper_metadata.json",
+                   json.dumps({**here, "AOTI_CPU_ISA": "AVX512"}))
+    assert package_metadata(package)["AOTI_CPU_ISA"] == "AVX512"
+    with pytest.raises(CRNError, match=re.escape(f"{package} cannot run here: it was compiled for CPUs with AVX512, "
+                                                 "and this one's best is AVX2. Export it on this machine")):
+        load_aoti(package)
+    (tmp_path / "g.pt2").write_text("not a package")
+    with pytest.raises(CRNError, match="g.pt2: not an AOTInductor package"):
+        load_aoti(tmp_path / "g.pt2")
 
 
 def test_synthesize_runs_the_onnx_model_given_as_the_model(onnx_export, ckpt, tmp_path, capsys):
