@@ -186,6 +186,19 @@ def package_metadata(path: str | Path) -> dict:
         raise CRNError(f"{path}: not an AOTInductor package ({type(e).__name__}: {e})") from None
 
 
+def best_cpu_isa() -> str:
+    """The widest x86 vector ISA this CPU has, as AOTInductor names it (AVX512: avx512f, dq, vl and
+    bw, as Inductor's own check; AVX2; DEFAULT), from /proc/cpuinfo, which ATEN_CPU_CAPABILITY does
+    not lower; elsewhere ATen's capability."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return torch.backends.cpu.get_cpu_capability()
+    return "AVX512" if {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags else \
+        "AVX2" if "avx2" in flags else "DEFAULT"
+
+
 def cannot_run_here(meta: dict, device: torch.device | None = None) -> str | None:
     """Why a package with this metadata cannot run on this machine (on ``device``, for a CUDA
     package), else None. Loaded anyway, a package for another CPU's vector ISA can stop the process
@@ -209,7 +222,7 @@ def cannot_run_here(meta: dict, device: torch.device | None = None) -> str | Non
         return None
     levels = ("DEFAULT", "AVX2", "AVX512")  # x86's vector ISAs, in order; others are not compared
     isa = set(str(meta.get("AOTI_CPU_ISA") or "").split())
-    have = torch.backends.cpu.get_cpu_capability()
+    have = best_cpu_isa()
     need = max((levels.index(i) for i in isa if i in levels), default=0)
     if have in levels and levels.index(have) < need:
         return f"it was compiled for CPUs with {levels[need]}, and this one's best is {have}"
