@@ -10,9 +10,9 @@ fresh process loads with ``torch._inductor.aoti_load_package`` alone, without cr
 
 The package takes a contiguous NCHW layout (crn_fast.labels.one_hot returns channels_last strides:
 call .contiguous()); AOTInductor does not check input strides. Nor, unless AOTI_RUNTIME_CHECK_INPUTS=1
-is set, input sizes: a package exported for one shape, given another, returns an image of its own
-shape computed from memory outside the layout (measured: a 64x128 package given 2 layouts, or a
-32x64 one, ran without an error). ``load_aoti``'s runner checks every layout against the shapes in
+is set, input sizes: a package exported for one shape, given another, returns images of its own
+shape without an error (measured: a 1x20x64x128 package given 2 layouts returned one image; given a
+32x64 layout, a 64x128 image read from memory beyond it). ``load_aoti``'s runner checks every layout against the shapes in
 the package's sidecar (``PackageShapes``) and splits or pads batches to the batch sizes it runs.
 """
 from __future__ import annotations
