@@ -65,6 +65,11 @@ def load_exported(args, device):
         raise UsageError(f"--engine {path}: TensorRT runs on a CUDA device, not {device}")
     if not Path(path).is_file():
         raise CRNError(f"--engine {path}: no such file")
+    if Path(f"{path}.json").is_file():
+        facts = read_sidecar(path)
+        if (facts.get("verification") or {}).get("passed") is False:  # crn-export kept it as generator.failed.*
+            log.warning(f"{path} failed its verification against eager fp32 when exported (max abs "
+                        f"{facts['verification'].get('max_abs')}; see {path}.json): its images may be wrong")
     if args.backend == "onnxruntime":
         from crn_fast.export.onnx import ONNXGenerator
         facts = read_sidecar(path)

@@ -212,6 +212,15 @@ def test_synthesize_runs_the_onnx_model_given_as_the_model(onnx_export, ckpt, tm
     for name in "ab":
         got, want = (np.asarray(Image.open(tmp_path / d / f"{name}.png"), np.int16) for d in ("o", "e"))
         assert np.abs(got - want).max() <= 1, name
+    failed = tmp_path / "generator.failed.onnx"  # as crn-export keeps one that failed its verification
+    failed.write_bytes((onnx_export / "generator.onnx").read_bytes())
+    side = json.loads((onnx_export / "generator.onnx.json").read_text())
+    side["verification"].update(passed=False, max_abs=12.5)
+    (tmp_path / "generator.failed.onnx.json").write_text(json.dumps(side))
+    capsys.readouterr()
+    assert synth_main([str(failed), "--labels", str(labels), "--out", str(tmp_path / "f"), "--no-progress"]) == 0
+    assert f"{failed} failed its verification against eager fp32 when exported (max abs 12.5" in \
+        capsys.readouterr().err
     alone = tmp_path / "alone.onnx"
     alone.write_bytes((onnx_export / "generator.onnx").read_bytes())
     capsys.readouterr()
