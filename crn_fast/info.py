@@ -29,8 +29,9 @@ from .checkpoint import atomic_path, read_generator_file, state_dict_mismatch
 from .config import CRNConfig
 from .errors import CheckpointError, CRNError, UsageError
 from .labels import ClassSet, describe_ids, read_classes
+from crn_fast.export.sidecar import EXPORTED, read_sidecar, sidecar_config
 
-EXPORT_SUFFIXES = (".onnx", ".pt2", ".engine")
+EXPORT_SUFFIXES = tuple(EXPORTED)
 EXPORT_FORMATS = {"onnx": "ONNX", "aotinductor": "AOTInductor package", "tensorrt": "TensorRT engine"}
 
 
@@ -175,10 +176,8 @@ def _export(p: Path) -> Found:
     if not side.is_file():
         raise CheckpointError(f"{p} has no sidecar {side.name} beside it (crn-export writes one for every "
                               "artefact, with its model, shapes and verification); it was moved without it")
-    d = _read_json(side)
-    if not isinstance(d, dict) or "model" not in d:
-        raise CheckpointError(f"{side} is not a crn-export sidecar (no 'model' entry)")
-    config = _config_of(d["model"], str(side))
+    d = read_sidecar(artefact)
+    config = sidecar_config(artefact, d)
     info = {"kind": "export", "path": str(artefact), "present": artefact.is_file(),
             "bytes": artefact.stat().st_size if artefact.is_file() else None,
             "model": _model(config), "classes": _classes(config.class_set),

@@ -42,12 +42,9 @@ from .distributed import setup_distributed, shutdown
 from .errors import CRNError, RunStopped, UsageError
 from .images import OrderedWrites, save_png, side_by_side, to_uint8
 from .labels import one_hot
+from crn_fast.export.sidecar import EXPORTED
 
 
-# what crn-export writes, by file name: the backend that runs it, and the option that builds it
-EXPORTED = {".onnx": ("onnxruntime", "an ONNX model", "--onnx"),
-            ".pt2": ("aoti", "an AOTInductor package", "--compile"),
-            ".engine": ("tensorrt", "a TensorRT engine", "--trt"), ".plan": ("tensorrt", "a TensorRT engine", "--trt")}
 EXPORT_BACKENDS = {backend: flag for backend, _, flag in EXPORTED.values()}
 
 
@@ -65,15 +62,13 @@ def load_exported(args, device):
         raise UsageError(f"--engine {path}: TensorRT runs on a CUDA device, not {device}")
     if not Path(path).is_file():
         raise CRNError(f"--engine {path}: no such file")
-    if Path(f"{path}.json").is_file():
-        facts = read_sidecar(path)
-        if (facts.get("verification") or {}).get("passed") is False:  # crn-export kept it as generator.failed.*
-            log.warning(f"{path} failed its verification against eager fp32 when exported (max abs "
-                        f"{facts['verification'].get('max_abs')}; see {path}.json): its images may be wrong")
+    facts = read_sidecar(path)  # the model's classes (and a package's or engine's shapes): none runs without
+    config = sidecar_config(path, facts)
+    if (facts.get("verification") or {}).get("passed") is False:  # crn-export kept it as generator.failed.*
+        log.warning(f"{path} failed its verification against eager fp32 when exported (max abs "
+                    f"{facts['verification'].get('max_abs')}; see {path}.json): its images may be wrong")
     if args.backend == "onnxruntime":
         from crn_fast.export.onnx import ONNXGenerator
-        facts = read_sidecar(path)
-        config = sidecar_config(path, facts)
         want_cuda = device.type == "cuda"
         if want_cuda and args.device is None:  # the default device: onnxruntime's CPU build runs on the CPU
             import onnxruntime as ort
@@ -92,7 +87,6 @@ def load_exported(args, device):
         return gen, device
     if args.backend == "aoti":
         from crn_fast.export.compile import AOTIGenerator
-        read_sidecar(path)  # its shapes and config: a package without them would run any shape wrongly
         gen = AOTIGenerator(path, device if device.type == "cuda" else None)
         if args.device is not None and args.device.type != gen.device.type:
             raise UsageError(f"--engine {path} was compiled for {gen.device.type}, not --device {args.device}; "
@@ -100,11 +94,7 @@ def load_exported(args, device):
                              f"{args.device.type}")
         return gen, gen.device
     from crn_fast.export.tensorrt import TensorRTGenerator
-    gen = TensorRTGenerator(path, device, cuda_graph=args.cuda_graph)  # this rank's GPU
-    if gen.config is None:
-        raise CRNError(f"{path}.json (the sidecar crn-export writes beside the engine) is missing or "
-                       f"unreadable: it holds the model config synthesis needs")
-    return gen, device
+    return TensorRTGenerator(path, device, cuda_graph=args.cuda_graph), device  # this rank's GPU
 
 
 def load_generator_for(args, device):
