@@ -4,9 +4,11 @@ apart (streaming: bounded by --batch-size, not by the folder), the same folder w
 layout, writing a PNG at zlib levels 6 and 1) in one thread and in its default thread count, and the
 up-front label scan of training (--scan-labels) per 2048x1024 colour label, in one thread and in
 the threads crn-train gives it, and by two torchrun ranks at once, sharing the labels or (as before)
-each checking them all.
+each checking them all; and the DataLoader's transport of one training sample, 8-bit (as crn_fast's
+datasets yield it) against int64 ids and a float32 image, in the main process and through 2 workers.
 
     python benchmarks/data_costs.py [--files 10] [--res 1024x2048]     # writes results/data_costs_<device>.json
+    python benchmarks/data_costs.py --only loader     # re-measures the loader's transport alone, into that file
 """
 from __future__ import annotations
 
@@ -109,14 +111,63 @@ def pipeline_stages(files, out: Path) -> dict:
     return rows
 
 
+class _Samples(torch.utils.data.Dataset):
+    """One training sample, as a dataset yields it: 8-bit (uint8 ids and image, crn_fast's) or wide
+    (int64 ids and a float32 image, as before). Made once: what is timed is the loader's transport."""
+
+    def __init__(self, h: int, w: int, wide: bool):
+        ids, image = render_scene(h, w, seed=0, index=0)
+        self.ids, self.image = torch.from_numpy(ids.astype(np.uint8)), torch.from_numpy(image).permute(2, 0, 1)
+        if wide:
+            self.ids, self.image = self.ids.long(), self.image.float()
+
+    def __len__(self):
+        return 1 << 30
+
+    def __getitem__(self, i):
+        return self.ids.clone(), self.image.clone()  # as a decoded sample: new memory each time
+
+
+def loader_ms(h: int, w: int, samples: int = 40) -> dict:
+    """ms per sample through a DataLoader (batch 1) in the main process and through 2 worker processes
+    (shared memory, then the collate), for 8-bit and wide samples of h x w."""
+    rows = {}
+    for wide in (True, False):
+        for workers in (0, 2):
+            it = iter(torch.utils.data.DataLoader(_Samples(h, w, wide), batch_size=1, num_workers=workers))
+            for _ in range(4):  # the workers started, their first batches in flight
+                next(it)
+            t0 = time.perf_counter()
+            for _ in range(samples):
+                next(it)
+            rows[f"{'int64+float32' if wide else 'uint8'}_workers_{workers}"] = \
+                (time.perf_counter() - t0) / samples * 1e3
+            del it
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=positive_int, default=10,
                     help="the small folder; the large one has 10x (default 10)")
     ap.add_argument("--res", default="1024x2048")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=("loader",), default=None,
+                    help="measure one section and update its key in the result file (the others stay)")
     args = ap.parse_args()
     h, w = parse_resolution(args.res)
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
+    if args.only == "loader":
+        loader = loader_ms(h, w)
+        print("loader transport per sample: " + ", ".join(f"{k} {v:.1f} ms" for k, v in loader.items()))
+        kept = json.loads(out.read_text()) if out.is_file() else {"machine": machine_info("cpu")}
+        if kept.get("resolution", [h, w]) != [h, w]:
+            sys.exit(f"{out} holds {kept['resolution'][0]}x{kept['resolution'][1]}, not {h}x{w}: give --json")
+        kept.update({"resolution": [h, w], "loader_ms_per_sample": loader,
+                     "loader_measured": time.strftime("%Y-%m-%d") + " (--only loader: a later run than the rest)"})
+        out.write_text(json.dumps(kept, indent=2))
+        print(f"wrote {out}")
+        return
     with tempfile.TemporaryDirectory(prefix="crn-costs-") as tmp_name:  # GBs of labels and images at 1024p
         tmp = Path(tmp_name)
         torch.manual_seed(0)
@@ -151,10 +202,12 @@ def main():
         ranks = {how: scan_ranks_ms(many, 2, how == "shared") for how in ("every rank all", "shared")}
         print(f"label scan by 2 ranks at once, {len(many)} labels: " +
               ", ".join(f"{how} {ms:.1f} ms per label" for how, ms in ranks.items()))
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
+    loader = loader_ms(h, w)
+    print("loader transport per sample: " + ", ".join(f"{k} {v:.1f} ms" for k, v in loader.items()))
     out.write_text(json.dumps({"machine": machine_info("cpu"), "resolution": [h, w], "synthesize": rows,
                                "synthesize_stages_ms_per_image": stages, "scan_ms_per_label": scan[1],
-                               "scan_ms_per_label_by_threads": scan, "scan_ms_per_label_2_ranks": ranks},
+                               "scan_ms_per_label_by_threads": scan, "scan_ms_per_label_2_ranks": ranks,
+                               "loader_ms_per_sample": loader},
                               indent=2))
     print(f"wrote {out}")
 

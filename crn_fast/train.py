@@ -50,7 +50,7 @@ from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, cou
     ignore_stop_signals, log, non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
 from .config import CRNConfig, get_preset
 from .constants import DTYPES
-from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, make_dataset
+from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, device_batch, in_threads, make_dataset
 from .distributed import setup_distributed, shutdown
 from .errors import CheckpointError, CRNError, RunStopped, UsageError
 from .images import OrderedWrites, sample_sheet, save_png_copies
@@ -490,7 +490,6 @@ def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_clas
     over its layouts, for the caller to add up over the ranks (val_scores gives the means). Nothing
     a training step depends on changes (auto lambdas are not updated in eval mode, no random
     number is drawn), so a run with validation trains exactly as one without."""
-    from .data import in_threads
     was_training = model.training
     model.eval()
     criterion.eval()
@@ -501,12 +500,12 @@ def validate(model, criterion, val, batch_size: int, device, amp_dtype, num_clas
         with torch.no_grad():
             for first in range(0, len(share), batch_size):
                 # a batch decoded at a time, in threads: at 1024x2048 a decoded layout and photograph
-                # take 40 MB, so reading all 100 ahead would hold 4 GB. Nothing here waits for the
+                # take 8 MB, so reading all 100 ahead would hold 800 MB. Nothing here waits for the
                 # device (pinned copies, the count added as a number), so on a GPU the next batch
                 # decodes while this one runs; the caller's read of the sums is the one wait.
                 batch = list(in_threads(val.__getitem__, share[first:first + batch_size], threads))
-                ids, target = ((torch.stack(t).pin_memory() if cuda else torch.stack(t)).to(device, non_blocking=cuda)
-                               for t in zip(*batch))
+                ids, target = device_batch(*((torch.stack(t).pin_memory() if cuda else torch.stack(t))
+                                             for t in zip(*batch)), device, non_blocking=cuda)
                 layout = one_hot(ids, num_classes)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, terms = criterion(model(layout).float(), target, layout)
@@ -1016,7 +1015,7 @@ def train(cfg: TrainConfig) -> Path:
                 break
             # Nothing in a step reads a value back from the device, so on a GPU the host queues the
             # next step (and loads its batch) while this one runs. The loop waits only when it reports.
-            ids, target = (t.to(device, non_blocking=True) for t in batch)
+            ids, target = device_batch(*batch, device, non_blocking=True)  # 8-bit through the copy
             t_step = time.perf_counter()
             try:
                 loss, terms = train_step(forward, loss_fn, opt, scaler, one_hot(ids, config.num_classes), target,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crn_fast.data import DataError, SyntheticStreets, decode_label, label_files, make_dataset
+from crn_fast.data import DataError, SyntheticStreets, decode_label, device_batch, label_files, make_dataset
 from crn_fast.errors import UsageError
 from crn_fast.labels import PALETTE, TRAIN_ID, VOID, one_hot
 from crn_fast.synthetic import render_scene
@@ -23,7 +23,25 @@ def test_synthetic_is_deterministic_and_any_resolution():
     assert {TRAIN_ID["sky"], TRAIN_ID["road"], TRAIN_ID["building"], TRAIN_ID["car"]} <= classes
     ds = SyntheticStreets((32, 64), seed=1)
     ids, img = ds[3]
-    assert ids.dtype == torch.int64 and img.shape == (3, 32, 64) and 0 <= img.min() and img.max() <= 255
+    assert ids.dtype == img.dtype == torch.uint8 and img.shape == (3, 32, 64)
+
+
+def test_samples_stay_8_bit_until_the_device():
+    """A sample crosses the loader's worker processes, pinned memory and the host-to-device copy in
+    8 bits (a fifth of int64 ids and a float32 image); device_batch widens the image after the copy,
+    exactly (every 8-bit value is a float32)."""
+    ds = SyntheticStreets((32, 64), seed=1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    ids, images = next(iter(loader))
+    assert ids.dtype == images.dtype == torch.uint8 and images.shape == (2, 3, 32, 64)
+    ids_d, target = device_batch(ids, images, "cpu")
+    assert ids_d.dtype == torch.uint8 and target.dtype == torch.float32
+    assert torch.equal(target, torch.from_numpy(np.stack([render_scene(32, 64, 1, i)[1] for i in range(2)]))
+                       .permute(0, 3, 1, 2).float())
+    assert torch.equal(one_hot(ids_d), one_hot(ids.long()))
+    # a wider batch (a user's own dataset's int64 ids and float images) is taken as it is
+    ids_w, target_w = device_batch(ids.long(), images.float(), "cpu")
+    assert ids_w.dtype == torch.int64 and torch.equal(target_w, target)
 
 
 def test_one_hot_void_channel():

@@ -449,7 +449,7 @@ def test_the_validation_loss_is_the_loss_on_held_out_layouts_and_changes_no_step
     """--val-data: the training loss (eval mode, no gradients) averaged over --val-samples layouts,
     in metrics.jsonl at every --val-every steps and at the end; the run's weights and auto lambdas
     are those of a run without it, bit for bit."""
-    from crn_fast.data import make_dataset
+    from crn_fast.data import device_batch, make_dataset
     from crn_fast.labels import one_hot
     from crn_fast.loss import CRNLoss
     from crn_fast.vgg import load_vgg19
@@ -480,8 +480,9 @@ def test_the_validation_loss_is_the_loss_on_held_out_layouts_and_changes_no_step
     assert len(layouts) == 5
     layouts.subset(4)
     with torch.no_grad():
-        losses = [float(criterion(model(one_hot(ids[None], 20)), image[None], one_hot(ids[None], 20))[0])
-                  for ids, image in (layouts[i] for i in range(4))]
+        losses = [float(criterion(model(one_hot(ids, 20)), image, one_hot(ids, 20))[0])
+                  for ids, image in (device_batch(ids[None], image[None], "cpu") for ids, image in
+                                     (layouts[i] for i in range(4)))]
     assert val[-1]["val_loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)
     from crn_fast.info import main as info_main
     capsys.readouterr()
