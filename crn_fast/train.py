@@ -547,6 +547,14 @@ class FirstNonFinite:
                            f"precision); {saved} — try a lower --lr or --amp off")
 
 
+def images_per_s(images: int, seconds: float, compiling: tuple[float, int] | None = None) -> float:
+    """A log window's throughput. With --compile the first window leaves out the first step, which
+    compiled (``compiling``: its seconds and images), unless that step is the whole window."""
+    if compiling is not None and images > compiling[1]:
+        images, seconds = images - compiling[1], seconds - compiling[0]
+    return images / max(seconds, 1e-9)
+
+
 def loader_workers(workers: int | None, device) -> int:
     """--workers, or its default: on a GPU the data loads in worker processes, one a core shared by
     the node's ranks (torchrun's LOCAL_WORLD_SIZE), at most 8, so that decoding the next batches
@@ -1002,6 +1010,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = Progress(total, "train", "step", initial=start, enabled=rank == 0 and cfg.progress)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t_last, seen, step = time.perf_counter(), 0, start
+    compiling = None  # --compile: the first step's (seconds, images), left out of the first images/s
     watch = FirstNonFinite(device)
     loading = batches(loader)
     with StopSignals(rank, "stopping after this step, with the run saved (Ctrl-C again: stop at once, losing "
@@ -1031,7 +1040,8 @@ def train(cfg: TrainConfig) -> Path:
             if step == start and cfg.compile != "off" and rank == 0:  # the compile's cost, once
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                log.info(f"compiled: the first step took {time.perf_counter() - t_step:.1f} s")
+                compiling = (time.perf_counter() - t_step, ids.shape[0] * world)
+                log.info(f"compiled: the first step took {compiling[0]:.1f} s")
             step += 1
             seen += ids.shape[0] * world
             if dist.is_initialized():  # the mean over ranks: every rank sees the same loss, and stops together
@@ -1050,13 +1060,13 @@ def train(cfg: TrainConfig) -> Path:
                         loss_val, *term_vals = torch.stack([loss.float(), *terms.values()]).tolist()  # one wait
                         now = time.perf_counter()
                         rec = {"step": step, "loss": loss_val, **{f"loss_{k}": v for k, v in zip(terms, term_vals)},
-                               "images_per_s": seen / max(now - t_last, 1e-9),
+                               "images_per_s": images_per_s(seen, now - t_last, compiling),
                                "peak_memory_mb": peak_memory_mb(device), "lr": cfg.lr}
                         metrics.write(json.dumps(rec) + "\n")
                         metrics.flush()
                         if tensorboard is not None:
                             tensorboard.scalars({k: v for k, v in rec.items() if k != "step"}, step)
-                        t_last, seen = now, 0
+                        t_last, seen, compiling = now, 0, None
                     if sample:
                         samples(step)
                     if save:
