@@ -143,6 +143,7 @@ def loader_ms(h: int, w: int, samples: int = 40) -> dict:
             rows[f"{'int64+float32' if wide else 'uint8'}_workers_{workers}"] = \
                 (time.perf_counter() - t0) / samples * 1e3
             del it
+    print("loader transport per sample: " + ", ".join(f"{k} {v:.1f} ms" for k, v in rows.items()), flush=True)
     return rows
 
 
@@ -158,11 +159,10 @@ def main():
     h, w = parse_resolution(args.res)
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     if args.only == "loader":
-        loader = loader_ms(h, w)
-        print("loader transport per sample: " + ", ".join(f"{k} {v:.1f} ms" for k, v in loader.items()))
         kept = json.loads(out.read_text()) if out.is_file() else {"machine": machine_info("cpu")}
         if kept.get("resolution", [h, w]) != [h, w]:
             sys.exit(f"{out} holds {kept['resolution'][0]}x{kept['resolution'][1]}, not {h}x{w}: give --json")
+        loader = loader_ms(h, w)
         kept.update({"resolution": [h, w], "loader_ms_per_sample": loader,
                      "loader_measured": time.strftime("%Y-%m-%d") + " (--only loader: a later run than the rest)"})
         out.write_text(json.dumps(kept, indent=2))
@@ -203,7 +203,6 @@ def main():
         print(f"label scan by 2 ranks at once, {len(many)} labels: " +
               ", ".join(f"{how} {ms:.1f} ms per label" for how, ms in ranks.items()))
     loader = loader_ms(h, w)
-    print("loader transport per sample: " + ", ".join(f"{k} {v:.1f} ms" for k, v in loader.items()))
     out.write_text(json.dumps({"machine": machine_info("cpu"), "resolution": [h, w], "synthesize": rows,
                                "synthesize_stages_ms_per_image": stages, "scan_ms_per_label": scan[1],
                                "scan_ms_per_label_by_threads": scan, "scan_ms_per_label_2_ranks": ranks,

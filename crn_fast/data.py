@@ -5,7 +5,7 @@ count: 19 for Cityscapes; see labels.ClassSet) and image a uint8 (3, H, W) tenso
 until they reach the device, where ``device_batch`` widens them: the layout one-hot is built there
 (``labels.one_hot``) and the image becomes float32 on the 0..255 scale. A 1024x2048 sample is then 8 MB
 through the loader's worker processes, its pinned memory and the host-to-device copy, not the 40 MB
-of int64 ids and a float32 image (3.8x less time per sample through two loader workers; see the
+of int64 ids and a float32 image (3-4x less time per sample through two loader workers; see the
 README's data costs). Labels resize with nearest neighbour, images with area averaging.
 
 ``--data`` forms: ``synthetic``, ``cityscapes:ROOT``, ``crn:ROOT``, ``pairs:LABEL_DIR,IMAGE_DIR``.

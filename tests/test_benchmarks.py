@@ -142,6 +142,21 @@ def test_settle_cost_smoke(tmp_path):
     assert row["ranks"] == 2 and row["median_us"] > 0 and row["p90_us"] >= row["median_us"]
 
 
+def test_loader_transport_smoke(tmp_path):
+    """benchmarks/data_costs.py --only loader: both sample kinds, in the main process and through 2
+    workers, into the result file beside its other keys (kept); a file of another size is refused."""
+    j = tmp_path / "d.json"
+    j.write_text(json.dumps({"resolution": [32, 64], "scan_ms_per_label": 1.0}))
+    run("benchmarks/data_costs.py", "--only", "loader", "--res", "32x64", "--json", j)
+    res = json.loads(j.read_text())
+    assert res["scan_ms_per_label"] == 1.0 and "loader_measured" in res
+    assert sorted(res["loader_ms_per_sample"]) == sorted(f"{kind}_workers_{n}" for kind in ("int64+float32", "uint8")
+                                                         for n in (0, 2))
+    r = subprocess.run([sys.executable, "benchmarks/data_costs.py", "--only", "loader", "--res", "64x128", "--json",
+                        str(j)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "holds 32x64, not 64x128" in r.stderr
+
+
 def test_kernel_benchmark_smoke(tmp_path):
     j = tmp_path / "k.json"
     # NCHW at 16x32 (the interpreter's slowest rows); the fault test below runs every row in channels_last
