@@ -36,6 +36,7 @@ import copy
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -220,9 +221,31 @@ class ONNXGenerator:
         self.runtime = "onnxruntime" if self.session is not None else "onnx.reference"
 
     def __call__(self, layout: torch.Tensor) -> torch.Tensor:
-        x = layout.detach().float().cpu().contiguous().numpy()
-        if self.session is not None:
-            out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        else:
-            out = self.evaluator.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        return torch.from_numpy(out.astype("float32", copy=False))
+        """(N, classes, H, W) -> (N, 3k, H, W) float32, on the layout's device where the session runs
+        there (CUDA with the CUDA provider), else on the CPU."""
+        if self.session is None:
+            x = layout.detach().float().cpu().contiguous().numpy()
+            return torch.from_numpy(self.evaluator.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype("float32", copy=False))
+        return self._run_bound(layout)
+
+    def _run_bound(self, layout: torch.Tensor) -> torch.Tensor:
+        """onnxruntime reads the input and writes the output in torch's memory (IO binding), so a CUDA
+        layout with the CUDA provider never crosses to the host: without it, a 1024x2048 one-hot
+        (168 MB in fp32) went to the host and back to the GPU, and the images to the host, each call.
+        On the CPU it saves the output's copy. The output's channels are the model's static 3k."""
+        x = layout.detach().to(torch.float32)
+        if x.is_cuda and "CUDAExecutionProvider" not in self.session.get_providers():
+            x = x.cpu()
+        x = x.contiguous()
+        channels = self.session.get_outputs()[0].shape[1]
+        if not isinstance(channels, int):  # pragma: no cover (crn_fast's exports fix it)
+            raise RuntimeError(f"{self.path}: its output's channel count is not static ({channels!r})")
+        y = torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=torch.float32, device=x.device)
+        index = x.device.index if x.device.index is not None else 0
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT_NAME, x.device.type, index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(OUTPUT_NAME, y.device.type, index, np.float32, tuple(y.shape), y.data_ptr())
+        if x.is_cuda:  # onnxruntime runs on its own stream: torch's writes to the layout come first
+            torch.cuda.current_stream(x.device).synchronize()
+        self.session.run_with_iobinding(binding)  # returns with the output written (the provider synchronizes)
+        return y

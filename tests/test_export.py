@@ -82,6 +82,26 @@ def test_onnx_is_one_dynamic_model_matching_eager(onnx_export, ckpt):
         np.testing.assert_allclose(run(x).numpy(), ref.numpy(), atol=0.01)
 
 
+def test_onnxruntime_reads_and_writes_torchs_memory(onnx_export):
+    """ONNXGenerator binds the layout and the output in torch's memory (IO binding: on a GPU with the
+    CUDA provider nothing crosses to the host): the images session.run gives, bit for bit, from a
+    channels_last layout (one_hot's), an NCHW one and a strided view; a new tensor every call."""
+    import onnxruntime as ort
+    from crn_fast.export.onnx import INPUT_NAME, OUTPUT_NAME, ONNXGenerator
+    run = ONNXGenerator(onnx_export / "generator.onnx")
+    session = ort.InferenceSession(str(onnx_export / "generator.onnx"), providers=["CPUExecutionProvider"])
+    x = layout(2, 48, 80, seed=3)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    expect = session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().numpy()})[0]
+    wide = torch.zeros(2, 20, 48, 96)
+    wide[..., :80] = x
+    outs = [run(v) for v in (x, x.contiguous(), wide[..., :80])]
+    for out in outs:
+        assert out.shape == expect.shape == (2, 3, 48, 80) and out.dtype == torch.float32 and out.device.type == "cpu"
+        assert np.array_equal(out.numpy(), expect)
+    assert outs[0].data_ptr() != outs[1].data_ptr()
+
+
 def test_onnx_layer_norm_pattern_is_safe_for_onnxruntime_and_tensorrt(onnx_export):
     import onnx
     from onnx import numpy_helper
@@ -414,8 +434,14 @@ def test_onnxruntime_cuda_provider(onnx_export):
     from crn_fast.export.onnx import ONNXGenerator
     x = layout(1, 64, 128)
     cpu = ONNXGenerator(onnx_export / "generator.onnx")(x)
-    gpu = ONNXGenerator(onnx_export / "generator.onnx", device="cuda")(x)
-    torch.testing.assert_close(gpu, cpu, atol=0.05, rtol=0)
+    run = ONNXGenerator(onnx_export / "generator.onnx", device="cuda")
+    torch.testing.assert_close(run(x), cpu, atol=0.05, rtol=0)
+    # a layout made on the GPU (a fresh one-hot, still being written by torch's stream) stays there:
+    # onnxruntime reads it in place and writes the images into a CUDA tensor
+    ids = torch.randint(0, 20, (1, 64, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    on_gpu = run(one_hot(ids))
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), cpu, atol=0.05, rtol=0)
 
 
 @pytest.mark.gpu
