@@ -14,9 +14,14 @@ from .checkpoint import atomic_path
 from .labels import CITYSCAPES, ClassSet
 
 
+def uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) on 0..255 (unclipped) -> (..., H, W, 3) uint8, contiguous, on their device."""
+    return images.detach().float().clamp(0, 255).round().to(torch.uint8).movedim(-3, -1).contiguous()
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(..., 3, H, W) on 0..255 (unclipped) -> (..., H, W, 3) uint8."""
-    return images.detach().float().clamp(0, 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+    """(..., 3, H, W) on 0..255 (unclipped) -> (..., H, W, 3) uint8 on the host."""
+    return uint8_images(images).cpu().numpy()
 
 
 def output_row(output: torch.Tensor) -> np.ndarray:

@@ -40,7 +40,7 @@ from .cli import Progress, StopSignals, add_logging_options, count_or_auto, cpu_
 from .data import _open_header, decode_label, jpeg_labels_warning, label_files, label_kind, resize_pair
 from .distributed import setup_distributed, shutdown
 from .errors import CRNError, RunStopped, UsageError
-from .images import OrderedWrites, save_png, side_by_side, to_uint8
+from .images import OrderedWrites, save_png, side_by_side, uint8_images
 from .labels import one_hot
 from crn_fast.export.sidecar import EXPORTED
 
@@ -215,6 +215,19 @@ def synthesize(args) -> list[Path]:
                              "crn-synthesize") as pipe:
         def decode_ahead(i):
             return [(f, hw, pipe.submit(decode, f)) for f, hw in chunks[i]] if i < len(chunks) else []
+
+        def emit(batch):
+            """A batch's images, on the host: each checked, then written (k side by side)."""
+            group, images, finite, copied = batch
+            if copied is not None:
+                copied.synchronize()  # this batch's copy only: the next batch runs on
+            for (f, _), image, ok in zip(group, images.numpy(), finite.tolist()):
+                if not ok:
+                    raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights "
+                                   f"finite?); stopped after {len(written) + len(pipe.pending)} image(s)")
+                pipe.write(write, image, out_dir / f"{f.stem}.png")
+
+        in_flight = []  # on a GPU: the last batch, its copy to the host queued behind it
         ahead = decode_ahead(0)
         for i in range(rounds):
             if stop.agreed:  # at the end of the last batch
@@ -225,19 +238,16 @@ def synthesize(args) -> list[Path]:
                 for f, hw, decoded in current:
                     by_shape.setdefault(hw, []).append((f, decoded))
                 for group in by_shape.values():
-                    # uint8 class indices to the device (one_hot widens them there): 1/8 of int64's bytes
-                    ids = torch.from_numpy(np.stack([d.result() for _, d in group])).to(device)
-                    with torch.inference_mode():
-                        out = model(one_hot(ids, config.num_classes))
-                        finite = torch.isfinite(out).flatten(1).all(1)
-                    # one read back per batch: its images (k side by side) and which are finite
-                    images = to_uint8(out.view(out.shape[0], -1, 3, *out.shape[2:]))
-                    for (f, _), image, ok in zip(group, images, finite.tolist()):
-                        if not ok:
-                            raise CRNError(f"{f}: the generator's output holds NaN or inf (are the weights "
-                                           f"finite?); stopped after {len(written) + len(pipe.pending)} image(s)")
-                        pipe.write(write, image, out_dir / f"{f.stem}.png")
+                    batch = run_batch(model, np.stack([d.result() for _, d in group]), device, config.num_classes)
+                    while in_flight:  # read back the batch before while this one runs on the device
+                        emit(in_flight.pop())
+                    if batch[-1] is None:  # on the host already (a CPU): written while the next one runs
+                        emit((group, *batch))
+                    else:
+                        in_flight.append((group, *batch))
         with ranks.together():
+            while in_flight:
+                emit(in_flight.pop())
             pipe.drain()
     bar.close()
     total = ranks.sum(len(written)) if stop.agreed else 0
@@ -245,6 +255,30 @@ def synthesize(args) -> list[Path]:
         raise RunStopped(f"stopped by {signal.Signals(stop.agreed).name} after {total} of {len(todo)} image(s) in "
                          f"{out_dir}, each whole: finish with --skip-existing", stop.agreed, quiet=ranks.rank != 0)
     return written
+
+
+def run_batch(model, ids: np.ndarray, device, num_classes: int):
+    """The generator on a batch of (N, H, W) uint8 class indices: (images (N, k, H, W, 3) uint8,
+    finite (N,) bool, copied) on the host, where ``copied`` is None or, on a GPU, an event for their
+    copy, queued behind the generator without waiting. The indices go up from pinned memory without
+    waiting either (one_hot widens them on the device: 1/8 of int64's bytes), so the host queues this
+    batch while the device still runs the one before, and reads that one back while this one runs:
+    the device never idles for the host's copies and hand-offs between batches."""
+    ids = torch.from_numpy(ids)
+    cuda = torch.device(device).type == "cuda"
+    with torch.inference_mode():
+        out = model(one_hot((ids.pin_memory() if cuda else ids).to(device, non_blocking=cuda), num_classes))
+        images = uint8_images(out.view(out.shape[0], -1, 3, *out.shape[2:]))
+        finite = torch.isfinite(out).flatten(1).all(1)
+    if not images.is_cuda:  # a CPU, or an artefact that returns host tensors (onnxruntime on the CPU)
+        return images.cpu(), finite.cpu(), None
+    host = (torch.empty(images.shape, dtype=torch.uint8, pin_memory=True),
+            torch.empty(finite.shape, dtype=torch.bool, pin_memory=True))
+    host[0].copy_(images, non_blocking=True)
+    host[1].copy_(finite, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(images.device))  # the copies' stream: the images' device's, the
+    return (*host, copied)                                     # current one only under torchrun's set_device
 
 
 def default_workers() -> int:

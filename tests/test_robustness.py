@@ -489,6 +489,55 @@ def test_synthesize_threads_write_what_one_thread_writes(tmp_path, tiny_ckpt):
         assert np.array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(one)))
 
 
+class _Copied:
+    """Stands in for a GPU batch's copy event on a CPU, so the read back is deferred as on a GPU."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def synchronize(self):
+        self.log.append("read back")
+
+
+def test_synthesize_reads_a_batch_back_while_the_next_one_runs(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """On a GPU a batch's images are copied to the host behind the generator and read back (checked,
+    then written) once the next batch is queued, so the device never waits for the host. Forced here
+    on a CPU: byte for byte the files of the direct path; a NaN image found a batch late still stops
+    the run naming its file, every image before it written and none after."""
+    import crn_fast.synthesize as S
+    labels = _noisy_labels(tmp_path / "labels", 7)
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "direct"), "--batch-size",
+                       "2", "-q"]) == 0
+    log, real = [], S.run_batch
+
+    def deferred(model, ids, device, num_classes, nan_at=None):
+        images, finite, copied = real(model, ids, device, num_classes)
+        assert copied is None  # a CPU: nothing to wait for
+        log.append(f"batch of {len(ids)}")
+        if nan_at is not None and log.count("batch of 2") == nan_at:
+            finite = finite.clone()
+            finite[0] = False
+        return images, finite, _Copied(log)
+
+    monkeypatch.setattr(S, "run_batch", deferred)
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "deferred"), "--batch-size",
+                       "2", "-q"]) == 0
+    assert log == ["batch of 2", "batch of 2", "read back", "batch of 2", "read back", "batch of 1", "read back",
+                   "read back"]  # each batch read back after the next is queued; the last at the end
+    names = sorted(p.name for p in (tmp_path / "direct").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "deferred").iterdir()) and len(names) == 7
+    assert all((tmp_path / "direct" / n).read_bytes() == (tmp_path / "deferred" / n).read_bytes() for n in names)
+    # the third batch's first image (4.png) is not finite: found while the fourth runs
+    log.clear()
+    monkeypatch.setattr(S, "run_batch", lambda *a: deferred(*a, nan_at=3))
+    capsys.readouterr()
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "nan"), "--batch-size", "2",
+                       "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "4.png: the generator's output holds NaN or inf" in err and "stopped after 4 image(s)" in err, err
+    assert sorted(p.name for p in (tmp_path / "nan").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+
+
 def test_synthesize_skip_existing_finishes_a_stopped_run(tmp_path, tiny_ckpt, capsys):
     """--skip-existing leaves out the layouts whose image is in --out: a run stopped after 3 of 7
     images is finished with the other 4, the 3 untouched, and the folder as one whole run's."""

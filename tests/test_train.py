@@ -710,6 +710,43 @@ def test_validation_never_waits_for_the_gpu_until_its_sums_are_read():
 
 
 @pytest.mark.gpu
+def test_synthesis_queues_each_batch_before_reading_the_last_one_back(tmp_path, monkeypatch):
+    """crn-synthesize on a GPU under CUDA's sync-debug mode "error" while each batch is queued: its
+    layouts go up from pinned memory and its images come back into pinned memory behind the
+    generator, so nothing waits there; the one wait is each batch's copy event, after the next batch
+    is queued. The files are a CPU run's, to one 8-bit level."""
+    import crn_fast.synthesize as S
+    from crn_fast.labels import PALETTE
+    torch.manual_seed(0)
+    save_generator(CRN.from_preset("tiny"), tmp_path / "tiny.ckpt")
+    (tmp_path / "labels").mkdir()
+    for i in range(5):
+        ids = np.random.default_rng(i).integers(0, 19, (64, 128)).astype(np.uint8)
+        Image.fromarray(PALETTE[ids]).save(tmp_path / "labels" / f"{i}.png")
+    args = [str(tmp_path / "tiny.ckpt"), "--labels", str(tmp_path / "labels"), "--batch-size", "2", "--backend",
+            "eager", "-q"]
+    assert synth_main([*args, "--out", str(tmp_path / "warm"), "--device", "cuda"]) == 0  # cuDNN, the allocator
+    real = S.run_batch
+
+    def strict(*a):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            images, finite, copied = real(*a)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert images.is_pinned() and copied is not None
+        return images, finite, copied
+
+    monkeypatch.setattr(S, "run_batch", strict)
+    assert synth_main([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+    monkeypatch.setattr(S, "run_batch", real)
+    assert synth_main([*args, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    for i in range(5):
+        gpu, cpu = (np.asarray(Image.open(tmp_path / d / f"{i}.png")).astype(int) for d in ("gpu", "cpu"))
+        assert np.abs(gpu - cpu).max() <= 1, i
+
+
+@pytest.mark.gpu
 def test_compiled_triton_training_matches_eager_on_a_gpu():
     """--compile with the triton backend (crn-train's default on a GPU): the generator with its
     torch.ops.crn_fast operators (their backward registered) and the VGG-19 loss compiled by
