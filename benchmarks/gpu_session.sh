@@ -14,6 +14,7 @@
 # Usage: bash benchmarks/gpu_session.sh [scale]          (~9.2 min of step limits at scale 1)
 #        CRN_GPU_TRAIN=1 bash benchmarks/gpu_session.sh     (~4 min: a training step under sync-debug "error",
 #                                                           a compiled triton training step against eager,
+#                                                           crn-synthesize's batches queued without a wait,
 #                                                           the convs' forward + backward unpadded and padded,
 #                                                           the training rows, triton vs torch.compile, and a
 #                                                           profiled triton step; a second call while the
@@ -64,7 +65,7 @@ if [ "${CRN_GPU_TRAIN:-0}" = 1 ]; then
   # A second, short call on a machine still warm from the first (which has no training step):
   # the issue's training rows, triton against torch.compile in one run. The H100 session's step 5
   # measured triton and ran out of time while compiling the compile rows.
-  step "T1. the triton backend's training step on hardware: it never waits for the GPU (sync-debug 'error'); compiled (crn-train --compile), the same steps"
+  step "T1. the triton backend's training step on hardware: it never waits for the GPU (sync-debug 'error'); compiled (crn-train --compile), the same steps; crn-synthesize queues each batch without waiting"
   timeout $((60 * s)) python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu tests/test_train.py >> "$log" 2>&1
   step "T0. the 19 convs' forward + backward in bf16, conv1's input unpadded vs padded to 8 channels (the training cascade pads)"
   timeout $((20 * s)) python3 benchmarks/memory_format.py --res $R ${P:+--preset tiny} --train \

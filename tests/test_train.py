@@ -710,6 +710,30 @@ def test_validation_never_waits_for_the_gpu_until_its_sums_are_read():
 
 
 @pytest.mark.gpu
+def test_compiled_triton_training_matches_eager_on_a_gpu():
+    """--compile with the triton backend (crn-train's default on a GPU): the generator with its
+    torch.ops.crn_fast operators (their backward registered) and the VGG-19 loss compiled by
+    Inductor take the uncompiled steps, to bf16 rounding."""
+    from crn_fast.labels import one_hot
+    from crn_fast.loss import CRNLoss
+    from crn_fast.train import compile_for_training, make_optimizer, train_step
+    from crn_fast.vgg import load_vgg19
+    ids = torch.randint(0, 20, (2, 64, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    target = torch.rand(2, 3, 64, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 255
+    losses = {}
+    for mode in ("off", "default"):
+        torch.manual_seed(0)
+        model = CRN.from_preset("tiny", backend="triton").cuda().train()
+        crit = CRNLoss(load_vgg19("random"), "perceptual").cuda()
+        opt = make_optimizer(model.parameters(), 1e-4, torch.device("cuda"))
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        forward, loss_fn = compile_for_training(model, crit, mode)
+        losses[mode] = [float(train_step(forward, loss_fn, opt, scaler, one_hot(ids, 20), target, torch.bfloat16)[0])
+                        for _ in range(3)]
+    assert np.allclose(losses["off"], losses["default"], rtol=2e-2), losses
+
+
+@pytest.mark.gpu
 def test_synthesis_queues_each_batch_before_reading_the_last_one_back(tmp_path, monkeypatch):
     """crn-synthesize on a GPU under CUDA's sync-debug mode "error" while each batch is queued: its
     layouts go up from pinned memory and its images come back into pinned memory behind the
@@ -744,30 +768,6 @@ def test_synthesis_queues_each_batch_before_reading_the_last_one_back(tmp_path, 
     for i in range(5):
         gpu, cpu = (np.asarray(Image.open(tmp_path / d / f"{i}.png")).astype(int) for d in ("gpu", "cpu"))
         assert np.abs(gpu - cpu).max() <= 1, i
-
-
-@pytest.mark.gpu
-def test_compiled_triton_training_matches_eager_on_a_gpu():
-    """--compile with the triton backend (crn-train's default on a GPU): the generator with its
-    torch.ops.crn_fast operators (their backward registered) and the VGG-19 loss compiled by
-    Inductor take the uncompiled steps, to bf16 rounding."""
-    from crn_fast.labels import one_hot
-    from crn_fast.loss import CRNLoss
-    from crn_fast.train import compile_for_training, make_optimizer, train_step
-    from crn_fast.vgg import load_vgg19
-    ids = torch.randint(0, 20, (2, 64, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    target = torch.rand(2, 3, 64, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 255
-    losses = {}
-    for mode in ("off", "default"):
-        torch.manual_seed(0)
-        model = CRN.from_preset("tiny", backend="triton").cuda().train()
-        crit = CRNLoss(load_vgg19("random"), "perceptual").cuda()
-        opt = make_optimizer(model.parameters(), 1e-4, torch.device("cuda"))
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        forward, loss_fn = compile_for_training(model, crit, mode)
-        losses[mode] = [float(train_step(forward, loss_fn, opt, scaler, one_hot(ids, 20), target, torch.bfloat16)[0])
-                        for _ in range(3)]
-    assert np.allclose(losses["off"], losses["default"], rtol=2e-2), losses
 
 
 def test_the_first_images_per_s_leaves_out_the_compile():
