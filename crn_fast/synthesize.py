@@ -76,7 +76,7 @@ def load_exported(args, device):
                 log.info("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu): running on the CPU")
                 want_cuda, device = False, torch.device("cpu")
         try:
-            gen = ONNXGenerator(path, "cuda" if want_cuda else "cpu")
+            gen = ONNXGenerator(path, str(device) if want_cuda else "cpu")  # this rank's GPU
         except RuntimeError as e:  # no CUDA provider for --device cuda; a file onnxruntime cannot read
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise CRNError(f"--engine {path}: {first.strip()[:300]}") from None

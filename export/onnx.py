@@ -180,13 +180,18 @@ def _broadcast_unit_scales(proto):
     return proto
 
 
-def onnxruntime_providers(device: str = "cpu") -> list[str]:
+def onnxruntime_providers(device: str = "cpu") -> list:
+    """onnxruntime's providers for a torch device: "cuda:1" runs on GPU 1, and "cuda" on torch's
+    current GPU (a torchrun rank's own), not on onnxruntime's default GPU 0."""
     import onnxruntime as ort
     have = ort.get_available_providers()
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in have:
             raise RuntimeError("onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        index = torch.device(device).index
+        if index is None:  # "cuda": torch's current GPU (under torchrun, the rank's own)
+            index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

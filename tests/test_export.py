@@ -102,6 +102,19 @@ def test_onnxruntime_reads_and_writes_torchs_memory(onnx_export):
     assert outs[0].data_ptr() != outs[1].data_ptr()
 
 
+def test_onnxruntime_runs_on_the_ranks_own_gpu(monkeypatch):
+    """The CUDA provider gets the torch device's GPU: cuda:1 is GPU 1 and "cuda" torch's current one
+    (a torchrun rank's), not onnxruntime's default GPU 0 for every rank."""
+    ort = pytest.importorskip("onnxruntime")
+    from crn_fast.export.onnx import onnxruntime_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnxruntime_providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert onnxruntime_providers("cuda")[0] == ("CUDAExecutionProvider", {"device_id": 3})
+    assert onnxruntime_providers("cpu") == ["CPUExecutionProvider"]
+
+
 def test_onnx_layer_norm_pattern_is_safe_for_onnxruntime_and_tensorrt(onnx_export):
     import onnx
     from onnx import numpy_helper
