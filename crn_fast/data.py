@@ -152,7 +152,9 @@ def resize_pair(ids: np.ndarray, image: np.ndarray | None, size: tuple[int, int]
 def _to_tensors(ids: np.ndarray, image: np.ndarray):
     """(H, W) class indices and an (H, W, 3) uint8 image -> uint8 (H, W) and (3, H, W) tensors (the
     image a view: the loader's collate writes the batch contiguous)."""
-    return torch.from_numpy(ids.astype(np.uint8, copy=False)), torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    # writable arrays (a decoded label or image may be PIL's read-only buffer: torch warns on those)
+    return (torch.from_numpy(np.require(ids, np.uint8, "W")),
+            torch.from_numpy(np.require(image, np.uint8, "W")).permute(2, 0, 1))
 
 
 def device_batch(ids: torch.Tensor, images: torch.Tensor, device, non_blocking: bool = False):

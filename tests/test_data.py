@@ -1,5 +1,6 @@
 """Datasets and bad-data reporting."""
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -82,8 +83,10 @@ def test_cityscapes_official_layout(tmp_path):
     root = write_cityscapes(tmp_path / "cs")
     ds = make_dataset(f"cityscapes:{root}", resolution=(16, 32))
     assert len(ds) == 3
-    ids, img = ds[0]
-    assert ids.shape == (16, 32) and img.shape == (3, 16, 32)
+    with warnings.catch_warnings():  # PIL's read-only buffers are copied, not handed to torch (it warns)
+        warnings.simplefilter("error")
+        ids, img = ds[0]
+    assert ids.shape == (16, 32) and img.shape == (3, 16, 32) and ids.dtype == img.dtype == torch.uint8
     # labelIds map through the official table: 7 road->0, 8 sidewalk->1, 11 building->2, 0 unlabeled->void
     assert set(ids.unique().tolist()) <= {0, 1, 2, 8, 10, 13, VOID}
     root2 = write_cityscapes(tmp_path / "cs2", train_ids=True)
