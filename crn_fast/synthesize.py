@@ -28,6 +28,7 @@ Exit status: 0 done, 1 runtime error, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -160,6 +161,11 @@ def plan(files: list[Path], config, size, out_dir: Path, profile=None) -> list[t
     return out
 
 
+# CRN_FAST_SYNTH_OVERLAP=0 reads each GPU batch back before queueing the next, as crn-synthesize did
+# before: the other half of benchmarks/synth_throughput.py's comparison
+OVERLAP_ENV = "CRN_FAST_SYNTH_OVERLAP"
+
+
 def synthesize(args) -> list[Path]:
     """Synthesize every layout of --labels into --out; returns the files this process wrote. Under
     torchrun each rank (one a GPU) takes every world-th layout, in batches; the ranks stop together
@@ -228,6 +234,7 @@ def synthesize(args) -> list[Path]:
                 pipe.write(write, image, out_dir / f"{f.stem}.png")
 
         in_flight = []  # on a GPU: the last batch, its copy to the host queued behind it
+        overlap = os.environ.get(OVERLAP_ENV, "1") != "0"
         ahead = decode_ahead(0)
         for i in range(rounds):
             if stop.agreed:  # at the end of the last batch
@@ -241,8 +248,8 @@ def synthesize(args) -> list[Path]:
                     batch = run_batch(model, np.stack([d.result() for _, d in group]), device, config.num_classes)
                     while in_flight:  # read back the batch before while this one runs on the device
                         emit(in_flight.pop())
-                    if batch[-1] is None:  # on the host already (a CPU): written while the next one runs
-                        emit((group, *batch))
+                    if batch[-1] is None or not overlap:  # on the host already (a CPU): written while the
+                        emit((group, *batch))                # next one runs
                     else:
                         in_flight.append((group, *batch))
         with ranks.together():

@@ -157,6 +157,20 @@ def test_loader_transport_smoke(tmp_path):
     assert r.returncode == 1 and "holds 32x64, not 64x128" in r.stderr
 
 
+def test_synth_throughput_smoke(tmp_path):
+    """benchmarks/synth_throughput.py: crn-synthesize on N and 2N layouts in fresh processes, the
+    steady state from their difference, for each read-back mode asked; a bad mode is a usage error."""
+    j = tmp_path / "s.json"
+    run("benchmarks/synth_throughput.py", "--res", "32x64", "--preset", "tiny", "--files", "1", "--device", "cpu",
+        "--modes", "overlapped", "--json", j)
+    res = json.loads(j.read_text())
+    (row,) = res["rows"]
+    assert row["mode"] == "overlapped" and set(row["seconds"]) == {"1", "2"} and res["preset"] == "tiny"
+    r = subprocess.run([sys.executable, "benchmarks/synth_throughput.py", "--modes", "fastest"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--modes 'fastest': valid: overlapped, in turn" in r.stderr
+
+
 def test_kernel_benchmark_smoke(tmp_path):
     j = tmp_path / "k.json"
     # NCHW at 16x32 (the interpreter's slowest rows); the fault test below runs every row in channels_last

@@ -527,6 +527,14 @@ def test_synthesize_reads_a_batch_back_while_the_next_one_runs(tmp_path, tiny_ck
     names = sorted(p.name for p in (tmp_path / "direct").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "deferred").iterdir()) and len(names) == 7
     assert all((tmp_path / "direct" / n).read_bytes() == (tmp_path / "deferred" / n).read_bytes() for n in names)
+    # CRN_FAST_SYNTH_OVERLAP=0 (the benchmark's other half): each batch read back before the next is queued
+    log.clear()
+    monkeypatch.setenv("CRN_FAST_SYNTH_OVERLAP", "0")
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "in_turn"), "--batch-size",
+                       "2", "-q"]) == 0
+    assert log == ["batch of 2", "read back"] * 3 + ["batch of 1", "read back"]
+    assert all((tmp_path / "direct" / n).read_bytes() == (tmp_path / "in_turn" / n).read_bytes() for n in names)
+    monkeypatch.delenv("CRN_FAST_SYNTH_OVERLAP")
     # the third batch's first image (4.png) is not finite: found while the fourth runs
     log.clear()
     monkeypatch.setattr(S, "run_batch", lambda *a: deferred(*a, nan_at=3))
