@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--res", default="256x512", help="HxW (default 256x512)")
     ap.add_argument("--preset", default="1024p", help="architecture (default 1024p)")
-    ap.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (Triton's interpreter) or cuda")
     ap.add_argument("--seed", type=int, default=0, help="weights' seed (default 0)")
     ap.add_argument("--json", default=None, help="write the result here")
     args = ap.parse_args(argv)
@@ -27,9 +27,14 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before crn_fast.kernels is imported
     import torch
     from crn_fast import CRN
-    from crn_fast.cli import resolution
+    from crn_fast.config import get_preset, parse_resolution
+    from crn_fast.errors import CRNError
     from crn_fast.export.verify import compare, verification_layouts
-    h, w = resolution(args.res)
+    try:  # bad input is one line: the imports above wait for TRITON_INTERPRET, so these checks too
+        h, w = parse_resolution(args.res)
+        get_preset(args.preset).validate_input_size(h, w)
+    except CRNError as e:
+        ap.error(f"--res {args.res} --preset {args.preset}: {e}")
     torch.manual_seed(args.seed)
     model = CRN.from_preset(args.preset).eval().to(args.device)
     x = verification_layouts((h, w), model.config.class_set, count=1).to(args.device)

@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import device_label, machine_info  # noqa: E402
 
 from crn_fast import CRN, CRNConfig, save_generator  # noqa: E402
-from crn_fast.cli import cores_per_rank, positive_int  # noqa: E402
-from crn_fast.config import parse_resolution  # noqa: E402
+from crn_fast.cli import cores_per_rank, positive_int, resolution  # noqa: E402
 from crn_fast.data import PairDataset, decode_label  # noqa: E402
 from crn_fast.images import save_png  # noqa: E402
 from crn_fast.synthesize import default_workers  # noqa: E402
@@ -151,12 +150,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=positive_int, default=10,
                     help="the small folder; the large one has 10x (default 10)")
-    ap.add_argument("--res", default="1024x2048")
+    ap.add_argument("--res", type=resolution, default=(1024, 2048), help="HxW (default 1024x2048)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", choices=("loader",), default=None,
                     help="measure one section and update its key in the result file (the others stay)")
     args = ap.parse_args()
-    h, w = parse_resolution(args.res)
+    h, w = args.res
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     if args.only == "loader":
         kept = json.loads(out.read_text()) if out.is_file() else {"machine": machine_info("cpu")}

@@ -30,8 +30,9 @@ from _util import device_label, machine_info  # noqa: E402
 from data_costs import write_labels  # noqa: E402
 
 from crn_fast import CRN, save_generator  # noqa: E402
-from crn_fast.cli import positive_int, torch_device  # noqa: E402
-from crn_fast.config import get_preset, parse_resolution, preset_for_resolution  # noqa: E402
+from crn_fast.cli import positive_int, resolution, torch_device  # noqa: E402
+from crn_fast.config import PRESETS, get_preset, preset_for_resolution  # noqa: E402
+from crn_fast.errors import CRNError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"overlapped": "1", "in turn": "0"}
@@ -48,8 +49,9 @@ def run_seconds(cmd: list[str], overlap: str) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--res", default="1024x2048")
-    ap.add_argument("--preset", default=None, help="default: the one for --res (1024p at 1024x2048)")
+    ap.add_argument("--res", type=resolution, default=(1024, 2048), help="HxW (default 1024x2048)")
+    ap.add_argument("--preset", default=None, choices=list(PRESETS),
+                    help="default: the one for --res (1024p at 1024x2048)")
     ap.add_argument("--device", type=torch_device, default=None, help="default: cuda if any")
     ap.add_argument("--files", type=positive_int, default=16, help="N: the runs take N and 2N layouts (16)")
     ap.add_argument("--batch-size", type=positive_int, default=1)
@@ -59,12 +61,16 @@ def main(argv=None) -> int:
                     help=f"read-back modes, comma-separated: {', '.join(MODES)}")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    h, w = parse_resolution(args.res)
+    h, w = args.res
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes {args.modes!r}: valid: {', '.join(MODES)}")
     config = get_preset(args.preset) if args.preset else preset_for_resolution(h, w)
+    try:
+        config.validate_input_size(h, w)
+    except CRNError as e:
+        ap.error(f"--res {h}x{w}: {e}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="crn-synth-") as tmp_name:
         tmp = Path(tmp_name)

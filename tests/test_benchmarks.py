@@ -171,6 +171,19 @@ def test_synth_throughput_smoke(tmp_path):
     assert r.returncode == 2 and "--modes 'fastest': valid: overlapped, in turn" in r.stderr
 
 
+@pytest.mark.parametrize("argv, msg", [
+    (["benchmarks/synth_throughput.py", "--res", "100x"], "is not HEIGHTxWIDTH"),
+    (["benchmarks/synth_throughput.py", "--preset", "bogus"], "invalid choice: 'bogus'"),
+    (["benchmarks/synth_throughput.py", "--res", "100x100", "--preset", "tiny"], "the nearest valid size is 96x96"),
+    (["benchmarks/data_costs.py", "--only", "loader", "--res", "0x5"], "is not HEIGHTxWIDTH"),
+    (["benchmarks/bf16_error.py", "--preset", "bogus"], "unknown preset 'bogus'"),
+    (["benchmarks/bf16_error.py", "--res", "100x100", "--preset", "tiny"], "the nearest valid size is 96x96"),
+])
+def test_benchmark_scripts_refuse_bad_sizes_and_presets_in_one_line(argv, msg):
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_kernel_benchmark_smoke(tmp_path):
     j = tmp_path / "k.json"
     # NCHW at 16x32 (the interpreter's slowest rows); the fault test below runs every row in channels_last
