@@ -233,7 +233,7 @@ def synthesize(args) -> list[Path]:
                                    f"finite?); stopped after {len(written) + len(pipe.pending)} image(s)")
                 pipe.write(write, image, out_dir / f"{f.stem}.png")
 
-        in_flight = []  # on a GPU: the last batch, its copy to the host queued behind it
+        in_flight = None  # on a GPU: the last batch, its copy to the host queued behind it
         overlap = os.environ.get(OVERLAP_ENV, "1") != "0"
         ahead = decode_ahead(0)
         for i in range(rounds):
@@ -245,16 +245,18 @@ def synthesize(args) -> list[Path]:
                 for f, hw, decoded in current:
                     by_shape.setdefault(hw, []).append((f, decoded))
                 for group in by_shape.values():
-                    batch = run_batch(model, np.stack([d.result() for _, d in group]), device, config.num_classes)
-                    while in_flight:  # read back the batch before while this one runs on the device
-                        emit(in_flight.pop())
+                    batch = (group, *run_batch(model, np.stack([d.result() for _, d in group]), device,
+                                               config.num_classes))
+                    if in_flight is not None:  # read back the batch before while this one runs on the device
+                        emit(in_flight)
+                        in_flight = None
                     if batch[-1] is None or not overlap:  # on the host already (a CPU): written while the
-                        emit((group, *batch))                # next one runs
+                        emit(batch)                          # next one runs
                     else:
-                        in_flight.append((group, *batch))
+                        in_flight = batch
         with ranks.together():
-            while in_flight:
-                emit(in_flight.pop())
+            if in_flight is not None:
+                emit(in_flight)
             pipe.drain()
     bar.close()
     total = ranks.sum(len(written)) if stop.agreed else 0
