@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -97,12 +98,24 @@ class Ranks:
 
 _ranks: "Ranks | None" = None  # this process's, once set up
 
+# torch modules whose functions take the default group as a default argument (``group=group.WORLD``,
+# evaluated at import). Imported after init_process_group, they hold the group for the life of the
+# process, past destroy_process_group: its gloo threads then live on into the interpreter's teardown,
+# where they aborted the process ("terminate called without an active exception", SIGABRT) now and
+# then. torch._inductor imports all three (crn_fast.kernels imports it, when the first CRN is built),
+# so they are imported before the group exists, while group.WORLD is still None.
+_TAKE_THE_GROUP_AT_IMPORT = ("torch.distributed.nn", "torch.distributed.fsdp.sharded_grad_scaler",
+                             "torch.distributed.optim")
+
 
 def setup_distributed() -> Ranks:
     """torchrun's process group (NCCL on GPUs, gloo on CPU), or one process when WORLD_SIZE is unset."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        for name in _TAKE_THE_GROUP_AT_IMPORT:
+            with contextlib.suppress(ImportError):  # a torch without it cannot hold the group either
+                importlib.import_module(name)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -127,7 +140,8 @@ def shutdown() -> None:
     exits, which would cut rank 0's message. Then collect garbage: once torch._inductor is imported
     (crn_fast.kernels imports it), a reference cycle kept the gloo group until the interpreter's
     teardown, where its threads aborted the process ("terminate called without an active
-    exception") in 8 of 60 two-rank runs; collected here, in none of 60."""
+    exception") in 8 of 60 two-rank runs; collected here, in none of 60. The group's other holder,
+    a default argument, is kept empty by setup_distributed (_TAKE_THE_GROUP_AT_IMPORT)."""
     global _ranks
     if dist.is_initialized():
         if _ranks is not None and _ranks.stopping:

@@ -123,3 +123,34 @@ def test_one_process_raises_its_error_unchanged():
         with ranks.together():
             raise e
     assert caught.value is e
+
+
+_ENDS_ITS_GROUP = """
+import os, sys
+from crn_fast.distributed import setup_distributed, shutdown
+ranks = setup_distributed()
+from crn_fast import CRN, CRNConfig
+CRN(CRNConfig(widths=(8, 6, 4), k=2))  # imports crn_fast.kernels, so torch._inductor, once the group exists
+ranks.sum(1)
+shutdown()
+threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(f"rank {ranks.rank} threads after shutdown: {threads}", file=sys.stderr)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux's /proc")
+def test_shutdown_ends_the_gloo_group_and_its_threads(tmp_path):
+    """A tool that builds its CRN after torchrun's group exists (crn-synthesize does) ends the group
+    at shutdown(): no gloo thread lives on into the interpreter's teardown, where they aborted two-rank
+    runs now and then (SIGABRT, "terminate called without an active exception"). The holder was
+    torch.distributed.nn's default arguments, imported by torch._inductor after the group existed."""
+    import subprocess
+    import sys
+    script = tmp_path / "ends.py"
+    script.write_text(_ENDS_ITS_GROUP)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stderr.splitlines() if "threads after shutdown" in line)
+    assert [line.split(" threads")[0].split()[-2:] for line in lines] == [["rank", "0"], ["rank", "1"]], r.stderr
+    assert not [line for line in lines if "gloo" in line], lines
