@@ -102,11 +102,11 @@ _ranks: "Ranks | None" = None  # this process's, once set up
 # evaluated at import). Imported after init_process_group, they hold the group for the life of the
 # process, past destroy_process_group: its gloo threads then live on into the interpreter's teardown,
 # where they aborted the process ("terminate called without an active exception", SIGABRT) now and
-# then. torch._inductor imports the first two (crn_fast.kernels imports it, when crn-synthesize builds
-# its CRN), and ZeRO's module would hold the group the same way; so all three are imported before
-# the group exists, while group.WORLD is still None.
-_TAKE_THE_GROUP_AT_IMPORT = ("torch.distributed.nn", "torch.distributed.fsdp.sharded_grad_scaler",
-                             "torch.distributed.optim")
+# then. torch._inductor imports both (crn_fast.kernels imports it, when crn-synthesize builds its
+# CRN), so they are imported before the group exists, while group.WORLD is still None. (ZeRO's
+# torch.distributed.optim does the same, but nothing crn_fast runs imports it, and its import
+# scripts TorchScript functions, with deprecation warnings.)
+_TAKE_THE_GROUP_AT_IMPORT = ("torch.distributed.nn", "torch.distributed.fsdp.sharded_grad_scaler")
 
 
 def setup_distributed() -> Ranks:
