@@ -28,6 +28,7 @@ Exit status: 0 done, 1 runtime error, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -236,24 +237,33 @@ def synthesize(args) -> list[Path]:
         in_flight = None  # on a GPU: the last batch, its copy to the host queued behind it
         overlap = os.environ.get(OVERLAP_ENV, "1") != "0"
         ahead = decode_ahead(0)
-        for i in range(rounds):
-            if stop.agreed:  # at the end of the last batch
-                break
-            current, ahead = ahead, decode_ahead(i + 1)
-            with ranks.together(stop):  # one rank's bad layout, bad output or failed write stops every rank
-                by_shape: dict[tuple, list] = {}
-                for f, hw, decoded in current:
-                    by_shape.setdefault(hw, []).append((f, decoded))
-                for group in by_shape.values():
-                    batch = (group, *run_batch(model, np.stack([d.result() for _, d in group]), device,
-                                               config.num_classes))
-                    if in_flight is not None:  # read back the batch before while this one runs on the device
-                        emit(in_flight)
-                        in_flight = None
-                    if batch[-1] is None or not overlap:  # on the host already (a CPU): written while the
-                        emit(batch)                          # next one runs
-                    else:
-                        in_flight = batch
+        try:
+            for i in range(rounds):
+                if stop.agreed:  # at the end of the last batch
+                    break
+                current, ahead = ahead, decode_ahead(i + 1)
+                with ranks.together(stop):  # one rank's bad layout, bad output or failed write stops every rank
+                    by_shape: dict[tuple, list] = {}
+                    for f, hw, decoded in current:
+                        by_shape.setdefault(hw, []).append((f, decoded))
+                    for group in by_shape.values():
+                        batch = (group, *run_batch(model, np.stack([d.result() for _, d in group]), device,
+                                                   config.num_classes))
+                        if in_flight is not None:  # read back the batch before while this one runs on the device
+                            before, in_flight = in_flight, None
+                            emit(before)
+                        if batch[-1] is None or not overlap:  # on the host already (a CPU): written while the
+                            emit(batch)                          # next one runs
+                        else:
+                            in_flight = batch
+        except BaseException:
+            # a failure on any rank (a bad layout, say), or a second Ctrl-C: the batch still in flight was
+            # computed before it, so it is written, as the direct path wrote it before the failure. The
+            # failure stays the error said: a NaN found in that batch only stops its writes there.
+            if in_flight is not None:
+                with contextlib.suppress(Exception):
+                    emit(in_flight)
+            raise
         with ranks.together():
             if in_flight is not None:
                 emit(in_flight)

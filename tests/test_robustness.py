@@ -544,6 +544,17 @@ def test_synthesize_reads_a_batch_back_while_the_next_one_runs(tmp_path, tiny_ck
     err = capsys.readouterr().err
     assert "4.png: the generator's output holds NaN or inf" in err and "stopped after 4 image(s)" in err, err
     assert sorted(p.name for p in (tmp_path / "nan").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    # an unreadable layout in the third batch (4.png) stops the run while the second is still on the
+    # device: that batch is read back and written first, as the direct path wrote it before the error
+    monkeypatch.setattr(S, "run_batch", deferred)
+    bad = labels / "4.png"
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    assert synth_main([str(tiny_ckpt), "--labels", str(labels), "--out", str(tmp_path / "cut"), "--batch-size", "2",
+                       "-q"]) == 1
+    assert f"{bad}: unreadable image" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    assert all((tmp_path / "direct" / n).read_bytes() == (tmp_path / "cut" / n).read_bytes() for n in
+               ["0.png", "1.png", "2.png", "3.png"])
 
 
 def test_synthesize_skip_existing_finishes_a_stopped_run(tmp_path, tiny_ckpt, capsys):
