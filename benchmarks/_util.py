@@ -7,8 +7,10 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,6 +78,19 @@ def fresh_process(argv: list[str], out, timeout: float) -> tuple[dict | None, st
         return json.loads(open(out).read()), ended
     except (OSError, ValueError):
         return None, ended
+
+
+def results_folder_error(path) -> str | None:
+    """Why results cannot be written at ``path`` (its folder made if missing), or None: checked before
+    any measuring, so that minutes of it are not lost to a path that fails at the end."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"cannot write results to {folder}: {e.strerror or e}"
+    return None
 
 
 def write_text_atomic(path, text: str) -> None:

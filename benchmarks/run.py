@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import (FORMATS, PeakMemory, context_broken, conv_configs, device_label, error_text,  # noqa: E402
-                   fresh_process, inject_fault, machine_info, matmul_peak_tflops, summarize, sync, time_fn,
-                   write_text_atomic)
+                   fresh_process, inject_fault, machine_info, matmul_peak_tflops, results_folder_error, summarize,
+                   sync, time_fn, write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.cli import non_negative_int, positive_float, positive_int  # noqa: E402
@@ -563,13 +563,8 @@ def parse_args(argv=None):
         for target in (args.json, args.markdown, args.plot):
             if target is None:
                 continue
-            folder = Path(target).parent
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=folder):
-                    pass
-            except OSError as e:
-                ap.error(f"cannot write results to {folder}: {e.strerror or e}")
+            if (problem := results_folder_error(target)) is not None:
+                ap.error(problem)
     return args
 
 

@@ -26,20 +26,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info  # noqa: E402
+from _util import device_label, machine_info, results_folder_error  # noqa: E402
 from data_costs import write_labels  # noqa: E402
 
 from crn_fast import CRN, save_generator  # noqa: E402
 from crn_fast.cli import positive_int, resolution, torch_device  # noqa: E402
 from crn_fast.config import PRESETS, get_preset, preset_for_resolution  # noqa: E402
 from crn_fast.errors import CRNError  # noqa: E402
+from crn_fast.synthesize import OVERLAP_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"overlapped": "1", "in turn": "0"}
 
 
 def run_seconds(cmd: list[str], overlap: str) -> float:
-    env = {**os.environ, "CRN_FAST_SYNTH_OVERLAP": overlap}
+    env = {**os.environ, OVERLAP_ENV: overlap}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
         config.validate_input_size(h, w)
     except CRNError as e:
         ap.error(f"--res {h}x{w}: {e}")
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"synth_throughput_{device_label(device)}_{h}x{w}.json")
+    if (problem := results_folder_error(out)) is not None:
+        ap.error(problem)
     rows = []
     with tempfile.TemporaryDirectory(prefix="crn-synth-") as tmp_name:
         tmp = Path(tmp_name)
@@ -95,7 +99,6 @@ def main(argv=None) -> int:
                   f"{row['ms_per_image']:.1f} ms an image at steady state "
                   f"({args.files} and {2 * args.files} layouts: {seconds[args.files]:.1f} and "
                   f"{seconds[2 * args.files]:.1f} s)", flush=True)
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"synth_throughput_{device_label(device)}_{h}x{w}.json")
     out.write_text(json.dumps({"machine": machine_info(device), "preset": config.name, "resolution": [h, w],
                                "batch_size": args.batch_size, "backend": args.backend, "cuda_graph": args.cuda_graph,
                                "files": args.files, "rows": rows}, indent=2))

@@ -175,6 +175,8 @@ def test_synth_throughput_smoke(tmp_path):
     (["benchmarks/synth_throughput.py", "--res", "100x"], "is not HEIGHTxWIDTH"),
     (["benchmarks/synth_throughput.py", "--preset", "bogus"], "invalid choice: 'bogus'"),
     (["benchmarks/synth_throughput.py", "--res", "100x100", "--preset", "tiny"], "the nearest valid size is 96x96"),
+    (["benchmarks/synth_throughput.py", "--preset", "tiny", "--res", "32x64", "--json", "/proc/nope/r.json"],
+     "cannot write results to /proc/nope"),  # before any layout is written or timed
     (["benchmarks/data_costs.py", "--only", "loader", "--res", "0x5"], "is not HEIGHTxWIDTH"),
     (["benchmarks/bf16_error.py", "--preset", "bogus"], "unknown preset 'bogus'"),
     (["benchmarks/bf16_error.py", "--res", "100x100", "--preset", "tiny"], "the nearest valid size is 96x96"),
