@@ -812,6 +812,10 @@ def test_every_operator_traces_with_a_symbolic_batch_on_a_cuda_device(monkeypatc
 
 
 @pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+# the derived-weight cache keys on data_ptr(), which torch warns about for a FakeTensor: only this
+# test calls the host code on fake tensors outside a trace (under torch.compile or torch.export,
+# is_compiling() skips the cache)
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor:UserWarning")
 @pytest.mark.parametrize("preset, size", [("tiny", (32, 64)), ("1024p", (1024, 2048))])
 def test_fast_path_host_code_runs_every_conv_mode_on_a_cuda_device(preset, size, monkeypatch):
     """The triton backend's no-grad forward on fake CUDA tensors (a CUDA build, no GPU; the kernels
