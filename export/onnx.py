@@ -14,6 +14,11 @@ the per-channel affine (Mul, Add) and LeakyRelu. Why this pattern:
   So after export every LayerNormalization gets a [1]-shaped unit scale and zero bias (valid ONNX:
   scale and bias broadcast), and the Expand that fed them is removed. TensorRT imports the node as
   an INormalizationLayer, which the TensorRT builder keeps in fp32 under reduced precision.
+* onnxruntime runs the broadcast scale from 1.24 on. 1.23 and older (1.23 is the last for Python
+  3.10) refuse it, and neither their full-scale LayerNormalization (2.2e-2 off on one (512, 64, 128)
+  row of mean 5 and std 3) nor two ReduceMean passes in fp32 (5e-4; 4.4 at mean 1e4) is accurate
+  there. ``ONNXGenerator`` runs those versions on an in-memory copy whose layer norms take their
+  two passes in fp64 (``fp64_layer_norms``: 2.4e-7 on all three); the file stays as exported.
 
 The area pyramid exports as AveragePool(2, stride 2) and the upsample as Resize(linear,
 align_corners), both driven by runtime shapes, so any multiple of the model's stride works.
@@ -33,6 +38,7 @@ bf16 Conv and AveragePool need opset 22; fp16 works from opset 17.
 from __future__ import annotations
 
 import copy
+import re
 import types
 from pathlib import Path
 
@@ -180,6 +186,55 @@ def _broadcast_unit_scales(proto):
     return proto
 
 
+ORT_BROADCAST_SCALE = (1, 24)  # the first onnxruntime whose LayerNormalization broadcasts its scale
+
+
+def ort_runs_broadcast_scale(version: str) -> bool:
+    """Whether an onnxruntime of this version runs crn_fast's LayerNormalization as exported."""
+    return tuple(int(v) for v in re.findall(r"\d+", version)[:2]) >= ORT_BROADCAST_SCALE
+
+
+def fp64_layer_norms(proto):
+    """``proto`` with each of crn_fast's layer norms (a LayerNormalization of its unit scale and zero
+    bias, over (C,H,W) of an fp32 (N,C,H,W) tensor) as Cast to fp64, mean = ReduceMean, d = x - mean,
+    d / Sqrt(ReduceMean(d * d) + eps), Cast to fp32: for onnxruntime before 1.24 (module docstring)."""
+    from onnx import TensorProto, helper, numpy_helper
+    g = proto.graph
+    opset = model_opset(proto)
+    nodes, added = [], set()
+    for n in g.node:
+        if n.op_type != "LayerNormalization" or n.input[1:] != ["crn_unit_scale", "crn_zero_bias"] or \
+                any(n.output[1:]):
+            nodes.append(n)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        axis = attrs.get("axis", -1) % 4  # crn_fast's layer norms take 4-d (N,C,H,W) input
+        axes = list(range(axis, 4))
+        eps_name, axes_name = f"crn_ln_eps_{attrs.get('epsilon', 1e-5)!r}", f"crn_ln_axes_{axis}"
+        if eps_name not in added:
+            g.initializer.append(numpy_helper.from_array(np.array(attrs.get("epsilon", 1e-5), np.float64), eps_name))
+            added.add(eps_name)
+        if opset >= 18 and axes_name not in added:  # ReduceMean's axes: an input from opset 18, before an attribute
+            g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+            added.add(axes_name)
+
+        def mean(x, out):
+            if opset >= 18:
+                return helper.make_node("ReduceMean", [x, axes_name], [out], keepdims=1)
+            return helper.make_node("ReduceMean", [x], [out], axes=axes, keepdims=1)
+        v = f"{n.output[0]}_fp64_"
+        nodes += [helper.make_node("Cast", [n.input[0]], [v + "x"], to=TensorProto.DOUBLE), mean(v + "x", v + "mean"),
+                  helper.make_node("Sub", [v + "x", v + "mean"], [v + "d"]),
+                  helper.make_node("Mul", [v + "d", v + "d"], [v + "d2"]), mean(v + "d2", v + "var"),
+                  helper.make_node("Add", [v + "var", eps_name], [v + "var_eps"]),
+                  helper.make_node("Sqrt", [v + "var_eps"], [v + "std"]),
+                  helper.make_node("Div", [v + "d", v + "std"], [v + "y"]),
+                  helper.make_node("Cast", [v + "y"], [n.output[0]], to=TensorProto.FLOAT)]
+    del g.node[:]
+    g.node.extend(nodes)
+    return proto
+
+
 def onnxruntime_providers(device: str = "cpu") -> list:
     """onnxruntime's providers for a torch device: "cuda:1" runs on GPU 1, and "cuda" on torch's
     current GPU (a torchrun rank's own), not on onnxruntime's default GPU 0."""
@@ -214,8 +269,12 @@ class ONNXGenerator:
             opts.log_severity_level = 3
             if threads:
                 opts.intra_op_num_threads = threads
+            model = str(path)
+            if not ort_runs_broadcast_scale(ort.__version__):
+                import onnx
+                model = fp64_layer_norms(onnx.load(model)).SerializeToString()
             try:
-                self.session = ort.InferenceSession(str(path), opts, providers=onnxruntime_providers(device))
+                self.session = ort.InferenceSession(model, opts, providers=onnxruntime_providers(device))
             except Exception as e:  # onnxruntime's NOT_IMPLEMENTED (a type without a kernel) and friends
                 if runtime == "onnxruntime" or "NOT_IMPLEMENTED" not in str(e):
                     raise

@@ -86,13 +86,11 @@ def test_onnxruntime_reads_and_writes_torchs_memory(onnx_export):
     """ONNXGenerator binds the layout and the output in torch's memory (IO binding: on a GPU with the
     CUDA provider nothing crosses to the host): the images session.run gives, bit for bit, from a
     channels_last layout (one_hot's), an NCHW one and a strided view; a new tensor every call."""
-    import onnxruntime as ort
     from crn_fast.export.onnx import INPUT_NAME, OUTPUT_NAME, ONNXGenerator
     run = ONNXGenerator(onnx_export / "generator.onnx")
-    session = ort.InferenceSession(str(onnx_export / "generator.onnx"), providers=["CPUExecutionProvider"])
     x = layout(2, 48, 80, seed=3)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    expect = session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().numpy()})[0]
+    expect = run.session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().numpy()})[0]
     wide = torch.zeros(2, 20, 48, 96)
     wide[..., :80] = x
     outs = [run(v) for v in (x, x.contiguous(), wide[..., :80])]
@@ -100,6 +98,32 @@ def test_onnxruntime_reads_and_writes_torchs_memory(onnx_export):
         assert out.shape == expect.shape == (2, 3, 48, 80) and out.dtype == torch.float32 and out.device.type == "cpu"
         assert np.array_equal(out.numpy(), expect)
     assert outs[0].data_ptr() != outs[1].data_ptr()
+
+
+def test_onnxruntime_before_1_24_runs_the_layer_norms_in_fp64(onnx_export, monkeypatch):
+    """onnxruntime 1.23 and older (Python 3.10's newest is 1.23.2) refuse LayerNormalization's
+    broadcast unit scale ("Size of scale and bias must match X.shape[axis:]"), and their full-scale
+    form is 2e-2 off over a long row: ONNXGenerator runs them on an in-memory copy whose layer norms
+    are two fp64 ReduceMean passes, the same images; the file is not touched."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from crn_fast.export import onnx as ox
+    assert [ox.ort_runs_broadcast_scale(v) for v in ("1.18.0", "1.23.2", "1.24.1", "1.32.0", "2.0.0")] == \
+        [False, False, True, True, True]
+    path = onnx_export / "generator.onnx"
+    before = path.read_bytes()
+    proto = ox.fp64_layer_norms(onnx.load(str(path)))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "LayerNormalization" not in ops and ops.count("ReduceMean") == 2 * 10 and ops.count("Cast") == 2 * 10
+    x = layout(2, 48, 80, seed=3)
+    expect = ox.ONNXGenerator(path)(x)
+    rewrites, rewrite = [], ox.fp64_layer_norms
+    monkeypatch.setattr(ox, "fp64_layer_norms", lambda p: rewrites.append(p) or rewrite(p))
+    monkeypatch.setattr(ort, "__version__", "1.23.2")
+    got = ox.ONNXGenerator(path)(x)
+    assert len(rewrites) == 1 and path.read_bytes() == before
+    np.testing.assert_allclose(got.numpy(), expect.numpy(), atol=2e-3, rtol=0)
 
 
 def test_onnxruntime_runs_on_the_ranks_own_gpu(monkeypatch):
