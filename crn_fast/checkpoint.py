@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .config import CRNConfig
-from .errors import CheckpointError, CRNError
+from .errors import CheckpointError, CRNError, absent
 
 FORMAT = "crn_fast.generator"
 FORMAT_VERSION = "1"
@@ -133,7 +133,7 @@ def read_generator_file(path: str | os.PathLike, weights: bool = True
                 f"; the run's generator is {inside}" if inside.is_file() else
                 f"; it holds {len(several)} TF checkpoints: give one prefix, {' or '.join(map(str, several))}"
                 if several else ""))
-        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
+        raise CheckpointError(f"checkpoint {path} {absent(path)}" if not path.exists()
                               else f"checkpoint {path} is not a file")
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CRNError, UsageError
+from .errors import CRNError, UsageError, absent
 from .labels import CITYSCAPES, ClassSet, describe_ids, label_ids_to_train_ids
 from .synthetic import render_scene
 
@@ -331,7 +331,7 @@ def _open_header(path: Path) -> tuple[int, int]:
 
 def _need_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        raise DataError(f"{what} {path} does not exist or is not a folder")
+        raise DataError(f"{what} {path} " + ("is not a folder" if path.exists() else absent(path)))
     return path
 
 
@@ -459,7 +459,7 @@ def label_files(path: Path, exclude: Path | None = None) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise DataError(f"{path}: no such file or folder")
+        raise DataError(f"{path} {absent(path)}")
     if (path / "gtFine").is_dir() and (path / "leftImg8bit").is_dir():
         splits = sorted(d.name for d in (path / "gtFine").iterdir() if d.is_dir()) or ["val"]
         raise DataError(f"{path} is a Cityscapes root (photographs and labels): give its labels, e.g. --labels "

@@ -31,3 +31,22 @@ class RunStopped(Exception):
     def __init__(self, message: str, signum: int, quiet: bool = False):
         super().__init__(message)
         self.signum, self.quiet = signum, quiet
+
+
+def absent(path) -> str:
+    """Why ``path`` names nothing that can be opened, as the end of a sentence about it: "does not
+    exist", or the symbolic link it is ("a symbolic link to X, which does not exist", "a symbolic
+    link loop"), or what the system said ("cannot be reached: Permission denied")."""
+    import errno
+    import os
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if e.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be reached: {e.strerror}"
+    return "exists"  # callers ask only about a path that did not open

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_path, read_generator_file, state_dict_mismatch
 from .config import CRNConfig
-from .errors import CheckpointError, CRNError, UsageError
+from .errors import CheckpointError, CRNError, UsageError, absent
 from .labels import ClassSet, describe_ids, read_classes
 from crn_fast.export.sidecar import EXPORTED, read_sidecar, sidecar_config
 
@@ -71,7 +71,7 @@ def inspect(path: str | Path, deep: bool = True) -> Found:
         if p.is_file() or p.with_name(p.name + ".json").is_file():  # an artefact, or the sidecar left of one
             return _export(p)
     if not p.is_file():
-        raise CheckpointError(f"{p} does not exist" if not p.exists() else f"{p} is not a file or folder")
+        raise CheckpointError(f"{p} {absent(p)}" if not p.exists() else f"{p} is not a file or folder")
     if p.suffix == ".json":
         return _json_file(p)
     import zipfile

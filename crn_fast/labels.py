@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .constants import NUM_CLASSES
-from .errors import CRNError
+from .errors import CRNError, absent
 
 # (name, id, train_id, colour); train_id 255 = void
 CITYSCAPES_LABELS = [
@@ -350,7 +350,7 @@ def read_classes(spec) -> ClassSet:
         return ClassSet.numbered(int(spec))
     path = Path(spec)
     if not spec or not path.is_file():
-        raise CRNError(f"--classes {spec!r}: " + ("empty" if not spec else "no such file" if not path.exists() else
+        raise CRNError(f"--classes {spec!r}: " + ("empty" if not spec else absent(path) if not path.exists() else
                                                   "not a file") +
                        "; give cityscapes, a class count (e.g. 12) or a JSON classes file")
     try:

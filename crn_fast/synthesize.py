@@ -41,7 +41,7 @@ from .cli import Progress, StopSignals, add_logging_options, count_or_auto, cpu_
     resolution, run_tool, setup_logging, torch_device
 from .data import _open_header, decode_label, jpeg_labels_warning, label_files, label_kind, resize_pair
 from .distributed import setup_distributed, shutdown
-from .errors import CRNError, RunStopped, UsageError
+from .errors import CRNError, RunStopped, UsageError, absent
 from .images import OrderedWrites, save_png, side_by_side, uint8_images
 from .labels import one_hot
 from crn_fast.export.sidecar import EXPORTED
@@ -63,7 +63,7 @@ def load_exported(args, device):
     if args.backend == "tensorrt" and device.type != "cuda":
         raise UsageError(f"--engine {path}: TensorRT runs on a CUDA device, not {device}")
     if not Path(path).is_file():
-        raise CRNError(f"--engine {path}: no such file")
+        raise CRNError(f"--engine {path}: " + ("not a file" if Path(path).exists() else absent(path)))
     facts = read_sidecar(path)  # the model's classes (and a package's or engine's shapes): none runs without
     config = sidecar_config(path, facts)
     if (facts.get("verification") or {}).get("passed") is False:  # crn-export kept it as generator.failed.*

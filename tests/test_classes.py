@@ -89,7 +89,7 @@ def test_a_bad_classes_file_is_one_error_naming_the_entry(d, message):
 
 
 def test_read_classes_names_a_missing_or_broken_file(tmp_path):
-    with pytest.raises(CRNError, match="no such file; give cityscapes, a class count"):
+    with pytest.raises(CRNError, match="does not exist; give cityscapes, a class count"):
         read_classes(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{classes: [")
     with pytest.raises(CRNError, match="bad.json: not valid JSON"):

@@ -153,6 +153,8 @@ def test_the_authors_tf_checkpoint_is_described_even_without_its_data(tmp_path, 
 
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing", "missing does not exist"),
+    (lambda d: d / "dangling", "dangling is a symbolic link to "),  # ... missing, which does not exist
+    (lambda d: d / "loop", "loop is a symbolic link loop"),
     (lambda d: d / "empty", "empty is a folder without a training run (model.ckpt, train_state.pt), exports"),
     (lambda d: d / "notes.txt", "notes.txt is not a readable crn_fast checkpoint (corrupt, truncated or another"),
     (lambda d: d / "other.json", "other.json is JSON but not a crn_fast file"),
@@ -169,6 +171,8 @@ def test_what_is_not_a_crn_fast_file_is_one_line(tmp_path, capsys, make, message
     (tmp_path / "generator.pt2").write_bytes(b"PK")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:300])
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     rc, out, err = info(capsys, make(tmp_path))
     assert rc == 1 and not out and err == f"crn-info: error: {make(tmp_path)}{err.split(str(make(tmp_path)))[1]}"
     assert message in err and err.count("\n") == 1, err
