@@ -96,6 +96,10 @@ def _interpreter_rounds_bf16_like_gpus() -> bool:
 
 
 def pytest_configure(config):
+    # pytest-benchmark (for benchmarks/, a separate suite) would print at the start of every -n run
+    # that xdist disables it; these tests use no benchmark fixture, so it is skipped quietly
+    if hasattr(config.option, "benchmark_skip") and not config.getoption("benchmark_only"):
+        config.option.benchmark_skip = True
     if not _cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         problem = _interpreter_problem()
         if problem:
