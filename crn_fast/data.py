@@ -47,11 +47,14 @@ class DataError(CRNError):
 def _open(path: Path) -> Image.Image:
     """Open and fully decode an image. Every decoding failure (unknown format, cut data, a broken
     chunk, a decompression bomb) is a DataError naming the file."""
+    im = None
     try:
         im = Image.open(path)
         im.load()
         return im
     except DECODE_ERRORS as e:
+        if im is not None:  # opened, but its data would not decode: its file is not left open
+            im.close()
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 

@@ -1008,13 +1008,14 @@ def train(cfg: TrainConfig) -> Path:
 
     # --- the loop: one optimizer step per global batch -------------------------------------------
     bar = Progress(total, "train", "step", initial=start, enabled=rank == 0 and cfg.progress)
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t_last, seen, step = time.perf_counter(), 0, start
     compiling = None  # --compile: the first step's (seconds, images), left out of the first images/s
     watch = FirstNonFinite(device)
     loading = batches(loader)
+    # metrics.jsonl is closed at the end, or by the with on an error (its lines are flushed as written)
     with StopSignals(rank, "stopping after this step, with the run saved (Ctrl-C again: stop at once, losing "
-                     "the steps since the last checkpoint)") as signals:  # SIGTERM or a first Ctrl-C
+                     "the steps since the last checkpoint)") as signals, \
+            open(out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as metrics:
         while True:
             # every rank, every step: a bad file in one rank's share of the data, or a signal that
             # reached one rank, stops all of them here

@@ -98,7 +98,8 @@ def add_cityscapes_extras(root):
     instance 1), the colour rendering and the polygons."""
     for f in sorted(root.rglob("*_gtFine_labelIds.png")):
         frame = f.name[: -len("_labelIds.png")]
-        size = Image.open(f).size[::-1]
+        with Image.open(f) as im:
+            size = im.size[::-1]
         Image.fromarray(np.full(size, 26001, np.uint16)).save(f.parent / f"{frame}_instanceIds.png")
         Image.fromarray(PALETTE[np.zeros(size, int)]).save(f.parent / f"{frame}_color.png")
         (f.parent / f"{frame}_polygons.json").write_text("{}")
