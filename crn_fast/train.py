@@ -544,7 +544,7 @@ class FirstNonFinite:
             later = f", noticed at step {step}" if int(bad) != step else ""
             saved = f"the last good checkpoint is {last_good}" if last_good.exists() else "no checkpoint was saved yet"
             raise CRNError(f"the loss is {value} at step {int(bad)}{later} (NaN/inf in the data, the weights or the "
-                           f"precision); {saved} — try a lower --lr or --amp off")
+                           f"precision); {saved}; try a lower --lr or --amp off")
 
 
 def images_per_s(images: int, seconds: float, compiling: tuple[float, int] | None = None) -> float:

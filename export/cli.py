@@ -56,8 +56,11 @@ def build_parser():
                     help="largest HxW of the dynamic range (ONNX, TensorRT, AOTInductor)")
     ap.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=1,
                     help="batch size to optimise for (default 1)")
-    ap.add_argument("--min-batch", type=positive_int, default=None)
-    ap.add_argument("--max-batch", type=positive_int, default=None)
+    ap.add_argument("--min-batch", type=positive_int, default=None,
+                    help="smallest batch of the TensorRT profile (default: --batch)")
+    ap.add_argument("--max-batch", type=positive_int, default=None,
+                    help="largest batch of the TensorRT profile, and of the AOTInductor package (above --batch: "
+                         "a dynamic batch, 1 to this); default --batch. The ONNX model's batch is always dynamic")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                     help="precision of every artefact: fp32, or fp16/bf16 mixed precision (fp32 layer norms, "
                          "input and output)")
