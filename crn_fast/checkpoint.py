@@ -98,6 +98,59 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str = "*", min_age
     return gone
 
 
+def _flock(fd: int, how: int) -> bool | None:
+    """flock without waiting: True held, False another open file holds it, None where the file
+    system has no flock (some network file systems)."""
+    import fcntl
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def writing_into(folder: str | os.PathLike, what: str, alone: bool, clean=None, wait_s: float = 10.0):
+    """Hold ``folder`` as one of crn_fast's writers for the with-block, by the kernel's advisory lock
+    on the folder itself (flock): no file is made, and a killed process's hold ends with it.
+
+    ``alone`` (a training run): no other crn_fast writer may be there; if one is, a CRNError says so
+    (``what`` names the option, e.g. "--out"). Otherwise (crn-synthesize) writers share the folder:
+    runs of other layouts into the same --out go on side by side, and one waits up to ``wait_s`` for a
+    writer that holds the folder alone (another's ``clean``) before the same error. ``clean()`` runs
+    only while no other writer holds the folder: it removes the temporaries of killed runs, which
+    would otherwise take a live run's for stale ones. Without flock (Windows; a network file system
+    without it) nothing is held, and ``clean`` runs as before. The folder must exist."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # no fcntl (Windows), or a folder we cannot open: unguarded
+        if clean:
+            clean()
+        yield
+        return
+    try:
+        held = _flock(fd, fcntl.LOCK_EX)
+        if held is not False and clean:  # no other writer (or no flock here): the temporaries are stale
+            clean()
+        if held and not alone:  # from alone to shared, so that a run of other layouts may start too (not
+            held = _flock(fd, fcntl.LOCK_SH)  # atomic: another may take it alone in between, for a while)
+        if held is False and not alone:
+            import time
+            deadline = time.monotonic() + wait_s
+            while (held := _flock(fd, fcntl.LOCK_SH)) is False and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if held is False:
+            raise CRNError(f"{what} {folder} is being written by another crn_fast run that is still going " +
+                           ("(training or synthesis)" if alone else "(a training run)") +
+                           f"; wait for it to end, or give another {what}")
+        yield
+    finally:
+        os.close(fd)
+
+
 def save_generator(model, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write the generator's weights and config to one safetensors file, atomically."""
     from safetensors.torch import save_file

@@ -170,7 +170,13 @@ OVERLAP_ENV = "CRN_FAST_SYNTH_OVERLAP"
 def synthesize(args) -> list[Path]:
     """Synthesize every layout of --labels into --out; returns the files this process wrote. Under
     torchrun each rank (one a GPU) takes every world-th layout, in batches; the ranks stop together
-    (crn_fast.distributed), each batch settled, so an error on one rank stops them all there."""
+    (crn_fast.distributed), each batch settled, so an error on one rank stops them all there. Runs
+    of other layouts into the same --out may go on side by side (checkpoint.writing_into)."""
+    with contextlib.ExitStack() as hold:
+        return _synthesize(args, hold)
+
+
+def _synthesize(args, hold: contextlib.ExitStack) -> list[Path]:
     ranks = setup_distributed()
     device = args.device or ranks.device
     out_dir = Path(args.out)
@@ -190,9 +196,16 @@ def synthesize(args) -> list[Path]:
                 log.info(f"--skip-existing: {planned - len(todo)} of {planned} layout(s) already have their image "
                          f"in {out_dir}")
         if ranks.rank == 0:  # before any rank writes: their temporaries are not stale
-            from .checkpoint import remove_stale_temporaries
-            for f in remove_stale_temporaries(out_dir, "*.png"):
-                log.info(f"removed {f} (left by an interrupted crn-synthesize)")
+            from .checkpoint import remove_stale_temporaries, writing_into
+
+            def clean():  # only while no other crn-synthesize writes into --out: its temporaries are live
+                for f in remove_stale_temporaries(out_dir, "*.png"):
+                    log.info(f"removed {f} (left by an interrupted crn-synthesize)")
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CRNError(f"cannot write to --out {out_dir}: {e.strerror or e}") from None
+            hold.enter_context(writing_into(out_dir, "--out", alone=False, clean=clean))
     mine = todo[ranks.rank::ranks.world]
     workers = default_workers() if args.workers is None else args.workers
     chunks = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import atomic_path, load_generator, load_train_state, remove_stale_temporaries, \
-    save_generator, save_train_state
+    save_generator, save_train_state, writing_into
 from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, count_or_auto, \
     ignore_stop_signals, log, non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
 from .config import CRNConfig, get_preset
@@ -587,6 +587,9 @@ def check_out(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    if out.is_dir():  # a run still going there: say so now, not that a run is there to --resume or --overwrite
+        with writing_into(out, "--out", alone=True):
+            pass
     found = [f for f in RUN_FILES if (out / f).exists()]
     if found and not (cfg.resume or cfg.overwrite) and not never_stepped(out):
         what = describe_run(out)
@@ -605,10 +608,17 @@ def check_out(cfg: TrainConfig) -> None:
         raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
-def prepare_out(cfg: TrainConfig) -> None:
+def prepare_out(cfg: TrainConfig, hold: contextlib.ExitStack) -> None:
     """Once the run is set up (model, data, loss: any bad option or file has stopped it by then):
-    with --overwrite, remove the old run; make the folders; clean our stale temporaries."""
+    make the folder and hold it alone for the rest of the run (``hold``: a second run into the same
+    --out, started by mistake while this one goes on, stops in one line instead of taking this
+    one's files); then, with --overwrite, remove the old run, and clean our stale temporaries."""
     out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    hold.enter_context(writing_into(out, "--out", alone=True))  # before anything there is removed
     if not cfg.overwrite and not cfg.resume and never_stepped(out):
         log.info(f"{out}: the run there stopped before its first step (no checkpoint, no metrics): starting "
                  f"it again in its place")
@@ -621,7 +631,6 @@ def prepare_out(cfg: TrainConfig) -> None:
         for d in ("samples", "tb"):
             shutil.rmtree(out / d, ignore_errors=True)
     try:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
     except OSError as e:
         raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
@@ -871,7 +880,13 @@ def _quiet_tensorboard_thread() -> None:
 
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> Path:
-    """Train a generator as ``cfg`` says; returns the output folder."""
+    """Train a generator as ``cfg`` says; returns the output folder. Rank 0 holds --out alone from
+    its first write there to the end of the run, however the run ends (prepare_out)."""
+    with contextlib.ExitStack() as hold:
+        return _train(cfg, hold)
+
+
+def _train(cfg: TrainConfig, hold: contextlib.ExitStack) -> Path:
     # --- setup: distributed, output folder, model, data, loss, optimizer -------------------------
     # Under torchrun, whatever can fail on one rank alone runs in ranks.together(): if it fails on
     # any rank, every rank stops there, in one line, with the disk as it was (crn_fast.distributed).
@@ -962,7 +977,7 @@ def train(cfg: TrainConfig) -> Path:
             if val is not None:  # the validation sheets': up to 4 of the validation layouts, spread
                 shown = [val[i * len(val) // min(4, len(val))] for i in range(min(4, len(val)))]
                 val_ids, val_img = torch.stack([f[0] for f in shown]).to(device), torch.stack([f[1] for f in shown])
-            prepare_out(cfg)
+            prepare_out(cfg, hold)
             log.info(f"crn_fast.train: device {device}" + (f" x {world} ranks (DDP)" if world > 1 else "") +
                      f", backend {model.backend}, amp {cfg.amp}" +
                      ("" if cfg.compile == "off" else f", torch.compile ({cfg.compile}; the first step compiles)"))

@@ -11,6 +11,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from crn_fast import CRN, CRNConfig, CheckpointError, load_generator, save_generator
-from crn_fast.errors import UsageError
+from crn_fast.errors import CRNError, UsageError
 from crn_fast.labels import PALETTE, TRAIN_ID, VOID, VOID_COLORS, one_hot
 from crn_fast.train import TrainConfig, main as train_main, train
 from crn_fast.synthesize import main as synth_main
@@ -154,6 +155,87 @@ def test_synthesize_removes_its_own_stale_temporaries_only(tmp_path, tiny_ckpt):
     (out / ".notes.txt.x1y2.tmp").write_bytes(b"someone else's")
     assert synth_main([str(tiny_ckpt), "--labels", str(tmp_path / "l.png"), "--out", str(out), "-q"]) == 0
     assert not (out / ".l.png.x1y2.tmp").exists() and (out / ".notes.txt.x1y2.tmp").exists()
+
+
+class Holder:
+    """Another process that holds a folder as a crn_fast writer (checkpoint.writing_into), alone as a
+    training run does or shared as crn-synthesize does, until the with-block ends."""
+
+    def __init__(self, folder, alone: bool):
+        code = ("import sys\nfrom crn_fast.checkpoint import writing_into\n"
+                f"with writing_into({str(folder)!r}, '--out', alone={alone}):\n"
+                "    print('held', flush=True)\n    sys.stdin.read()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def __enter__(self):
+        assert self.proc.stdout.readline().strip() == "held"
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0
+
+
+def test_a_second_training_run_into_a_folder_in_use_stops_in_one_line(tmp_path, capsys):
+    """A run started by mistake into the --out of a run still going (a second terminal, a job
+    requeued while the first still runs) stops in one line and leaves that run's files alone,
+    whether the first run has logged a step yet or not (then it looks like one that never stepped,
+    which a new run would replace), and with --overwrite or --resume too. Once the first run has
+    ended, the folder is free."""
+    out = tmp_path / "run"
+    assert train_main(["--out", out, "--steps", "1", *SMALL]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    fresh = tmp_path / "fresh"  # what a run that has not finished its first step holds
+    fresh.mkdir()
+    (fresh / "config.json").write_text((out / "config.json").read_text())
+    (fresh / "metrics.jsonl").write_text("")
+    busy = "is being written by another crn_fast run that is still going (training or synthesis); wait for it"
+    for folder, extra in ((out, []), (out, ["--overwrite"]), (out, ["--resume", "--steps", "2"]), (fresh, [])):
+        with Holder(folder, alone=True):
+            assert train_main(["--out", folder, "--steps", "1", *extra, *SMALL]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {folder} {busy}" in err and one_line(err), (extra, err)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    assert sorted(f.name for f in fresh.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert train_main(["--out", out, "--steps", "2", "--resume", *SMALL]) == 0  # the first run has ended
+
+
+def test_synthesis_runs_share_their_out_and_keep_each_others_temporaries(tmp_path, tiny_ckpt, capsys):
+    """Two crn-synthesize runs of different layouts into one --out go on side by side. A run cleans
+    the PNG temporaries of killed runs only when no other run writes there: while one does, a
+    temporary may be one of its images being written. A training run's folder is not shared."""
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "l.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    temporary = out / ".other.png.x1y2.tmp"  # an image another run is writing
+    temporary.write_bytes(b"half")
+    with Holder(out, alone=False):
+        assert synth_main([str(tiny_ckpt), "--labels", str(tmp_path / "l.png"), "--out", str(out), "-q"]) == 0
+        assert (out / "l.png").is_file() and temporary.exists()
+    assert synth_main([str(tiny_ckpt), "--labels", str(tmp_path / "l.png"), "--out", str(out), "-q"]) == 0
+    assert not temporary.exists()  # no other run: it was a killed run's
+
+
+def test_writing_into_holds_a_folder_alone_or_shared(tmp_path):
+    from crn_fast.checkpoint import writing_into
+    cleaned = []
+    with writing_into(tmp_path, "--out", alone=False, clean=lambda: cleaned.append("first")):
+        with writing_into(tmp_path, "--out", alone=False, clean=lambda: cleaned.append("second")):
+            pass
+        with pytest.raises(CRNError, match="still going .training or synthesis.; wait for it to end, or give"):
+            with writing_into(tmp_path, "--out", alone=True):
+                pass
+    assert cleaned == ["first"]  # the second run found the first writing there
+    with writing_into(tmp_path, "--out", alone=True):
+        t = time.monotonic()
+        with pytest.raises(CRNError, match=r"still going \(a training run\)"):
+            with writing_into(tmp_path, "--out", alone=False, wait_s=0.3):
+                pass
+        assert 0.3 <= time.monotonic() - t < 5  # it waited for the holder, then gave up
+    with writing_into(tmp_path, "--out", alone=True, clean=lambda: cleaned.append("free")):
+        pass  # every hold ended with its with-block
+    assert cleaned == ["first", "free"]
 
 
 def test_synthesize_refuses_two_labels_with_one_output_name(tmp_path, tiny_ckpt, capsys):

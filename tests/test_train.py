@@ -589,7 +589,7 @@ def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch):
     the NaN/inf check, the loss and its terms, once, at the last step."""
     short, long = _reads_in_training(tmp_path, 3, monkeypatch), _reads_in_training(tmp_path, 9, monkeypatch)
     assert short == long, (short, long)
-    assert "train:tolist" in short and "check:tolist" in short
+    assert "_train:tolist" in short and "check:tolist" in short
 
 
 @pytest.mark.gpu
