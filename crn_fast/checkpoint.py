@@ -7,7 +7,8 @@
 Every write goes to a temporary file in the target directory (``.<name>.<random>.tmp``) and is
 renamed into place, so a kill at any moment leaves the previous file intact; the file gets the
 permissions a plain ``open()`` would give (0666 less the umask). Temporaries left by a killed
-process are removed by :func:`remove_stale_temporaries` (training does so when it starts).
+process are removed by :func:`remove_stale_temporaries` (training does so when it starts), only
+while no other run writes into the folder: runs hold their output folder with :func:`writing_into`.
 """
 from __future__ import annotations
 
