@@ -175,6 +175,7 @@ class Holder:
     def __exit__(self, *exc):
         self.proc.stdin.close()
         assert self.proc.wait(timeout=60) == 0
+        self.proc.stdout.close()  # or a ResourceWarning, shown under dev mode, would end in a tool's stderr
 
 
 def test_a_second_training_run_into_a_folder_in_use_stops_in_one_line(tmp_path, capsys):
