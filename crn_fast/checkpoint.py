@@ -123,11 +123,17 @@ def writing_into(folder: str | os.PathLike, what: str, alone: bool, clean=None, 
     writer that holds the folder alone (another's ``clean``) before the same error. ``clean()`` runs
     only while no other writer holds the folder: it removes the temporaries of killed runs, which
     would otherwise take a live run's for stale ones. Without flock (Windows; a network file system
-    without it) nothing is held, and ``clean`` runs as before. The folder must exist."""
+    without it) nothing is held, and ``clean`` runs as before. The folder is made if it is not there."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CRNError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):  # no fcntl (Windows), or a folder we cannot open: unguarded
+    except (ImportError, OSError):  # no fcntl (Windows), or a folder we cannot open
+        fd = None
+    if fd is None:  # unguarded, as before
         if clean:
             clean()
         yield

@@ -1,4 +1,6 @@
 """Errors that speak to the user. Library tracebacks are for bugs, not for bad input."""
+import errno
+import os
 
 
 class CRNError(ValueError):
@@ -37,8 +39,6 @@ def absent(path) -> str:
     """Why ``path`` names nothing that can be opened, as the end of a sentence about it: "does not
     exist", or the symbolic link it is ("a symbolic link to X, which does not exist", "a symbolic
     link loop"), or what the system said ("cannot be reached: Permission denied")."""
-    import errno
-    import os
     try:
         os.stat(path)
     except OSError as e:

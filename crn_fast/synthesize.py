@@ -201,10 +201,6 @@ def _synthesize(args, hold: contextlib.ExitStack) -> list[Path]:
             def clean():  # only while no other crn-synthesize writes into --out: its temporaries are live
                 for f in remove_stale_temporaries(out_dir, "*.png"):
                     log.info(f"removed {f} (left by an interrupted crn-synthesize)")
-            try:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise CRNError(f"cannot write to --out {out_dir}: {e.strerror or e}") from None
             hold.enter_context(writing_into(out_dir, "--out", alone=False, clean=clean))
     mine = todo[ranks.rank::ranks.world]
     workers = default_workers() if args.workers is None else args.workers

@@ -614,11 +614,7 @@ def prepare_out(cfg: TrainConfig, hold: contextlib.ExitStack) -> None:
     --out, started by mistake while this one goes on, stops in one line instead of taking this
     one's files); then, with --overwrite, remove the old run, and clean our stale temporaries."""
     out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    hold.enter_context(writing_into(out, "--out", alone=True))  # before anything there is removed
+    hold.enter_context(writing_into(out, "--out", alone=True))  # made, and held before anything there is removed
     if not cfg.overwrite and not cfg.resume and never_stepped(out):
         log.info(f"{out}: the run there stopped before its first step (no checkpoint, no metrics): starting "
                  f"it again in its place")
