@@ -226,7 +226,8 @@ def _last_metrics(p: Path, key: str = "loss") -> dict | None:
 def _run(p: Path) -> Found:
     """A training run's folder: its options (config.json), resume point (train_state.pt),
     generator (model.ckpt), last metrics and samples."""
-    from .train import never_stepped, settled_loss, total_steps
+    from .run_folder import never_stepped
+    from .train_config import settled_loss, total_steps
     info: dict = {"kind": "run", "path": str(p)}
     try:
         options = _read_json(p / "config.json") if (p / "config.json").is_file() else None

@@ -28,157 +28,41 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
-import math
 import os
 import resource
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_path, load_generator, load_train_state, remove_stale_temporaries, \
-    save_generator, save_train_state, writing_into
+from .checkpoint import atomic_path, load_generator, save_generator, save_train_state
 from .cli import Progress, StopSignals, add_logging_options, cores_per_rank, count_or_auto, \
     ignore_stop_signals, log, non_negative_int, positive_float, positive_int, resolution, run_tool, setup_logging
-from .config import CRNConfig, get_preset
+from .config import get_preset
 from .constants import DTYPES
 from .data import DATA_FORMS, SCAN_AUTO_LIMIT, SCAN_MODES, device_batch, in_threads, make_dataset
 from .distributed import setup_distributed, shutdown
-from .errors import CheckpointError, CRNError, RunStopped, UsageError
-from .images import OrderedWrites, sample_sheet, save_png_copies
-from .labels import ClassSet, one_hot, read_classes
+from .errors import CRNError, RunStopped, UsageError
+from .images import sample_sheet
+from .labels import one_hot
 from .loss import LAMBDA_PRESETS, LOSS_KINDS, TERM_NAMES, CRNLoss
 from .model import BACKENDS, CRN, choose_backend
+from .run_folder import SampleWriter, TensorBoardLog, check_out, load_resume_point, prepare_out, \
+    restore_training_state, rng_state, truncate_metrics
+from .train_config import COMPILE_MODES, DEFAULT_STEPS, TrainConfig, describe_options, settled_loss, \
+    total_steps, with_run_options
 from .vgg import load_vgg19
 
-DEFAULT_STEPS = 300
-RUN_FILES = ("model.ckpt", "train_state.pt", "metrics.jsonl", "config.json", "ddp.json")
-# --compile: torch.compile's modes that suit a training step (the CUDA-graph modes, reduce-overhead and
-# max-autotune, do not: a step's graphs would hold the optimizer's and DDP's buffers across replays)
-COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+# This file is the command line and the loop. A run's options are train_config.py's TrainConfig;
+# its folder (what a run is made of, how a run takes, resumes and fills it) is run_folder.py's.
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run is, as plain values (the CLI fills it from its options)."""
-    data: str = "synthetic"
-    split: str = "train"
-    classes: str | ClassSet = "cityscapes"
-    preset: str = "tiny"
-    res: tuple[int, int] | None = None
-    k: int | None = None
-    loss: str | None = None
-    lambdas: str | tuple[float, ...] | None = None
-    vgg_weights: str = "random"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 4
-    lr: float = 1e-4
-    amp: str = "off"
-    backend: str = "auto"
-    checkpointing: bool = False
-    compile: str = "off"  # a COMPILE_MODES entry: torch.compile's mode for the generator and the loss
-    init_from: str | None = None
-    train_modules: str | None = None
-    out: str = "runs/demo"
-    resume: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    log_every: int = 10
-    sample_every: int = 100
-    save_every: int = 100
-    workers: int | None = None  # None: loader_workers() decides
-    skip_bad: bool = False
-    unknown_colors: str = "error"
-    scan_labels: str = "auto"
-    progress: bool = True
-    val_data: str | None = None  # held-out data for the validation loss (same forms as data)
-    val_every: int = 1000
-    val_samples: int = 100
-
-    # what may differ when a run is resumed: bookkeeping, not the trajectory
-    # (--classes: the file's path may change; the classes themselves are the model's, compared as such;
-    # --compile: the same steps, rounded as Inductor's kernels round)
-    RESUMABLE = ("steps", "epochs", "out", "resume", "overwrite", "log_every", "sample_every", "save_every",
-                 "workers", "skip_bad", "checkpointing", "compile", "progress", "init_from", "classes", "val_data",
-                 "val_every", "val_samples")
-
-    def validate(self) -> "TrainConfig":
-        """UsageError naming the first option whose value cannot work."""
-        for name in ("batch_size", "log_every", "sample_every", "save_every", "val_every", "val_samples"):
-            if int(getattr(self, name)) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps {self.steps}: must be >= 1")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise UsageError(f"--epochs {self.epochs}: must be > 0")
-        if self.steps is not None and self.epochs is not None:
-            raise UsageError("--steps and --epochs both given: choose one")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr {self.lr}: must be > 0")
-        if self.k is not None and self.k < 1:
-            raise UsageError(f"--k {self.k}: must be >= 1")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise UsageError(f"--seed {self.seed}: must be an integer >= 0")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers {self.workers}: must be >= 0")
-        for name, valid in (("amp", ("off", *DTYPES)), ("backend", ("auto", *BACKENDS)),
-                            ("unknown_colors", ("error", "void")), ("scan_labels", SCAN_MODES),
-                            ("compile", COMPILE_MODES)):
-            if getattr(self, name) not in valid:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: valid: {', '.join(valid)}")
-        if self.loss is not None and self.loss not in LOSS_KINDS:
-            raise UsageError(f"--loss {self.loss!r}: valid: {', '.join(LOSS_KINDS)}")
-        if self.split != "train" and not str(self.data).startswith("cityscapes:"):
-            raise UsageError(f"--split {self.split}: only --data cityscapes:ROOT has splits (--data {self.data})")
-        if self.val_data in ("none", ""):
-            self.val_data = None
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: choose one")
-        try:
-            get_preset(self.preset)
-            self.class_set()
-        except CRNError as e:
-            raise UsageError(str(e)) from None
-        self.lambdas = parse_lambdas(self.lambdas)
-        return self
-
-    def class_set(self) -> ClassSet:
-        """--classes, read: cityscapes, a count or a classes file (labels.read_classes)."""
-        return self.classes if isinstance(self.classes, ClassSet) else read_classes(self.classes)
-
-    def identity(self) -> dict:
-        """The options that define the run's trajectory (compared on --resume)."""
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in self.RESUMABLE}
-
-
-def parse_lambdas(value):
-    """None, a preset name, 'auto', six numbers, or their comma-separated text."""
-    if value is None or (isinstance(value, str) and (value in LAMBDA_PRESETS or value == "auto")):
-        return value
-    try:
-        numbers = tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
-    except (TypeError, ValueError):
-        raise UsageError(f"--lambdas {value!r}: give {', '.join(LAMBDA_PRESETS)}, auto, or {len(TERM_NAMES)} "
-                         f"comma-separated numbers ({', '.join(TERM_NAMES)})") from None
-    if len(numbers) != len(TERM_NAMES):
-        raise UsageError(f"--lambdas {value!r}: needs {len(TERM_NAMES)} numbers ({', '.join(TERM_NAMES)}), "
-                         f"got {len(numbers)}")
-    bad = [f"{name} {v:g}" for name, v in zip(TERM_NAMES, numbers) if not (math.isfinite(v) and v >= 0)]
-    if bad:
-        raise UsageError(f"--lambdas {value!r}: each weight must be a finite number >= 0, not {', '.join(bad)}")
-    return numbers
-
-
+# ----------------------------------------------------------------------------- the command line
 def build_parser() -> argparse.ArgumentParser:
     prog = "crn-train" if Path(sys.argv[0]).name == "crn-train" else "python -m crn_fast.train"
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,86 +141,12 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def settled_loss(loss: str | None, lambdas, k: int) -> tuple[str, object]:
-    """The loss a run trains with when --loss or --lambdas is left out: diversity for k > 1, else
-    perceptual; the 256p lambdas for diversity, else 1024p's."""
-    kind = loss or ("diversity" if k > 1 else "perceptual")
-    return kind, lambdas or ("256p" if kind == "diversity" else "1024p")
-
-
-def total_steps(steps: int | None, epochs: float | None, pairs: int, batch_size: int) -> int:
-    """The step a run ends at: --steps, else --epochs over ``pairs`` in global batches, else the default."""
-    if steps is not None:
-        return steps
-    return math.ceil(epochs * (pairs // batch_size)) if epochs is not None else DEFAULT_STEPS
-
-
 def given_options(argv) -> set[str]:
     """The TrainConfig fields given on the command line ``argv``, rather than left at their defaults."""
     ap = build_parser()
     for action in ap._actions:
         action.default = argparse.SUPPRESS
     return set(vars(ap.parse_args(argv)))
-
-
-# never the run's: where it is, what to do with it, and how this terminal shows it
-NOT_FROM_THE_RUN = ("out", "resume", "overwrite", "progress", "init_from")
-
-
-def with_run_options(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]:
-    """``--resume`` on the command line: every option not given is the run's own (its config.json),
-    so ``--out runs/x --resume`` alone continues it; options given are compared with the run's as
-    before. The classes are the model's, from the run, so the classes file need not be at hand.
-    Returns the config and the options taken from the run that differ from the defaults."""
-    path = Path(cfg.out) / "config.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        saved = None
-    if not isinstance(saved, dict):  # gone, or cut by a crash of an older version: the resume point's own
-        path = Path(cfg.out) / "train_state.pt"
-        try:
-            state = load_train_state(path, mmap=True)
-            saved = {**state["options"], "model": state["config"]}
-        except (CRNError, KeyError, TypeError):  # no run here, or not a readable one: load_resume_point says which
-            return cfg, {}
-    taken = {}
-    for f in dataclasses.fields(TrainConfig):
-        name = f.name
-        if name in given or name in NOT_FROM_THE_RUN or name not in saved:
-            continue
-        if name in ("steps", "epochs") and given & {"steps", "epochs"}:
-            continue  # the length given, either way, is the run's new length
-        value = saved[name]
-        if name == "classes":
-            model_classes = saved.get("model", {}).get("classes") if isinstance(saved.get("model"), dict) else None
-            try:
-                value = ClassSet.from_dict(model_classes, str(path)) if model_classes else "cityscapes"
-            except CRNError:
-                continue  # then --classes is read as given, and the model's are compared as ever
-        elif isinstance(value, list):
-            value = tuple(value)
-        taken[name] = value
-    new = dataclasses.replace(cfg, **taken)
-    if new.val_data in (None, "none", ""):  # no validation: its interval and size say nothing
-        taken = {k: v for k, v in taken.items() if k not in ("val_every", "val_samples")}
-    return new, {k: v for k, v in taken.items() if v != getattr(cfg, k)}  # cfg: the defaults, for these
-
-
-def describe_options(options: dict) -> str:
-    """TrainConfig values as the command-line options that give them."""
-    words = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "")
-        elif isinstance(value, ClassSet):
-            words.append(f"{flag} {value.describe()!r} (the model's)")
-        elif value is not None:
-            text = "x".join(map(str, value)) if name == "res" else \
-                ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            words.append(f"{flag} {text}")
-    return " ".join(w for w in words if w)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -573,192 +383,6 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def check_out(cfg: TrainConfig) -> None:
-    """Before anything is built: refuse to replace a run silently, and check that --out can be
-    written (in the folder it will be made in, if it is not there yet). Nothing is created or
-    removed: a run stopped by a bad option or bad data leaves the disk as it was (prepare_out)."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if out.is_dir():  # a run still going there: say so now, not that a run is there to --resume or --overwrite
-        with writing_into(out, "--out", alone=True):
-            pass
-    found = [f for f in RUN_FILES if (out / f).exists()]
-    if found and not (cfg.resume or cfg.overwrite) and not never_stepped(out):
-        what = describe_run(out)
-        raise UsageError(f"{out} already holds a run ({what}); continue it with --resume, or replace it with "
-                         f"--overwrite")
-    where = out.absolute()
-    while not where.exists():
-        where = where.parent
-    try:
-        if not where.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{where} is a file")
-        probe = where / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
-
-
-def prepare_out(cfg: TrainConfig, hold: contextlib.ExitStack) -> None:
-    """Once the run is set up (model, data, loss: any bad option or file has stopped it by then):
-    make the folder and hold it alone for the rest of the run (``hold``: a second run into the same
-    --out, started by mistake while this one goes on, stops in one line instead of taking this
-    one's files); then, with --overwrite, remove the old run, and clean our stale temporaries."""
-    out = Path(cfg.out)
-    hold.enter_context(writing_into(out, "--out", alone=True))  # made, and held before anything there is removed
-    if not cfg.overwrite and not cfg.resume and never_stepped(out):
-        log.info(f"{out}: the run there stopped before its first step (no checkpoint, no metrics): starting "
-                 f"it again in its place")
-        for f in [out / "config.json", out / "metrics.jsonl", *(out / "tb").glob("events.out.tfevents.*")]:
-            f.unlink(missing_ok=True)  # only what such a run writes: no sheet was written before step 1
-    if cfg.overwrite:
-        import shutil
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-        for d in ("samples", "tb"):
-            shutil.rmtree(out / d, ignore_errors=True)
-    try:
-        (out / "samples").mkdir(exist_ok=True)
-    except OSError as e:
-        raise CRNError(f"cannot write to --out {out}: {e.strerror or e}") from None
-    for path in remove_stale_temporaries(out) + remove_stale_temporaries(out / "samples"):
-        log.info(f"removed {path} (a temporary file left by an interrupted run)")
-
-
-def never_stepped(out: Path) -> bool:
-    """Does ``out`` hold only what a run that stopped before its first step leaves (config.json,
-    an empty metrics.jsonl, sample and event folders: say it ran out of memory, or torch.compile
-    failed, at step 1)? Nothing there is worth keeping, so a new run may take its place without
-    --overwrite. Its config.json must be a run's: a folder without one is no run at all."""
-    if any((out / f).exists() for f in ("model.ckpt", "train_state.pt", "ddp.json")):
-        return False
-    try:
-        options = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    metrics = out / "metrics.jsonl"
-    return isinstance(options, dict) and {"model", "data", "backend_used"} <= options.keys() and (
-        not metrics.exists() or metrics.is_file() and metrics.stat().st_size == 0)
-
-
-def describe_run(out: Path) -> str:
-    """What is in a run folder, for messages: the step of its training state or model file."""
-    try:
-        return f"train_state.pt at step {int(load_train_state(out / 'train_state.pt', mmap=True)['step'])}"
-    except (CRNError, KeyError, TypeError, ValueError):
-        pass
-    if (out / "model.ckpt").is_file():
-        from .checkpoint import read_generator_file
-        try:
-            step = read_generator_file(out / "model.ckpt", weights=False)[2].get("step")
-            return f"model.ckpt at step {step}" + ("" if (out / "train_state.pt").exists() else
-                                                    ", no train_state.pt")
-        except CRNError:
-            return "an unreadable model.ckpt"
-    return ", ".join(f for f in RUN_FILES if (out / f).exists())
-
-
-def check_resume_state(state: dict, path: Path, cfg: TrainConfig, config) -> None:
-    need = {"step", "config", "model", "optimizer", "loss", "rng"}
-    if not isinstance(state, dict) or not need <= set(state):
-        missing = sorted(need - set(state)) if isinstance(state, dict) else "everything"
-        raise CheckpointError(f"--resume: {path} is not a crn_fast training state (missing {missing})")
-    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items() if k != "name"}
-    wanted = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.to_dict().items() if k != "name"}
-    if saved != wanted:
-        run_classes = CRNConfig.from_dict(state["config"]).class_set
-        run = {**state["config"], "classes": run_classes.describe()}  # a class set by its name, not its every class
-        differ = ", ".join(f"classes: {run_classes.difference(config.class_set)}" if k == "classes" else
-                           f"{k} {saved.get(k)} (now {wanted.get(k)})"
-                           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
-        name = state["config"].get("name")
-        hint = ([f"--preset {name} --k {saved.get('k')}"] if name else []) + \
-            ([f"--classes giving {run['classes']}"] if saved.get("classes") != wanted.get("classes") else [])
-        raise UsageError(f"--resume: {path} holds a different model ({run}): {differ}; resume with the run's model "
-                         f"options" + (f" ({', '.join(hint)})" if hint else "") + ", or start a new run in another "
-                         "--out")
-    old = state.get("options")
-    if old is not None:
-        new = cfg.identity()
-        differ = [k for k in new if k in old and old[k] != new[k]]
-        if differ:
-            raise UsageError("--resume continues a run exactly, but these options differ from it: " +
-                             ", ".join(f"--{k.replace('_', '-')} {old[k]!r} (now {new[k]!r})" for k in differ) +
-                             "; use the run's values, or start a new run in another --out")
-
-
-def load_resume_point(cfg: TrainConfig, config, model) -> dict:
-    """train_state.pt of cfg.out, checked against the options; the model gets its weights."""
-    out = Path(cfg.out)
-    state_path = out / "train_state.pt"
-    if not state_path.is_file():
-        what = describe_run(out) if out.is_dir() else "nothing"
-        if never_stepped(out) and what:
-            raise CRNError(f"--resume: the run in {out} stopped before its first step ({what}): nothing to resume; "
-                           f"start it again without --resume")
-        raise CRNError(f"--resume: {out} has no train_state.pt to resume from ({what or 'empty folder'}); "
-                       f"start again with --overwrite" + (f", or keep the weights with --overwrite --init-from "
-                                                          f"{out / 'model.ckpt'}"
-                                                          if (out / 'model.ckpt').is_file() else ""))
-    state = load_train_state(state_path)
-    check_resume_state(state, state_path, cfg, config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"--resume: {state_path}: {str(e).splitlines()[0]}") from None
-    return state
-
-
-def restore_training_state(state: dict, opt, scaler, criterion, device) -> None:
-    """Optimizer, loss scaler, loss (auto lambdas) and RNG exactly as they were at the saved step."""
-    try:
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        criterion.load_resume_state(state["loss"])
-    except CRNError as e:  # the VGG-19 file changed since: a bad file, not a bad option
-        raise CRNError(f"--resume: {e}") from None
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(f"--resume: the saved optimizer does not fit these options ({str(e).splitlines()[0]}); "
-                         f"was --train-modules different?") from None
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines after ``step`` (written after the checkpoint a resume starts from),
-    and lines that do not parse: a run killed while writing one leaves it cut."""
-    if not path.is_file():
-        return
-    keep, torn = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:
-            record = None
-        at = record.get("step", 0) if isinstance(record, dict) else None
-        if isinstance(at, int):
-            if at <= step:
-                keep.append(line)
-        elif line.strip():
-            torn += 1
-    if torn:
-        log.warning(f"{path}: left out {torn} unreadable line(s) (a write cut when the run was stopped)")
-    from .checkpoint import atomic_path
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in keep))
-
-
 def batches(loader):
     """The loader's batches; an error raised in a worker process comes out as its one-line message."""
     it = iter(loader)
@@ -774,104 +398,6 @@ def batches(loader):
                 text = last.split(": ", 1)[1] if ": " in last else last
             raise type(e)(text) from None
         yield batch
-
-
-class SampleWriter(OrderedWrites):
-    """Sample sheets encoded and written by one background thread, so that training goes on while
-    a PNG encodes (a 1024p sheet is 6144x4096: 3.3 s to encode on a 2-core CPU, about 36 steps of
-    the H100's 1024p training). Each sheet is encoded once for its step file, latest.png and
-    TensorBoard. At most one sheet waits: the next write waits for the one before, whose error (a
-    full disk) stops the run there or at ``close``. On any other error the process still lets the
-    last write finish (atomic: whole or absent) and does not print its error."""
-
-    def __init__(self, tensorboard: "TensorBoardLog | None" = None):
-        super().__init__(1, 1, name="crn-samples")
-        self.tensorboard = tensorboard
-
-    def write(self, sheet, paths, step: int, tag: str = "samples") -> None:
-        super().write(self._write, sheet, paths, step, tag)
-
-    def wait(self) -> None:
-        self.drain()
-
-    def _write(self, sheet, paths, step: int, tag: str) -> None:
-        data = save_png_copies(sheet, paths)
-        if self.tensorboard is not None:
-            self.tensorboard.png(tag, data, sheet.shape, step)
-
-
-class TensorBoardLog:
-    """TensorBoard scalars and sample grids beside metrics.jsonl, when tensorboard is installed.
-
-    TensorBoard writes from its own thread; an error there (a full disk, a vanished folder) would
-    print that thread's traceback and reach training only at TensorBoard's next call. Here the
-    thread's traceback is not printed (``_quiet_tensorboard_thread``) and the error is handled at
-    that next call: a full disk or quota stops the run, as any other write would, naming the
-    TensorBoard folder; anything else is one warning, and training goes on with metrics.jsonl."""
-
-    def __init__(self, out: Path):
-        self.dir, self.writer, self.lock = out / "tb", None, threading.Lock()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.info("  tensorboard not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
-            return
-        _quiet_tensorboard_thread()
-        try:
-            self.writer = SummaryWriter(str(self.dir))
-        except Exception as e:  # a broken install or an unwritable folder: say so, keep training
-            log.warning(f"  TensorBoard disabled: {type(e).__name__}: {e}")
-
-    def _call(self, fn) -> None:
-        """fn(writer), unless TensorBoard stopped; its errors handled as the class says."""
-        with self.lock:  # the loop's scalars and SampleWriter's thread's images
-            if self.writer is None:
-                return
-            try:
-                fn(self.writer)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    self.writer = None
-                    raise OSError(e.errno, e.strerror, str(self.dir)) from None
-                self._stop(e)
-            except Exception as e:  # noqa: BLE001  (TensorBoard is a side channel: never the end of a run)
-                self._stop(e)
-
-    def _stop(self, e: Exception) -> None:
-        self.writer = None
-        log.warning(f"TensorBoard stopped writing to {self.dir} ({type(e).__name__}: {e}); "
-                    f"metrics go on to metrics.jsonl")
-
-    def scalars(self, values: dict, step: int) -> None:
-        for key, v in values.items():
-            self._call(lambda w: w.add_scalar(key, v, step))
-
-    def png(self, name: str, data: bytes, shape, step: int) -> None:
-        """An image from its encoded PNG (the sample sheet's own bytes): TensorBoard's add_image
-        would encode it again."""
-        if self.writer is None:
-            return
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        image = Summary.Image(height=shape[0], width=shape[1], colorspace=shape[2], encoded_image_string=data)
-        summary = Summary(value=[Summary.Value(tag=name, image=image)])
-        self._call(lambda w: w._get_file_writer().add_summary(summary, step))  # add_image's own route
-
-    def close(self) -> None:
-        self._call(lambda w: w.close())
-
-
-def _quiet_tensorboard_thread() -> None:
-    """Leave TensorBoard's writer thread's exceptions to TensorBoardLog: the writer keeps the
-    exception and raises it at its next call. Other threads keep the hook they had."""
-    previous = threading.excepthook
-    if getattr(previous, "crn_fast_tensorboard", False):
-        return
-
-    def hook(args):
-        if not type(args.thread).__module__.startswith("tensorboard."):
-            previous(args)
-    hook.crn_fast_tensorboard = True
-    threading.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- the run

@@ -948,7 +948,7 @@ import errno, time
 import numpy as np
 from pathlib import Path
 from crn_fast.images import encode_png
-from crn_fast.train import TensorBoardLog
+from crn_fast.run_folder import TensorBoardLog
 disk = Path({str(full_disk)!r})
 tb = TensorBoardLog(disk)
 assert tb.writer is not None

@@ -561,13 +561,13 @@ def test_optimizer_is_fused_adam_on_cuda():
 def _reads_in_training(tmp_path, steps, monkeypatch):
     """Values the training code (auto lambdas too) reads back from tensors: float(), int(), bool(),
     .item(), .tolist(). On a GPU each one waits for the device. Only reads made by the step's own
-    code are counted (train, loss, model, VGG, labels, kernels), not the CPU-side sampler's or the
+    code are counted (train, its run folder's writers, loss, model, VGG, labels, kernels), not the CPU-side sampler's or the
     data's."""
     import crn_fast
     from crn_fast.train import TrainConfig, train
     pkg = Path(crn_fast.__file__).parent
-    watched = tuple(str(p) for p in (pkg / "train.py", pkg / "loss.py", pkg / "model.py", pkg / "vgg.py",
-                                     pkg / "labels.py", pkg / "kernels"))
+    watched = tuple(str(p) for p in (pkg / "train.py", pkg / "run_folder.py", pkg / "loss.py", pkg / "model.py",
+                                     pkg / "vgg.py", pkg / "labels.py", pkg / "kernels"))
     reads = []
     for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
         def counted(self, *a, _real=getattr(torch.Tensor, name), _name=name, **kw):
@@ -669,7 +669,7 @@ def test_a_failed_compile_is_one_line_and_the_run_starts_again_in_its_place(tmp_
 def test_only_a_run_that_never_stepped_is_taken_over(tmp_path):
     """Without --overwrite a new run takes the place only of one that wrote nothing but its start: a
     run with any metrics line, checkpoint, or a folder whose config.json is not a run's is refused."""
-    from crn_fast.train import never_stepped
+    from crn_fast.run_folder import never_stepped
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"model": {}, "data": "synthetic", "backend_used": "eager"}))
@@ -799,7 +799,7 @@ def test_sample_sheets_are_written_in_the_background_one_at_a_time(tmp_path):
     """Training goes on while a sheet's PNG is encoded and written; the next sheet waits for the
     last, and a failed write stops the run at the next sheet or at the end, never silently."""
     from crn_fast.errors import CRNError
-    from crn_fast.train import SampleWriter
+    from crn_fast.run_folder import SampleWriter
     sheet = np.random.default_rng(0).integers(0, 255, (8, 12, 3)).astype(np.uint8)
     w = SampleWriter()
     w.write(sheet, [tmp_path / "step_1.png", tmp_path / "latest.png"], 1)
