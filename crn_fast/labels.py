@@ -366,12 +366,30 @@ def read_classes(spec) -> ClassSet:
 
 
 def one_hot(ids: torch.Tensor, num_classes: int = NUM_CLASSES + 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, H, W) integer class indices -> (N, num_classes, H, W) layout in ``dtype``, channels_last.
-    The last channel is void (1 - sum of the others): every index >= num_classes - 1, e.g. 19 or 255
-    for Cityscapes, lands there. Written by one scatter into zeros: a quarter of the bytes of
-    F.one_hot's int64 + permute + cast (3x faster on a CPU at 1024x2048), and no read back, so no
-    wait on a GPU."""
-    index = torch.clamp(ids.long(), max=num_classes - 1).unsqueeze(1)
-    out = torch.empty((ids.shape[0], num_classes, *ids.shape[1:]), dtype=dtype, device=ids.device,
+    """(N, H, W) (or (N, 1, H, W)) integer class indices -> (N, num_classes, H, W) layout in ``dtype``,
+    channels_last. The last channel is void (1 - sum of the others): every index outside 0 ..
+    num_classes - 2 lands there, e.g. 19 or 255 for Cityscapes, or an ignore index of -1. Written by
+    one scatter into zeros: a quarter of the bytes of F.one_hot's int64 + permute + cast (3x faster
+    on a CPU at 1024x2048), and no read back, so no wait on a GPU (the checks here read only the
+    shape and dtype). Anything else is a CRNError naming what would do."""
+    if not isinstance(ids, torch.Tensor):
+        raise CRNError(f"one_hot: ids must be a torch tensor of class indices, got {type(ids).__name__}" +
+                       (": torch.from_numpy(ids)" if isinstance(ids, np.ndarray) else ""))
+    if ids.is_floating_point() or ids.is_complex():
+        raise CRNError(f"one_hot: ids must be integer class indices, got {ids.dtype}: a label map scaled to 0..1 "
+                       f"(e.g. by torchvision's ToTensor) has lost its ids; read it as integers (a label PNG as "
+                       f"uint8), or .long() a tensor whose values are already ids")
+    if ids.dim() == 4 and ids.shape[1] == 1:
+        ids = ids[:, 0]
+    if ids.dim() != 3:
+        raise CRNError(f"one_hot: ids must be (N, H, W) or (N, 1, H, W) class indices, got shape {tuple(ids.shape)}"
+                       + (": one label map is ids[None]" if ids.dim() == 2 else ""))
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 2:
+        raise CRNError(f"one_hot: num_classes must be an int >= 2 (the classes plus void), got {num_classes!r}")
+    void = int(num_classes) - 1
+    index = ids.long().clamp(max=void)
+    if ids.dtype not in (torch.uint8, torch.bool):  # signed: an ignore index of -1 is void too
+        index = index.masked_fill(index < 0, void)
+    out = torch.empty((ids.shape[0], void + 1, *ids.shape[1:]), dtype=dtype, device=ids.device,
                       memory_format=torch.channels_last)
-    return out.zero_().scatter_(1, index, 1.0)
+    return out.zero_().scatter_(1, index.unsqueeze(1), 1.0)

@@ -193,8 +193,11 @@ class CRN(FastInference, nn.Module):
                            (f" of {layout.dtype}: label ids? one-hot them with crn_fast.labels.one_hot(ids, "
                             f"{c.num_classes})" if ids else ""))
         if layout.shape[1] != c.num_classes:
-            raise CRNError(f"layout has {layout.shape[1]} channels but this CRN takes {c.num_classes} "
-                           f"(one-hot classes plus void)")
+            ids = layout.shape[1] == 1 and not layout.is_floating_point()  # (N, 1, H, W) label ids
+            raise CRNError(f"layout has {layout.shape[1]} channel{'s' if layout.shape[1] != 1 else ''} but this "
+                           f"CRN takes {c.num_classes} (one-hot classes plus void)" +
+                           (f": label ids of {layout.dtype}? one-hot them with crn_fast.labels.one_hot(ids, "
+                            f"{c.num_classes})" if ids else ""))
         if not layout.is_floating_point():
             raise CRNError(f"layout must be a float tensor (one-hot), got {layout.dtype}: crn_fast.labels.one_hot "
                            f"gives float32, or convert it with .float()")

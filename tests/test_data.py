@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from crn_fast.data import DataError, SyntheticStreets, decode_label, device_batch, label_files, make_dataset
-from crn_fast.errors import UsageError
+from crn_fast.errors import CRNError, UsageError
 from crn_fast.labels import PALETTE, TRAIN_ID, VOID, one_hot
 from crn_fast.synthetic import render_scene
 
@@ -51,6 +51,24 @@ def test_one_hot_void_channel():
     assert lay.shape == (1, 20, 1, 4)
     assert lay[0, :, 0].argmax(0).tolist() == [0, 18, 19, 19]
     torch.testing.assert_close(lay[:, 19], 1 - lay[:, :19].sum(1))
+
+
+def test_one_hot_takes_label_maps_as_they_come_and_refuses_what_has_lost_its_ids():
+    """(N, 1, H, W) as (N, H, W); a signed ignore index (-1) is void like 255; a float map (a label
+    PNG through ToTensor is scaled to 0..1), a single map, or a numpy array is one CRNError that says
+    what would do, where torch would fail deep in scatter (on a GPU: a device-side assert)."""
+    ids = torch.tensor([[[0, 18, 19, 255, -1, -300]]])
+    lay = one_hot(ids)
+    assert lay[0, :, 0].argmax(0).tolist() == [0, 18, 19, 19, 19, 19] and torch.equal(lay.sum(1), torch.ones(1, 1, 6))
+    assert torch.equal(one_hot(ids[:, None]), lay) and torch.equal(one_hot(ids.to(torch.int32), np.int64(20)), lay)
+    for bad, msg in [(ids.float() / 255, r"integer class indices, got torch.float32: .*ToTensor"),
+                     (ids[0], r"\(N, H, W\) or \(N, 1, H, W\) .* got shape \(1, 6\): one label map is ids\[None\]"),
+                     (ids[:, None].expand(1, 2, 1, 6), r"got shape \(1, 2, 1, 6\)$"),
+                     (ids.numpy(), r"a torch tensor .* got ndarray: torch.from_numpy\(ids\)")]:
+        with pytest.raises(CRNError, match=msg):
+            one_hot(bad)
+    with pytest.raises(CRNError, match="num_classes must be an int >= 2"):
+        one_hot(ids, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

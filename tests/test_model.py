@@ -153,6 +153,8 @@ def test_flop_count_matches_conv_shapes_by_hooks():
     (torch.zeros(1, 20, 1023, 2040), "the nearest valid size is 1024x2048"),
     (torch.zeros(1, 20, 64, 128, dtype=torch.long), "float"),
     (torch.zeros(1, 64, 128, dtype=torch.long), r"label ids\? one-hot them with crn_fast.labels.one_hot\(ids, 20\)"),
+    (torch.zeros(1, 1, 64, 128, dtype=torch.uint8),
+     r"has 1 channel but .*: label ids of torch.uint8\? one-hot them with crn_fast.labels.one_hot\(ids, 20\)"),
 ])
 def test_bad_input_raises_one_clear_error(bad, msg):
     with pytest.raises(CRNError, match=msg):
