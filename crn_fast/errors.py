@@ -50,3 +50,10 @@ def absent(path) -> str:
             return "does not exist"
         return f"cannot be reached: {e.strerror}"
     return "exists"  # callers ask only about a path that did not open
+
+
+def need_file(path, what: str) -> None:
+    """A CRNError unless ``path`` is a file: "P is a folder, not {what}", or why it names nothing
+    (absent). For the Python API's loaders, before a library says it in its own words."""
+    if not os.path.isfile(path):
+        raise CRNError(f"{path} " + (f"is a folder, not {what}" if os.path.isdir(path) else absent(path)))

@@ -131,7 +131,24 @@ class CRNLoss(nn.Module):
             self.running.copy_(torch.where(first, mag, self.running * self.momentum + mag * (1 - self.momentum)))
         return 1.0 / self.running.clamp_min(1e-8)
 
+    def check_inputs(self, output: torch.Tensor, target: torch.Tensor, layout: torch.Tensor | None) -> None:
+        """Shapes only (nothing read back from the device): a CRNError naming the tensor and the
+        shape it needs, where torch would broadcast a smaller batch silently or fail in a reshape."""
+        if output.dim() != 4 or output.shape[1] % 3:
+            raise CRNError(f"loss: output must be the generator's (N, 3k, H, W) images, got shape "
+                           f"{tuple(output.shape)}")
+        n, _, h, w = output.shape
+        if tuple(target.shape) != (n, 3, h, w):
+            hwc = target.dim() == 4 and target.shape[-1] == 3 and tuple(target.shape[1:3]) == (h, w)
+            hint = ": channels last? target.permute(0, 3, 1, 2)" if hwc else ""
+            raise CRNError(f"loss: target must be (N, 3, H, W) = {(n, 3, h, w)} images on 0..255 (the output's N, H "
+                           f"and W), got {tuple(target.shape)}{hint}")
+        if layout is not None and (layout.dim() != 4 or layout.shape[0] != n or tuple(layout.shape[2:]) != (h, w)):
+            raise CRNError(f"loss: layout must be the (N, classes, H, W) one-hot the output was made from, with N, H, "
+                           f"W = {n}, {h}, {w}; got {tuple(layout.shape)}")
+
     def forward(self, output: torch.Tensor, target: torch.Tensor, layout: torch.Tensor | None = None):
+        self.check_inputs(output, target, layout)
         n, ch, h, w = output.shape
         k = ch // 3
         fake = self._features(output.reshape(n * k, 3, h, w))

@@ -139,6 +139,10 @@ class CRN(FastInference, nn.Module):
             config = CRNConfig(widths=tuple(widths),
                                num_classes=NUM_CLASSES + 1 if num_classes is None else num_classes,
                                k=1 if k is None else k, base_size=tuple((4, 8) if base_size is None else base_size))
+        elif not isinstance(config, CRNConfig):
+            raise CRNError(f"CRN's config must be a CRNConfig, got {type(config).__name__} {config!r}"[:200] +
+                           ("; a preset by name: CRN.from_preset(name)" if isinstance(config, str) else
+                            "; from a dict: CRN(CRNConfig.from_dict(d))" if isinstance(config, dict) else ""))
         elif shape:  # never silently drop a shape argument
             raise CRNError(f"CRN got a config and {', '.join(shape)}: give one, e.g. CRN(config.replace(k=3)) "
                            f"or CRN.from_preset(name, k=3)")

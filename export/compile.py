@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from crn_fast.constants import DTYPES
-from crn_fast.errors import CRNError
+from crn_fast.errors import CRNError, need_file
 
 
 def compile_generator(model, mode: str | None = "default", dynamic: bool | None = False, fullgraph: bool = True,
@@ -178,6 +178,7 @@ def package_metadata(path: str | Path) -> dict:
     library; {} for a package that records none. A file that is no such archive is a CRNError."""
     import json
     import zipfile
+    need_file(path, "an AOTInductor package (.pt2)")
     try:
         with zipfile.ZipFile(path) as z:
             names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]

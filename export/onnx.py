@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crn_fast.errors import CRNError, need_file
 from crn_fast.kernels import REFERENCE_OPS
 
 from .compile import quiet_torch_export
@@ -262,6 +263,7 @@ class ONNXGenerator:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, runtime: str = "auto"):
         if runtime not in ("auto", "onnxruntime", "reference"):
             raise ValueError(f"runtime {runtime!r}: valid: auto, onnxruntime, reference")
+        need_file(path, "an ONNX model (.onnx)")
         self.path, self.session, self.evaluator = Path(path), None, None
         if runtime != "reference":
             import onnxruntime as ort
@@ -276,6 +278,8 @@ class ONNXGenerator:
             try:
                 self.session = ort.InferenceSession(model, opts, providers=onnxruntime_providers(device))
             except Exception as e:  # onnxruntime's NOT_IMPLEMENTED (a type without a kernel) and friends
+                if "INVALID_PROTOBUF" in str(e):  # a file of another kind
+                    raise CRNError(f"{path} is not an ONNX model (onnxruntime cannot parse it)") from None
                 if runtime == "onnxruntime" or "NOT_IMPLEMENTED" not in str(e):
                     raise
         if self.session is None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from crn_fast.errors import CRNError, UsageError
+from crn_fast.errors import CRNError, UsageError, need_file
 
 from .onnx import INPUT_NAME, OUTPUT_NAME, onnx_dtype
 
@@ -189,6 +189,7 @@ class TensorRTGenerator:
     """
 
     def __init__(self, engine_path, device: str | int = "cuda", cuda_graph: bool = False):
+        need_file(engine_path, "a TensorRT engine (.engine)")
         trt = _trt()
         self._trt = trt
         self.device = torch.device(device)

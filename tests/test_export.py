@@ -253,6 +253,26 @@ def test_a_package_for_another_machine_is_refused_before_it_loads(tmp_path, monk
         load_aoti(tmp_path / "g.pt2")
 
 
+@pytest.mark.parametrize("loader,what", [("load_aoti", "an AOTInductor package (.pt2)"),
+                                         ("ONNXGenerator", "an ONNX model (.onnx)"),
+                                         ("TensorRTGenerator", "a TensorRT engine (.engine)")])
+def test_the_runners_say_what_their_path_is_instead_of_a_file(tmp_path, loader, what):
+    """The Python API's loaders of exported files (crn-synthesize --engine checks its path itself):
+    a path that is missing, a folder or a dangling link is one CRNError saying which, before
+    onnxruntime's NO_SUCHFILE, torch's zip error, or TensorRT's absence here."""
+    import crn_fast.export as ex
+    load = getattr(ex, loader)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for path, why in [(tmp_path / "missing", "does not exist"), (tmp_path, f"is a folder, not {re.escape(what)}"),
+                      (tmp_path / "gone", f"is a symbolic link to {tmp_path / 'nowhere'}, which does not exist")]:
+        with pytest.raises(CRNError, match=f"^{re.escape(str(path))} {why}$"):
+            load(path)
+    if loader == "ONNXGenerator":  # a file of another kind, in onnxruntime's words before
+        (tmp_path / "g.onnx").write_text("not a model")
+        with pytest.raises(CRNError, match=r"g.onnx is not an ONNX model \(onnxruntime cannot parse it\)$"):
+            load(tmp_path / "g.onnx")
+
+
 def test_synthesize_runs_the_onnx_model_given_as_the_model(onnx_export, ckpt, tmp_path, capsys):
     """crn-synthesize generator.onnx: onnxruntime runs it (the model's classes from its sidecar),
     giving the checkpoint's images; without its sidecar it is one line naming the sidecar."""

@@ -115,6 +115,27 @@ def test_unknown_options_are_clear_errors(vgg):
         load_vgg19(None)
 
 
+@pytest.mark.parametrize("kind", ["perceptual", "diversity"])
+def test_mismatched_shapes_are_clear_errors_not_broadcasts(vgg, kind):
+    """A target batch of 1 for 2 outputs was broadcast silently (every output trained toward one
+    image); a target of another size, in HWC, or an output that is not 3k channels failed deep in
+    torch. Each is now one CRNError naming the shape needed."""
+    loss = CRNLoss(vgg, kind, "1024p")
+    lay = one_hot(torch.randint(0, 19, (2, 16, 32), generator=torch.Generator().manual_seed(0)))
+    out, target = torch.rand(2, 6, 16, 32) * 255, torch.rand(2, 3, 16, 32) * 255
+    loss(out, target, lay)  # k = 2: fine
+    for args, msg in [((out, target[:1], lay),
+                       r"target must be \(N, 3, H, W\) = \(2, 3, 16, 32\) .* got \(1, 3, 16, 32\)$"),
+                      ((out, target[..., :8, :16], lay), r"got \(2, 3, 8, 16\)$"),
+                      ((out, target.permute(0, 2, 3, 1), lay), r"got \(2, 16, 32, 3\): channels last\? "
+                                                               r"target.permute\(0, 3, 1, 2\)$"),
+                      ((out[:, :4], target, lay), r"output must be the generator's \(N, 3k, H, W\) images, got shape "
+                                                  r"\(2, 4, 16, 32\)$"),
+                      ((out, target, lay[:1]), r"layout must be .* N, H, W = 2, 16, 32; got \(1, 20, 16, 32\)$")]:
+        with pytest.raises(CRNError, match=msg):
+            loss(*args)
+
+
 def test_vgg_keys_match_torchvision_and_load(tmp_path):
     vgg = VGG19Features()
     keys = list(vgg.state_dict())

@@ -161,6 +161,14 @@ def test_bad_input_raises_one_clear_error(bad, msg):
         CRN.from_preset("tiny")(bad)
 
 
+@pytest.mark.parametrize("config,msg", [
+    ("tiny", r"got str 'tiny'; a preset by name: CRN.from_preset\(name\)$"),
+    ({"widths": [8]}, r"got dict .*; from a dict: CRN\(CRNConfig.from_dict\(d\)\)$")])
+def test_a_config_that_is_not_one_is_a_clear_error(config, msg):
+    with pytest.raises(CRNError, match="CRN's config must be a CRNConfig, " + msg):
+        CRN(config)
+
+
 def test_any_multiple_of_the_stride_runs():
     model = CRN.from_preset("tiny")
     assert model(random_layout(1, 16, 16)).shape == (1, 3, 16, 16)
