@@ -3,6 +3,7 @@ every checkpoint's metadata and into every export sidecar; the channel schedule 
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field, fields
 
 from .constants import NUM_CLASSES
@@ -116,6 +117,21 @@ class CRNConfig:
                 f"input size {height}x{width} cannot run on this {self.num_modules}-module CRN: height and width "
                 f"must be positive multiples of 2^{self.num_modules - 1} = {s} (e.g. {h}x{w}, "
                 f"{h // 2}x{w // 2} or {s}x{2 * s}); the nearest valid size is {nh}x{nw}.")
+
+    def input_size(self, size, name: str = "size") -> tuple[int, int]:
+        """``size`` ((H, W) ints, or "HxW") as the (H, W) this CRN runs at; else a CRNError that
+        names the argument ``name`` and the valid sizes."""
+        try:
+            h, w = parse_resolution(size) if isinstance(size, str) else (operator.index(v) for v in size)
+        except CRNError as e:
+            raise CRNError(f"{name}: {e}") from None
+        except (TypeError, ValueError):
+            raise CRNError(f"{name} must be (height, width) integers or 'HxW', got {size!r}") from None
+        try:
+            self.validate_input_size(h, w)
+        except CRNError as e:
+            raise CRNError(f"{name}: {e}") from None
+        return h, w
 
     def nearest_valid_size(self, height: int, width: int) -> tuple[int, int]:
         """The input size this CRN can run that is nearest to height x width (each rounded to a

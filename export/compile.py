@@ -95,12 +95,18 @@ def export_aoti(model, path: str | Path, size: tuple[int, int], batch: int = 1, 
     """Compile an AOTInductor package for the given shape (or a range when min/max are given)."""
     from torch.export import Dim
     from .verify import verification_layouts
+    cfg = model.config
+    size = cfg.input_size(size, "size")
+    min_size = None if min_size is None else cfg.input_size(min_size, "min_size")
+    max_size = None if max_size is None else cfg.input_size(max_size, "max_size")
+    for lo, hi, names in ((min_size or size, size, "min_size <= size"), (size, max_size or size, "size <= max_size")):
+        if lo[0] > hi[0] or lo[1] > hi[1]:
+            raise CRNError(f"{names} is needed on each side, got {lo[0]}x{lo[1]} and {hi[0]}x{hi[1]}")
     m = copy.deepcopy(model).eval().to(device)
     if not str(device).startswith("cuda"):
         m.set_backend("eager")  # a CPU package cannot hold Triton kernels; on CUDA the crn_fast:: kernels go in
     if dtype != "fp32":
         m = CastingGenerator(m, DTYPES[dtype]).eval()
-    cfg = model.config
     dynamic_batch = bool(max_batch and max_batch > batch)
     dynamic, trace = None, list(size)
     if min_size or max_size or dynamic_batch:

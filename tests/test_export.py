@@ -253,6 +253,29 @@ def test_a_package_for_another_machine_is_refused_before_it_loads(tmp_path, monk
         load_aoti(tmp_path / "g.pt2")
 
 
+def test_the_exporters_check_their_sizes_before_tracing(tmp_path):
+    """export_onnx and export_aoti from Python (crn-export checks its options itself): a size the
+    model cannot run, one that is no (H, W) pair, or a range that does not hold the size is one
+    CRNError naming the argument, before torch.export fails in its own words. "HxW" is taken too."""
+    from crn_fast.export import export_aoti, export_onnx
+    model = CRN(CRNConfig(widths=(8, 8), k=1)).eval()
+    cases = [(lambda: export_onnx(model, tmp_path / "g.onnx", (7, 16)), r"^example_size: input size 7x16 cannot run "
+              r"on this 2-module CRN: .* the nearest valid size is 8x16\.$"),
+             (lambda: export_onnx(model, tmp_path / "g.onnx", 8), r"^example_size must be \(height, width\) integers "
+              r"or 'HxW', got 8$"),
+             (lambda: export_onnx(model, tmp_path / "g.onnx", "8x16", max_size="9x16"), r"^max_size: input size 9x16"),
+             (lambda: export_aoti(model, tmp_path / "g.pt2", "8by16"),
+              r"^size: resolution '8by16' is not HEIGHTxWIDTH"),
+             (lambda: export_aoti(model, tmp_path / "g.pt2", (8, 16), min_size=(16, 16)),
+              r"^min_size <= size is needed on each side, got 16x16 and 8x16$"),
+             (lambda: export_aoti(model, tmp_path / "g.pt2", (8, 16), max_size=(8, 8)),
+              r"^size <= max_size is needed on each side, got 8x16 and 8x8$")]
+    for export, msg in cases:
+        with pytest.raises(CRNError, match=msg):
+            export()
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("loader,what", [("load_aoti", "an AOTInductor package (.pt2)"),
                                          ("ONNXGenerator", "an ONNX model (.onnx)"),
                                          ("TensorRTGenerator", "a TensorRT engine (.engine)")])
