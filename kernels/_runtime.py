@@ -99,6 +99,24 @@ def memory_format_of(x):
         x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
+def check_norm_args(op: str, x, weight=None, bias=None, mean=None, rstd=None) -> None:
+    """A ValueError naming ``op`` unless x is a 4-D floating-point (N, C, H, W) tensor, and each of
+    weight and bias given is (C,) and each of mean and rstd (N,): a short weight would otherwise be
+    read past its end by the kernels (on a GPU: garbage or an illegal address), and an integer x
+    normalised as if it were float. Shapes and dtypes only: nothing is read from the device."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{op} expects a 4-D (N, C, H, W) floating-point tensor, got shape {tuple(x.shape)} of "
+                         f"{x.dtype}")
+    n, c = x.shape[:2]
+    wrong = [f"{name} {tuple(t.shape)}" for name, t, want in (("weight", weight, (c,)), ("bias", bias, (c,)),
+                                                              ("mean", mean, (n,)), ("rstd", rstd, (n,)))
+             if t is not None and tuple(t.shape) != want]
+    if wrong:
+        raise ValueError(f"{op}: x {tuple(x.shape)} needs weight and bias of shape ({c},)" +
+                         (f" and mean and rstd of shape ({n},)" if mean is not None or rstd is not None else "") +
+                         f", got {', '.join(wrong)}")
+
+
 def symbolic(key) -> bool:
     """Whether a shape key holds symbolic sizes (torch.SymInt: tracing with dynamic shapes, as
     torch.export's dynamic batch, torch.compile(dynamic=True) and opcheck's dynamic test do). Such

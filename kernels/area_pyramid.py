@@ -115,6 +115,9 @@ def area_pyramid(layout: torch.Tensor, levels: int) -> list[torch.Tensor]:
     and memory format. A layout that needs a gradient takes the reference."""
     if levels <= 1:
         return [layout]
+    if layout.dim() != 4 or min(layout.shape[2:]) >> (levels - 1) < 1:
+        raise ValueError(f"area_pyramid needs a (N, C, H, W) layout with H and W of at least 2^(levels-1) = "
+                         f"{1 << (levels - 1)} for {levels} levels, got shape {tuple(layout.shape)}")
     if torch.is_grad_enabled() and layout.requires_grad:
         return area_pyramid_reference(layout, levels)
     return [layout, *torch.ops.crn_fast.area_pyramid(layout, int(levels))]

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from crn_fast.constants import LEAKY_SLOPE, LN_EPS
 
-from ._runtime import HAS_TRITON, cdiv, launch, next_pow2, runs_kernel, tl, triton, triton_op
+from ._runtime import HAS_TRITON, cdiv, check_norm_args, launch, next_pow2, runs_kernel, tl, triton, triton_op
 from ._runtime import memory_format_of as _format_of
 
 
@@ -406,9 +406,8 @@ if HAS_TRITON:
             tl.store(DX + base_off + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _prepare(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4:
-        raise ValueError(f"layer_norm_lrelu expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+def _prepare(x: torch.Tensor, op: str = "layer_norm_lrelu") -> torch.Tensor:
+    check_norm_args(op, x)
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
@@ -447,6 +446,7 @@ def _layer_norm_lrelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          negative_slope: float, num_programs: Optional[int] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): y = leaky_relu(layer_norm(x) * weight + bias); mean/rstd per sample (fp32/fp64)."""
+    check_norm_args("layer_norm_lrelu", x, weight, bias)
     x = _prepare(x)
     if not runs_kernel(x):
         mean, rstd = _stats_torch(x, eps)
@@ -542,7 +542,7 @@ torch.library.register_autograd("crn_fast::layer_norm_lrelu", _backward, setup_c
 def _layer_norm_stats_op(x: torch.Tensor, eps: float, num_programs: Optional[int] = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (mean, rstd) over (C,H,W), from the same split reduction (inference only)."""
-    x = _prepare(x)
+    x = _prepare(x, "layer_norm_stats")
     if not runs_kernel(x):
         return _stats_torch(x, eps)
     n = x.shape[0]
@@ -559,12 +559,8 @@ def _norm_lrelu_op(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weig
                    bias: torch.Tensor, negative_slope: float, num_programs: Optional[int] = None) -> torch.Tensor:
     """leaky_relu((x - mean) * rstd * weight + bias) with per-sample statistics reduced elsewhere
     (inference only): one read of x, one write of y, in x's memory format and dtype."""
+    check_norm_args("norm_lrelu", x, weight, bias, mean, rstd)
     x = _prepare(x)
-    n, c = x.shape[:2]
-    if mean.shape != (n,) or rstd.shape != (n,) or weight.shape != (c,) or bias.shape != (c,):
-        raise ValueError(f"norm_lrelu: x {tuple(x.shape)} needs mean and rstd of shape ({n},) and weight and bias of "
-                         f"shape ({c},), got {tuple(mean.shape)}, {tuple(rstd.shape)}, {tuple(weight.shape)}, "
-                         f"{tuple(bias.shape)}")
     if not runs_kernel(x):
         return norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope).contiguous(
             memory_format=_format_of(x))

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from crn_fast.constants import LEAKY_SLOPE
 
 from . import _runtime
-from ._runtime import HAS_TRITON, cdiv, launch, next_pow2, runs_kernel, symbolic, tl, triton, triton_op
+from ._runtime import HAS_TRITON, cdiv, check_norm_args, launch, next_pow2, runs_kernel, symbolic, tl, triton, \
+    triton_op
 from .layer_norm_lrelu import layer_norm_lrelu_reference, norm_lrelu_reference
 
 
@@ -701,6 +702,7 @@ def _norm_lrelu_upsample_concat_op(x: torch.Tensor, mean: torch.Tensor, rstd: to
     norm applied to each bilinear tap, from per-sample mean/rstd (layer_norm_stats). A channels_last
     output's pixel stride is the channel count rounded up to ``channels_multiple``, and the pad
     channels (in memory past the view's last channel) hold zeros."""
+    check_norm_args("norm_lrelu_upsample_concat", x, weight, bias, mean, rstd)
     _check(x, label)
     if not runs_kernel(x):
         ref = norm_lrelu_upsample_concat_reference(x, mean, rstd, weight, bias, label, negative_slope)

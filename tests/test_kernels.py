@@ -536,11 +536,27 @@ def test_norm_lrelu_with_given_statistics(shape, dtype, channels_last):
     torch.testing.assert_close(y, K.layer_norm_lrelu(x, w, b), **TOL[dtype])
 
 
-def test_norm_lrelu_rejects_statistics_of_the_wrong_shape():
+def test_the_norm_operators_reject_arguments_of_the_wrong_shape_or_dtype():
+    """Checked from shapes and dtypes (torch.library.opcheck's fake tensors too): a weight shorter
+    than the channels was read past its end by layer_norm_lrelu, and an integer x normalised as if
+    float; now each is a ValueError naming the operator and the shapes it needs."""
     x, w, b = ln_inputs((2, 6, 4, 4), torch.float32)
     mean, rstd = K.layer_norm_stats(x)
-    with pytest.raises(ValueError, match=r"mean and rstd of shape \(2,\) and weight and bias of shape \(6,\)"):
-        K.norm_lrelu(x, mean[:1], rstd, w, b)
+    label = torch.zeros(2, 3, 8, 8)
+    cases = [(lambda: K.norm_lrelu(x, mean[:1], rstd, w, b),
+              r"^norm_lrelu: x \(2, 6, 4, 4\) needs weight and bias of shape \(6,\) and mean and rstd of shape "
+              r"\(2,\), got mean \(1,\)$"),
+             (lambda: K.layer_norm_lrelu(x, w[:5], b), r"^layer_norm_lrelu: .* got weight \(5,\)$"),
+             (lambda: K.layer_norm_lrelu(x.long(), w, b), r"^layer_norm_lrelu expects a 4-D \(N, C, H, W\) "
+              r"floating-point tensor, got shape \(2, 6, 4, 4\) of torch.int64$"),
+             (lambda: K.layer_norm_stats(x[0]), r"^layer_norm_stats expects a 4-D"),
+             (lambda: K.norm_lrelu_upsample_concat(x, mean, rstd, w, b[:1], label),
+              r"^norm_lrelu_upsample_concat: .* got bias \(1,\)$"),
+             (lambda: K.area_pyramid(label, 5), r"^area_pyramid needs .* at least 2\^\(levels-1\) = 16 for 5 levels, "
+              r"got shape \(2, 3, 8, 8\)$")]
+    for op, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            op()
 
 
 def test_layer_norm_stats_match_torch():
