@@ -116,9 +116,9 @@ def check_options(args, cfg) -> dict:
     for name, r in (("--res", res), ("--opt-res", opt), ("--min-res", args.min_res), ("--max-res", args.max_res)):
         if r is not None:
             try:
-                cfg.validate_input_size(*r)
+                cfg.input_size(r, name)
             except CRNError as e:
-                raise UsageError(f"{name}: {e}") from None
+                raise UsageError(str(e)) from None
     lo, hi = args.min_res or res, args.max_res or res
     if args.min_res and args.max_res and not (lo[0] <= hi[0] and lo[1] <= hi[1]):
         raise UsageError(f"--min-res {lo[0]}x{lo[1]} is larger than --max-res {hi[0]}x{hi[1]} (in height or width); "
