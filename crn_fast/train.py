@@ -54,7 +54,7 @@ from .loss import LAMBDA_PRESETS, LOSS_KINDS, TERM_NAMES, CRNLoss
 from .model import BACKENDS, CRN, choose_backend
 from .run_folder import SampleWriter, TensorBoardLog, check_out, load_resume_point, prepare_out, \
     restore_training_state, rng_state, truncate_metrics
-from .train_config import COMPILE_MODES, DEFAULT_STEPS, TrainConfig, describe_options, settled_loss, \
+from .train_config import AMP_MODES, COMPILE_MODES, DEFAULT_STEPS, TrainConfig, describe_options, settled_loss, \
     total_steps, with_run_options
 from .vgg import load_vgg19
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", "--batch", dest="batch_size", type=positive_int, default=4,
       help="global batch size, split over the ranks (default 4)")
     a("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4, as the paper)")
-    a("--amp", default="off", choices=("bf16", "fp16", "off"), help="autocast precision (default off)")
+    a("--amp", default="off", choices=AMP_MODES, help="autocast precision (default off)")
     a("--backend", default="auto", choices=("auto", *BACKENDS),
       help="eager torch ops or fused Triton kernels; auto: triton on a CUDA device, eager elsewhere (default)")
     a("--checkpointing", action=argparse.BooleanOptionalAction, default=False,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import load_train_state
-from .config import get_preset
-from .constants import DTYPES
+from .config import PRESETS, get_preset
 from .data import SCAN_MODES
 from .errors import CRNError, UsageError
 from .labels import ClassSet, read_classes
@@ -22,6 +22,7 @@ DEFAULT_STEPS = 300
 # --compile: torch.compile's modes that suit a training step (the CUDA-graph modes, reduce-overhead and
 # max-autotune, do not: a step's graphs would hold the optimizer's and DDP's buffers across replays)
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+AMP_MODES = ("off", "bf16", "fp16")  # --amp: autocast's precision, or none
 
 
 @dataclass
@@ -69,8 +70,29 @@ class TrainConfig:
                  "workers", "skip_bad", "checkpointing", "compile", "progress", "init_from", "classes", "val_data",
                  "val_every", "val_samples")
 
+    # the fields' kinds, checked first (Python callers may give "10" for 10); None: left to the default
+    INTS = ("batch_size", "log_every", "sample_every", "save_every", "val_every", "val_samples", "seed", "steps", "k",
+            "workers")
+    NUMBERS = ("lr", "epochs")
+    FLAGS = ("checkpointing", "resume", "overwrite", "skip_bad", "progress")
+    OPTIONAL = ("steps", "k", "workers", "epochs")
+
     def validate(self) -> "TrainConfig":
         """UsageError naming the first option whose value cannot work."""
+        for names, kind, fits in ((self.INTS, "an integer", lambda v: isinstance(v, numbers.Integral)),
+                                  (self.NUMBERS, "a number", lambda v: isinstance(v, numbers.Real)),
+                                  (self.FLAGS, "True or False", lambda v: True)):
+            for name in names:
+                v = getattr(self, name)
+                if (v is None and name not in self.OPTIONAL) or v is not None and (
+                        isinstance(v, bool) != (names is self.FLAGS) or not fits(v)):
+                    raise UsageError(f"--{name.replace('_', '-')} {v!r}: must be {kind}" +
+                                     (" or None (the default)" if name in self.OPTIONAL else ""))
+        if self.res is not None and self.preset in PRESETS:  # (H, W), or "HxW" as on the command line
+            try:
+                self.res = get_preset(self.preset).input_size(self.res, "--res")
+            except CRNError as e:
+                raise UsageError(str(e)) from None
         for name in ("batch_size", "log_every", "sample_every", "save_every", "val_every", "val_samples"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
@@ -88,7 +110,7 @@ class TrainConfig:
             raise UsageError(f"--seed {self.seed}: must be an integer >= 0")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be >= 0")
-        for name, valid in (("amp", ("off", *DTYPES)), ("backend", ("auto", *BACKENDS)),
+        for name, valid in (("amp", AMP_MODES), ("backend", ("auto", *BACKENDS)),
                             ("unknown_colors", ("error", "void")), ("scan_labels", SCAN_MODES),
                             ("compile", COMPILE_MODES)):
             if getattr(self, name) not in valid:

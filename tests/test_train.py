@@ -582,6 +582,26 @@ def _reads_in_training(tmp_path, steps, monkeypatch):
     return sorted(reads)
 
 
+def test_a_train_config_from_python_takes_the_command_lines_forms_and_names_a_wrong_kind():
+    """TrainConfig from Python: res as (H, W), a list or "HxW" (the command line's form); a value of
+    the wrong kind ("2" for 2) is a UsageError naming the option, where it was a TypeError deep in
+    the run; --amp takes what the command line offers (fp32 is no autocast precision)."""
+    from crn_fast.errors import UsageError
+    from crn_fast.train_config import TrainConfig
+    for res in ("32x64", [32, 64], (32, 64)):
+        assert TrainConfig(res=res).validate().res == (32, 64)
+    for kw, msg in [({"steps": "2"}, r"^--steps '2': must be an integer or None \(the default\)$"),
+                    ({"lr": "1e-4"}, r"^--lr '1e-4': must be a number$"),
+                    ({"batch_size": 2.0}, r"^--batch-size 2.0: must be an integer$"),
+                    ({"log_every": True}, r"^--log-every True: must be an integer$"),
+                    ({"resume": "yes"}, r"^--resume 'yes': must be True or False$"),
+                    ({"amp": "fp32"}, r"^--amp 'fp32': valid: off, bf16, fp16$"),
+                    ({"res": (30, 64)}, r"^--res: input size 30x64 cannot run on this 5-module CRN"),
+                    ({"res": "32 by 64"}, r"^--res: resolution '32 by 64' is not HEIGHTxWIDTH")]:
+        with pytest.raises(UsageError, match=msg):
+            TrainConfig(**kw).validate()
+
+
 def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch):
     """Between the steps that log, sample or save, a training step reads nothing back from the device
     (no float(loss), no per-term reads, no data-dependent branch), so on a GPU the host queues the
