@@ -3,6 +3,7 @@ every checkpoint's metadata and into every export sidecar; the channel schedule 
 from __future__ import annotations
 
 import json
+import numbers
 import operator
 from dataclasses import dataclass, field, fields
 
@@ -34,8 +35,15 @@ class CRNConfig:
     classes: ClassSet | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        object.__setattr__(self, "base_size", tuple(int(s) for s in self.base_size))
+        for name in ("widths", "base_size", "num_classes", "k"):  # whole numbers (numpy's too), never 2.5 or "8"
+            value = getattr(self, name)
+            many = name in ("widths", "base_size")
+            iterable = hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+            items = (list(value) if iterable else None) if many else [value]
+            if items is None or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+                raise CRNError(f"{name} must be " + ("a list of integers" if many else "an integer") +
+                               f", got {value!r}")
+            object.__setattr__(self, name, tuple(int(v) for v in items) if many else int(value))
         if isinstance(self.classes, dict):
             object.__setattr__(self, "classes", ClassSet.from_dict(self.classes, "the config's classes"))
         if self.classes == CITYSCAPES:

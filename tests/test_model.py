@@ -161,6 +161,23 @@ def test_bad_input_raises_one_clear_error(bad, msg):
         CRN.from_preset("tiny")(bad)
 
 
+def test_a_config_holds_whole_numbers_only():
+    """widths, base_size, num_classes and k are whole numbers: numpy's are taken as ints; a float
+    (2.0, or 8.7 that int() truncated to 8), a string or a bool is a CRNError naming the field."""
+    import numpy as np
+    c = CRNConfig(widths=np.array([8, 8]), k=np.int32(2), base_size=[2, 4])
+    assert c.widths == (8, 8) and type(c.k) is int and c.base_size == (2, 4)
+    for kw, msg in [({"widths": (8, 8.7)}, r"widths must be a list of integers, got \(8, 8.7\)"),
+                    ({"widths": "88"}, "widths must be a list of integers, got '88'"),
+                    ({"widths": (8,), "k": 2.0}, "k must be an integer, got 2.0"),
+                    ({"widths": (8,), "num_classes": True}, "num_classes must be an integer, got True"),
+                    ({"widths": (8,), "base_size": (4, "8")}, "base_size must be a list of integers")]:
+        with pytest.raises(CRNError, match=msg):
+            CRNConfig(**kw)
+    with pytest.raises(CRNError, match="k must be an integer, got '3'"):
+        CRN.from_preset("tiny", k="3")
+
+
 @pytest.mark.parametrize("config,msg", [
     ("tiny", r"got str 'tiny'; a preset by name: CRN.from_preset\(name\)$"),
     ({"widths": [8]}, r"got dict .*; from a dict: CRN\(CRNConfig.from_dict\(d\)\)$")])
