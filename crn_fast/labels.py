@@ -11,6 +11,7 @@ set: ``--classes N`` (greyscale ids 0..N-1) or a JSON classes file (see ClassSet
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -340,8 +341,18 @@ CITYSCAPES = ClassSet("cityscapes", tuple(n for n, _ in sorted(TRAIN_ID.items(),
 
 def read_classes(spec) -> ClassSet:
     """``--classes``: "cityscapes" (the default), a class count N (greyscale ids 0..N-1, void 255),
-    or a JSON classes file (ClassSet.from_dict)."""
-    spec = str(spec)
+    or a JSON classes file (ClassSet.from_dict); from Python also a ClassSet, or the file's dict form."""
+    if isinstance(spec, ClassSet):
+        return spec
+    if isinstance(spec, dict):
+        try:
+            return ClassSet.from_dict({"name": "custom", **spec}, "the classes dict")
+        except CRNError as e:
+            raise CRNError(f"--classes {e}") from None
+    if isinstance(spec, bool) or not isinstance(spec, (str, int, float, os.PathLike)):
+        raise CRNError(f"--classes: give cityscapes, a class count, a JSON classes file, or from Python a ClassSet or "
+                       f"the file's dict form; got {type(spec).__name__} {spec!r}"[:300])
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
     if spec == "cityscapes":
         return CITYSCAPES
     if re.fullmatch(r"[+-]?\d+(\.\d*)?", spec.strip()):

@@ -105,6 +105,21 @@ def test_read_classes_names_a_missing_or_broken_file(tmp_path):
     assert read_classes(tmp_path / "bom.json").names == ("sky", "grass", "water")
 
 
+def test_read_classes_from_python_takes_a_class_set_or_the_files_dict_form():
+    """TrainConfig(classes=...) from Python: a ClassSet as it is, or a classes file's JSON as a dict
+    (named "custom" unless it says); a dict was read as a path ("{'classes': ...}: does not exist"),
+    and None or a list are named as the wrong kind."""
+    assert read_classes(CITYSCAPES) is CITYSCAPES
+    got = read_classes(BLOCKS)
+    assert got.names == ("sky", "grass", "water") and got.name == "blocks" and got.ids == (1, 2, 3)
+    assert read_classes({k: v for k, v in BLOCKS.items() if k != "name"}).name == "custom"
+    with pytest.raises(CRNError, match=r"^--classes the classes dict: unknown key\(s\) names"):
+        read_classes({"names": ["a"]})
+    for bad in (None, ["a", "b"], True):
+        with pytest.raises(CRNError, match=f"^--classes: give cityscapes, .* got {type(bad).__name__} "):
+            read_classes(bad)
+
+
 def test_labels_decode_in_the_classes_ids_and_colours(tmp_path):
     classes = read_classes(write_blocks(tmp_path))
     want = np.array([3, 0, 1, 2], np.uint8)[blocks_ids(0)]  # id 0 void (index 3), ids 1-3 -> 0-2
