@@ -9,6 +9,7 @@ Errors are measured on the authors' 0..255 output scale (unclipped): max abs, me
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from crn_fast.data import decode_label, label_files, label_kind, resize_pair
+from crn_fast.errors import CRNError
 from crn_fast.labels import ClassSet, one_hot
 from crn_fast.synthetic import render_scene
 
@@ -23,6 +25,8 @@ DEFAULT_TOLERANCE = {"fp32": 0.5, "fp16": 8.0, "bf16": 16.0}
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    if tuple(out.shape) != tuple(ref.shape):  # never a broadcast: an artefact of another k or size fails here
+        raise CRNError(f"compare: the artefact's output is {tuple(out.shape)}, eager's {tuple(ref.shape)}")
     diff = (out.detach().double().cpu() - ref.detach().double().cpu()).abs()
     mse = float((diff ** 2).mean())
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
@@ -45,15 +49,24 @@ def verification_layouts(size: tuple[int, int], classes: ClassSet, layouts_dir: 
 
 
 def verify(run, model, sizes, layouts_dir=None, tolerance: float = 0.5, device="cpu", batch: int = 1) -> dict:
-    """Run ``run`` (artefact) and eager fp32 ``model`` at each size; pass if every max_abs <= tolerance."""
+    """Run ``run`` (artefact) and eager fp32 ``model`` at each size; pass if every max_abs <= tolerance.
+    The caller's model is left as it was: a copy runs where it is not fp32 on ``device`` already,
+    and its train/eval mode is restored."""
     results = []
-    model = model.float().to(device).eval()
-    for size in sizes:
-        layout = verification_layouts(tuple(size), model.config.class_set, layouts_dir, count=batch)
-        with torch.no_grad():
-            ref = model(layout.to(device))
-            out = run(layout.to(device))
-        results.append({"size": list(size), **compare(out, ref)})
+    weight = next(model.parameters())
+    if weight.dtype != torch.float32 or weight.device != torch.device(device):
+        model = copy.deepcopy(model).float().to(device)
+    mode = model.training
+    model.eval()
+    try:
+        for size in sizes:
+            layout = verification_layouts(tuple(size), model.config.class_set, layouts_dir, count=batch)
+            with torch.no_grad():
+                ref = model(layout.to(device))
+                out = run(layout.to(device))
+            results.append({"size": list(size), **compare(out, ref)})
+    finally:
+        model.train(mode)
     worst = max(r["max_abs"] for r in results)
     return {"passed": bool(worst <= tolerance), "tolerance_max_abs": tolerance, "max_abs": worst,
             "layouts": str(layouts_dir) if layouts_dir else "synthetic", "results": results}

@@ -253,6 +253,20 @@ def test_a_package_for_another_machine_is_refused_before_it_loads(tmp_path, monk
         load_aoti(tmp_path / "g.pt2")
 
 
+def test_verify_leaves_the_callers_model_as_it_was_and_compare_never_broadcasts():
+    """crn_fast.export.verify compares with eager fp32: a bf16 model in training mode was turned
+    into an fp32 model in eval mode in place (nn.Module.float/.eval); now a copy runs where the dtype
+    or device differ, and the mode comes back. compare refuses outputs of different shapes (an
+    artefact of another k), which it broadcast."""
+    from crn_fast.export import compare, verify
+    model = CRN(CRNConfig(widths=(8, 8), k=1)).to(torch.bfloat16).train()
+    v = verify(lambda x: model(x.to(torch.bfloat16)).float(), model, [(4, 8)], tolerance=16.0)
+    assert v["passed"] and 0 < v["max_abs"] <= 16.0
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.training
+    with pytest.raises(CRNError, match=r"^compare: the artefact's output is \(1, 3, 4, 8\), eager's \(1, 6, 4, 8\)$"):
+        compare(torch.zeros(1, 3, 4, 8), torch.zeros(1, 6, 4, 8))
+
+
 def test_the_exporters_check_their_sizes_before_tracing(tmp_path):
     """export_onnx and export_aoti from Python (crn-export checks its options itself): a size the
     model cannot run, one that is no (H, W) pair, or a range that does not hold the size is one
