@@ -126,11 +126,11 @@ def export_onnx(model, path: str | Path, example_size: tuple[int, int], opset: i
     from torch.export import Dim
     opset = opset or DEFAULT_OPSET[dtype]
     check_opset(opset, dtype)
-    m = onnx_model_for_export(model, dtype)
-    cfg = m.config
-    s = cfg.stride
+    cfg = model.config
     example_size = cfg.input_size(example_size, "example_size")
     max_size = None if max_size is None else cfg.input_size(max_size, "max_size")
+    m = onnx_model_for_export(model, dtype)
+    s = cfg.stride
     # traced at 2 strides or more a side: at one stride the coarsest level is 1 pixel high or wide,
     # a size torch.export specialises (the graph would then hold for that size only); the model
     # exported runs at any multiple of the stride, one included (verify() checks the sizes asked for)
