@@ -561,8 +561,8 @@ def test_optimizer_is_fused_adam_on_cuda():
 def _reads_in_training(tmp_path, steps, monkeypatch):
     """Values the training code (auto lambdas too) reads back from tensors: float(), int(), bool(),
     .item(), .tolist(). On a GPU each one waits for the device. Only reads made by the step's own
-    code are counted (train, its run folder's writers, loss, model, VGG, labels, kernels), not the CPU-side sampler's or the
-    data's."""
+    code are counted (train, its run folder's writers, loss, model, VGG, labels, kernels), not the
+    CPU-side sampler's or the data's."""
     import crn_fast
     from crn_fast.train import TrainConfig, train
     pkg = Path(crn_fast.__file__).parent
