@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import device_label, machine_info  # noqa: E402
 
-from crn_fast import CRN, CRNConfig, save_generator  # noqa: E402
+from crn_fast import CRN, CRNConfig, CRNError, save_generator  # noqa: E402
 from crn_fast.cli import cores_per_rank, positive_int, resolution  # noqa: E402
 from crn_fast.data import PairDataset, decode_label  # noqa: E402
 from crn_fast.images import save_png  # noqa: E402
@@ -39,6 +39,7 @@ from crn_fast.labels import PALETTE  # noqa: E402
 from crn_fast.synthetic import render_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+COSTS_WIDTHS = (16, 16, 12, 8)  # the generator synthesis runs here: small, as the folder is what is measured
 
 
 def write_labels(folder: Path, n: int, h: int, w: int) -> None:
@@ -155,7 +156,10 @@ def main():
     ap.add_argument("--only", choices=("loader",), default=None,
                     help="measure one section and update its key in the result file (the others stay)")
     args = ap.parse_args()
-    h, w = args.res
+    try:  # the small generator synthesised with below (4 modules: sizes in multiples of 8)
+        h, w = CRNConfig(widths=COSTS_WIDTHS, k=1).input_size(args.res, "--res")
+    except CRNError as e:
+        ap.error(str(e))
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     if args.only == "loader":
         kept = json.loads(out.read_text()) if out.is_file() else {"machine": machine_info("cpu")}
@@ -171,7 +175,7 @@ def main():
         tmp = Path(tmp_name)
         torch.manual_seed(0)
         ckpt = tmp / "tiny.ckpt"
-        save_generator(CRN(CRNConfig(widths=(16, 16, 12, 8), k=1)), ckpt)  # small: the folder is what is measured
+        save_generator(CRN(CRNConfig(widths=COSTS_WIDTHS, k=1)), ckpt)  # small: the folder is what is measured
         rows = []
         for n, workers in ((args.files, None), (args.files, 0), (10 * args.files, None)):
             labels = tmp / f"labels_{n}"

@@ -39,8 +39,9 @@ from _util import (FORMATS, context_broken, conv_configs, device_label, error_te
 
 from crn_fast import kernels as K  # noqa: E402
 from crn_fast.cli import positive_int  # noqa: E402
-from crn_fast.config import get_preset, parse_resolution  # noqa: E402
+from crn_fast.config import get_preset  # noqa: E402
 from crn_fast.constants import DTYPES, LEAKY_SLOPE, LN_EPS  # noqa: E402
+from crn_fast.errors import CRNError  # noqa: E402
 from crn_fast.fast_inference import CUDNN_CHANNELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +107,11 @@ def main(argv=None):
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         ap.error(f"--formats: {', '.join(map(repr, bad))} unknown; choose from {', '.join(FORMATS)}")
-    config = get_preset(args.preset)
-    size = parse_resolution(args.res) if args.res else config.resolution
+    try:
+        config = get_preset(args.preset)
+        size = config.input_size(args.res or config.resolution, "--res")
+    except CRNError as e:
+        ap.error(str(e))
     dtypes = (args.dtypes or ("bf16,fp32" if cuda else "fp32")).split(",")
     parts = plan(config, size, formats, dtypes, ops=not args.conv_only,
                  conv=cuda and "channels_last" in formats and not args.no_conv)

@@ -178,6 +178,9 @@ def test_synth_throughput_smoke(tmp_path):
     (["benchmarks/synth_throughput.py", "--preset", "tiny", "--res", "32x64", "--json", "/proc/nope/r.json"],
      "cannot write results to /proc/nope"),  # before any layout is written or timed
     (["benchmarks/data_costs.py", "--only", "loader", "--res", "0x5"], "is not HEIGHTxWIDTH"),
+    (["benchmarks/data_costs.py", "--res", "60x128"], "--res: input size 60x128 cannot run on this 4-module CRN"),
+    (["benchmarks/kernels.py", "--preset", "bogus"], "unknown preset 'bogus'"),
+    (["benchmarks/kernels.py", "--preset", "tiny", "--res", "60x128"], "the nearest valid size is 64x128"),
     (["benchmarks/bf16_error.py", "--preset", "bogus"], "unknown preset 'bogus'"),
     (["benchmarks/bf16_error.py", "--res", "100x100", "--preset", "tiny"], "the nearest valid size is 96x96"),
 ])
