@@ -93,6 +93,14 @@ def results_folder_error(path) -> str | None:
     return None
 
 
+def results_path(ap, path) -> Path:
+    """``path`` once results can be written there (results_folder_error), else ``ap.error``: a usage
+    line (exit 2) before any measuring."""
+    if (problem := results_folder_error(path)) is not None:
+        ap.error(problem)
+    return Path(path)
+
+
 def write_text_atomic(path, text: str) -> None:
     """Results written after every row: a reader (or a time limit's kill) never sees half a file."""
     from crn_fast.checkpoint import atomic_path

@@ -35,6 +35,9 @@ def main(argv=None) -> int:
         get_preset(args.preset).validate_input_size(h, w)
     except CRNError as e:
         ap.error(f"--res {args.res} --preset {args.preset}: {e}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _util import results_path, write_text_atomic
+    out = results_path(ap, args.json) if args.json else None
     torch.manual_seed(args.seed)
     model = CRN.from_preset(args.preset).eval().to(args.device)
     x = verification_layouts((h, w), model.config.class_set, count=1).to(args.device)
@@ -50,9 +53,8 @@ def main(argv=None) -> int:
             low.set_backend(backend)
             result[f"{backend}_bf16"] = compare(low(x.to(torch.bfloat16)).float(), ref)
             print(f"{backend} bf16 vs eager fp32: {json.dumps(result[f'{backend}_bf16'])}", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    if out is not None:
+        write_text_atomic(out, json.dumps(result, indent=2))
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info  # noqa: E402
+from _util import device_label, machine_info, results_path  # noqa: E402
 
 from crn_fast import CRN, CRNConfig, CRNError, save_generator  # noqa: E402
 from crn_fast.cli import cores_per_rank, positive_int, resolution  # noqa: E402
@@ -160,7 +160,7 @@ def main():
         h, w = CRNConfig(widths=COSTS_WIDTHS, k=1).input_size(args.res, "--res")
     except CRNError as e:
         ap.error(str(e))
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
+    out = results_path(ap, args.json or ROOT / "benchmarks" / "results" / f"data_costs_{device_label('cpu')}.json")
     if args.only == "loader":
         kept = json.loads(out.read_text()) if out.is_file() else {"machine": machine_info("cpu")}
         if kept.get("resolution", [h, w]) != [h, w]:

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import (FORMATS, context_broken, conv_configs, device_label, error_text,  # noqa: E402
-                   fresh_process, inject_fault, machine_info, time_fn, write_text_atomic)
+                   fresh_process, inject_fault, machine_info, results_path, time_fn, write_text_atomic)
 
 from crn_fast import kernels as K  # noqa: E402
 from crn_fast.cli import positive_int  # noqa: E402
@@ -115,10 +115,10 @@ def main(argv=None):
     dtypes = (args.dtypes or ("bf16,fp32" if cuda else "fp32")).split(",")
     parts = plan(config, size, formats, dtypes, ops=not args.conv_only,
                  conv=cuda and "channels_last" in formats and not args.no_conv)
+    out = results_path(ap, args.json or ROOT / "benchmarks" / "results" /
+                       f"kernels_{device_label(device)}_{args.preset}.json")
     bw = copy_bandwidth(device, args.iters)
     print(f"copy bandwidth: {bw:.0f} GB/s on {torch.cuda.get_device_name() if cuda else 'CPU'}", file=sys.stderr)
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"kernels_{device_label(device)}_{args.preset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows, machine = [], machine_info(device)
 
     def save(final=False):  # after each part: a run cut short by a time limit keeps what it measured

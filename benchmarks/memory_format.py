@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info, time_fn, write_text_atomic  # noqa: E402
+from _util import device_label, machine_info, results_path, time_fn, write_text_atomic  # noqa: E402
 
 from crn_fast import CRN  # noqa: E402
 from crn_fast.config import get_preset, parse_resolution  # noqa: E402
@@ -84,8 +84,8 @@ def main():
     except CRNError as e:
         ap.error(str(e))
     x = one_hot(torch.randint(0, 20, (1, h, w))).cuda()
-    out = Path(args.json or ROOT / "benchmarks" / "results" /
-               f"memory_format_{device_label('cuda')}_{h}x{w}{'_train' if args.train else ''}.json")
+    out = results_path(ap, args.json or ROOT / "benchmarks" / "results" /
+                       f"memory_format_{device_label('cuda')}_{h}x{w}{'_train' if args.train else ''}.json")
     if args.train:
         return train_rows(cfg, h, w, out)
     rows = []

@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from _util import results_path, write_text_atomic
+    out = results_path(ap, args.json) if args.json else None
     from gpu_compile_check import compile_kernel
     rows = []
     print("| kernel | registers | SASS instr | barriers | global loads/stores | mainloop per K step |\n"
@@ -168,9 +170,9 @@ def main(argv=None) -> int:
         loop = f"{loop['instructions']} instr{hot}: {loop['mma']} MMA, {loop['tma_loads']} TMA, " \
             f"{loop['async_copies']} cp.async, {loop['barriers']} BAR" if loop else ""
         print(f"| {name} | {row['registers']} | {row['instructions']} | {row['barriers']} | {mem} | {loop} |")
-    if args.json:
+    if out is not None:
         import triton
-        Path(args.json).write_text(json.dumps({"arch": "sm_90", "triton": triton.__version__, "rows": rows}, indent=2))
+        write_text_atomic(out, json.dumps({"arch": "sm_90", "triton": triton.__version__, "rows": rows}, indent=2))
     return 0
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info  # noqa: E402
+from _util import device_label, machine_info, results_path, write_text_atomic  # noqa: E402
 
 from crn_fast.cli import positive_int  # noqa: E402
 
@@ -50,15 +50,15 @@ def main():
     ap.add_argument("--iters", type=positive_int, default=2000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    out = results_path(ap, args.json or ROOT / "benchmarks" / "results" / f"settle_cost_{device_label('cpu')}.json")
     with tempfile.TemporaryDirectory(prefix="crn-settle-") as tmp:
         mp.start_processes(_rank, args=(args.ranks, f"{tmp}/store", args.iters, f"{tmp}/r.json"),
                            nprocs=args.ranks, start_method="spawn")
         row = json.loads(Path(f"{tmp}/r.json").read_text())
     print(f"Ranks.settle, nothing failed, {args.ranks} gloo ranks: median {row['median_us']:.0f} us, "
           f"p90 {row['p90_us']:.0f} us per call")
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"settle_cost_{device_label('cpu')}.json")
-    out.write_text(json.dumps({"machine": machine_info("cpu"), "ranks": args.ranks, "iters": args.iters, **row},
-                              indent=2))
+    facts = {"machine": machine_info("cpu"), "ranks": args.ranks, "iters": args.iters, **row}
+    write_text_atomic(out, json.dumps(facts, indent=2))
     print(f"wrote {out}")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import device_label, machine_info, results_folder_error  # noqa: E402
+from _util import device_label, machine_info, results_path  # noqa: E402
 from data_costs import write_labels  # noqa: E402
 
 from crn_fast import CRN, save_generator  # noqa: E402
@@ -72,9 +72,8 @@ def main(argv=None) -> int:
         config.validate_input_size(h, w)
     except CRNError as e:
         ap.error(f"--res {h}x{w}: {e}")
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"synth_throughput_{device_label(device)}_{h}x{w}.json")
-    if (problem := results_folder_error(out)) is not None:
-        ap.error(problem)
+    out = results_path(ap, args.json or ROOT / "benchmarks" / "results" /
+                       f"synth_throughput_{device_label(device)}_{h}x{w}.json")
     rows = []
     with tempfile.TemporaryDirectory(prefix="crn-synth-") as tmp_name:
         tmp = Path(tmp_name)

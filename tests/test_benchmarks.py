@@ -181,6 +181,9 @@ def test_synth_throughput_smoke(tmp_path):
     (["benchmarks/data_costs.py", "--res", "60x128"], "--res: input size 60x128 cannot run on this 4-module CRN"),
     (["benchmarks/kernels.py", "--preset", "bogus"], "unknown preset 'bogus'"),
     (["benchmarks/kernels.py", "--preset", "tiny", "--res", "60x128"], "the nearest valid size is 64x128"),
+    # an output path that cannot be written: one line before any measuring, not a traceback at the end
+    *[([f"benchmarks/{script}.py", "--json", "/proc/nope/r.json"], "cannot write results to /proc/nope")
+      for script in ("kernels", "bf16_error", "data_costs", "settle_cost", "sass_census")],
     (["benchmarks/bf16_error.py", "--preset", "bogus"], "unknown preset 'bogus'"),
     (["benchmarks/bf16_error.py", "--res", "100x100", "--preset", "tiny"], "the nearest valid size is 96x96"),
 ])
