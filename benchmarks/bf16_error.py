@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _util, imported once TRITON_INTERPRET is set
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,6 @@ def main(argv=None) -> int:
         get_preset(args.preset).validate_input_size(h, w)
     except CRNError as e:
         ap.error(f"--res {args.res} --preset {args.preset}: {e}")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _util import results_path, write_text_atomic
     out = results_path(ap, args.json) if args.json else None
     torch.manual_seed(args.seed)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import (FORMATS, PeakMemory, context_broken, conv_configs, device_label, error_text,  # noqa: E402
-                   fresh_process, inject_fault, machine_info, matmul_peak_tflops, results_folder_error, summarize,
+                   fresh_process, inject_fault, machine_info, matmul_peak_tflops, results_path, summarize,
                    sync, time_fn, write_text_atomic)
 
 from crn_fast import CRN  # noqa: E402
@@ -559,12 +559,10 @@ def parse_args(argv=None):
     if not args.no_save:  # find an unwritable output folder now, not after an hour of measuring
         label = device_label(args.device)
         stem = ROOT / "benchmarks" / "results" / f"{label}_{args.size[0]}x{args.size[1]}{'_train' if args.train else ''}"
-        args.json = Path(args.json or f"{stem}.json")
-        for target in (args.json, args.markdown, args.plot):
-            if target is None:
-                continue
-            if (problem := results_folder_error(target)) is not None:
-                ap.error(problem)
+        args.json = results_path(ap, args.json or f"{stem}.json")
+        for target in (args.markdown, args.plot):
+            if target is not None:
+                results_path(ap, target)
     return args
 
 

@@ -422,11 +422,7 @@ def _train(cfg: TrainConfig, hold: contextlib.ExitStack) -> Path:
             check_out(cfg)
         config = get_preset(cfg.preset) if cfg.k is None else get_preset(cfg.preset).replace(k=cfg.k)
         config = config.with_classes(cfg.class_set())
-        res = cfg.res or config.resolution
-        try:
-            config.validate_input_size(*res)
-        except CRNError as e:
-            raise UsageError(f"--res: {e}") from None
+        res = cfg.res or config.resolution  # cfg.res checked by cfg.validate()
     out = Path(cfg.out)
     kind, lambdas = settled_loss(cfg.loss, cfg.lambdas, config.k)
     torch.manual_seed(cfg.seed)

@@ -79,13 +79,13 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """UsageError naming the first option whose value cannot work."""
-        for names, kind, fits in ((self.INTS, "an integer", lambda v: isinstance(v, numbers.Integral)),
-                                  (self.NUMBERS, "a number", lambda v: isinstance(v, numbers.Real)),
-                                  (self.FLAGS, "True or False", lambda v: True)):
+        for names, kind, kind_of in ((self.INTS, "an integer", numbers.Integral),
+                                     (self.NUMBERS, "a number", numbers.Real), (self.FLAGS, "True or False", bool)):
             for name in names:
                 v = getattr(self, name)
-                if (v is None and name not in self.OPTIONAL) or v is not None and (
-                        isinstance(v, bool) != (names is self.FLAGS) or not fits(v)):
+                if v is None and name in self.OPTIONAL:
+                    continue
+                if not isinstance(v, kind_of) or isinstance(v, bool) and kind_of is not bool:  # True is no count
                     raise UsageError(f"--{name.replace('_', '-')} {v!r}: must be {kind}" +
                                      (" or None (the default)" if name in self.OPTIONAL else ""))
         if self.res is not None and self.preset in PRESETS:  # (H, W), or "HxW" as on the command line
@@ -94,7 +94,7 @@ class TrainConfig:
             except CRNError as e:
                 raise UsageError(str(e)) from None
         for name in ("batch_size", "log_every", "sample_every", "save_every", "val_every", "val_samples"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps {self.steps}: must be >= 1")
@@ -106,7 +106,7 @@ class TrainConfig:
             raise UsageError(f"--lr {self.lr}: must be > 0")
         if self.k is not None and self.k < 1:
             raise UsageError(f"--k {self.k}: must be >= 1")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if self.seed < 0:
             raise UsageError(f"--seed {self.seed}: must be an integer >= 0")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be >= 0")

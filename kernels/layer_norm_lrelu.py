@@ -406,8 +406,10 @@ if HAS_TRITON:
             tl.store(DX + base_off + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _prepare(x: torch.Tensor, op: str = "layer_norm_lrelu") -> torch.Tensor:
-    check_norm_args(op, x)
+def _prepare(x: torch.Tensor, op: str = "layer_norm_lrelu", **args) -> torch.Tensor:
+    """x checked (with its weight, bias, mean, rstd if given: check_norm_args), in NCHW or
+    channels_last, dense."""
+    check_norm_args(op, x, **args)
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
@@ -446,8 +448,7 @@ def _layer_norm_lrelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          negative_slope: float, num_programs: Optional[int] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): y = leaky_relu(layer_norm(x) * weight + bias); mean/rstd per sample (fp32/fp64)."""
-    check_norm_args("layer_norm_lrelu", x, weight, bias)
-    x = _prepare(x)
+    x = _prepare(x, weight=weight, bias=bias)
     if not runs_kernel(x):
         mean, rstd = _stats_torch(x, eps)
         z = (x.to(mean.dtype) - mean.view(-1, 1, 1, 1)) * rstd.view(-1, 1, 1, 1)
@@ -559,8 +560,7 @@ def _norm_lrelu_op(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weig
                    bias: torch.Tensor, negative_slope: float, num_programs: Optional[int] = None) -> torch.Tensor:
     """leaky_relu((x - mean) * rstd * weight + bias) with per-sample statistics reduced elsewhere
     (inference only): one read of x, one write of y, in x's memory format and dtype."""
-    check_norm_args("norm_lrelu", x, weight, bias, mean, rstd)
-    x = _prepare(x)
+    x = _prepare(x, "norm_lrelu", weight=weight, bias=bias, mean=mean, rstd=rstd)
     if not runs_kernel(x):
         return norm_lrelu_reference(x, mean, rstd, weight, bias, negative_slope).contiguous(
             memory_format=_format_of(x))
